@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -175,11 +176,18 @@ def excluded_names(splits: dict, exclude: Sequence[str]) -> dict[str, set[str]]:
     return out
 
 
-def training_items(data_root: Union[str, Path], exclude: Sequence[str] = ("pacs", "doodle")) -> list[Item]:
+def training_items(
+    data_root: Union[str, Path],
+    exclude: Sequence[str] = ("pacs", "doodle"),
+    max_photos_per_class: Optional[int] = None,
+) -> list[Item]:
     """Caltech photos and QuickDraw doodles of every class not reserved by `exclude`.
 
     Labels are canonical class names (Caltech folders mapped to their QuickDraw
     class), so photo and sketch classes that are the same object share a label.
+    `max_photos_per_class` keeps an evenly spaced subset of large Caltech classes
+    (airplanes and motorbikes have 800 photos, most classes under 100): it balances
+    classes and saves feature extraction time.
     """
     data_root = Path(data_root)
     splits = load_splits(data_root)
@@ -190,6 +198,8 @@ def training_items(data_root: Union[str, Path], exclude: Sequence[str] = ("pacs"
             continue
         cls = caltech_class(it.label, splits)
         items.append(Item(label=cls, modality="photo", path=it.path, source="caltech101", key=it.key))
+    if max_photos_per_class:
+        items = _cap_per_class(items, max_photos_per_class)
     for p in sorted((data_root / "quickdraw").glob("*.ndjson")):
         if p.stem in ex["quickdraw"]:
             continue
@@ -197,6 +207,20 @@ def training_items(data_root: Union[str, Path], exclude: Sequence[str] = ("pacs"
     items = [it for it in items if it.label.lower() not in ex["text"]]
     assert_no_excluded(items, data_root, exclude)
     return items
+
+
+def _cap_per_class(items: list[Item], n: int) -> list[Item]:
+    by: dict[str, list[Item]] = {}
+    for it in items:
+        by.setdefault(it.label, []).append(it)
+    out = []
+    for label in sorted(by):
+        group = by[label]
+        if len(group) > n:
+            idx = np.linspace(0, len(group) - 1, n).round().astype(int)
+            group = [group[i] for i in idx]
+        out.extend(group)
+    return out
 
 
 def assert_no_excluded(items: Iterable[Item], data_root: Union[str, Path], exclude: Sequence[str]) -> None:

@@ -210,6 +210,8 @@ class OpenCLIPBackbone(Backbone):
         super().__init__()
         import open_clip
 
+        # Our own JSON configs (a tiny ViT for tests) sit beside open_clip's.
+        open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
         parts = spec.split(":", 2)
         if len(parts) < 2 or not parts[1]:
             raise ValueError("open_clip encoders are named openclip:<model>[:<pretrained tag or path>]")

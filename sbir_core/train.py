@@ -64,6 +64,7 @@ class TrainConfig:
     margin: float = 0.2
     seed: int = 0
     val_fraction: float = 0.15
+    max_photos_per_class: int = 80
     eval_every: int = 100
     patience: int = 6
     aug_seeds: tuple = (1, 2, 3)
@@ -107,7 +108,7 @@ class FeatureSet:
 
 
 def load_training_features(encoder: SBIREncoder, data_root: Path, cfg: TrainConfig) -> tuple[FeatureSet, list]:
-    items = training_items(data_root, exclude=cfg.exclude)
+    items = training_items(data_root, exclude=cfg.exclude, max_photos_per_class=cfg.max_photos_per_class)
     P = [i for i in items if i.modality == "photo"]
     S = [i for i in items if i.modality == "sketch"]
     fp = extract_features(encoder, P, "photo", tokens=True, desc="photos")

@@ -1,0 +1,82 @@
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sbir_core.data import (
+    ExcludedClassError, Item, UnknownSplitError, assert_no_excluded, benchmark, image_folder, quickdraw_folder,
+    training_items,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "splits.json").is_file(),
+                                  reason=f"shared data not found at {SHARED} (real-data tests skipped)")
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    """A miniature copy of the shared data layout, made from generated files."""
+    for folder in ("cat_folder", "dalmatian", "chair"):
+        d = tmp_path / "caltech101" / folder
+        d.mkdir(parents=True)
+        Image.new("RGB", (20, 20), "red").save(d / "a.jpg")
+    qd = tmp_path / "quickdraw"
+    qd.mkdir()
+    for word in ("cat", "dog", "chair"):
+        rec = {"word": word, "key_id": "1", "drawing": [[[0, 10], [0, 10]]]}
+        (qd / f"{word}.ndjson").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "pacs" / "sketch" / "dog").mkdir(parents=True)
+    (tmp_path / "pacs" / "photo" / "dog").mkdir(parents=True)
+    Image.new("L", (20, 20), 255).save(tmp_path / "pacs" / "sketch" / "dog" / "s.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "pacs" / "photo" / "dog" / "p.jpg")
+    splits = {
+        "pacs": {"unseen_classes": ["dog"], "exclude_from_training": {"quickdraw": ["dog"], "caltech101": ["dalmatian"]}},
+        "caltech101_to_quickdraw": {"cat_folder": "cat", "dalmatian": "dog", "chair": "chair"},
+    }
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    return tmp_path
+
+
+def test_wrong_split_name_lists_the_valid_ones(tiny_root):
+    with pytest.raises(UnknownSplitError, match="pacs"):
+        benchmark(tiny_root, "sketchy")
+
+
+def test_training_never_sees_excluded_classes(tiny_root):
+    items = training_items(tiny_root, exclude=("pacs",))
+    labels = {(i.modality, i.label) for i in items}
+    assert labels == {("photo", "cat"), ("photo", "chair"), ("sketch", "cat"), ("sketch", "chair")}
+    # Caltech folders are mapped to the shared class name.
+    assert all(Path(i.path).parent.name != "dalmatian" for i in items if i.path)
+
+
+def test_excluded_class_smuggled_in_raises(tiny_root):
+    bad = Item(label="dog", modality="sketch", strokes=[[[0], [0]]], key="x")
+    with pytest.raises(ExcludedClassError):
+        assert_no_excluded([bad], tiny_root, ("pacs",))
+
+
+def test_image_folder_labels_and_quickdraw_strokes(tiny_root):
+    items = image_folder(tiny_root / "caltech101")
+    assert {i.label for i in items} == {"cat_folder", "dalmatian", "chair"}
+    qd = quickdraw_folder(tiny_root / "quickdraw", classes=["cat"])
+    assert len(qd) == 1 and qd[0].strokes == [[[0, 10], [0, 10]]] and qd[0].modality == "sketch"
+
+
+@needs_shared
+def test_real_benchmark_sizes():
+    q, g = benchmark(SHARED, "pacs")
+    assert (len(q), len(g)) == (3929, 1670)
+    q, g = benchmark(SHARED, "doodle")
+    assert len(q) == 200 and {i.label for i in g} == {i.label for i in q}
+
+
+@needs_shared
+def test_real_training_pool_excludes_both_benchmarks():
+    items = training_items(SHARED)
+    labels = {i.label for i in items}
+    splits = json.loads((SHARED / "splits.json").read_text())
+    for name in ("pacs", "doodle"):
+        assert not labels & set(splits[name]["unseen_classes"])
+    assert not {Path(i.path).parent.name for i in items if i.path} & {"dalmatian", "electric_guitar", "flamingo_head"}

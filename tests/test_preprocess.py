@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sbir_core.preprocess import (
+    BlankSketchError, ink_mask, normalize_strokes, photo_to_edges, preprocess_photo, preprocess_sketch, render_strokes,
+)
+
+SQUARE = [[[20, 80, 80, 20, 20], [20, 20, 80, 80, 20]]]  # QuickDraw form
+
+
+def dark_fraction(img: Image.Image) -> float:
+    return float((np.asarray(img.convert("L")) < 128).mean())
+
+
+def canvas(mode="RGB", bg="white", ink="black", size=(400, 300), box=(100, 50, 200, 250), width=4):
+    img = Image.new(mode, size, bg)
+    ImageDraw.Draw(img).rectangle(box, outline=ink, width=width)
+    return img
+
+
+@pytest.mark.parametrize("img", [
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)),
+    Image.new("RGB", (300, 300), "white"),
+    Image.new("L", (300, 300), 0),
+    np.full((50, 50, 3), 255, np.uint8),
+])
+def test_blank_canvas_raises_clear_error(img):
+    with pytest.raises(BlankSketchError, match="empty"):
+        preprocess_sketch(img)
+
+
+def test_empty_stroke_list_is_blank():
+    with pytest.raises(BlankSketchError):
+        preprocess_sketch([])
+
+
+def test_polarity_detected_and_output_is_black_on_white():
+    a = preprocess_sketch(canvas())
+    b = preprocess_sketch(canvas(bg="black", ink="white"))
+    c = preprocess_sketch(canvas(mode="L", bg=255, ink=0))
+    for img in (a, b, c):
+        g = np.asarray(img.convert("L"))
+        assert img.size == (224, 224) and img.mode == "RGB"
+        assert g[0, 0] > 250  # white background
+        assert 0.01 < dark_fraction(img) < 0.3
+    assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() < 2
+
+
+def test_transparent_rgba_canvas_ink_is_the_opaque_pixels():
+    img = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    ImageDraw.Draw(img).line([(50, 50), (250, 250)], fill=(20, 20, 20, 255), width=5)
+    m = ink_mask(img)
+    assert m[150, 150] > 200 and m[10, 280] == 0
+    assert dark_fraction(preprocess_sketch(img)) > 0.01
+
+
+def test_crop_to_ink_with_margin_and_square():
+    # Ink in a small corner of a big canvas fills the output after cropping.
+    img = canvas(size=(1000, 1000), box=(10, 10, 110, 60), width=3)
+    out = np.asarray(preprocess_sketch(img, margin=0.1).convert("L")) < 128
+    ys, xs = np.nonzero(out)
+    assert xs.min() >= 224 * 0.1 - 6 and xs.max() <= 224 * 0.9 + 6  # margin kept (lines may thicken a little)
+    assert (xs.max() - xs.min()) > 150  # the box was scaled up to fill the square
+    assert (ys.max() - ys.min()) < (xs.max() - xs.min())  # aspect ratio kept
+
+
+def test_thin_lines_stay_readable_after_large_downscale():
+    img = canvas(size=(3000, 3000), box=(100, 100, 2900, 2900), width=3)
+    out = preprocess_sketch(img)
+    assert dark_fraction(out) > 0.02  # a 3 px line on a 3000 px canvas would vanish without thickening
+
+
+def test_stroke_forms_agree():
+    qd = SQUARE
+    pts = [[(x, y) for x, y in zip(*SQUARE[0])]]
+    assert np.allclose(normalize_strokes(qd)[0], normalize_strokes(pts)[0])
+    a, b = render_strokes(qd), render_strokes(pts)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert dark_fraction(a) > 0.02
+
+
+def test_photo_padding_keeps_aspect_and_edges_draw_no_frame():
+    photo = Image.new("RGB", (400, 200), (40, 90, 160))
+    ImageDraw.Draw(photo).ellipse((150, 50, 250, 150), fill=(240, 200, 30))
+    p = preprocess_photo(photo)
+    assert p.size == (224, 224) and np.asarray(p)[0, 0].tolist() == [255, 255, 255]
+    e = np.asarray(photo_to_edges(photo).convert("L"))
+    assert (e < 128).any()  # the disc's outline
+    # no edges along the photo's own border (the padding seam)
+    assert (e[56 + 3:56 + 112 - 3, 2] > 128).all()
