@@ -283,7 +283,7 @@ class Trainer:
         total.backward()
         self.opt.step()
         self.sched.step()
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     def _triplets(self, sp, yp, sk, yk) -> torch.Tensor:
         """Cross-modal batch-hard-ish triplets: anchors in one modality, positive and
@@ -358,6 +358,7 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
     Benchmark scores are computed after selection, for the record only.
     """
     torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.time()
     encoder = create_encoder(cfg.encoder, checkpoint="none")
     fs, items = load_training_features(encoder, data_root, cfg)
@@ -391,6 +392,7 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
             "benchmarks": scores,
         }
         save_checkpoint(out, trainer.head, meta)
+    result["encoder"] = encoder  # the trained encoder, for callers that evaluate further
     return result
 
 
@@ -413,7 +415,7 @@ def _run(args) -> int:
         cfg.use_edges = False
     out = None if args.out == "none" else Path(args.out)
     res = train(cfg, Path(args.data), out)
-    summary = {k: res[k] for k in ("val_mAP", "best_step", "benchmarks", "seconds")}
+    summary = {k: res[k] for k in ("val_mAP", "best_step", "benchmarks", "data_fingerprint", "seconds")}
     print(json.dumps(summary, indent=1))
     if out:
         print(f"saved {out}")
