@@ -91,9 +91,11 @@ def extract_features(
         raise ValueError(f"unknown view {view!r}; known: {sorted(VIEWS)}")
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     path = cache_path(cache_dir, encoder.backbone.name, view, items, seed, tokens)
-    if path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    # A cache made with tokens also serves requests without them.
+    for candidate in (path, cache_path(cache_dir, encoder.backbone.name, view, items, seed, True)):
+        if candidate.is_file():
+            with np.load(candidate) as z:
+                return {k: z[k] for k in z.files if tokens or k not in ("tokens", "grid")}
     fn = VIEWS[view]
     size = encoder.image_size
     rng = np.random.default_rng(seed)
