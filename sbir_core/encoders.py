@@ -261,11 +261,13 @@ register_backbone("openclip")(OpenCLIPBackbone)
 class SBIREncoder(nn.Module):
     """Backbone + preprocessing + (optional) trained heads: the one object everything uses."""
 
-    def __init__(self, backbone: Backbone, head: Optional[nn.Module] = None, checkpoint_id: str = "none") -> None:
+    def __init__(self, backbone: Backbone, head: Optional[nn.Module] = None, checkpoint_id: str = "none",
+                 meta: Optional[dict] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.checkpoint_id = checkpoint_id
+        self.meta = meta or {}  # the checkpoint's metadata (training config, scores)
         self.image_size = backbone.image_size
         self.register_buffer("_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
@@ -276,6 +278,11 @@ class SBIREncoder(nn.Module):
     def encoder_id(self) -> str:
         """Names backbone and checkpoint: galleries record it, searches check it."""
         return f"{self.backbone.name}@{self.checkpoint_id}"
+
+    @property
+    def diffusion_k(self) -> int:
+        """Gallery diffusion neighbours the checkpoint was validated with (0 = off)."""
+        return int(self.meta.get("retrieval", {}).get("diffusion_k", 0))
 
     @property
     def embed_dim(self) -> int:
@@ -414,6 +421,7 @@ def create_encoder(
     from sbir_core.checkpoint import load_checkpoint  # heads live with their loader
 
     head = None
+    meta: dict = {}
     ckpt_id = "none"
     if checkpoint is not None and str(checkpoint).lower() != "none":
         path = DEFAULT_CHECKPOINT if str(checkpoint) == "default" else Path(checkpoint)
@@ -431,4 +439,4 @@ def create_encoder(
         name = meta["encoder"]
         ckpt_id = file_digest(path)
     backbone = create_backbone(name or DEFAULT_ENCODER)
-    return SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id).to(device)
+    return SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sbir_core.data import Item, benchmark, folder_items
 from sbir_core.encoders import SBIREncoder, create_encoder
 from sbir_core.features import extract_features
+from sbir_core.index import Gallery
 from sbir_core.metrics import retrieval_report
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ def evaluate(
     queries: Sequence[Item],
     gallery: Sequence[Item],
     cache_dir: Union[str, Path, None] = None,
+    diffusion: bool = True,
 ) -> dict:
-    """Embed queries (in their own modality) and gallery, rank, and report metrics."""
+    """Embed queries (in their own modality) and gallery, rank, and report metrics.
+
+    `diffusion` applies the gallery diffusion the checkpoint prescribes (as searches do)."""
     if not queries or not gallery:
         raise ValueError(f"nothing to evaluate: {len(queries)} queries, {len(gallery)} gallery items")
     q, qok = embed_items(encoder, queries, queries[0].modality, cache_dir)
@@ -59,22 +63,27 @@ def evaluate(
         log.warning("dropping %d queries and %d gallery items that failed to load", (~qok).sum(), (~gok).sum())
     ql = [it.label for it, k in zip(queries, qok) if k]
     gl = [it.label for it, k in zip(gallery, gok) if k]
-    report = retrieval_report(q[qok] @ g[gok].T, ql, gl, ks=(100, 200))
+    k = encoder.diffusion_k if diffusion else 0
+    # The same Gallery class the app and `search` use, so eval measures what ships.
+    scores = Gallery.from_embeddings(g[gok], labels=gl, diffusion_k=k).score_all(q[qok])
+    report = retrieval_report(scores, ql, gl, ks=(100, 200))
     report["encoder"] = encoder.encoder_id
+    report["diffusion_k"] = k
     return report
 
 
 def evaluate_split(encoder: SBIREncoder, data_root: Union[str, Path], split: str,
-                   cache_dir: Union[str, Path, None] = None) -> dict:
+                   cache_dir: Union[str, Path, None] = None, diffusion: bool = True) -> dict:
     queries, gallery = benchmark(data_root, split)
-    return {"split": split, **evaluate(encoder, queries, gallery, cache_dir)}
+    return {"split": split, **evaluate(encoder, queries, gallery, cache_dir, diffusion)}
 
 
 SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
 
 
 def format_report(r: dict) -> str:
-    lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}"]
+    lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
+             f"gallery diffusion k={r.get('diffusion_k', 0)}"]
     lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
     lines.append("")
     lines.append(f"{'class':<24}{'queries':>8}{'mAP@all':>10}{'P@100':>8}")
@@ -91,7 +100,7 @@ def _run(args) -> int:
     if args.split:
         if not args.data:
             raise CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
-        report = evaluate_split(encoder, args.data, args.split, cache)
+        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion)
     elif args.queries and args.gallery:
         queries = folder_items(args.queries, modality="sketch")
         gallery = folder_items(args.gallery, modality="photo")
@@ -99,14 +108,14 @@ def _run(args) -> int:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                report = evaluate(encoder, queries, gallery, tmp)
+                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion)
         else:
-            report = evaluate(encoder, queries, gallery, cache)
+            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion)
     else:
         raise CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
     if args.json:
         print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, "n_queries", "n_gallery")}
-                         | {"per_class": report["per_class"], "encoder": report["encoder"]}))
+                         | {k: report[k] for k in ("per_class", "encoder", "diffusion_k")}))
     else:
         print(format_report(report))
     return 0
@@ -122,5 +131,6 @@ def register_cli(sub) -> None:
     p.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default ./cache or $SBIR_CACHE)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from sbir_core.diffusion import diffuse_gallery, expand_queries
 from sbir_core.data import image_folder
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 GALLERY_FILE = "gallery.json"
 EMBEDDINGS_FILE = "embeddings.npy"
+MIN_MAP_ITEMS = 5  # t-SNE needs a few points to mean anything
 TOKENS_FILE = "tokens.npy"
 INDEX_FILE = "index.faiss"
 INDEX_TYPES = ("flat", "hnsw", "ivf")
@@ -211,11 +213,16 @@ class Gallery:
         index: Any = None,
         root: Optional[PathLike] = None,
     ) -> None:
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.meta = meta
         self.tokens = tokens
-        self.index = index
         self.root = Path(root) if root is not None else None  # the folder it was loaded from
+        # What the encoder stored (embeddings.npy); `embeddings` is what searches see.
+        self.raw_embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.embeddings = self.raw_embeddings
+        self.index = index
+        self.diffusion_k = int(meta.get("diffusion_k") or 0)
+        if self.diffusion_k and len(self.raw_embeddings) > 1:
+            self._diffuse()
         items = meta["items"]
         src = meta.get("source_dir") or ""
         # os.path.join keeps absolute item paths as they are (in-memory galleries).
@@ -235,6 +242,7 @@ class Gallery:
         index_type: str = "flat",
         encoder_id: str = "synthetic",
         modality: str = "photo",
+        diffusion_k: int = 0,
         **index_params: Any,
     ) -> "Gallery":
         """An in-memory gallery from vectors (normalised here), e.g. for benchmarks and tests."""
@@ -249,7 +257,7 @@ class Gallery:
             "format_version": FORMAT_VERSION, "encoder_id": encoder_id, "modality": modality,
             "index_type": kind, "requested_index_type": index_type, "index_params": params,
             "source_dir": "", "count": n, "dims": {"embedding": int(x.shape[1]), "token": None},
-            "grid": None, "has_tokens": False,
+            "grid": None, "has_tokens": False, "diffusion_k": int(diffusion_k),
             "items": [{"path": p, "label": lab} for p, lab in zip(paths, labels)],
         }
         return cls(x, meta, index=index)
@@ -366,9 +374,49 @@ class Gallery:
         """Trade speed for recall at query time (hnsw: efSearch, ivf: nprobe)."""
         _apply_search_params(self.index, self.index_type, ef_search, nprobe)
 
+    # ---- diffusion
+    def _diffuse(self) -> None:
+        """Replace searchable embeddings by their DBA version (see sbir_core.diffusion);
+        non-flat indexes are rebuilt on the diffused vectors."""
+        k = min(self.diffusion_k, len(self.raw_embeddings))
+        s, i = self._knn(self.raw_embeddings, k)
+        self.embeddings = diffuse_gallery(self.raw_embeddings, s, i)
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        if self.index is None:
+            return
+        params = {("m" if k == "M" else k): v for k, v in (self.meta.get("index_params") or {}).items()}
+        self.index, _, _ = build_index(self.embeddings, self.index_type, **params)
+
+    def set_diffusion(self, k: int) -> None:
+        """Turn gallery diffusion off (0) or set its neighbour count."""
+        self.diffusion_k = int(k)
+        self.embeddings = self.raw_embeddings
+        self._rebuild_index()
+        if self.diffusion_k and len(self.raw_embeddings) > 1:
+            self._diffuse()
+
     # ---- search
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (scores, indices), both (Q, min(k, N)), best first, ties by ascending index."""
+        """-> (scores, indices), both (Q, min(k, N)), best first, ties by ascending index.
+
+        With diffusion on, queries are first expanded with their top results (aQE)."""
+        q = self._check_queries(queries, k)
+        if self.diffusion_k:
+            s, i = self._knn(q, min(self.diffusion_k, len(self)))
+            q = expand_queries(q, self.embeddings, s, i)
+        return self._knn(q, k)
+
+    def score_all(self, queries: np.ndarray) -> np.ndarray:
+        """(Q, N) cosine scores against every item, as `knn` ranks them (for evaluation)."""
+        q = self._check_queries(queries, 1)
+        if self.diffusion_k:
+            s, i = self._knn(q, min(self.diffusion_k, len(self)))
+            q = expand_queries(q, self.embeddings, s, i)
+        return q @ self.embeddings.T
+
+    def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
@@ -381,7 +429,9 @@ class Gallery:
             raise ValueError("query vectors contain NaN or infinity")
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        q = _normalize_rows(q)  # cosine scores whatever the caller passed
+        return _normalize_rows(q)  # cosine scores whatever the caller passed
+
+    def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
         k = min(int(k), n)
         if n == 0:
@@ -763,6 +813,11 @@ def build_gallery(
         index, kind, params = build_index(emb, index_type, **dict(index_params or {}))
         if index is not None:
             _faiss().write_index(index, str(tmp / INDEX_FILE))
+        if n >= MIN_MAP_ITEMS:  # the t-SNE map is part of the gallery, made once here
+            from sbir_core.embedding_map import fit_map
+
+            labels = [c.label for c in kept]
+            fit_map(emb, labels if any(labels) else None).save(tmp)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -780,6 +835,8 @@ def build_gallery(
             "dims": {"embedding": int(d), "token": int(token_shape[1]) if store_tokens and token_shape else None},
             "grid": list(grid) if grid else None,
             "has_tokens": bool(store_tokens),
+            # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
+            "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
             "items": [c.record() for c in kept],
         }
         with open(tmp / GALLERY_FILE, "w", encoding="utf-8") as f:

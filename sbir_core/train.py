@@ -30,6 +30,7 @@ from sbir_core.data import assert_texts_allowed, benchmark, fingerprint, trainin
 from sbir_core.encoders import DEFAULT_CHECKPOINT, SBIREncoder, create_encoder
 from sbir_core.features import extract_features
 from sbir_core.heads import SBIRHead
+from sbir_core.index import Gallery
 from sbir_core.metrics import map_all
 from sbir_core.text import class_text_features
 
@@ -58,7 +59,7 @@ class TrainConfig:
     dropout: float = 0.2
     steps: int = 1000
     batch: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 1e-4
     temperature: float = 0.07
     margin: float = 0.2
@@ -70,6 +71,7 @@ class TrainConfig:
     aug_seeds: tuple = (1, 2)
     use_edges: bool = True            # photo edge maps as pseudo-sketches of every photo class
     photo_edge_weight: float = 0.0    # fuse a photo's edge-map embedding at retrieval time
+    diffusion: bool = True            # pick gallery diffusion (DBA + aQE) neighbours on held-out classes
     exclude: tuple = ("pacs", "doodle")
     losses: dict = field(default_factory=lambda: {k: 0.0 for k in LOSSES})
 
@@ -303,7 +305,7 @@ class Trainer:
         return torch.stack(out).mean() if out else sk.sum() * 0
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self, diffusion_k: int = 0) -> float:
         """sketch->photo mAP@all on held-out training classes (queries: real sketches of
         held-out classes that have photos; gallery: all held-out photos)."""
         h, fs = self.head.eval(), self.fs
@@ -312,10 +314,15 @@ class Trainer:
         qs = np.flatnonzero(self.held[fs.sketch_labels] & has_p)
         if len(qs) == 0 or len(gp) == 0:
             return float("nan")
-        q = h.semantic(torch.from_numpy(fs.sketch[0][qs].astype(np.float32)), "sketch")
-        g = self._embed_photos(gp)
-        scores = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).numpy()
-        return map_all(scores, fs.sketch_labels[qs], fs.photo_labels[gp])
+        q = F.normalize(h.semantic(torch.from_numpy(fs.sketch[0][qs].astype(np.float32)), "sketch"), dim=-1)
+        g = F.normalize(self._embed_photos(gp), dim=-1)
+        gallery = Gallery.from_embeddings(g.numpy(), diffusion_k=diffusion_k)
+        return map_all(gallery.score_all(q.numpy()), fs.sketch_labels[qs], fs.photo_labels[gp])
+
+    def choose_diffusion(self, candidates: tuple = (0, 5, 10, 20)) -> tuple[int, dict]:
+        """Gallery diffusion neighbours, picked on held-out training classes."""
+        scores = {k: self.validate(k) for k in candidates}
+        return max(scores, key=lambda k: (scores[k], -k)), scores
 
     def _embed_photos(self, idx) -> torch.Tensor:
         h, fs = self.head, self.fs
@@ -366,13 +373,18 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
     held = split_classes(fs, cfg.val_fraction, cfg.seed)
     trainer = Trainer(cfg, fs, text, held)
     result = trainer.fit(progress=progress)
+    diffusion_k, diffusion_val = trainer.choose_diffusion() if cfg.diffusion else (0, {})
+    result.update(diffusion_k=diffusion_k, val_mAP_by_diffusion=diffusion_val)
     encoder.head = trainer.head
+    encoder.meta = {"retrieval": {"diffusion_k": diffusion_k}}
     scores = {}
     from sbir_core.evaluate import evaluate_split
 
     for split in benchmarks:
-        r = evaluate_split(encoder, data_root, split)
-        scores[split] = {k: r[k] for k in ("mAP@all", "P@100", "mAP@200", "P@200")}
+        for diffusion in (True, False):
+            r = evaluate_split(encoder, data_root, split, diffusion=diffusion)
+            key = split if diffusion else f"{split} (embedding only)"
+            scores[key] = {k: r[k] for k in ("mAP@all", "P@100", "mAP@200", "P@200")}
     result.update(
         benchmarks=scores,
         train_classes=[c for c, hld in zip(fs.classes, held) if not hld],
@@ -389,6 +401,7 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
             "excluded_splits": list(cfg.exclude),
             "data_fingerprint": result["data_fingerprint"],
             "val_mAP": result["val_mAP"],
+            "retrieval": {"diffusion_k": diffusion_k, "val_mAP_by_diffusion_k": diffusion_val},
             "benchmarks": scores,
         }
         save_checkpoint(out, trainer.head, meta)
@@ -415,7 +428,8 @@ def _run(args) -> int:
         cfg.use_edges = False
     out = None if args.out == "none" else Path(args.out)
     res = train(cfg, Path(args.data), out)
-    summary = {k: res[k] for k in ("val_mAP", "best_step", "benchmarks", "data_fingerprint", "seconds")}
+    summary = {k: res[k] for k in ("val_mAP", "best_step", "diffusion_k", "val_mAP_by_diffusion", "benchmarks",
+                                   "data_fingerprint", "seconds")}
     print(json.dumps(summary, indent=1))
     if out:
         print(f"saved {out}")
