@@ -127,7 +127,7 @@ def main() -> None:
         for label, change in (
             ("no photo edge maps (pseudo-sketches)", {"use_edges": False, "photo_edge_weight": 0.0}),
             ("no stroke/edge augmentation", {"aug_seeds": ()}),
-            ("no edge fusion at retrieval", {"photo_edge_weight": 0.0}),
+            ("no gallery diffusion", {"diffusion": False}),
         ):
             c = copy.deepcopy(base)
             for k, v in change.items():
