@@ -13,3 +13,61 @@ def raw_encoder():
     from sbir_core.encoders import create_encoder
 
     return create_encoder(checkpoint="none")
+
+
+# ----------------------------------------------------------------------------- app fixtures
+# (tests/test_app_*.py) A tiny generated gallery: 4 shape classes x 3 images, built once.
+APP_SHAPES = ("circle", "square", "triangle", "star")
+
+
+def make_shape_image(kind: str, seed: int, size: int = 96):
+    """A small 'photo' of a coloured shape on a light, slightly noisy background."""
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    bg = tuple(int(v) for v in rng.integers(215, 250, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    fill = tuple(int(v) for v in rng.integers(20, 200, 3))
+    c, r = size / 2 + rng.uniform(-6, 6), size * rng.uniform(0.28, 0.38)
+    if kind == "circle":
+        d.ellipse([c - r, c - r, c + r, c + r], fill=fill, outline=(0, 0, 0), width=2)
+    elif kind == "square":
+        d.rectangle([c - r, c - r, c + r, c + r], fill=fill, outline=(0, 0, 0), width=2)
+    elif kind == "triangle":
+        d.polygon([(c, c - r), (c + r, c + r), (c - r, c + r)], fill=fill, outline=(0, 0, 0))
+    else:
+        pts = [(c + (r if i % 2 == 0 else r * 0.45) * math.cos(math.radians(-90 + 36 * i)),
+                c + (r if i % 2 == 0 else r * 0.45) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)]
+        d.polygon(pts, fill=fill, outline=(0, 0, 0))
+    noise = rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def app_galleries(tmp_path_factory, raw_encoder):
+    """A galleries root holding one built gallery, `default` (12 shape images, raw
+    backbone), with its source images outside the galleries root."""
+    from sbir_core.index import build_gallery
+
+    base = tmp_path_factory.mktemp("app")
+    src = base / "shapes"
+    for kind in APP_SHAPES:
+        (src / kind).mkdir(parents=True)
+        for i in range(3):
+            make_shape_image(kind, seed=100 * APP_SHAPES.index(kind) + i).save(src / kind / f"{kind}_{i}.png")
+    root = base / "galleries"
+    build_gallery(src, root / "default", raw_encoder, checkpoint="none", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def app_service(app_galleries, raw_encoder, tmp_path_factory):
+    """A RetrievalService over `app_galleries` sharing the session's raw encoder."""
+    from sbir_core.service import RetrievalService
+
+    return RetrievalService(app_galleries, gallery="default", encoder=raw_encoder, relation=None,
+                            cache_dir=tmp_path_factory.mktemp("app_cache"))

@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Sketch search in the browser: draw an object, find matching pictures, see why they match.
+
+    python app.py                         # http://127.0.0.1:7860, gallery galleries/default
+    python app.py --host 0.0.0.0 --port 8080
+    python app.py --gallery ~/Pictures/animals [--name animals] [--sketch-gallery]
+
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are respected (flags win). The page is a thin
+Gradio layer over `sbir_core.service.RetrievalService`; every callback below only
+converts between Gradio values and the service's plain Python objects.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sbir_core.examples import list_examples  # noqa: E402
+from sbir_core.service import (  # noqa: E402
+    DEFAULT_K,
+    MAX_K,
+    MAX_UPLOAD_BYTES,
+    Query,
+    RetrievalService,
+)
+
+log = logging.getLogger("sbir_app")
+
+CANVAS = (384, 384)  # canvas pixels: plenty for the 224 px the model sees, cheap to export per stroke
+BRUSH_RADIUS = 3  # ~6 px lines on the 384 px canvas
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+CONCURRENCY = 2  # 2 CPU cores: two searches at a time, the rest wait in the queue
+
+TITLE = "Sketch Search"
+INSTRUCTIONS = ("**Draw an object** on the white canvas: matching pictures appear after every stroke. "
+                "Click a result to see *why* it matched — even for things the model never saw in training.")
+
+CSS = """
+#title h1 { margin-bottom: 0; }
+#title p { margin-top: 4px; font-size: 1.05rem; }
+#notice { border-left: 4px solid #f59e0b; background: #fffbeb; padding: 6px 12px; border-radius: 6px; }
+#notice:empty, #notice .prose:empty { display: none; }
+#sketch canvas { cursor: crosshair; }
+#status { min-height: 2.2em; }
+#results img, #examples img { object-fit: contain !important; background: #fff; }
+#results .caption-label, #examples .caption-label {
+  max-width: calc(100% - 8px) !important; white-space: normal; line-height: 1.15; font-size: 0.8rem;
+  font-weight: 600; }
+#examples .caption-label { font-size: 0.75rem; }
+#explanation img, #synthesis img, #heatmap img, #tsne img { object-fit: contain !important; }
+footer { display: none !important; }
+"""
+
+
+def _theme() -> gr.themes.Base:
+    # System fonts only: the page renders the same offline (no web-font requests).
+    return gr.themes.Soft(
+        primary_hue="indigo",
+        font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
+        font_mono=["ui-monospace", "Consolas", "monospace"],
+    )
+
+
+def blank_canvas() -> dict:
+    white = Image.new("RGB", CANVAS, "white")
+    return {"background": white, "layers": [], "composite": white}
+
+
+def example_canvas(name_or_index: Any) -> tuple[dict, Image.Image]:
+    ex = list_examples()
+    e = ex[name_or_index] if isinstance(name_or_index, int) else next(x for x in ex if x.name == name_or_index)
+    img = e.render(size=CANVAS[0], line_width=2 * BRUSH_RADIUS, margin=0.12)
+    return {"background": img, "layers": [], "composite": img}, img
+
+
+# ----------------------------------------------------------------------------- callbacks
+class Callbacks:
+    """The page's event handlers as plain methods (the tests call them directly)."""
+
+    def __init__(self, service: RetrievalService) -> None:
+        self.service = service
+
+    # ---- searching
+    def search_sketch(self, canvas: Any, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        out = self.service.search_sketch(canvas, int(k), gallery=gallery or None)
+        return out.gallery_items(), out.message, out.query
+
+    def search_text(self, text: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        out = self.service.search_text(text, int(k), gallery=gallery or None)
+        return out.gallery_items(), out.message, out.query
+
+    def search_photo(self, photo: Any, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        out = self.service.search_photo(photo, int(k), gallery=gallery or None)
+        return out.gallery_items(), out.message, out.query
+
+    def rerun(self, query: Optional[Query], canvas: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
+        """k or gallery changed: repeat the last kind of search."""
+        kind = query.kind if query is not None else "sketch"
+        if kind == "text":
+            return self.search_text(text, k, gallery)
+        if kind == "photo":
+            return self.search_photo(photo, k, gallery)
+        return self.search_sketch(canvas, k, gallery)
+
+    def load_example(self, k: float, gallery: Optional[str], evt: gr.SelectData):
+        value, img = example_canvas(int(evt.index))
+        items, msg, query = self.search_sketch(img, k, gallery)
+        return value, items, msg, query
+
+    def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        """API: search with one of the built-in example drawings by name."""
+        try:
+            _, img = example_canvas(name)
+        except StopIteration:
+            return [], f"No example named “{name}”.", None
+        return self.search_sketch(img, k, gallery)
+
+    # ---- explanations and the map
+    def explain(self, query: Optional[Query], rank: float = 0):
+        ex = self.service.explain(query, int(rank or 0))
+        return ex.correspondences, ex.synthesis, ex.heatmap, ex.message
+
+    def on_select(self, query: Optional[Query], evt: gr.SelectData):
+        """A click on a result: explain the image that was clicked (by its gallery row,
+        read off the thumbnail), falling back to its position."""
+        rank = evt.index if isinstance(evt.index, int) else evt.index[0]
+        row = None
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image")
+        path = image.get("path") or image.get("url") if isinstance(image, dict) else image
+        if query is not None and path:
+            row = self.service.row_of_thumbnail(query.gallery, str(path), value.get("caption"))
+        ex = self.service.explain(query, int(rank or 0), gallery_row=row)
+        return ex.correspondences, ex.synthesis, ex.heatmap, ex.message
+
+    def tsne(self, query: Optional[Query], gallery: Optional[str] = None):
+        m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)
+        return m.image if m.ok else None
+
+    def clear_explanation(self):
+        return None, None, None, "Click a result to see why it matched."
+
+    def on_clear(self):
+        """The canvas' clear button: a fresh white canvas (which also re-selects the
+        brush), no results, no explanation."""
+        return (blank_canvas(), [], "Draw something on the canvas to start.", None) + self.clear_explanation()
+
+    # ---- galleries
+    def choose_gallery(self, name: str, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        try:
+            msg = self.service.select_gallery(name, progress=lambda f, d: progress(f, desc=d))
+        except Exception as exc:  # ServiceError and anything unexpected: a message, not a crash
+            return f"⚠️ {exc}", [], None, self.tsne(None)
+        return msg, [], None, self.tsne(None, name)
+
+    def build_gallery(self, files: Any, name: str, sketches: bool,
+                      progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        out = self.service.build_gallery_from_uploads(
+            files, name, progress=lambda f, d: progress(f, desc=d), modality="sketch" if sketches else "photo")
+        names = self.service.list_galleries()
+        value = out.name if out.ok else None
+        dd = gr.update(choices=names, value=value) if value else gr.update(choices=names)
+        return out.message if out.ok else f"⚠️ {out.message}", dd
+
+    def refresh_galleries(self, current: Optional[str]):
+        names = self.service.list_galleries()
+        value = current if current in names else (self.service.current if self.service.current in names else
+                                                  (names[0] if names else None))
+        return gr.update(choices=names, value=value)
+
+
+# ----------------------------------------------------------------------------- the page
+def build_demo(service: RetrievalService) -> gr.Blocks:
+    cb = Callbacks(service)
+    galleries = service.list_galleries()
+    notices = "\n\n".join(service.notices)
+    examples = list_examples()
+
+    with gr.Blocks(title="Sketch Search", analytics_enabled=False) as demo:
+        query_state = gr.State(None)
+        gr.Markdown(f"# {TITLE}\n{INSTRUCTIONS}", elem_id="title")
+        gr.Markdown(notices, elem_id="notice", visible=bool(notices))
+
+        with gr.Row(equal_height=False):
+            # ---- left: the query
+            with gr.Column(scale=5, min_width=340):
+                with gr.Tabs():
+                    with gr.Tab("Draw", id="draw"):
+                        sketch = gr.Sketchpad(
+                            value=blank_canvas(),
+                            canvas_size=CANVAS,
+                            type="numpy",
+                            image_mode="RGB",
+                            brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"],
+                                           default_color="#000000", color_mode="fixed"),
+                            eraser=gr.Eraser(default_size=12),
+                            layers=False,
+                            transforms=(),
+                            sources=(),
+                            label="Your drawing",
+                            elem_id="sketch",
+                            height=470,
+                        )
+                        search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
+                        gr.Markdown("**Or start from an example** (click one):")
+                        example_gallery = gr.Gallery(
+                            value=[(e.render(size=112, line_width=3), e.label) for e in examples],
+                            columns=6, rows=2, height=230, allow_preview=False, show_label=False,
+                            elem_id="examples", object_fit="contain", interactive=False,
+                        )
+                    with gr.Tab("Type a word", id="text"):
+                        text = gr.Textbox(label="Class name", placeholder="e.g. cat, bicycle, guitar…",
+                                          elem_id="text-query", max_length=200)
+                        text_btn = gr.Button("Search by word", variant="primary", elem_id="text-button")
+                        gr.Markdown("Works for classes the model never trained on too. "
+                                    + ("" if service.has_text else "*(Needs the trained model, not loaded now.)*"))
+                    with gr.Tab("Use a photo", id="photo"):
+                        photo = gr.Image(type="filepath", label="Query photo", sources=["upload", "clipboard"],
+                                         elem_id="photo-query", height=360)
+                        photo_btn = gr.Button("Search with this photo", variant="primary", elem_id="photo-button")
+
+            # ---- right: the results
+            with gr.Column(scale=6, min_width=360):
+                with gr.Row():
+                    gallery_dd = gr.Dropdown(choices=galleries, value=service.current, label="Gallery",
+                                             elem_id="gallery-select", scale=3)
+                    k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="Results (k)", elem_id="k", scale=2)
+                status = gr.Markdown("Draw something on the canvas to start.", elem_id="status")
+                results = gr.Gallery(label="Matches (click one to see why)", columns=4, height=560,
+                                     allow_preview=False, object_fit="contain", elem_id="results",
+                                     show_label=True, interactive=False)
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=7):
+                gr.Markdown("### Why did it match?")
+                expl_msg = gr.Markdown("Click a result to see why it matched.", elem_id="explanation-text")
+                expl = gr.Image(label="Token correspondences: your drawing ↔ the match", elem_id="explanation",
+                                type="pil", interactive=False, height=360, buttons=["download", "fullscreen"])
+                with gr.Row():
+                    synth = gr.Image(label="Drawing rebuilt from its patches", elem_id="synthesis",
+                                     type="pil", interactive=False, height=330, buttons=["download", "fullscreen"])
+                    heat = gr.Image(label="Where it agrees (heatmap)", elem_id="heatmap",
+                                    type="pil", interactive=False, height=330, buttons=["download", "fullscreen"])
+            with gr.Column(scale=5):
+                gr.Markdown("### Where does your drawing land?")
+                tsne = gr.Image(value=cb.tsne(None), label="t-SNE map of the gallery (★ = your query)",
+                                elem_id="tsne", type="pil", interactive=False, height=520)
+
+        with gr.Accordion("Build your own gallery from images", open=False, elem_id="build"):
+            gr.Markdown("Upload images (one class per file name: `cat_1.jpg`, `cat_2.jpg`, `dog_1.png` …). "
+                        f"Files that are not images or larger than {MAX_UPLOAD_BYTES // 2**20} MB are skipped.")
+            with gr.Row():
+                files = gr.File(file_count="multiple", file_types=["image"], label="Images",
+                                elem_id="upload-files", scale=3)
+                with gr.Column(scale=2):
+                    new_name = gr.Textbox(label="Gallery name", placeholder="my_gallery", elem_id="gallery-name")
+                    is_sketch = gr.Checkbox(label="These are sketches (sketch → sketch search)", value=False)
+                    build_btn = gr.Button("Build gallery", variant="secondary", elem_id="build-button")
+            build_msg = gr.Markdown(elem_id="build-report")
+
+        # hidden API helpers (the page uses .select; API clients pass a rank)
+        rank = gr.Number(value=0, precision=0, visible=False)
+        explain_btn = gr.Button(visible=False)
+        example_name = gr.Textbox(visible=False)
+        example_btn = gr.Button(visible=False)
+
+        search_outputs = [results, status, query_state]
+        expl_outputs = [expl, synth, heat, expl_msg]
+        fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=CONCURRENCY)
+
+        def then_map(ev):
+            ev.then(cb.tsne, [query_state], [tsne], show_progress="hidden", concurrency_id="map",
+                    concurrency_limit=1, api_visibility="private")
+
+        # Every finished stroke (the editor's input event), only the latest when strokes pile up.
+        then_map(sketch.input(cb.search_sketch, [sketch, k, gallery_dd], search_outputs, trigger_mode="always_last",
+                              api_name="search_sketch", **fast))
+        then_map(search_btn.click(cb.search_sketch, [sketch, k, gallery_dd], search_outputs,
+                                  api_visibility="private", **fast))
+        then_map(example_gallery.select(cb.load_example, [k, gallery_dd], [sketch, *search_outputs],
+                                        api_visibility="private", **fast))
+        then_map(example_btn.click(cb.search_example, [example_name, k, gallery_dd], search_outputs,
+                                   api_name="search_example", **fast))
+        then_map(text.submit(cb.search_text, [text, k, gallery_dd], search_outputs, api_name="search_text", **fast))
+        then_map(text_btn.click(cb.search_text, [text, k, gallery_dd], search_outputs,
+                                api_visibility="private", **fast))
+        then_map(photo_btn.click(cb.search_photo, [photo, k, gallery_dd], search_outputs, api_name="search_photo",
+                                 **fast))
+        then_map(photo.upload(cb.search_photo, [photo, k, gallery_dd], search_outputs, api_visibility="private",
+                              **fast))
+        then_map(k.release(cb.rerun, [query_state, sketch, text, photo, k, gallery_dd], search_outputs,
+                           api_visibility="private", **fast))
+
+        results.select(cb.on_select, [query_state], expl_outputs, api_visibility="private",
+                       show_progress="minimal", concurrency_id="explain", concurrency_limit=CONCURRENCY)
+        explain_btn.click(cb.explain, [query_state, rank], expl_outputs, api_name="explain",
+                          concurrency_id="explain", concurrency_limit=CONCURRENCY)
+        then_map(sketch.clear(cb.on_clear, None, [sketch, *search_outputs, *expl_outputs], api_visibility="private",
+                              show_progress="hidden"))
+
+        gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
+                         api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
+            cb.clear_explanation, None, expl_outputs, api_visibility="private")
+        build_btn.click(cb.build_gallery, [files, new_name, is_sketch], [build_msg, gallery_dd],
+                        api_name="build_gallery", concurrency_id="build", concurrency_limit=1).then(
+            cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne], api_visibility="private")
+        demo.load(cb.refresh_galleries, [gallery_dd], [gallery_dd], api_visibility="private")
+
+    demo.callbacks = cb  # for tests and scripts
+    return demo
+
+
+def launch(demo: gr.Blocks, service: RetrievalService, host: Optional[str] = None, port: Optional[int] = None,
+           prevent_thread_lock: bool = False, concurrency: int = CONCURRENCY, quiet: bool = False):
+    """Queue + launch with the app's settings (theme, CSS, file access, upload limit)."""
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    port = int(port or os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=prevent_thread_lock,
+        allowed_paths=[str(service.root), str(service.cache_dir)],
+        max_file_size=MAX_UPLOAD_BYTES,
+        show_error=True,
+        quiet=quiet,
+        theme=_theme(),
+        css=CSS,
+        footer_links=[],
+    )
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Zero-shot sketch-based image retrieval in the browser.")
+    p.add_argument("--host", default=None, help=f"address to serve on (default $GRADIO_SERVER_NAME or {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port (default $GRADIO_SERVER_PORT or {DEFAULT_PORT})")
+    p.add_argument("--gallery", default=None, metavar="PATH",
+                   help="index this folder of images (class = subfolder) into galleries/<name> and show it")
+    p.add_argument("--name", default=None, help="gallery name for --gallery (default: the folder's name)")
+    p.add_argument("--sketch-gallery", action="store_true", help="--gallery holds sketches (sketch -> sketch)")
+    p.add_argument("--galleries", default=None, metavar="DIR", help="galleries root (default: galleries/)")
+    p.add_argument("--default-gallery", default="default", help="gallery shown first (default: default)")
+    p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
+                   help="model checkpoint (falls back to the raw backbone, with a warning, if missing)")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="searches run at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per search (default 1: best on 2 cores)")
+    p.add_argument("--no-warmup", action="store_true", help="skip making thumbnails and the map before serving")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    from sbir_core.service import DEFAULT_GALLERIES
+
+    root = Path(args.galleries) if args.galleries else DEFAULT_GALLERIES
+    service = RetrievalService(root, gallery=None if args.gallery else args.default_gallery,
+                               checkpoint=args.checkpoint,
+                               progress=lambda f, d: print(d, file=sys.stderr))
+    if args.gallery:
+        print(f"Indexing {args.gallery} …", file=sys.stderr)
+        out = service.build_gallery_from_folder(args.gallery, args.name,
+                                                modality="sketch" if args.sketch_gallery else "photo",
+                                                progress=lambda f, d: print(d, file=sys.stderr))
+        print(out.message.replace("**", ""), file=sys.stderr)
+        if not out.ok:
+            return 2
+    if service.current and not args.no_warmup:
+        try:
+            service.warm_up()
+        except Exception as exc:  # warm-up is an optimisation only
+            log.warning("warm-up failed: %s", exc)
+    for n in service.notices:
+        log.warning(n)
+    demo = build_demo(service)
+    launch(demo, service, args.host, args.port, concurrency=args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Draw a cat, a house and a bicycle in the app with the mouse and save screenshots.
+
+    python scripts/screenshots.py OUT_DIR                   # starts the app in-process
+    python scripts/screenshots.py OUT_DIR --url http://127.0.0.1:7860   # or use a running one
+
+Each drawing is replayed stroke by stroke from the example stroke lists
+(`sbir_core/examples/*.json`) with real mouse events on `#sketch`, then the first
+result is clicked so the explanation and the t-SNE map are in the picture too.
+Also importable: the browser helpers here are shared by scripts/bench_app.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHROMIUM = os.environ.get("SBIR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+DRAWINGS = ("cat", "house", "bicycle")
+
+# Records when the last stroke ended (pointer release) and what the results grid
+# showed when it began, so "new results" and their latency are measured in the page.
+PAGE_PROBE = """
+() => {
+  if (window.__sbir) return;
+  const sig = () => [...document.querySelectorAll('#results .caption-label')].map(e => e.textContent).join('|')
+      + '#' + [...document.querySelectorAll('#results img')].map(i => i.src).join('|');
+  window.__sbir = {up: 0, sig0: sig(), sig: sig};
+  window.addEventListener('pointerdown', () => { window.__sbir.sig0 = sig(); }, true);
+  window.addEventListener('pointerup', () => { window.__sbir.up = performance.now(); }, true);
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(galleries: Optional[str] = None, gallery: str = "default", checkpoint: str = "default",
+                port: Optional[int] = None) -> Iterator[str]:
+    """Start the app in this process on a free loopback port; yields its URL."""
+    import app as app_module
+    from sbir_core.service import DEFAULT_GALLERIES, RetrievalService
+
+    service = RetrievalService(galleries or DEFAULT_GALLERIES, gallery=gallery, checkpoint=checkpoint)
+    if service.current:
+        service.warm_up()
+    demo = app_module.build_demo(service)
+    port = port or free_port()
+    app_module.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1400, height: int = 1000):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"chromium not found at {CHROMIUM}: apt-get install -y chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            page.wait_for_selector("#sketch canvas", timeout=60_000)
+            # the editor is ready once the draw tool is active on the white background
+            page.wait_for_timeout(1500)
+            page.evaluate(PAGE_PROBE)
+            yield page
+        finally:
+            browser.close()
+
+
+def canvas_area(page) -> tuple[float, float, float]:
+    """(x, y, side) of a square safely inside the drawable canvas, in page pixels."""
+    box = page.locator("#sketch canvas").first.bounding_box()
+    side = 0.62 * min(box["width"], box["height"])
+    return box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2, side
+
+
+def example_strokes(page, name: str) -> list[list[tuple[float, float]]]:
+    from sbir_core.examples import get_example
+
+    x0, y0, side = canvas_area(page)
+    return [[(x0 + x, y0 + y) for x, y in st] for st in get_example(name).scaled_strokes(side, side, margin=0.0)]
+
+
+def draw_stroke(page, points: Sequence[tuple[float, float]]) -> None:
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(x, y, steps=2)
+    if len(points) == 1:
+        page.mouse.move(points[0][0] + 1, points[0][1] + 1)
+    page.mouse.up()
+
+
+def status_text(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def wait_for_new_results(page, timeout_ms: float = 30_000) -> Optional[float]:
+    """After a stroke: ms from the pointer release until the results grid shows a
+    different, fully loaded set of images; None if nothing new came within the timeout."""
+    try:
+        handle = page.wait_for_function(
+            """() => { const s = window.__sbir; if (!s || !s.up) return false;
+                       if (s.sig() === s.sig0) return false;
+                       const imgs = [...document.querySelectorAll('#results img')];
+                       if (!imgs.length || !imgs.every(i => i.complete && i.naturalWidth > 0)) return false;
+                       return performance.now() - s.up; }""",
+            timeout=timeout_ms, polling="raf")
+    except Exception:
+        return None
+    return float(handle.json_value())
+
+
+def busy(page) -> bool:
+    """Is an event still queued or running (Gradio shows its progress in the status line)?"""
+    return bool(page.evaluate(
+        "() => !!document.querySelector('#status .pending, #results .pending, #status .generating, "
+        "#results .generating') || /processing|queue:/.test(document.querySelector('#status').innerText)"))
+
+
+def settle(page, quiet_ms: int = 800, timeout_ms: int = 60_000) -> None:
+    """Wait until the results are shown and nothing has changed for `quiet_ms`."""
+    t0 = time.time()
+    last = None
+    quiet_since = time.time()
+    while (time.time() - t0) * 1000 < timeout_ms:
+        page.wait_for_timeout(150)
+        cur = page.evaluate("() => window.__sbir.sig()")
+        if cur != last or busy(page):
+            last, quiet_since = cur, time.time()
+        elif (time.time() - quiet_since) * 1000 >= quiet_ms and page.locator("#results img").count() > 0:
+            return
+
+
+def clear_canvas(page) -> None:
+    """Undo every stroke by clicking the editor's clear (trash) button, keeping the white background."""
+    btn = page.locator("#sketch button[aria-label*='Clear' i], #sketch button[title*='Clear' i]").first
+    btn.click()
+    page.wait_for_timeout(500)
+
+
+def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for name in drawings:
+        with browser_page(url) as page:  # a fresh page per drawing: clean canvas, clean state
+            for stroke in example_strokes(page, name):
+                draw_stroke(page, stroke)
+                page.wait_for_timeout(150)
+            settle(page)
+            p = out_dir / f"{name}_results.png"
+            page.screenshot(path=str(p))
+            saved.append(p)
+            page.locator("#results img").first.click()
+            page.wait_for_selector("#explanation img", timeout=60_000)
+            page.wait_for_timeout(1500)
+            p = out_dir / f"{name}_explained.png"
+            page.screenshot(path=str(p), full_page=True)
+            saved.append(p)
+            print(f"{name}: {status_text(page).strip().splitlines()[-1]}")
+    return saved
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", help="folder for the PNG screenshots")
+    ap.add_argument("--url", default=None, help="a running app (default: start one in-process)")
+    ap.add_argument("--galleries", default=None, help="galleries root for the in-process app (default galleries/)")
+    ap.add_argument("--gallery", default="default")
+    ap.add_argument("--checkpoint", default="default")
+    ap.add_argument("--drawings", nargs="+", default=list(DRAWINGS))
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out_dir)
+    if args.url:
+        paths = take_screenshots(args.url, out, args.drawings)
+    else:
+        with running_app(args.galleries, args.gallery, args.checkpoint) as url:
+            paths = take_screenshots(url, out, args.drawings)
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

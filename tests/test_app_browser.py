@@ -1,0 +1,125 @@
+"""The page in a real (headless) Chromium: draw with the mouse, see results, click one,
+see the explanation. Skipped when Debian's chromium is not installed
+(`apt-get install -y chromium`); never downloads a browser.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+app = pytest.importorskip("app", reason="app.py needs gradio")
+
+from sbir_core.service import RetrievalService  # noqa: E402
+
+TIMEOUT_MS = 120_000  # the CPU is shared and slow; the page is still expected to get there
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(app_galleries, raw_encoder, tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser")
+    root = base / "galleries"
+    shutil.copytree(app_galleries, root)
+    service = RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=base / "cache")
+    service.warm_up()
+    demo = app.build_demo(service)
+    port = _free_port()
+    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        pg.set_default_timeout(TIMEOUT_MS)
+        external = []
+        pg.on("request", lambda r: external.append(r.url)
+              if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+        pg.goto(url)
+        pg.wait_for_selector("#sketch canvas")
+        pg.external_requests = external
+        yield pg
+        browser.close()
+
+
+def _stroke(page, points):
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(x, y)
+    page.mouse.up()
+
+
+def test_page_has_the_stable_ids(page):
+    for sel in ("#sketch", "#results", "#search-button", "#explanation", "#tsne"):
+        assert page.locator(sel).count() == 1, sel
+    assert "Sketch Search" in page.title() or page.locator("h1").first.inner_text().startswith("Sketch Search")
+    assert page.locator("#tsne img").count() == 1  # the gallery map is there before any search
+
+
+def test_draw_see_results_click_see_explanation(page):
+    box = page.locator("#sketch canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    r = 0.22 * min(box["width"], box["height"])
+    circle = [(cx + r * math.cos(t / 8 * 2 * math.pi), cy + r * math.sin(t / 8 * 2 * math.pi)) for t in range(9)]
+    _stroke(page, circle)
+    _stroke(page, [(cx - r, cy), (cx + r, cy)])
+    # results appear after the strokes, with no button press
+    page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert captions and all(" · " in c for c in captions), captions
+    assert "Best match" in page.locator("#status").inner_text()
+    page.wait_for_timeout(1000)  # let any re-run of the last stroke land
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    page.locator("#results img").nth(1).click()  # the second result
+    page.wait_for_selector("#explanation img", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => { const i = document.querySelector('#explanation img');"
+                           " return i && i.complete && i.naturalWidth > 200; }", timeout=TIMEOUT_MS)
+    text = page.locator("#explanation-text").inner_text()
+    label = captions[1].rsplit(" · ", 1)[0]
+    assert "Result 2" in text and label in text, (text, captions)
+    assert page.locator("#synthesis img").count() == 1 and page.locator("#heatmap img").count() == 1
+    # works offline: nothing was fetched from outside this machine
+    assert page.external_requests == []
+
+
+def test_clear_keeps_the_brush_and_examples_load(page):
+    """After the clear button the canvas is white again and drawing works at once;
+    clicking an example loads it and searches with it."""
+    page.locator("#sketch button[aria-label='Clear canvas']").first.click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
+                           timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelectorAll('#results img').length === 0", timeout=TIMEOUT_MS)
+    box = page.locator("#sketch canvas").first.bounding_box()
+    x, y, w = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3, box["height"] * 0.4
+    _stroke(page, [(x, y + w), (x + w / 2, y), (x + w, y + w)])
+    page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
+    before = page.locator("#status").inner_text()
+    page.locator("#examples img").nth(2).click()  # the bicycle
+    page.wait_for_function("(b) => { const t = document.querySelector('#status').innerText;"
+                           " return t !== b && t.includes('Best match'); }", arg=before, timeout=TIMEOUT_MS)
+    assert page.locator("#results img").count() >= 4

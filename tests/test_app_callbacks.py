@@ -1,0 +1,462 @@
+"""The app's callbacks and the RetrievalService behind them, called as plain functions.
+
+Everything runs on a tiny generated gallery (tests/conftest.py: `app_galleries`) with
+the raw backbone, so no trained checkpoint and no shared data are needed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sbir_core.service import (  # noqa: E402
+    EMPTY_SKETCH_MESSAGE,
+    RetrievalService,
+    ServiceError,
+    check_upload,
+    label_from_filename,
+    sanitize_gallery_name,
+)
+
+app = pytest.importorskip("app", reason="app.py needs gradio")
+
+
+def drawn_canvas(shape: str = "circle", size: int = 384) -> dict:
+    """What the Sketchpad sends after a user drew `shape`: black lines on white."""
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    if shape == "circle":
+        d.ellipse([90, 90, 290, 290], outline="black", width=6)
+    elif shape == "square":
+        d.rectangle([90, 90, 290, 290], outline="black", width=6)
+    else:
+        d.line([(60, 300), (190, 70), (320, 300), (60, 300)], fill="black", width=6)
+    arr = np.asarray(img)
+    return {"background": np.full_like(arr, 255), "layers": [arr], "composite": arr}
+
+
+@pytest.fixture()
+def cb(app_service):
+    return app.Callbacks(app_service)
+
+
+# ----------------------------------------------------------------------------- sketch search
+def test_search_with_drawn_canvas_returns_k_captioned_results(cb, app_service):
+    items, msg, query = cb.search_sketch(drawn_canvas("circle"), 5, "default")
+    assert len(items) == 5
+    assert "Best match" in msg and "sketch → photo" in msg
+    labels = {h.label for h in query.hits}
+    assert labels <= {"circle", "square", "triangle", "star"}
+    scores = [h.score for h in query.hits]
+    assert scores == sorted(scores, reverse=True)
+    for (thumb, caption), hit in zip(items, query.hits):
+        assert Path(thumb).is_file() and Path(hit.path).is_file()
+        assert caption == f"{hit.label} · {hit.score:.2f}"
+    # the thumbnail is a small image, not the original
+    assert max(Image.open(items[0][0]).size) <= 256
+    assert query.kind == "sketch" and query.embedding.shape == (app_service.encoder.embed_dim,)
+    assert abs(float(np.linalg.norm(query.embedding)) - 1) < 1e-4
+
+
+def test_search_matches_library_search(app_service):
+    """The service adds nothing to the ranking: same order as index.Gallery.search."""
+    from sbir_core.index import encode_query
+
+    canvas = drawn_canvas("square")
+    out = app_service.search_sketch(canvas, 12)
+    g = app_service._get_gallery("default").gallery
+    ref = g.search(encode_query(app_service.encoder, sketch=canvas["composite"]), 12)[0]
+    assert [h.index for h in out.hits] == [r.index for r in ref]
+    assert np.allclose([h.score for h in out.hits], [r.score for r in ref], atol=1e-5)
+
+
+def test_search_accepts_arrays_images_paths_and_strokes(app_service, tmp_path):
+    canvas = drawn_canvas("triangle")
+    arr = canvas["composite"]
+    path = tmp_path / "drawing.png"
+    Image.fromarray(arr).save(path)
+    strokes = [[(60, 300), (190, 70), (320, 300), (60, 300)]]
+    rgba = np.zeros((384, 384, 4), np.uint8)  # a transparent canvas with dark ink
+    rgba[..., 3] = 255 - arr[..., 0]
+    for value in (arr, Image.fromarray(arr), str(path), strokes, rgba, {"composite": None, "background": arr,
+                                                                         "layers": []}):
+        out = app_service.search_sketch(value, 3)
+        assert out.ok, (type(value), out.message)
+        assert len(out.hits) == 3
+
+
+def test_same_drawing_is_answered_from_cache(app_service):
+    canvas = drawn_canvas("circle")
+    first = app_service.search_sketch(canvas, 4)
+    t0 = time.perf_counter()
+    again = app_service.search_sketch({"composite": canvas["composite"].copy()}, 4)
+    assert (time.perf_counter() - t0) < 0.05
+    assert [h.index for h in again.hits] == [h.index for h in first.hits]
+
+
+@pytest.mark.parametrize("value", [
+    None,
+    {"background": None, "layers": [], "composite": None},
+    {"background": None, "layers": [], "composite": np.full((384, 384, 3), 255, np.uint8)},
+    np.zeros((64, 64, 4), np.uint8),  # fully transparent
+    [],  # no strokes
+])
+def test_empty_canvas_gives_friendly_message(cb, value):
+    items, msg, query = cb.search_sketch(value, 12, "default")
+    assert items == [] and query is None
+    assert msg == EMPTY_SKETCH_MESSAGE and "Draw something first" in msg
+
+
+def test_k_is_clamped(app_service):
+    assert len(app_service.search_sketch(drawn_canvas(), 0).hits) >= 1
+    assert len(app_service.search_sketch(drawn_canvas(), 10_000).hits) == 12  # the whole tiny gallery
+
+
+def test_unknown_gallery_is_a_message(app_service):
+    out = app_service.search_sketch(drawn_canvas(), 3, gallery="nope")
+    assert not out.ok and "No gallery named “nope”" in out.message
+
+
+def test_example_drawings_search(cb):
+    items, msg, query = cb.search_example("cat", 4, "default")
+    assert len(items) == 4 and query is not None
+    items, msg, query = cb.search_example("no-such-example", 4, "default")
+    assert items == [] and "No example" in msg
+
+
+# ----------------------------------------------------------------------------- text and photo
+def test_text_search_without_text_head_explains_itself(cb):
+    items, msg, query = cb.search_text("cat", 12, "default")
+    assert items == [] and query is None
+    assert "needs the trained model" in msg
+    items, msg, _ = cb.search_text("   ", 12, "default")
+    assert items == [] and "Type a word" in msg
+
+
+def test_text_search_with_a_text_encoder(app_galleries, raw_encoder, tmp_path, monkeypatch):
+    """With a text-capable encoder the text query goes through index.encode_query."""
+    svc = RetrievalService(app_galleries, encoder=raw_encoder, relation=None, cache_dir=tmp_path)
+    g = svc._get_gallery("default").gallery
+    target = g.embeddings[g.labels.index("star")]
+    monkeypatch.setattr(RetrievalService, "has_text", property(lambda self: True))
+    import sbir_core.index as index_mod
+
+    calls = []
+
+    def fake_encode_query(encoder, *, text=None, **kw):
+        calls.append(text)
+        return target
+
+    monkeypatch.setattr(index_mod, "encode_query", fake_encode_query)
+    out = svc.search_text("star", 3)
+    assert out.ok and calls == ["star"]
+    assert out.hits[0].label == "star" and out.hits[0].score > 0.999
+    assert "text “star”" in out.message
+
+
+def test_photo_query(cb, tmp_path):
+    from conftest import make_shape_image
+
+    p = tmp_path / "query.png"
+    make_shape_image("star", seed=999).save(p)
+    items, msg, query = cb.search_photo(str(p), 3, "default")
+    assert len(items) == 3 and query.kind == "photo", msg
+    assert "photo → photo" in msg
+
+
+def test_bad_uploads_give_clear_messages(app_galleries, raw_encoder, tmp_path):
+    svc = RetrievalService(app_galleries, encoder=raw_encoder, relation=None, cache_dir=tmp_path,
+                           max_upload_bytes=50_000, max_upload_pixels=250_000)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a picture")
+    out = svc.search_photo(str(not_image), 3)
+    assert not out.ok and "not an image" in out.message
+    big_file = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(big_file)
+    out = svc.search_photo(str(big_file), 3)
+    assert not out.ok and "too large" in out.message and "MB" in out.message
+    many_pixels = tmp_path / "wide.png"
+    Image.new("RGB", (1000, 400), "white").save(many_pixels)  # small file, 0.4 MP > 0.25 MP
+    out = svc.search_photo(str(many_pixels), 3)
+    assert not out.ok and "megapixels" in out.message
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert "empty" in svc.search_photo(str(empty), 3).message
+    assert "Upload a photo first" in svc.search_photo(None, 3).message
+
+
+def test_check_upload_refuses_before_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("L", (5000, 5000)).save(p)  # tiny file, 25 MP
+    with pytest.raises(ServiceError, match="megapixels"):
+        check_upload(p, max_pixels=1_000_000)
+    check_upload(p)  # within the default limits
+
+
+# ----------------------------------------------------------------------------- explanations, map
+def test_explanation_returns_three_images(cb):
+    _, _, query = cb.search_sketch(drawn_canvas("circle"), 4, "default")
+    corr, synth, heat, msg = cb.explain(query, 1)
+    assert all(isinstance(x, Image.Image) for x in (corr, synth, heat)), msg
+    assert corr.width > 2 * synth.width * 0.9  # sketch and photo side by side
+    assert synth.size == heat.size
+    assert "Result 2" in msg and query.hits[1].label in msg
+    # the synthesis is made of photo patches: not just black lines on white
+    assert len(np.unique(np.asarray(synth).reshape(-1, 3), axis=0)) > 20
+
+
+def test_explanation_of_a_photo_query(cb, tmp_path):
+    from conftest import make_shape_image
+
+    p = tmp_path / "q.png"
+    make_shape_image("square", seed=5).save(p)
+    _, _, query = cb.search_photo(str(p), 3, "default")
+    corr, synth, heat, msg = cb.explain(query, 0)
+    assert corr is not None and "photo outline" in msg
+
+
+def test_explanation_without_a_usable_query(cb):
+    corr, synth, heat, msg = cb.explain(None, 0)
+    assert corr is None and "Search first" in msg
+    _, _, query = cb.search_sketch(drawn_canvas(), 3, "default")
+    corr, _, _, msg = cb.explain(query, 7)
+    assert corr is None and "no result number 8" in msg
+
+
+def test_tsne_returns_a_map_with_the_query(cb, app_service):
+    _, _, query = cb.search_sketch(drawn_canvas("square"), 4, "default")
+    img = cb.tsne(query)
+    assert isinstance(img, Image.Image) and img.width >= 400
+    m = app_service.tsne_for(query)
+    assert m.ok and m.plot_data["query"] is not None
+    assert m.plot_data["highlight"] == [h.index for h in query.hits]
+    assert len(m.plot_data["points"]) == 12
+    plain = cb.tsne(None)  # before any search: the gallery alone
+    assert isinstance(plain, Image.Image)
+    assert not np.array_equal(np.asarray(plain), np.asarray(img))
+
+
+# ----------------------------------------------------------------------------- galleries
+def _svc(app_galleries, raw_encoder, tmp_path) -> RetrievalService:
+    root = tmp_path / "galleries"
+    shutil.copytree(app_galleries, root)
+    return RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache")
+
+
+def test_build_gallery_from_uploads_reports_skipped_files(app_galleries, raw_encoder, tmp_path):
+    from conftest import make_shape_image
+
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    up = tmp_path / "uploads"
+    up.mkdir()
+    files = []
+    for i, kind in enumerate(["circle", "circle", "square", "star"]):
+        p = up / f"{kind}_{i}.png"
+        make_shape_image(kind, seed=50 + i).save(p)
+        files.append(str(p))
+    (up / "readme.txt").write_text("hello")
+    truncated = up / "broken_1.jpg"
+    good = up / "tmp.jpg"
+    make_shape_image("circle", seed=1).save(good)
+    truncated.write_bytes(good.read_bytes()[:200])
+    files += [str(up / "readme.txt"), str(truncated)]
+    progress = []
+    out = svc.build_gallery_from_uploads(files, "My Shapes!", progress=lambda f, d: progress.append(f))
+    assert out.ok, out.message
+    assert out.name == "my_shapes"
+    assert out.report.total == 4
+    skipped = dict(out.skipped)
+    assert set(skipped) == {"readme.txt", "broken_1.jpg"}
+    assert "Skipped 2" in out.message and "readme.txt" in out.message
+    assert progress and progress == sorted(progress)
+    assert "my_shapes" in svc.list_galleries()
+    res = svc.search_sketch(drawn_canvas(), 10, gallery="my_shapes")
+    assert res.ok and {h.label for h in res.hits} == {"circle", "square", "star"}
+    # the uploads' sources live outside the gallery folder (a rebuild never deletes them)
+    assert not any((svc.root / "my_shapes").rglob("*.png"))
+
+
+def test_build_gallery_refusals(app_galleries, raw_encoder, tmp_path):
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    assert "Choose some images" in svc.build_gallery_from_uploads([], "x").message
+    assert "name" in svc.build_gallery_from_uploads(["a.png"], "???").message
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    out = svc.build_gallery_from_uploads([str(bad)], "bad")
+    assert not out.ok and "None of the uploaded files" in out.message
+    good = tmp_path / "circle_1.png"
+    Image.new("RGB", (50, 50), "red").save(good)
+    out = svc.build_gallery_from_uploads([str(good)], "default")
+    assert not out.ok and "already exists" in out.message
+
+
+def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tmp_path):
+    from conftest import make_shape_image
+
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    c = app.Callbacks(svc)
+    files = []
+    for i in range(2):
+        p = tmp_path / f"triangle_{i}.png"
+        make_shape_image("triangle", seed=i).save(p)
+        files.append(str(p))
+    msg, dd = c.build_gallery(files, "tri", False, progress=lambda *a, **k: None)
+    assert "ready" in msg
+    assert dd["value"] == "tri" and "tri" in dd["choices"] and "default" in dd["choices"]
+    status, results, query, tsne = c.choose_gallery("tri", progress=lambda *a, **k: None)
+    assert "Gallery **tri**: 2 images" in status and results == [] and query is None
+    status, *_ = c.choose_gallery("missing", progress=lambda *a, **k: None)
+    assert status.startswith("⚠️") and "missing" in status
+
+
+def test_sketch_gallery_searches_sketch_to_sketch(app_galleries, raw_encoder, tmp_path):
+    from sbir_core.examples import list_examples
+
+    src = tmp_path / "doodles"
+    for e in list_examples()[:4]:
+        (src / e.name).mkdir(parents=True)
+        e.render(size=128).save(src / e.name / f"{e.name}.png")
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    out = svc.build_gallery_from_folder(src, "doodles", modality="sketch")
+    assert out.ok, out.message
+    res = svc.search_sketch({"composite": np.asarray(list_examples()[0].render(size=300))}, 2, gallery="doodles")
+    assert "sketch → sketch" in res.message
+    assert res.hits[0].label == list_examples()[0].name and res.hits[0].score > 0.85
+
+
+def test_stale_gallery_is_rebuilt_from_its_sources(app_galleries, raw_encoder, tmp_path):
+    svc0 = _svc(app_galleries, raw_encoder, tmp_path)
+    meta_path = svc0.root / "default" / "gallery.json"
+    meta = json.loads(meta_path.read_text())
+    meta["encoder_id"] = "some-other-model@123"
+    meta_path.write_text(json.dumps(meta))
+    svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
+    assert svc.current == "default"
+    msg = svc.select_gallery("default")
+    assert "indexed for the current model" in msg and "some-other-model@123" in msg
+    assert json.loads(meta_path.read_text())["encoder_id"] == raw_encoder.encoder_id
+    assert svc.search_sketch(drawn_canvas(), 3).ok
+
+
+def test_stale_gallery_without_sources_gives_a_message(app_galleries, raw_encoder, tmp_path):
+    svc0 = _svc(app_galleries, raw_encoder, tmp_path)
+    meta_path = svc0.root / "default" / "gallery.json"
+    meta = json.loads(meta_path.read_text())
+    meta["encoder_id"] = "some-other-model@123"
+    meta["source_dir"] = str(tmp_path / "gone")
+    meta_path.write_text(json.dumps(meta))
+    svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
+    assert svc.current is None
+    assert any("built with another model" in n for n in svc.notices)
+    out = svc.search_sketch(drawn_canvas(), 3)
+    assert not out.ok and "No gallery yet" in out.message
+
+
+def test_images_inside_gallery_folder_are_never_deleted_by_a_rebuild(raw_encoder, tmp_path):
+    """galleries/<name>/images with no index: indexed into the cache, images untouched."""
+    from conftest import make_shape_image
+
+    root = tmp_path / "galleries"
+    for kind in ("circle", "square"):
+        (root / "shipped" / "images" / kind).mkdir(parents=True)
+        make_shape_image(kind, seed=3).save(root / "shipped" / "images" / kind / "a.jpg")
+    svc = RetrievalService(root, gallery="shipped", encoder=raw_encoder, relation=None, cache_dir=tmp_path / "c")
+    assert svc.current == "shipped"
+    assert len(list((root / "shipped" / "images").rglob("*.jpg"))) == 2
+    assert svc.search_sketch(drawn_canvas(), 2).ok
+
+
+def test_missing_checkpoint_falls_back_with_a_warning(app_galleries, raw_encoder, tmp_path, monkeypatch):
+    import sbir_core.encoders as enc
+
+    def fake_create(name=None, checkpoint="default", device="cpu"):
+        if str(checkpoint).lower() != "none":
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        return raw_encoder
+
+    monkeypatch.setattr(enc, "create_encoder", fake_create)
+    svc = RetrievalService(app_galleries, checkpoint="default", relation=None, cache_dir=tmp_path)
+    assert svc.checkpoint == "none" and svc.encoder is raw_encoder
+    assert any("raw backbone" in n for n in svc.notices)
+    assert svc.search_sketch(drawn_canvas(), 3).ok
+    demo = app.build_demo(svc)  # the warning is shown in the page
+    notice = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "notice")
+    assert "raw backbone" in notice.value and notice.visible
+
+
+def test_list_galleries(app_galleries, raw_encoder, tmp_path):
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    (svc.root / "empty_dir").mkdir()
+    (svc.root / ".uploads" / "x").mkdir(parents=True)
+    assert svc.list_galleries() == ["default"]
+
+
+# ----------------------------------------------------------------------------- helpers, examples
+@pytest.mark.parametrize("filename,label", [
+    ("cat_01.jpg", "cat"), ("Red Car-3.PNG", "red_car"), ("dog (2).png", "dog"), ("123.jpg", "uploaded"),
+    ("ice_cream.webp", "ice_cream"),
+])
+def test_label_from_filename(filename, label):
+    assert label_from_filename(filename) == label
+
+
+def test_sanitize_gallery_name():
+    assert sanitize_gallery_name("My Shapes!") == "my_shapes"
+    assert sanitize_gallery_name("../../etc") == "etc"
+    assert sanitize_gallery_name("???") == ""
+
+
+def test_examples_are_authored_stroke_lists():
+    from sbir_core.examples import EXAMPLES_DIR, example_names, render_example
+
+    names = example_names()
+    assert {"cat", "house", "bicycle", "fish", "tree", "car", "cup", "star", "sun", "flower", "guitar"} <= set(names)
+    for n in names:
+        data = json.loads((EXAMPLES_DIR / f"{n}.json").read_text())
+        assert data["format"] == "points" and len(data["strokes"]) >= 1
+        img = np.asarray(render_example(n, size=128).convert("L"))
+        ink = (img < 128).mean()
+        assert 0.01 < ink < 0.5, (n, ink)
+    value, img = app.example_canvas("house")
+    assert value["background"] is img and img.size == app.CANVAS
+
+
+def test_click_explains_the_clicked_image_even_if_results_moved_on(cb, app_service):
+    import gradio as gr
+
+    items, _, query = cb.search_sketch(drawn_canvas("circle"), 3, "default")
+    thumb, caption = items[2]
+    # the page hands over what was clicked: position 0 (stale), but the image of result 3
+    evt = gr.SelectData(None, {"index": 0, "value": {"image": {"path": thumb}, "caption": caption},
+                               "selected": True})
+    corr, synth, heat, msg = cb.on_select(query, evt)
+    assert corr is not None and msg.startswith("Result 3:")
+    # a gallery row that is not among the hits is still explained, with its own rank and score
+    g = app_service._get_gallery("default").gallery
+    outside = next(i for i in range(len(g)) if i not in query.highlight)
+    ex = app_service.explain(query, 0, gallery_row=outside)
+    assert ex.ok and ex.hit.index == outside and ex.hit.rank >= 3
+    assert abs(ex.hit.score - float(g.embeddings[outside] @ query.embedding)) < 1e-5
+    # a caption that does not fit the thumbnail's row is not trusted
+    assert app_service.row_of_thumbnail("default", thumb, "unicorn · 0.99") is None
+    assert app_service.row_of_thumbnail("default", "/x/not-a-row.jpg") is None
+
+
+def test_gallery_index_in_a_subfolder_is_found(app_galleries, raw_encoder, tmp_path):
+    root = tmp_path / "galleries"
+    shutil.copytree(app_galleries / "default", root / "shipped" / "index")
+    (root / "shipped" / "images").mkdir()
+    svc = RetrievalService(root, gallery="shipped", encoder=raw_encoder, relation=None, cache_dir=tmp_path / "c")
+    assert svc.current == "shipped" and svc.notices == []
+    assert svc.gallery_info()["directory"].endswith("index") and svc.gallery_info()["count"] == 12
+    assert svc.list_galleries() == ["shipped"]
