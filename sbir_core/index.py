@@ -225,6 +225,11 @@ class Gallery:
             self._diffuse()
         items = meta["items"]
         src = meta.get("source_dir") or ""
+        rel = meta.get("source_dir_rel")
+        if self.root is not None and rel and (self.root / rel).is_dir():
+            # A gallery shipped in a repository or moved with its images: the relative
+            # location survives a clone to another path, the absolute one does not.
+            src = str((self.root / rel).resolve())
         # os.path.join keeps absolute item paths as they are (in-memory galleries).
         self.paths: list[str] = [os.path.join(src, *it["path"].split("/")) if src else it["path"] for it in items]
         self.labels: list[str] = [it.get("label", "") for it in items]
@@ -829,6 +834,7 @@ def build_gallery(
             "requested_index_type": index_type,
             "index_params": params,
             "source_dir": str(source),
+            "source_dir_rel": os.path.relpath(source, out),
             "created": old.meta.get("created", now) if old is not None else now,
             "updated": now,
             "count": n,
