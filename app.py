@@ -12,6 +12,7 @@ converts between Gradio values and the service's plain Python objects.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,11 +35,12 @@ from sbir_core.service import (  # noqa: E402
 
 log = logging.getLogger("sbir_app")
 
-CANVAS = (384, 384)  # canvas pixels: plenty for the 224 px the model sees, cheap to export per stroke
+CANVAS = (384, 384)  # size of example renders and API canvases (the page sends strokes, not pixels)
 BRUSH_RADIUS = 3  # ~6 px lines on the 384 px canvas
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # 2 CPU cores: two searches at a time, the rest wait in the queue
+MAX_STROKE_POINTS = 50_000  # a stroke query larger than this is refused (a drawing has a few hundred)
 
 TITLE = "Sketch Search"
 INSTRUCTIONS = ("**Draw an object** on the white canvas: matching pictures appear after every stroke. "
@@ -49,7 +51,19 @@ CSS = """
 #title p { margin-top: 4px; font-size: 1.05rem; }
 #notice { border-left: 4px solid #f59e0b; background: #fffbeb; padding: 6px 12px; border-radius: 6px; }
 #notice:empty, #notice .prose:empty { display: none; }
-#sketch canvas { cursor: crosshair; }
+#sketch { position: relative; height: 470px; border: 1px solid var(--border-color-primary);
+  border-radius: var(--radius-lg); overflow: hidden; background: #fff; padding: 0 !important; }
+#sketch canvas { position: absolute; inset: 0; width: 100%; height: 100%; display: block; background: #fff;
+  cursor: crosshair; touch-action: none; user-select: none; -webkit-user-select: none; }
+#sketch .sbir-tools { position: absolute; top: 6px; right: 6px; z-index: 2; display: flex; gap: 6px;
+  align-items: center; background: rgba(255,255,255,.92); border: 1px solid var(--border-color-primary);
+  border-radius: 8px; padding: 3px 8px; font-size: 0.8rem; color: #374151; }
+#sketch .sbir-tools button { border: 1px solid var(--border-color-primary); border-radius: 6px; background: #fff;
+  padding: 2px 8px; cursor: pointer; }
+#sketch .sbir-tools button:hover { background: #eef2ff; }
+#sketch .sbir-tools input[type=range] { width: 80px; }
+#sketch .sbir-label { position: absolute; top: 6px; left: 8px; z-index: 2; font-size: 0.8rem; color: #6b7280;
+  pointer-events: none; }
 #status { min-height: 2.2em; }
 #results img, #examples img { object-fit: contain !important; background: #fff; }
 #results .caption-label, #examples .caption-label {
@@ -58,6 +72,144 @@ CSS = """
 #examples .caption-label { font-size: 0.75rem; }
 #explanation img, #synthesis img, #heatmap img, #tsne img { object-fit: contain !important; }
 footer { display: none !important; }
+"""
+
+
+# The drawing canvas: plain HTML (gr.HTML) plus this script (loaded in the page's <head>;
+# scripts inside gr.HTML do not run). It keeps the strokes as point lists and, on every
+# pointer release, writes them as JSON into the hidden #strokes textbox and fires its
+# `input` event (an `input` DOM event for the value, then a keypress, which is what Gradio 6's
+# textbox turns into its `input` event): one tiny request per stroke, no image export or upload.
+SKETCH_HTML = """
+<canvas aria-label="Drawing canvas" role="img"></canvas>
+<div class="sbir-label">Your drawing</div>
+<div class="sbir-tools">
+  <label title="Brush size">Brush <input type="range" min="1" max="24" step="1" value="6"
+         aria-label="Brush size" data-sbir="size"></label>
+  <button type="button" data-sbir="undo" aria-label="Undo" title="Undo the last stroke">&#8630; Undo</button>
+  <button type="button" data-sbir="clear" aria-label="Clear canvas" title="Clear canvas">&#10005; Clear</button>
+</div>
+"""
+
+SKETCH_JS = r"""
+<script>
+(() => {
+  if (window.sbirSketch) return;
+  const S = {strokes: [], cur: null, size: 6, w: 0, h: 0, canvas: null, pid: null};
+  window.sbirSketch = S;
+  const find = () => document.querySelector('#sketch canvas');
+  function sync() {
+    const c = find();
+    if (!c) return null;
+    const dpr = window.devicePixelRatio || 1, w = c.clientWidth, h = c.clientHeight;
+    if (c !== S.canvas || S.w !== w || S.h !== h || c.width !== Math.round(w * dpr)) {
+      S.canvas = c; S.w = w; S.h = h;
+      c.width = Math.max(1, Math.round(w * dpr)); c.height = Math.max(1, Math.round(h * dpr));
+      redraw();
+    }
+    return c;
+  }
+  function ctx() {
+    const c = S.canvas, g = c.getContext('2d'), k = c.width / Math.max(1, S.w);
+    g.setTransform(k, 0, 0, k, 0, 0);
+    g.lineCap = 'round'; g.lineJoin = 'round';
+    return g;
+  }
+  function dot(g, p, size) { g.beginPath(); g.arc(p[0], p[1], size / 2, 0, 2 * Math.PI); g.fill(); }
+  function drawStroke(g, st) {
+    const p = st.points;
+    g.strokeStyle = '#000'; g.fillStyle = '#000'; g.lineWidth = st.size;
+    if (p.length === 1) return dot(g, p[0], st.size);
+    g.beginPath(); g.moveTo(p[0][0], p[0][1]);
+    for (let i = 1; i < p.length; i++) g.lineTo(p[i][0], p[i][1]);
+    g.stroke();
+  }
+  function redraw() {
+    if (!S.canvas) return;
+    const g = ctx();
+    g.fillStyle = '#fff'; g.fillRect(0, 0, S.w, S.h);
+    for (const st of S.strokes) drawStroke(g, st);
+    if (S.cur) drawStroke(g, S.cur);
+  }
+  function box() { return document.querySelector('#strokes textarea, #strokes input'); }
+  function send() {  // the full stroke list -> #strokes, then its input event (a search)
+    const t = box();
+    if (!t) return;
+    t.value = JSON.stringify(S.strokes.map(s => s.points));
+    t.dispatchEvent(new Event('input', {bubbles: true}));  // updates the textbox' value
+    // Gradio 6's textbox fires its `input` event from keypress (after the value settles)
+    t.dispatchEvent(new KeyboardEvent('keypress', {bubbles: true, key: 'Unidentified'}));
+  }
+  function pt(e) {
+    const r = S.canvas.getBoundingClientRect();
+    const x = Math.min(Math.max(e.clientX - r.left, 0), r.width), y = Math.min(Math.max(e.clientY - r.top, 0), r.height);
+    return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
+  }
+  document.addEventListener('pointerdown', e => {
+    if (e.button !== 0 || !(e.target instanceof HTMLCanvasElement) || !e.target.closest('#sketch')) return;
+    sync();
+    e.preventDefault();
+    try { e.target.setPointerCapture(e.pointerId); } catch (_) {}
+    S.pid = e.pointerId;
+    S.cur = {points: [pt(e)], size: S.size};
+    const g = ctx(); g.fillStyle = '#000'; dot(g, S.cur.points[0], S.size);
+  });
+  document.addEventListener('pointermove', e => {
+    if (!S.cur || e.pointerId !== S.pid) return;
+    const evs = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
+    const g = ctx(); g.strokeStyle = '#000'; g.lineWidth = S.cur.size;
+    for (const ev of (evs.length ? evs : [e])) {
+      const p = pt(ev), q = S.cur.points[S.cur.points.length - 1];
+      if (Math.abs(p[0] - q[0]) + Math.abs(p[1] - q[1]) < 1) continue;
+      S.cur.points.push(p);
+      g.beginPath(); g.moveTo(q[0], q[1]); g.lineTo(p[0], p[1]); g.stroke();
+    }
+  });
+  function end(e) {
+    if (!S.cur || e.pointerId !== S.pid) return;
+    S.strokes.push(S.cur); S.cur = null; S.pid = null;
+    send();
+  }
+  document.addEventListener('pointerup', end);
+  document.addEventListener('pointercancel', end);
+  S.clear = () => {
+    S.strokes = []; S.cur = null; sync(); redraw();
+    const b = document.querySelector('#clear-trigger');  // server side: no results, no explanation
+    if (b) b.click();
+  };
+  S.undo = () => { S.strokes.pop(); sync(); redraw(); if (S.strokes.length) send(); else S.clear(); };
+  // An example (or any stroke JSON from the server): fit it into the canvas and draw it.
+  S.load = (value) => {
+    let d = value;
+    try { if (typeof d === 'string') d = d.trim() ? JSON.parse(d) : []; } catch (_) { return; }
+    let strokes = Array.isArray(d) ? d : ((d && d.strokes) || []);
+    strokes = strokes.filter(s => Array.isArray(s) && s.length).map(s =>
+      (s.length === 2 && Array.isArray(s[0]) && s[0].length !== 2) ? s[0].map((x, i) => [x, s[1][i]]) : s);
+    sync();
+    const all = strokes.flat();
+    S.strokes = [];
+    if (all.length && S.w > 0) {
+      const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
+      const x0 = Math.min(...xs), y0 = Math.min(...ys), x1 = Math.max(...xs), y1 = Math.max(...ys);
+      const m = 0.12, k = Math.min(S.w * (1 - 2 * m) / Math.max(1, x1 - x0), S.h * (1 - 2 * m) / Math.max(1, y1 - y0));
+      const ox = (S.w - (x1 - x0) * k) / 2 - x0 * k, oy = (S.h - (y1 - y0) * k) / 2 - y0 * k;
+      S.strokes = strokes.map(s => ({size: S.size, points: s.map(p =>
+        [Math.round((p[0] * k + ox) * 10) / 10, Math.round((p[1] * k + oy) * 10) / 10])}));
+    }
+    redraw();
+  };
+  document.addEventListener('click', e => {
+    const b = e.target.closest && e.target.closest('#sketch button[data-sbir]');
+    if (!b) return;
+    if (b.dataset.sbir === 'undo') S.undo(); else if (b.dataset.sbir === 'clear') S.clear();
+  });
+  document.addEventListener('input', e => {
+    if (e.target.matches && e.target.matches('#sketch input[data-sbir=size]')) S.size = +e.target.value;
+  });
+  setInterval(sync, 300);  // the canvas appears after the app mounts, and follows layout changes
+  window.addEventListener('resize', sync);
+})();
+</script>
 """
 
 
@@ -82,6 +234,67 @@ def example_canvas(name_or_index: Any) -> tuple[dict, Image.Image]:
     return {"background": img, "layers": [], "composite": img}, img
 
 
+def example_strokes(name_or_index: Any) -> str:
+    """An example drawing as stroke JSON for the page's canvas: {"canvas": [w, h], "strokes":
+    [[[x, y], ...], ...]} (the canvas script fits it into the drawing area)."""
+    ex = list_examples()
+    e = ex[name_or_index] if isinstance(name_or_index, int) else next(x for x in ex if x.name == name_or_index)
+    return json.dumps({"canvas": list(e.canvas), "strokes": [[[x, y] for x, y in s] for s in e.strokes]},
+                      separators=(",", ":"))
+
+
+class StrokeError(ValueError):
+    """Stroke JSON that cannot be read as a drawing."""
+
+
+def parse_strokes(value: Any) -> Optional[list]:
+    """Stroke JSON from the canvas (or an API client) -> a stroke list `preprocess_sketch` takes.
+
+    Accepts a list of strokes or {"strokes": [...]}; a stroke is a point list [[x, y], ...]
+    (what the canvas sends) or QuickDraw's [[xs], [ys]] (a 2 x 2 stroke is read as two points,
+    the canvas' form). Points become tuples, so `preprocess_sketch` reads them as point lists
+    too. "" -> None (nothing drawn)."""
+    data = json.loads(value) if isinstance(value, str) else value
+    if isinstance(data, dict):
+        data = data.get("strokes")
+    if data is None:
+        return None
+    if not isinstance(data, list):
+        raise StrokeError("strokes must be a list")
+    out, n = [], 0
+    for st in data:
+        if not isinstance(st, list) or not st:
+            continue
+        if all(isinstance(p, (list, tuple)) and len(p) == 2 for p in st):  # 2x2: read as two points
+            pts = [(float(p[0]), float(p[1])) for p in st]  # a point list
+        elif len(st) == 2 and all(isinstance(v, list) for v in st) and len(st[0]) == len(st[1]):
+            pts = [(float(x), float(y)) for x, y in zip(st[0], st[1])]  # QuickDraw [[xs], [ys]]
+        else:
+            raise StrokeError("a stroke must be [[x, y], ...] or [[xs], [ys]]")
+        if not all(map(lambda p: all(abs(v) < 1e7 for v in p), pts)):
+            raise StrokeError("stroke coordinates must be finite numbers")
+        n += len(pts)
+        if n > MAX_STROKE_POINTS:
+            raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
+        out.append(pts)
+    return out
+
+
+def sketch_input(value: Any) -> Any:
+    """What the page or an API client sends for a drawing -> what the service takes:
+    stroke JSON (a string starting with "[" or "{", "" for nothing) is parsed into a stroke
+    list; canvas dicts, images, arrays, paths and stroke lists pass through."""
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        if s[0] in "[{":
+            if len(s) > 40 * MAX_STROKE_POINTS:  # refuse before parsing
+                raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
+            return parse_strokes(s)
+    return value
+
+
 # ----------------------------------------------------------------------------- callbacks
 class Callbacks:
     """The page's event handlers as plain methods (the tests call them directly)."""
@@ -91,8 +304,17 @@ class Callbacks:
 
     # ---- searching
     def search_sketch(self, canvas: Any, k: float = DEFAULT_K, gallery: Optional[str] = None):
-        out = self.service.search_sketch(canvas, int(k), gallery=gallery or None)
+        """A drawing: the canvas' stroke JSON, or an image (canvas dict, array, path) from an API client."""
+        try:
+            value = sketch_input(canvas)
+        except (ValueError, TypeError) as exc:  # StrokeError, bad JSON
+            return [], f"The drawing could not be read ({exc}).", None
+        out = self.service.search_sketch(value, int(k), gallery=gallery or None)
         return out.gallery_items(), out.message, out.query
+
+    def search_strokes(self, strokes: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        """The page's per-stroke search: stroke JSON from the canvas."""
+        return self.search_sketch(strokes if strokes is not None else "", k, gallery)
 
     def search_text(self, text: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
         out = self.service.search_text(text, int(k), gallery=gallery or None)
@@ -102,19 +324,21 @@ class Callbacks:
         out = self.service.search_photo(photo, int(k), gallery=gallery or None)
         return out.gallery_items(), out.message, out.query
 
-    def rerun(self, query: Optional[Query], canvas: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
+    def rerun(self, query: Optional[Query], strokes: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
         """k or gallery changed: repeat the last kind of search."""
         kind = query.kind if query is not None else "sketch"
         if kind == "text":
             return self.search_text(text, k, gallery)
         if kind == "photo":
             return self.search_photo(photo, k, gallery)
-        return self.search_sketch(canvas, k, gallery)
+        return self.search_sketch(strokes, k, gallery)
 
     def load_example(self, k: float, gallery: Optional[str], evt: gr.SelectData):
-        value, img = example_canvas(int(evt.index))
-        items, msg, query = self.search_sketch(img, k, gallery)
-        return value, items, msg, query
+        """A click on an example: its strokes for the canvas (the page draws them) and a
+        search with them."""
+        strokes = example_strokes(int(evt.index))
+        items, msg, query = self.search_sketch(strokes, k, gallery)
+        return strokes, items, msg, query
 
     def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
         """API: search with one of the built-in example drawings by name."""
@@ -150,9 +374,9 @@ class Callbacks:
         return None, None, None, "Click a result to see why it matched."
 
     def on_clear(self):
-        """The canvas' clear button: a fresh white canvas (which also re-selects the
-        brush), no results, no explanation."""
-        return (blank_canvas(), [], "Draw something on the canvas to start.", None) + self.clear_explanation()
+        """The canvas' clear button (the page wipes the canvas itself): no strokes, no
+        results, no explanation."""
+        return ("", [], "Draw something on the canvas to start.", None) + self.clear_explanation()
 
     # ---- galleries
     def choose_gallery(self, name: str, progress: gr.Progress = gr.Progress(track_tqdm=True)):
@@ -195,21 +419,13 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
             with gr.Column(scale=5, min_width=340):
                 with gr.Tabs():
                     with gr.Tab("Draw", id="draw"):
-                        sketch = gr.Sketchpad(
-                            value=blank_canvas(),
-                            canvas_size=CANVAS,
-                            type="numpy",
-                            image_mode="RGB",
-                            brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"],
-                                           default_color="#000000", color_mode="fixed"),
-                            eraser=gr.Eraser(default_size=12),
-                            layers=False,
-                            transforms=(),
-                            sources=(),
-                            label="Your drawing",
-                            elem_id="sketch",
-                            height=470,
-                        )
+                        # A plain canvas (SKETCH_HTML + SKETCH_JS): each stroke sends its points,
+                        # not an image, through the hidden #strokes textbox.
+                        gr.HTML(SKETCH_HTML, elem_id="sketch", js_on_load=None, padding=False,
+                                container=False)
+                        strokes = gr.Textbox(value="", visible="hidden", elem_id="strokes", show_label=False,
+                                             container=False)
+                        clear_trigger = gr.Button("Clear", visible="hidden", elem_id="clear-trigger")
                         search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
                         gr.Markdown("**Or start from an example** (click one):")
                         example_gallery = gr.Gallery(
@@ -272,6 +488,9 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         explain_btn = gr.Button(visible=False)
         example_name = gr.Textbox(visible=False)
         example_btn = gr.Button(visible=False)
+        # API clients may still send a drawn image (an ImageEditor value) to /search_sketch
+        sketch_api = gr.Sketchpad(visible=False, type="numpy", image_mode="RGB", canvas_size=CANVAS)
+        sketch_api_btn = gr.Button(visible=False)
 
         search_outputs = [results, status, query_state]
         expl_outputs = [expl, synth, heat, expl_msg]
@@ -281,13 +500,20 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
             ev.then(cb.tsne, [query_state], [tsne], show_progress="hidden", concurrency_id="map",
                     concurrency_limit=1, api_visibility="private")
 
-        # Every finished stroke (the editor's input event), only the latest when strokes pile up.
-        then_map(sketch.input(cb.search_sketch, [sketch, k, gallery_dd], search_outputs, trigger_mode="always_last",
-                              api_name="search_sketch", **fast))
-        then_map(search_btn.click(cb.search_sketch, [sketch, k, gallery_dd], search_outputs,
+        # Every finished stroke (the canvas script fires #strokes' input event), only the
+        # latest when strokes pile up.
+        then_map(strokes.input(cb.search_strokes, [strokes, k, gallery_dd], search_outputs,
+                               trigger_mode="always_last", api_name="search_strokes",
+                               **dict(fast, show_progress="hidden")))
+        then_map(sketch_api_btn.click(cb.search_sketch, [sketch_api, k, gallery_dd], search_outputs,
+                                      api_name="search_sketch", **fast))
+        then_map(search_btn.click(cb.search_strokes, [strokes, k, gallery_dd], search_outputs,
                                   api_visibility="private", **fast))
-        then_map(example_gallery.select(cb.load_example, [k, gallery_dd], [sketch, *search_outputs],
-                                        api_visibility="private", **fast))
+        ex_ev = example_gallery.select(cb.load_example, [k, gallery_dd], [strokes, *search_outputs],
+                                       api_visibility="private", **fast)
+        ex_ev.then(None, [strokes], None, js="(s) => { if (window.sbirSketch) window.sbirSketch.load(s); }",
+                   api_visibility="private", show_progress="hidden")
+        then_map(ex_ev)
         then_map(example_btn.click(cb.search_example, [example_name, k, gallery_dd], search_outputs,
                                    api_name="search_example", **fast))
         then_map(text.submit(cb.search_text, [text, k, gallery_dd], search_outputs, api_name="search_text", **fast))
@@ -297,15 +523,15 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                                  **fast))
         then_map(photo.upload(cb.search_photo, [photo, k, gallery_dd], search_outputs, api_visibility="private",
                               **fast))
-        then_map(k.release(cb.rerun, [query_state, sketch, text, photo, k, gallery_dd], search_outputs,
+        then_map(k.release(cb.rerun, [query_state, strokes, text, photo, k, gallery_dd], search_outputs,
                            api_visibility="private", **fast))
 
         results.select(cb.on_select, [query_state], expl_outputs, api_visibility="private",
                        show_progress="minimal", concurrency_id="explain", concurrency_limit=CONCURRENCY)
         explain_btn.click(cb.explain, [query_state, rank], expl_outputs, api_name="explain",
                           concurrency_id="explain", concurrency_limit=CONCURRENCY)
-        then_map(sketch.clear(cb.on_clear, None, [sketch, *search_outputs, *expl_outputs], api_visibility="private",
-                              show_progress="hidden"))
+        then_map(clear_trigger.click(cb.on_clear, None, [strokes, *search_outputs, *expl_outputs],
+                                     api_visibility="private", show_progress="hidden"))
 
         gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
@@ -335,6 +561,7 @@ def launch(demo: gr.Blocks, service: RetrievalService, host: Optional[str] = Non
         quiet=quiet,
         theme=_theme(),
         css=CSS,
+        head=SKETCH_JS,
         footer_links=[],
     )
 

@@ -377,7 +377,7 @@ class SBIREncoder(nn.Module):
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Class names or phrases -> (B, D) embeddings in the retrieval space."""
-        if self.head is None or not hasattr(self.head, "encode_text"):
+        if self.head is None or not hasattr(self.head, "embed_text"):
             raise ValueError("text queries need a trained checkpoint with a text head (raw backbones have none)")
         from sbir_core.text import text_features
 

@@ -3,18 +3,19 @@
 
     python scripts/bench_app.py [--galleries galleries] [--gallery default] [--browser-strokes 20]
 
-1. Search callback alone (in-process): the page's per-stroke handler
-   (`Callbacks.search_sketch`, i.e. `RetrievalService.search_sketch`) on canvases as
-   the Sketchpad sends them (384 px composites of the example drawings, jittered so
-   no call hits the query cache), median over repeated calls, next to two baselines
+1. Search callback alone (in-process): `Callbacks.search_sketch` (i.e.
+   `RetrievalService.search_sketch`) on canvas images as API clients send them (384 px
+   composites of the example drawings, jittered so no call hits the query cache),
+   median over repeated calls, next to two baselines
    measured in the same process on the same inputs, interleaved so background load
    hits all three alike: the encoder alone (`SBIREncoder.encode_sketches`: sketch
    preprocessing + forward pass) and the bare forward pass. callback - encoder = what
    the app adds (canvas decoding, cache key, search, thumbnails). Also the cached
-   answer to a repeated drawing.
+   answer to a repeated drawing, and the page's per-stroke handler
+   (`Callbacks.search_strokes`) on the same drawings as stroke JSON (what the canvas sends).
 2. End of stroke -> visible results in a real browser: the app runs in-process,
    headless Chromium draws the example drawings stroke by stroke with the mouse on
-   `#sketch`; for each stroke, the time from the pointer release to new, fully
+   the canvas in `#sketch`; for each stroke, the time from the pointer release to new, fully
    loaded images in `#results` (measured inside the page), p50 over the strokes.
 
 Targets: callback p50 <= 60 ms on the 2-core CPU (~350-image gallery), stroke to
@@ -69,6 +70,23 @@ def jittered_canvases(n: int, seed: int = 0, size: int = 384) -> list[dict]:
     return out
 
 
+def jittered_strokes(n: int, seed: int = 0, size: int = 384) -> list[str]:
+    """The example drawings as the page's canvas sends them: stroke JSON in canvas pixels,
+    scaled and shifted at random (no two alike, so no call hits the query cache)."""
+    from sbir_core.examples import list_examples
+
+    rng = random.Random(seed)
+    ex = list_examples()
+    out = []
+    for i in range(n):
+        e = ex[i % len(ex)]
+        side = size * rng.uniform(0.55, 0.9)
+        dx, dy = rng.uniform(0, size - side), rng.uniform(0, size - side)
+        st = e.scaled_strokes(side, side, margin=0.05)
+        out.append(json.dumps([[[round(x + dx, 1), round(y + dy, 1)] for x, y in s] for s in st]))
+    return out
+
+
 def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
     import torch
 
@@ -77,11 +95,14 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
     cb = app_module.Callbacks(service)
     enc = service.encoder
     canvases = jittered_canvases(n + warmup, seed=1)
+    strokes = jittered_strokes(n + warmup, seed=1)
+    for st in strokes[:warmup]:
+        cb.search_strokes(st, k, None)
     for c in canvases[:warmup]:  # warm caches, allocator, thumbnails of common results
         cb.search_sketch(c, k, None)
         enc.encode_sketches([c["composite"]])
-    t_cb, t_enc, t_fwd, t_cached = [], [], [], []
-    for c in canvases[warmup:]:
+    t_cb, t_enc, t_fwd, t_cached, t_strokes = [], [], [], [], []
+    for c, st in zip(canvases[warmup:], strokes[warmup:]):
         comp = c["composite"]
         t0 = time.perf_counter()
         items, msg, q = cb.search_sketch(c, k, None)
@@ -95,12 +116,16 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
         t4 = time.perf_counter()
         cb.search_sketch({"composite": comp.copy()}, k, None)  # the same drawing again
         t5 = time.perf_counter()
+        items, msg, q = cb.search_strokes(st, k, None)  # what the page sends per stroke
+        t6 = time.perf_counter()
+        assert items, msg
+        t_strokes.append(1000 * (t6 - t5))
         t_cb.append(1000 * (t1 - t0))
         t_enc.append(1000 * (t2 - t1))
         t_fwd.append(1000 * (t4 - t3))
         t_cached.append(1000 * (t5 - t4))
     res = {"callback": summary(t_cb), "encoder_only": summary(t_enc), "forward_only": summary(t_fwd),
-           "cached_callback": summary(t_cached), "torch_threads": torch.get_num_threads(),
+           "cached_callback": summary(t_cached), "stroke_callback": summary(t_strokes), "torch_threads": torch.get_num_threads(),
            "gallery_size": len(service._get_gallery(None))}
     res["app_overhead_p50_ms"] = round(res["callback"]["p50_ms"] - res["encoder_only"]["p50_ms"], 2)
     return res
@@ -166,6 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  forward only    p50 {cb['forward_only']['p50_ms']:7.1f} ms")
     print(f"  app overhead    p50 {cb['app_overhead_p50_ms']:7.1f} ms  (callback - encoder)")
     print(f"  cached repeat   p50 {cb['cached_callback']['p50_ms']:7.1f} ms")
+    print(f"stroke callback   p50 {cb['stroke_callback']['p50_ms']:7.1f} ms  (stroke JSON, as the page sends it)")
     if args.browser_strokes > 0:
         if args.url:
             br = bench_browser(args.url, args.browser_strokes)

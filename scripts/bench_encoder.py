@@ -7,6 +7,11 @@ so the ratio shows what the trained heads (and photo edge fusion) cost.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
+
 import argparse
 import statistics
 import time
@@ -46,7 +51,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the app serves with 1)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     imgs = photos(args.batch)
     rows = []
     for label, ckpt in (("raw backbone (baseline)", "none"), (f"checkpoint {args.checkpoint}", args.checkpoint)):

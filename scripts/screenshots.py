@@ -80,7 +80,9 @@ def browser_page(url: str, width: int = 1400, height: int = 1000):
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
             page.wait_for_selector("#sketch canvas", timeout=60_000)
-            # the editor is ready once the draw tool is active on the white background
+            page.wait_for_selector("#strokes textarea", state="attached", timeout=60_000)
+            page.wait_for_selector("#results", state="attached", timeout=60_000)
+            # the canvas script is ready once it has sized the canvas (it syncs every 300 ms)
             page.wait_for_timeout(1500)
             page.evaluate(PAGE_PROBE)
             yield page
@@ -154,7 +156,7 @@ def settle(page, quiet_ms: int = 800, timeout_ms: int = 60_000) -> None:
 
 
 def clear_canvas(page) -> None:
-    """Undo every stroke by clicking the editor's clear (trash) button, keeping the white background."""
+    """Clear the canvas with its Clear button (the page also clears results and explanation)."""
     btn = page.locator("#sketch button[aria-label*='Clear' i], #sketch button[title*='Clear' i]").first
     btn.click()
     page.wait_for_timeout(500)

@@ -70,8 +70,38 @@ def _canvas(path: str | None) -> dict:
 def test_endpoints_are_named(client):
     info = client.view_api(print_info=False, return_format="dict")
     names = set(info["named_endpoints"])
-    assert {"/search_sketch", "/search_example", "/search_text", "/search_photo", "/explain",
+    assert {"/search_sketch", "/search_strokes", "/search_example", "/search_text", "/search_photo", "/explain",
             "/build_gallery", "/select_gallery"} <= names
+
+
+def _circle_strokes(n: int = 24) -> str:
+    import json
+    import math
+
+    pts = [[192 + 110 * math.cos(2 * math.pi * i / n), 192 + 110 * math.sin(2 * math.pi * i / n)]
+           for i in range(n + 1)]
+    return json.dumps([pts])
+
+
+def test_search_strokes_then_explain(client):
+    """What the page's canvas sends: stroke JSON, no image."""
+    results, status = client.predict(_circle_strokes(), 5, "default", api_name="/search_strokes")
+    assert len(results) == 5, status
+    assert "Best match" in status
+    for r in results:
+        label, score = r["caption"].split(" · ")
+        assert label in {"circle", "square", "triangle", "star"} and 0 < float(score) <= 1
+    corr, synth, heat, msg = client.predict(1, api_name="/explain")  # explained from the strokes
+    assert "Result 2" in msg
+    for p in (corr, synth, heat):
+        with Image.open(p) as im:
+            assert im.width >= 200
+    results, status = client.predict("", 5, "default", api_name="/search_strokes")
+    assert results == [] and status == EMPTY_SKETCH_MESSAGE
+    results, status = client.predict("[]", 5, "default", api_name="/search_strokes")
+    assert results == [] and status == EMPTY_SKETCH_MESSAGE
+    results, status = client.predict("[[[1, \"x\"]]]", 5, "default", api_name="/search_strokes")
+    assert results == [] and "could not be read" in status
 
 
 def test_search_sketch_then_explain(client, tmp_path):

@@ -61,6 +61,9 @@ def page(url):
               if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
         pg.goto(url)
         pg.wait_for_selector("#sketch canvas")
+        # the light canvas can appear before the rest of the page has rendered: wait for it all
+        for sel in ("#strokes textarea", "#results", "#tsne img", "#examples img"):
+            pg.wait_for_selector(sel, state="attached")
         pg.external_requests = external
         yield pg
         browser.close()
@@ -123,3 +126,46 @@ def test_clear_keeps_the_brush_and_examples_load(page):
     page.wait_for_function("(b) => { const t = document.querySelector('#status').innerText;"
                            " return t !== b && t.includes('Best match'); }", arg=before, timeout=TIMEOUT_MS)
     assert page.locator("#results img").count() >= 4
+    # the example's strokes are drawn on the canvas (after the search answer: wait for them)
+    # and kept as strokes, not as an image
+    page.wait_for_function("() => window.sbirSketch.strokes.length >= 2"
+                           " && document.querySelector('#strokes textarea').value.includes('\"strokes\"')",
+                           timeout=TIMEOUT_MS)
+    assert _ink(page) > 0.002
+
+
+def _ink(page) -> float:
+    """The share of dark pixels on the drawing canvas."""
+    return page.evaluate("""() => { const c = document.querySelector('#sketch canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] < 128 && d[i + 3] > 0) n++; return n / (d.length / 4); }""")
+
+
+def test_strokes_are_sent_as_points_and_undo_works(page):
+    """Each stroke goes to the server as a point list in #strokes; Undo removes the last one
+    and searches again; Undo of the only stroke clears."""
+    page.locator("#sketch button[aria-label='Clear canvas']").first.click()
+    page.wait_for_function("() => document.querySelectorAll('#results img').length === 0", timeout=TIMEOUT_MS)
+    assert _ink(page) == 0
+    box = page.locator("#sketch canvas").first.bounding_box()
+    x, y, w = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3, box["height"] * 0.4
+    _stroke(page, [(x, y), (x + w, y), (x + w, y + w)])
+    page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
+    _stroke(page, [(x + w, y + w), (x, y + w), (x, y)])
+    page.wait_for_function("() => JSON.parse(document.querySelector('#strokes textarea').value || '[]').length === 2",
+                           timeout=TIMEOUT_MS)
+    import json
+
+    sent = json.loads(page.evaluate("() => document.querySelector('#strokes textarea').value"))
+    assert [len(s) >= 3 and all(len(p) == 2 for p in s) for s in sent] == [True, True]
+    ink2 = _ink(page)
+    page.locator("#sketch button[aria-label='Undo']").first.click()
+    page.wait_for_function("() => JSON.parse(document.querySelector('#strokes textarea').value || '[]').length === 1",
+                           timeout=TIMEOUT_MS)
+    assert 0 < _ink(page) < ink2
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Best match')",
+                           timeout=TIMEOUT_MS)
+    page.locator("#sketch button[aria-label='Undo']").first.click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
+                           timeout=TIMEOUT_MS)
+    assert _ink(page) == 0 and page.locator("#results img").count() == 0

@@ -32,7 +32,7 @@ app = pytest.importorskip("app", reason="app.py needs gradio")
 
 
 def drawn_canvas(shape: str = "circle", size: int = 384) -> dict:
-    """What the Sketchpad sends after a user drew `shape`: black lines on white."""
+    """A drawn image as an API client (or the old Sketchpad) sends it: black lines on white."""
     img = Image.new("RGB", (size, size), "white")
     d = ImageDraw.Draw(img)
     if shape == "circle":
@@ -93,6 +93,69 @@ def test_search_accepts_arrays_images_paths_and_strokes(app_service, tmp_path):
         out = app_service.search_sketch(value, 3)
         assert out.ok, (type(value), out.message)
         assert len(out.hits) == 3
+
+
+def _strokes_json(shape: str = "circle") -> str:
+    """What the page's canvas sends: the strokes as JSON point lists (canvas pixels)."""
+    import math
+
+    if shape == "circle":
+        st = [[[190 + 100 * math.cos(2 * math.pi * i / 32), 190 + 100 * math.sin(2 * math.pi * i / 32)]
+               for i in range(33)]]
+    else:
+        st = [[[90, 90], [290, 90]], [[290, 90], [290, 290]], [[290, 290], [90, 290]], [[90, 290], [90, 90]]]
+    return json.dumps(st)
+
+
+def test_search_with_stroke_json_matches_the_stroke_list(cb, app_service):
+    items, msg, query = cb.search_strokes(_strokes_json("circle"), 5, "default")
+    assert len(items) == 5 and "Best match" in msg and query.kind == "sketch"
+    # the same as the service on the stroke list itself (two-point strokes stay point lists)
+    pts = [[tuple(p) for p in s] for s in json.loads(_strokes_json("square"))]
+    ref = app_service.search_sketch(pts, 5, "default")
+    items2, msg2, query2 = cb.search_sketch(_strokes_json("square"), 5, "default")
+    assert [h.index for h in query2.hits] == [h.index for h in ref.hits]
+    assert np.allclose(query2.embedding, ref.query.embedding, atol=1e-5)
+    # {"strokes": ...} (an example's form) and QuickDraw [[xs], [ys]] strokes are read too
+    qd = json.dumps({"canvas": [384, 384], "strokes": [[[p[0] for p in s], [p[1] for p in s]] for s in
+                                                       json.loads(_strokes_json("circle"))]})
+    items3, _, query3 = cb.search_sketch(qd, 5, "default")
+    assert [h.index for h in query3.hits] == [h.index for h in query.hits]
+    # a stroke query is explained like any drawing
+    corr, synth, heat, emsg = cb.explain(query, 1)
+    assert corr is not None and synth is not None and heat is not None and emsg.startswith("Result 2")
+
+
+@pytest.mark.parametrize("value", ["", "  ", "[]", "[[]]", '{"strokes": []}', None])
+def test_empty_stroke_json_gives_friendly_message(cb, value):
+    items, msg, query = cb.search_strokes(value, 12, "default")
+    assert items == [] and query is None and msg == EMPTY_SKETCH_MESSAGE
+
+
+@pytest.mark.parametrize("value", ["[[[1, 2, 3]]]", '[[[1, "a"]]]', "[[[NaN, 1]]]", "[1, 2", '{"strokes": 5}',
+                                   json.dumps([[[i, i] for i in range(60_000)]])])
+def test_bad_stroke_json_is_a_message(cb, value):
+    items, msg, query = cb.search_strokes(value, 12, "default")
+    assert items == [] and query is None and "could not be read" in msg
+
+
+def test_example_click_loads_strokes_and_searches(cb):
+    import gradio as gr
+
+    evt = gr.SelectData(None, {"index": 1, "value": None, "selected": True})
+    strokes, items, msg, query = cb.load_example(4, "default", evt)
+    data = json.loads(strokes)
+    assert data["canvas"] == [256, 256] and len(data["strokes"]) >= 1
+    from sbir_core.examples import list_examples
+
+    assert len(data["strokes"]) == len(list_examples()[1].strokes)
+    assert len(items) == 4 and "Best match" in msg and query.kind == "sketch"
+    # the canvas' clear: no strokes, no results, no explanation
+    out = cb.on_clear()
+    assert out[0] == "" and out[1] == [] and "Draw something" in out[2] and out[3] is None
+    # k changed: the last sketch search runs again with the strokes
+    items, msg, _ = cb.rerun(query, strokes, "", None, 2, "default")
+    assert len(items) == 2
 
 
 def test_same_drawing_is_answered_from_cache(app_service):

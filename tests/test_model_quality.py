@@ -66,3 +66,15 @@ def test_eval_wrong_split_is_a_clear_error(capsys):
     rc = main(["eval", "--data", str(SHARED), "--split", "sketchy", "--checkpoint", "none"])
     assert rc == 2
     assert "unknown split 'sketchy'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
+def test_text_queries_land_near_their_class_in_the_shipped_model():
+    enc = create_encoder(checkpoint="default")
+    t = torch.nn.functional.normalize(enc.encode_text(["a bicycle", "a cat"]), dim=-1)
+    assert t.shape == (2, enc.embed_dim)
+    bike = [[[20, 60, 100, 60, 20], [120, 80, 120, 160, 120]], [[140, 180, 220, 180, 140], [120, 80, 120, 160, 120]],
+            [[60, 100, 180], [120, 60, 120]], [[100, 90], [60, 40]]]
+    s = torch.nn.functional.normalize(enc.encode_sketches([bike]).embedding, dim=-1)
+    sims = (s @ t.T)[0]
+    assert sims[0] > sims[1]  # the bicycle drawing is closer to "a bicycle" than to "a cat"
