@@ -230,6 +230,7 @@ class Gallery:
             # A gallery shipped in a repository or moved with its images: the relative
             # location survives a clone to another path, the absolute one does not.
             src = str((self.root / rel).resolve())
+        self._source_dir = src
         # os.path.join keeps absolute item paths as they are (in-memory galleries).
         self.paths: list[str] = [os.path.join(src, *it["path"].split("/")) if src else it["path"] for it in items]
         self.labels: list[str] = [it.get("label", "") for it in items]
@@ -369,7 +370,8 @@ class Gallery:
 
     @property
     def source_dir(self) -> str:
-        return self.meta.get("source_dir", "")
+        """Where the images are now (may differ from where they were when indexed)."""
+        return self._source_dir
 
     @property
     def items(self) -> list[dict[str, Any]]:

@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--sections", default="main,generalized,directions,ablation")
     ap.add_argument("--checkpoint", default="default", help="the shipped model to report")
-    ap.add_argument("--out", default="docs/bench_models.md")
+    ap.add_argument("--out", default="runs/bench_models.md")
     ap.add_argument("--json", default="runs/bench_models.json")
     args = ap.parse_args()
     data = Path(args.data)
@@ -93,7 +93,7 @@ def main() -> None:
         for split in ("pacs", "doodle"):
             rows = [(name, split_report(enc, data, split)) for name, enc in models.items()]
             js[f"main/{split}"] = dict(rows)
-            md.append(table(rows, f"Zero-shot sketch->photo, `{split}` split"))
+            md.append(table(rows, f"Zero-shot sketch->photo, `{split}` split (embedding similarity only, no gallery diffusion)"))
 
     if "generalized" in sections:
         # Gallery = unseen-class photos + photos of the seen (training) Caltech classes.
@@ -101,7 +101,7 @@ def main() -> None:
         for split in ("pacs", "doodle"):
             rows = [(name, split_report(enc, data, split, extra_gallery=seen)) for name, enc in models.items()]
             js[f"generalized/{split}"] = dict(rows)
-            md.append(table(rows, f"Generalized ZS-SBIR, `{split}` queries, gallery + {len(seen)} seen-class photos"))
+            md.append(table(rows, f"Generalized ZS-SBIR, `{split}` queries, gallery + {len(seen)} seen-class photos (no diffusion)"))
 
     if "directions" in sections:
         q_items, g_items = benchmark(data, "pacs")
@@ -119,7 +119,7 @@ def main() -> None:
                 ("photo->photo", report(p, p, pl, pl, exclude_self=True)),
             ]
             js[f"directions/{name}"] = dict(rows)
-            md.append(table(rows, f"Retrieval directions on `pacs`, {name}"))
+            md.append(table(rows, f"Retrieval directions on `pacs`, {name} (no diffusion)"))
 
     if "ablation" in sections:
         base = TrainConfig.from_recipe("default")

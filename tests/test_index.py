@@ -277,8 +277,9 @@ def test_stale_encoder(built, tmp_path, raw_encoder, caplog) -> None:
         I.check_encoder(g, other, checkpoint="/models/new.safetensors")
     msg = str(err.value)
     assert "efficientnet-lite0@none" in msg and "efficientnet-lite0@0123456789ab" in msg
-    # The rebuild command names the folder the gallery was built from and where it lives.
-    assert f"python -m sbir_core index {built[0].resolve()} --out {out.resolve()}" in msg
+    # The rebuild command names where the images are now (the gallery moved with them)
+    # and where the gallery lives.
+    assert f"python -m sbir_core index {src.resolve()} --out {out.resolve()}" in msg
     assert "--checkpoint /models/new.safetensors" in msg and "\n" not in msg
 
     # Building with another encoder re-encodes everything (fewer files to keep it quick).
