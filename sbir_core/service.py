@@ -487,19 +487,26 @@ class RetrievalService:
         # A gallery whose sources live inside its own folder is rebuilt into the cache
         # (a rebuild swaps the whole gallery folder, which must never take the images along).
         cached = self._rebuilt_dir(name)
-        if (cached / GALLERY_FILE).is_file():
-            try:
-                g = Gallery.load(cached)
-                check_encoder(g, self.encoder)
-                return self._wrap(name, cached, g, notice="(re-indexed for the current model)")
-            except GalleryError:
-                pass
+
+        def cached_copy() -> Optional[LoadedGallery]:
+            """An earlier re-index in the cache, if it fits the current model."""
+            if (cached / GALLERY_FILE).is_file():
+                try:
+                    g = Gallery.load(cached)
+                    check_encoder(g, self.encoder)
+                    return self._wrap(name, cached, g, notice="(re-indexed for the current model)")
+                except GalleryError:
+                    pass
+            return None
+
         if not (d / GALLERY_FILE).is_file():
             nested = sorted(p.parent for p in d.glob(f"*/{GALLERY_FILE}") if not p.parent.name.startswith("."))
             if len(nested) == 1:  # e.g. galleries/default/index/ next to galleries/default/images/
                 d = nested[0]
         if not (d / GALLERY_FILE).is_file():
             images = d / "images"
+            if (lg := cached_copy()) is not None:
+                return lg
             if images.is_dir() and self.auto_rebuild:
                 # Images shipped without an index: index them once into the cache.
                 return self._rebuild(name, images, cached, "photo", progress,
@@ -514,6 +521,8 @@ class RetrievalService:
         try:
             check_encoder(g, self.encoder)
         except StaleGalleryError as exc:
+            if (lg := cached_copy()) is not None:
+                return lg
             src = self._source_dir(d, g)
             if src is None or not self.auto_rebuild:
                 raise ServiceError(
@@ -863,12 +872,12 @@ class RetrievalService:
             if lg.emap is not None:
                 return lg.emap
             m = None
-            for d in (lg.directory, self._map_cache_dir(lg)):
+            for d in (lg.gallery.root or lg.directory, lg.directory, self._map_cache_dir(lg)):
                 if EmbeddingMap.exists(d):
                     try:
                         cand = EmbeddingMap.load(d)
                         if len(cand) == len(lg) and cand.dim == lg.gallery.embeddings.shape[1] and np.allclose(
-                                cand.reference[: min(5, len(cand))], lg.gallery.embeddings[: min(5, len(cand))],
+                                cand.reference[: min(5, len(cand))], lg.gallery.raw_embeddings[: min(5, len(cand))],
                                 atol=1e-4):
                             m = cand
                             break
@@ -876,7 +885,7 @@ class RetrievalService:
                         log.warning("ignoring the map in %s: %s", d, exc)
             if m is None:
                 log.info("fitting the t-SNE map of gallery %s (%d points)", lg.name, len(lg))
-                m = fit_map(lg.gallery.embeddings, lg.labels if any(lg.labels) else None)
+                m = fit_map(lg.gallery.raw_embeddings, lg.labels if any(lg.labels) else None)
                 try:
                     m.save(self._map_cache_dir(lg))
                 except OSError as exc:
@@ -889,7 +898,7 @@ class RetrievalService:
         try:
             from sbir_core.embedding_map import fit_map
 
-            fit_map(g.embeddings, g.labels if any(g.labels) else None).save(d)
+            fit_map(g.raw_embeddings, g.labels if any(g.labels) else None).save(d)
         except Exception as exc:  # the map is optional: the app fits one lazily
             log.warning("no t-SNE map saved for %s: %s", d, exc)
 
