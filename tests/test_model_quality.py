@@ -78,3 +78,22 @@ def test_text_queries_land_near_their_class_in_the_shipped_model():
     s = torch.nn.functional.normalize(enc.encode_sketches([bike]).embedding, dim=-1)
     sims = (s @ t.T)[0]
     assert sims[0] > sims[1]  # the bicycle drawing is closer to "a bicycle" than to "a cat"
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
+def test_shipped_gallery_matches_shipped_checkpoint_and_finds_a_bicycle(capsys):
+    """The committed default index must be built with the committed checkpoint (else the
+    app would re-index on every fresh clone), and a drawn bicycle must find bicycles."""
+    root = Path(__file__).resolve().parents[1]
+    strokes = json.loads((root / "sbir_core" / "examples" / "bicycle.json").read_text())
+    strokes = strokes["strokes"] if isinstance(strokes, dict) else strokes
+    from sbir_core.preprocess import render_strokes
+
+    sketch = root / "cache" / "test_bicycle.png"  # cache/ is git-ignored scratch space
+    sketch.parent.mkdir(exist_ok=True)
+    render_strokes(strokes).save(sketch)
+    rc = main(["search", "--gallery", str(root / "galleries" / "default" / "index"), "--sketch", str(sketch),
+               "--k", "3", "--json"])
+    assert rc == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and hits[0]["label"] == "bicycle"
