@@ -1,6 +1,10 @@
 """Shared test fixtures. Tests run on a busy 2-core CPU: one torch thread, one encoder."""
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+
 import pytest
 import torch
 
@@ -71,3 +75,25 @@ def app_service(app_galleries, raw_encoder, tmp_path_factory):
 
     return RetrievalService(app_galleries, gallery="default", encoder=raw_encoder, relation=None,
                             cache_dir=tmp_path_factory.mktemp("app_cache"))
+
+
+@contextlib.contextmanager
+def running_app(galleries, encoder, base, warm_up: bool = False):
+    """Serve app.py over a copy of `galleries` on a free loopback port; yields (url, service)."""
+    import app
+    from sbir_core.service import RetrievalService
+
+    root = base / "galleries"
+    shutil.copytree(galleries, root)
+    service = RetrievalService(root, encoder=encoder, relation=None, cache_dir=base / "cache")
+    if warm_up:
+        service.warm_up()
+    demo = app.build_demo(service)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", service
+    finally:
+        demo.close()

@@ -6,8 +6,6 @@ generated gallery from tests/conftest.py.
 """
 from __future__ import annotations
 
-import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -22,28 +20,15 @@ gradio_client = pytest.importorskip("gradio_client")
 app = pytest.importorskip("app", reason="app.py needs gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from sbir_core.service import EMPTY_SKETCH_MESSAGE, RetrievalService  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import running_app  # noqa: E402
+from sbir_core.service import EMPTY_SKETCH_MESSAGE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(app_galleries, raw_encoder, tmp_path_factory):
     base = tmp_path_factory.mktemp("api")
-    root = base / "galleries"
-    shutil.copytree(app_galleries, root)
-    service = RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=base / "cache")
-    demo = app.build_demo(service)
-    port = _free_port()
-    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/", service, base
-    finally:
-        demo.close()
+    with running_app(app_galleries, raw_encoder, base) as (url, service):
+        yield url, service, base
 
 
 @pytest.fixture(scope="module")

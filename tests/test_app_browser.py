@@ -5,8 +5,6 @@ see the explanation. Skipped when Debian's chromium is not installed
 from __future__ import annotations
 
 import math
-import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -25,29 +23,16 @@ if not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 app = pytest.importorskip("app", reason="app.py needs gradio")
 
-from sbir_core.service import RetrievalService  # noqa: E402
+from conftest import running_app  # noqa: E402
 
 TIMEOUT_MS = 120_000  # the CPU is shared and slow; the page is still expected to get there
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def url(app_galleries, raw_encoder, tmp_path_factory):
     base = tmp_path_factory.mktemp("browser")
-    root = base / "galleries"
-    shutil.copytree(app_galleries, root)
-    service = RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=base / "cache")
-    service.warm_up()
-    demo = app.build_demo(service)
-    port = _free_port()
-    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with running_app(app_galleries, raw_encoder, base, warm_up=True) as (address, _service):
+        yield address
 
 
 @pytest.fixture(scope="module")
