@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -27,10 +28,15 @@ from PIL import Image  # noqa: E402
 from sbir_core.examples import list_examples  # noqa: E402
 from sbir_core.service import (  # noqa: E402
     DEFAULT_K,
+    MAX_CANVAS_PIXELS,
     MAX_K,
     MAX_UPLOAD_BYTES,
     Query,
     RetrievalService,
+    ServiceError,
+    clamp_k,
+    display_name,
+    open_upload,
 )
 
 log = logging.getLogger("sbir_app")
@@ -41,6 +47,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # 2 CPU cores: two searches at a time, the rest wait in the queue
 MAX_STROKE_POINTS = 50_000  # a stroke query larger than this is refused (a drawing has a few hundred)
+MAX_STROKES = 2_000
+MAX_STROKE_JSON_CHARS = 40 * MAX_STROKE_POINTS
+MAX_JSON_DEPTH = 4  # {"strokes": [stroke [point [x, y]]]}
 
 TITLE = "Sketch Search"
 INSTRUCTIONS = ("**Draw an object** on the white canvas: matching pictures appear after every stroke. "
@@ -280,19 +289,77 @@ def parse_strokes(value: Any) -> Optional[list]:
     return out
 
 
+def _json_depth(s: str) -> int:
+    """Deepest bracket nesting of a JSON text, counted without parsing it (a deeply
+    nested payload must be refused before json.loads recurses into it)."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in s:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
 def sketch_input(value: Any) -> Any:
-    """What the page or an API client sends for a drawing -> what the service takes:
-    stroke JSON (a string starting with "[" or "{", "" for nothing) is parsed into a stroke
-    list; canvas dicts, images, arrays, paths and stroke lists pass through."""
-    if isinstance(value, str):
-        s = value.strip()
-        if not s:
-            return None
-        if s[0] in "[{":
-            if len(s) > 40 * MAX_STROKE_POINTS:  # refuse before parsing
-                raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
-            return parse_strokes(s)
-    return value
+    """What the page's canvas or an API client sends to /search_strokes -> a stroke list.
+
+    Only stroke JSON is accepted ("" for nothing drawn); any other text is refused, so no
+    string is ever read as a file name. Size and nesting are checked before parsing."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise StrokeError("strokes must be sent as JSON text")
+    s = value.strip()
+    if not s:
+        return None
+    if s[0] not in "[{":
+        raise StrokeError("strokes must be JSON: [[[x, y], ...], ...]")
+    if len(s) > MAX_STROKE_JSON_CHARS:
+        raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
+    if _json_depth(s) > MAX_JSON_DEPTH:
+        raise StrokeError("the stroke JSON is nested too deeply")
+    strokes = parse_strokes(s)
+    if strokes is not None and len(strokes) > MAX_STROKES:
+        raise StrokeError(f"too many strokes (more than {MAX_STROKES})")
+    return strokes
+
+
+def _upload_path(value: Any) -> Optional[str]:
+    """The server path of an upload as Gradio hands it over (a FileData dict), or None."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    return value if isinstance(value, str) and value else None
+
+
+def editor_input(value: Any) -> Any:
+    """An image-editor value from an API client ({"background", "layers", "composite"} of
+    uploads) -> a PIL image, decoded here with the canvas size limit."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ServiceError("Send the drawing as an image upload or as strokes.")
+    comp = _upload_path(value.get("composite"))
+    paths = [comp] if comp else [p for p in [_upload_path(value.get("background")),
+                                             *(_upload_path(v) for v in (value.get("layers") or []))] if p]
+    if not paths:
+        return None
+    imgs = [open_upload(p, MAX_UPLOAD_BYTES, MAX_CANVAS_PIXELS, what="The drawing").convert("RGBA") for p in paths]
+    base = Image.new("RGBA", imgs[0].size, (255, 255, 255, 0))
+    for im in imgs:
+        base.alpha_composite(im if im.size == base.size else im.resize(base.size))
+    return base
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -303,25 +370,40 @@ class Callbacks:
         self.service = service
 
     # ---- searching
-    def search_sketch(self, canvas: Any, k: float = DEFAULT_K, gallery: Optional[str] = None):
-        """A drawing: the canvas' stroke JSON, or an image (canvas dict, array, path) from an API client."""
+    def _sketch(self, value: Any, k: Any, gallery: Optional[str]):
+        out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery))
+        return out.gallery_items(), out.message, out.query
+
+    def search_sketch(self, canvas: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_sketch: a drawn image from an API client (an image-editor value of uploads)."""
         try:
-            value = sketch_input(canvas)
+            value = editor_input(canvas)
+        except ServiceError as exc:
+            return [], str(exc), None
+        return self._sketch(value, k, gallery)
+
+    def search_strokes(self, strokes: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_strokes, the page's per-stroke search: stroke JSON from the canvas."""
+        try:
+            value = sketch_input(strokes)
         except (ValueError, TypeError) as exc:  # StrokeError, bad JSON
-            return [], f"The drawing could not be read ({exc}).", None
-        out = self.service.search_sketch(value, int(k), gallery=gallery or None)
+            return [], f"The drawing could not be read: {exc}.", None
+        return self._sketch(value, k, gallery)
+
+    def search_text(self, text: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        out = self.service.search_text(text if isinstance(text, str) else "", clamp_k(k), gallery=_gallery(gallery))
         return out.gallery_items(), out.message, out.query
 
-    def search_strokes(self, strokes: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
-        """The page's per-stroke search: stroke JSON from the canvas."""
-        return self.search_sketch(strokes if strokes is not None else "", k, gallery)
-
-    def search_text(self, text: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
-        out = self.service.search_text(text, int(k), gallery=gallery or None)
-        return out.gallery_items(), out.message, out.query
-
-    def search_photo(self, photo: Any, k: float = DEFAULT_K, gallery: Optional[str] = None):
-        out = self.service.search_photo(photo, int(k), gallery=gallery or None)
+    def search_photo(self, photo: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_photo: an uploaded photo (Gradio's FileData, decoded here with limits)."""
+        path = _upload_path(photo)
+        if path is None:
+            return [], "Upload a photo first.", None
+        try:
+            image = open_upload(path, self.service.max_upload_bytes, self.service.max_upload_pixels, what="That file")
+        except ServiceError as exc:
+            return [], str(exc), None
+        out = self.service.search_photo(image, clamp_k(k), gallery=_gallery(gallery))
         return out.gallery_items(), out.message, out.query
 
     def rerun(self, query: Optional[Query], strokes: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
@@ -331,26 +413,29 @@ class Callbacks:
             return self.search_text(text, k, gallery)
         if kind == "photo":
             return self.search_photo(photo, k, gallery)
-        return self.search_sketch(strokes, k, gallery)
+        return self.search_strokes(strokes, k, gallery)
 
     def load_example(self, k: float, gallery: Optional[str], evt: gr.SelectData):
         """A click on an example: its strokes for the canvas (the page draws them) and a
         search with them."""
         strokes = example_strokes(int(evt.index))
-        items, msg, query = self.search_sketch(strokes, k, gallery)
+        items, msg, query = self.search_strokes(strokes, k, gallery)
         return strokes, items, msg, query
 
     def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
         """API: search with one of the built-in example drawings by name."""
-        try:
-            _, img = example_canvas(name)
-        except StopIteration:
-            return [], f"No example named “{name}”.", None
-        return self.search_sketch(img, k, gallery)
+        names = [e.name for e in list_examples()]
+        if name not in names:
+            return [], f"No example named “{str(name)[:40]}”; examples: {', '.join(names)}.", None
+        return self.search_strokes(example_strokes(name), k, gallery)
 
     # ---- explanations and the map
-    def explain(self, query: Optional[Query], rank: float = 0):
-        ex = self.service.explain(query, int(rank or 0))
+    def explain(self, query: Optional[Query], rank: Any = 0):
+        try:
+            rank = int(float(rank or 0))
+        except (TypeError, ValueError, OverflowError):
+            rank = -1
+        ex = self.service.explain(query, rank)
         return ex.correspondences, ex.synthesis, ex.heatmap, ex.message
 
     def on_select(self, query: Optional[Query], evt: gr.SelectData):
@@ -378,39 +463,60 @@ class Callbacks:
         results, no explanation."""
         return ("", [], "Draw something on the canvas to start.", None) + self.clear_explanation()
 
-    # ---- galleries
-    def choose_gallery(self, name: str, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+    # ---- galleries (each visitor's choice lives in their page session, never in the process)
+    def choose_gallery(self, name: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)):
         try:
-            msg = self.service.select_gallery(name, progress=lambda f, d: progress(f, desc=d))
-        except Exception as exc:  # ServiceError and anything unexpected: a message, not a crash
-            return f"⚠️ {exc}", [], None, self.tsne(None)
+            msg = self.service.select_gallery(_gallery(name) or self.service.default_gallery,
+                                              progress=lambda f, d: progress(f, desc=d))
+        except ServiceError as exc:
+            return f"⚠️ {exc}", [], None, None
+        except Exception:  # anything unexpected: a message, not a crash
+            log.exception("selecting gallery %s failed", name)
+            return "⚠️ That gallery could not be opened.", [], None, None
         return msg, [], None, self.tsne(None, name)
 
-    def build_gallery(self, files: Any, name: str, sketches: bool,
-                      progress: gr.Progress = gr.Progress(track_tqdm=True)):
+    def build_gallery(self, files: Any, name: Any, sketches: bool, owner: Optional[str],
+                      mine: Optional[list], progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        """Build a gallery from this visitor's uploads. Only this visitor's page lists it;
+        the upload box is emptied so the next build starts from new files."""
+        owner = owner or secrets.token_hex(16)
+        mine = list(mine or [])
         out = self.service.build_gallery_from_uploads(
-            files, name, progress=lambda f, d: progress(f, desc=d), modality="sketch" if sketches else "photo")
-        names = self.service.list_galleries()
-        value = out.name if out.ok else None
-        dd = gr.update(choices=names, value=value) if value else gr.update(choices=names)
-        return out.message if out.ok else f"⚠️ {out.message}", dd
+            files, name if isinstance(name, str) else "", owner, progress=lambda f, d: progress(f, desc=d),
+            modality="sketch" if sketches else "photo")
+        if out.ok and out.name not in [v for _, v in mine]:
+            mine.append((display_name(out.name), out.name))
+        choices = self.gallery_choices(mine)
+        dd = gr.update(choices=choices, value=out.name) if out.ok else gr.update(choices=choices)
+        msg = out.message if out.ok else f"⚠️ {out.message}"
+        return msg, dd, None, owner, mine
 
-    def refresh_galleries(self, current: Optional[str]):
-        names = self.service.list_galleries()
-        value = current if current in names else (self.service.current if self.service.current in names else
-                                                  (names[0] if names else None))
-        return gr.update(choices=names, value=value)
+    def gallery_choices(self, mine: Optional[list] = None) -> list:
+        return [(display_name(n), n) for n in self.service.list_galleries()] + [tuple(m) for m in (mine or [])]
+
+    def refresh_galleries(self, current: Optional[str], mine: Optional[list]):
+        choices = self.gallery_choices(mine)
+        values = [v for _, v in choices]
+        value = current if current in values else (self.service.default_gallery if self.service.default_gallery
+                                                   in values else (values[0] if values else None))
+        return gr.update(choices=choices, value=value)
+
+
+def _gallery(name: Any) -> Optional[str]:
+    return name if isinstance(name, str) and name else None
 
 
 # ----------------------------------------------------------------------------- the page
 def build_demo(service: RetrievalService) -> gr.Blocks:
     cb = Callbacks(service)
-    galleries = service.list_galleries()
+    galleries = cb.gallery_choices()
     notices = "\n\n".join(service.notices)
     examples = list_examples()
 
     with gr.Blocks(title="Sketch Search", analytics_enabled=False) as demo:
-        query_state = gr.State(None)
+        query_state = gr.State(None)  # this visitor's last query (and its results)
+        owner_state = gr.State(None)  # this visitor's secret token: names their uploaded galleries
+        mine_state = gr.State([])  # this visitor's uploaded galleries, [(label, id)]
         gr.Markdown(f"# {TITLE}\n{INSTRUCTIONS}", elem_id="title")
         gr.Markdown(notices, elem_id="notice", visible=bool(notices))
 
@@ -447,7 +553,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
             # ---- right: the results
             with gr.Column(scale=6, min_width=360):
                 with gr.Row():
-                    gallery_dd = gr.Dropdown(choices=galleries, value=service.current, label="Gallery",
+                    gallery_dd = gr.Dropdown(choices=galleries, value=service.default_gallery, label="Gallery",
                                              elem_id="gallery-select", scale=3)
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="Results (k)", elem_id="k", scale=2)
                 status = gr.Markdown("Draw something on the canvas to start.", elem_id="status")
@@ -505,8 +611,10 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         then_map(strokes.input(cb.search_strokes, [strokes, k, gallery_dd], search_outputs,
                                trigger_mode="always_last", api_name="search_strokes",
                                **dict(fast, show_progress="hidden")))
+        # Uploaded images are decoded by the callbacks (with size limits and plain messages),
+        # not by Gradio's preprocessing: preprocess=False hands over the upload's FileData.
         then_map(sketch_api_btn.click(cb.search_sketch, [sketch_api, k, gallery_dd], search_outputs,
-                                      api_name="search_sketch", **fast))
+                                      api_name="search_sketch", preprocess=False, **fast))
         then_map(search_btn.click(cb.search_strokes, [strokes, k, gallery_dd], search_outputs,
                                   api_visibility="private", **fast))
         ex_ev = example_gallery.select(cb.load_example, [k, gallery_dd], [strokes, *search_outputs],
@@ -520,9 +628,9 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         then_map(text_btn.click(cb.search_text, [text, k, gallery_dd], search_outputs,
                                 api_visibility="private", **fast))
         then_map(photo_btn.click(cb.search_photo, [photo, k, gallery_dd], search_outputs, api_name="search_photo",
-                                 **fast))
+                                 preprocess=False, **fast))
         then_map(photo.upload(cb.search_photo, [photo, k, gallery_dd], search_outputs, api_visibility="private",
-                              **fast))
+                              preprocess=False, **fast))
         then_map(k.release(cb.rerun, [query_state, strokes, text, photo, k, gallery_dd], search_outputs,
                            api_visibility="private", **fast))
 
@@ -536,10 +644,11 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
             cb.clear_explanation, None, expl_outputs, api_visibility="private")
-        build_btn.click(cb.build_gallery, [files, new_name, is_sketch], [build_msg, gallery_dd],
+        build_btn.click(cb.build_gallery, [files, new_name, is_sketch, owner_state, mine_state],
+                        [build_msg, gallery_dd, files, owner_state, mine_state],
                         api_name="build_gallery", concurrency_id="build", concurrency_limit=1).then(
             cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne], api_visibility="private")
-        demo.load(cb.refresh_galleries, [gallery_dd], [gallery_dd], api_visibility="private")
+        demo.load(cb.refresh_galleries, [gallery_dd, mine_state], [gallery_dd], api_visibility="private")
 
     demo.callbacks = cb  # for tests and scripts
     return demo
@@ -555,9 +664,11 @@ def launch(demo: gr.Blocks, service: RetrievalService, host: Optional[str] = Non
         server_name=host,
         server_port=port,
         prevent_thread_lock=prevent_thread_lock,
-        allowed_paths=[str(service.root), str(service.cache_dir)],
+        # Only thumbnails are served from disk (gallery images, gallery.json and the
+        # repository are not); every other picture is sent as data.
+        allowed_paths=[str(service.thumbs_dir)],
         max_file_size=MAX_UPLOAD_BYTES,
-        show_error=True,
+        show_error=False,  # the callbacks turn every failure into a plain sentence
         quiet=quiet,
         theme=_theme(),
         css=CSS,
@@ -605,7 +716,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(out.message.replace("**", ""), file=sys.stderr)
         if not out.ok:
             return 2
-    if service.current and not args.no_warmup:
+    if service.default_gallery and not args.no_warmup:
         try:
             service.warm_up()
         except Exception as exc:  # warm-up is an optimisation only

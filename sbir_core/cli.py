@@ -15,6 +15,7 @@ CLI_MODULES = (
     "sbir_core.index",      # index, search
     "sbir_core.evaluate",   # eval
     "sbir_core.train",      # train
+    "sbir_core.finetune",   # finetune
     "sbir_core.relation",   # train-relation
     "sbir_core.explain",    # explain, tsne
     "sbir_core.download",   # gallery download

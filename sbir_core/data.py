@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS_FILE = "splits.json"
+# The last HELDOUT_DOODLES doodles (of the 25 per class in the shared data) of every
+# QuickDraw class are never trained on: the product benchmark searches galleries with
+# them, so even classes the model trained on are measured on unseen drawings.
+HELDOUT_DOODLES = 5
 
 
 @dataclass
@@ -74,7 +78,9 @@ def image_folder(root: Union[str, Path], modality: str = "photo", source: str = 
 
 
 def read_ndjson(path: Union[str, Path]) -> list[Item]:
-    """One QuickDraw `.ndjson` file -> sketch items with strokes (class = `word`)."""
+    """One QuickDraw `.ndjson` file -> sketch items with strokes (class = `word`).
+
+    An item's `key` ends in `#<line index>` so hold-outs by position are checkable."""
     path = Path(path)
     items = []
     with open(path, encoding="utf-8") as f:
@@ -88,7 +94,7 @@ def read_ndjson(path: Union[str, Path]) -> list[Item]:
             except (json.JSONDecodeError, KeyError) as exc:
                 log.warning("skipping line %d of %s: %s", n + 1, path, exc)
                 continue
-            key = f"{path}#{rec.get('key_id', n)}"
+            key = f"{path}#{n}"
             items.append(Item(label=word, modality="sketch", strokes=drawing, source="quickdraw", key=key))
     return items
 
@@ -176,10 +182,31 @@ def excluded_names(splits: dict, exclude: Sequence[str]) -> dict[str, set[str]]:
     return out
 
 
+def split_doodles(items: Sequence[Item], n_heldout: int = HELDOUT_DOODLES) -> tuple[list[Item], list[Item]]:
+    """(trainable, held out): the last `n_heldout` doodles of each class are held out.
+    Classes with no more than `n_heldout` doodles (tiny test sets) are all trainable."""
+    by: dict[str, list[Item]] = {}
+    for it in items:
+        by.setdefault(it.label, []).append(it)
+    train, held = [], []
+    for label in sorted(by):
+        group = by[label]
+        cut = len(group) - n_heldout if len(group) > n_heldout else len(group)
+        train.extend(group[:cut])
+        held.extend(group[cut:])
+    return train, held
+
+
+def heldout_doodles(data_root: Union[str, Path], classes: Optional[Iterable[str]] = None) -> list[Item]:
+    """Doodles no training run may use (the product benchmark's queries)."""
+    return split_doodles(quickdraw_folder(Path(data_root) / "quickdraw", classes=classes))[1]
+
+
 def training_items(
     data_root: Union[str, Path],
     exclude: Sequence[str] = ("pacs", "doodle"),
     max_photos_per_class: Optional[int] = None,
+    hold_out_doodles: bool = True,
 ) -> list[Item]:
     """Caltech photos and QuickDraw doodles of every class not reserved by `exclude`.
 
@@ -203,10 +230,21 @@ def training_items(
     for p in sorted((data_root / "quickdraw").glob("*.ndjson")):
         if p.stem in ex["quickdraw"]:
             continue
-        items.extend(read_ndjson(p))
+        doodles = read_ndjson(p)
+        items.extend(split_doodles(doodles)[0] if hold_out_doodles else doodles)
     items = [it for it in items if it.label.lower() not in ex["text"]]
     assert_no_excluded(items, data_root, exclude)
+    if hold_out_doodles:
+        assert_no_heldout(items, data_root)
     return items
+
+
+def assert_no_heldout(items: Iterable[Item], data_root: Union[str, Path]) -> None:
+    """Raise ExcludedClassError if a held-out doodle reached training data."""
+    held = {it.key for it in heldout_doodles(data_root)}
+    leaked = [it.key for it in items if it.key in held]
+    if leaked:
+        raise ExcludedClassError(f"{len(leaked)} held-out doodles reached training data, e.g. {leaked[0]}")
 
 
 def _cap_per_class(items: list[Item], n: int) -> list[Item]:

@@ -439,4 +439,9 @@ def create_encoder(
         name = meta["encoder"]
         ckpt_id = file_digest(path)
     backbone = create_backbone(name or DEFAULT_ENCODER)
+    trained = meta.pop("backbone_state", None)
+    if trained is not None:  # fine-tuned backbone (encoder v2): its weights and input size
+        backbone.net.load_state_dict(trained, strict=True)
+        backbone.image_size = int(meta.get("image_size", backbone.image_size))
+        backbone.weights_id = ckpt_id  # feature caches must not mix these with ImageNet features
     return SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)

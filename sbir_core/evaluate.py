@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sbir_core.data import Item, benchmark, folder_items
+from sbir_core.data import Item, benchmark, folder_items, training_items
 from sbir_core.encoders import SBIREncoder, create_encoder
 from sbir_core.features import extract_features
 from sbir_core.index import Gallery
@@ -73,22 +73,31 @@ def evaluate(
 
 
 def evaluate_split(encoder: SBIREncoder, data_root: Union[str, Path], split: str,
-                   cache_dir: Union[str, Path, None] = None, diffusion: bool = True) -> dict:
+                   cache_dir: Union[str, Path, None] = None, diffusion: bool = True,
+                   generalized: bool = False) -> dict:
+    """A benchmark split. `generalized` adds every Caltech photo of the training classes
+    to the gallery (as distractors): real galleries mix seen and unseen classes."""
     queries, gallery = benchmark(data_root, split)
-    return {"split": split, **evaluate(encoder, queries, gallery, cache_dir, diffusion)}
+    if generalized:
+        gallery = gallery + [i for i in training_items(data_root, hold_out_doodles=False) if i.modality == "photo"]
+    report = evaluate(encoder, queries, gallery, cache_dir, diffusion)
+    return {"split": split, "generalized": generalized, **report}
 
 
 SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
+FIRST_ROW_KEYS = ("hit@1", "hit@5", "P@5", "P@10")
 
 
 def format_report(r: dict) -> str:
     lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
              f"gallery diffusion k={r.get('diffusion_k', 0)}"]
     lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
+    lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
     lines.append("")
-    lines.append(f"{'class':<24}{'queries':>8}{'mAP@all':>10}{'P@100':>8}")
+    lines.append(f"{'class':<24}{'queries':>8}{'mAP@all':>10}{'P@100':>8}{'hit@5':>8}{'P@5':>8}")
     for label, c in sorted(r["per_class"].items(), key=lambda kv: str(kv[0])):
-        lines.append(f"{str(label):<24}{c['n_queries']:>8}{c['mAP@all']:>10.4f}{c['P@100']:>8.4f}")
+        lines.append(f"{str(label):<24}{c['n_queries']:>8}{c['mAP@all']:>10.4f}{c['P@100']:>8.4f}"
+                     f"{c['hit@5']:>8.4f}{c['P@5']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -100,7 +109,8 @@ def _run(args) -> int:
     if args.split:
         if not args.data:
             raise CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
-        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion)
+        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion,
+                                generalized=args.generalized)
     elif args.queries and args.gallery:
         queries = folder_items(args.queries, modality="sketch")
         gallery = folder_items(args.gallery, modality="photo")
@@ -114,7 +124,7 @@ def _run(args) -> int:
     else:
         raise CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
     if args.json:
-        print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, "n_queries", "n_gallery")}
+        print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, *FIRST_ROW_KEYS, "n_queries", "n_gallery")}
                          | {k: report[k] for k in ("per_class", "encoder", "diffusion_k")}))
     else:
         print(format_report(report))
@@ -122,7 +132,7 @@ def _run(args) -> int:
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("eval", help="mAP@all, P@100, mAP@200, P@200 on a split or on folders")
+    p = sub.add_parser("eval", help="mAP@all, P@100/200, hit@1/5, P@5/10 on a split or on folders")
     p.add_argument("--data", help="shared data folder holding splits.json")
     p.add_argument("--split", help="benchmark split name, e.g. pacs or doodle")
     p.add_argument("--queries", help="folder of class subfolders (images) or of .ndjson files")
@@ -132,5 +142,7 @@ def register_cli(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default ./cache or $SBIR_CACHE)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
+    p.add_argument("--generalized", action="store_true",
+                   help="add every Caltech photo of the training classes to a split's gallery")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)

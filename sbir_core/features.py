@@ -90,9 +90,15 @@ def extract_features(
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; known: {sorted(VIEWS)}")
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
-    path = cache_path(cache_dir, encoder.backbone.name, view, items, seed, tokens)
+    # Fine-tuned backbones (and other input sizes) give other features: key on both.
+    bb_key = encoder.backbone.name
+    if getattr(encoder.backbone, "weights_id", ""):
+        bb_key += f"@{encoder.backbone.weights_id}"
+    if encoder.image_size != 224:
+        bb_key += f"@{encoder.image_size}px"
+    path = cache_path(cache_dir, bb_key, view, items, seed, tokens)
     # A cache made with tokens also serves requests without them.
-    for candidate in (path, cache_path(cache_dir, encoder.backbone.name, view, items, seed, True)):
+    for candidate in (path, cache_path(cache_dir, bb_key, view, items, seed, True)):
         if candidate.is_file():
             with np.load(candidate) as z:
                 return {k: z[k] for k in z.files if tokens or k not in ("tokens", "grid")}

@@ -111,13 +111,26 @@ class _Candidate:
 
 
 # ----------------------------------------------------------------------------- images
-def load_image(path: PathLike) -> Image.Image:
+# The same limit as uploads in the app: a 100-megapixel file decodes to gigabytes.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header announces more pixels than MAX_IMAGE_PIXELS (never decoded)."""
+
+
+def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image fully (so corrupt files fail here, not later), EXIF-rotated.
 
     Rotation is applied because browsers show photos rotated; the index and the
-    queries must see the same pixels the user sees.
+    queries must see the same pixels the user sees. The size is checked from the
+    header first, so an oversized file is refused before it is decoded.
     """
     with Image.open(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"too large ({w}x{h} = {w * h / 1e6:.0f} megapixels; "
+                                     f"the limit is {max_pixels / 1e6:.0f})")
         im.load()
         out = ImageOps.exif_transpose(im)
         if out is im:  # exif_transpose returns the same object when there is nothing to do
@@ -311,6 +324,12 @@ class Gallery:
             raise GalleryError(f"{meta_path} is malformed ({exc!r}); rebuild the gallery") from exc
         if bad:
             raise GalleryError(f"{meta_path}: item {bad[0]} has no path; rebuild the gallery")
+        # Item paths are relative to the source folder and must stay inside it: a gallery
+        # file is data, and data must not make us open /etc/... or ../../secrets.
+        escaping = [it["path"] for it in meta["items"] if not _confined(it["path"])]
+        if escaping:
+            raise GalleryError(f"{meta_path}: item path {escaping[0]!r} leaves the gallery's source folder; "
+                               "rebuild the gallery")
 
         emb = _load_array(root / EMBEDDINGS_FILE)
         if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n or emb.shape[1] != d:
@@ -318,6 +337,12 @@ class Gallery:
                 f"{root / EMBEDDINGS_FILE} is {emb.dtype} {emb.shape}, {GALLERY_FILE} lists {n} items of "
                 f"dimension {d}: the gallery is inconsistent; rebuild it"
             )
+        if not np.isfinite(emb).all():
+            raise GalleryError(f"{root / EMBEDDINGS_FILE} contains NaN or infinite values: it is corrupt; rebuild it")
+        norms = np.linalg.norm(emb, axis=1)
+        if n and not (np.abs(norms - 1.0) < 1e-2).all():
+            raise GalleryError(f"{root / EMBEDDINGS_FILE} has {(np.abs(norms - 1.0) >= 1e-2).sum()} rows that are "
+                               "not unit vectors (zeros or garbage): it is corrupt; rebuild it")
         tokens = None
         if meta["has_tokens"]:
             tokens = _load_array(root / TOKENS_FILE, mmap=mmap_tokens)
@@ -469,6 +494,13 @@ class Gallery:
         ]
 
 
+def _confined(rel: str) -> bool:
+    """A stored item path that stays inside its source folder (relative, no '..')."""
+    p = rel.replace("\\", "/")
+    parts = p.split("/")
+    return bool(p) and not p.startswith("/") and ":" not in parts[0] and ".." not in parts
+
+
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"expected a (N, D) array, got shape {x.shape}")
@@ -541,14 +573,50 @@ def rebuild_command(gallery: Gallery, encoder_name: str, checkpoint: str) -> str
     return " ".join(shlex.quote(p) for p in parts)
 
 
+PROBE_MIN_COSINE = 0.995
+
+
+def encoder_probe(encoder: Any, modality: str = "photo") -> np.ndarray:
+    """The encoder's embedding of a fixed synthetic picture: a fingerprint of the weights
+    themselves, so a gallery can tell which model made it whatever its metadata says."""
+    cache = encoder.__dict__.setdefault("_sbir_probes", {})
+    if modality not in cache:
+        from PIL import ImageDraw
+
+        img = Image.new("RGB", (224, 224), "white")
+        d = ImageDraw.Draw(img)
+        d.ellipse((40, 50, 180, 170), outline="black", width=5, fill=(200, 120, 40))
+        d.rectangle((90, 20, 130, 60), outline="black", width=4, fill=(40, 90, 200))
+        d.line((20, 200, 200, 190), fill="black", width=5)
+        if modality == "photo":
+            edges = encoder.edge_transform(img)[None] if encoder.photo_uses_edges else None
+            out = encoder.encode(encoder.photo_transform(img)[None], "photo", edges=edges)
+        else:
+            out = encoder.encode(encoder.sketch_transform(img)[None], "sketch")
+        cache[modality] = out.normalized()[0]
+    return cache[modality]
+
+
 def check_encoder(gallery: Gallery, encoder: Any, *, checkpoint: Optional[str] = None) -> None:
     """Raise StaleGalleryError unless `encoder` is the one the gallery was built with.
 
     Embeddings from two encoders live in different spaces: searching across them
-    returns confident nonsense, so this is an error, never a warning.
+    returns confident nonsense, so this is an error, never a warning. Names are not
+    trusted alone: a gallery that stores the probe embedding of its encoder (see
+    `encoder_probe`) must match this encoder's probe too.
     """
     if gallery.encoder_id == encoder.encoder_id:
-        return
+        probe = gallery.meta.get("probe")
+        if probe is None:
+            return
+        mine = encoder_probe(encoder, gallery.modality)
+        theirs = np.asarray(probe, dtype=np.float32)
+        if theirs.shape == mine.shape and float(theirs @ mine) >= PROBE_MIN_COSINE:
+            return
+        raise StaleGalleryError(
+            f"gallery{' ' + str(gallery.root) if gallery.root else ''} says it was built with {gallery.encoder_id}, "
+            "but its stored probe embedding does not match that model's: the gallery and the model disagree; "
+            f"rebuild it with: {rebuild_command(gallery, _encoder_name(encoder), checkpoint_spec(encoder))}")
     spec = _normalize_checkpoint_arg(checkpoint) or checkpoint_spec(encoder)
     where = f" {gallery.root}" if gallery.root else ""
     raise StaleGalleryError(
@@ -610,11 +678,27 @@ def _scan(source: Path, out: Path, modality: str) -> tuple[list[_Candidate], lis
     candidates: list[_Candidate] = []
     skipped: list[tuple[str, str]] = []
     images = set()
+    # Symbolic links are followed only when they stay inside the folder: a link to
+    # /etc/... or to another user's pictures is skipped and counted, as is a dangling one.
+    # (Linked folders are never walked into.)
+    for p in sorted(source.rglob("*")):
+        if p.is_symlink() and not ignored(p):
+            target = p.resolve()
+            if not target.exists():
+                why = "dangling symbolic link"
+            elif target != source and source not in target.parents:
+                why = "symbolic link to outside the folder (not followed)"
+            elif target.is_dir():
+                why = "symbolic link to a folder (not followed)"
+            else:
+                continue
+            images.add(p)
+            skipped.append((str(p), why))
     for it in image_folder(source, modality=modality):
         p = Path(it.path)
-        images.add(p)
-        if ignored(p):
+        if p in images or ignored(p):
             continue
+        images.add(p)
         try:
             st = p.stat()
         except OSError as exc:  # e.g. a dangling symlink
@@ -845,6 +929,8 @@ def build_gallery(
             "has_tokens": bool(store_tokens),
             # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
             "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
+            # The encoder's fingerprint by content (see check_encoder).
+            "probe": [round(float(v), 6) for v in encoder_probe(encoder, modality)],
             "items": [c.record() for c in kept],
         }
         with open(tmp / GALLERY_FILE, "w", encoding="utf-8") as f:

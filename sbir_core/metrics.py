@@ -279,13 +279,16 @@ def per_query_metrics(
     *,
     map_ks: Sequence[int] = (),
     precision_ks: Sequence[int] = (),
+    hit_ks: Sequence[int] = (),
     interpolated: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict[str, np.ndarray]:
     """All per-query metrics from one ranking pass, in blocks of queries.
 
     Returns a dict of (Q,) float64 arrays: ``"AP@all"``, ``"AP@k"`` for each
-    k in ``map_ks`` and ``"P@k"`` for each k in ``precision_ks``.
+    k in ``map_ks``, ``"P@k"`` for each k in ``precision_ks`` and ``"hit@k"``
+    (1 if any relevant item is in the top k: what a person sees in the first row)
+    for each k in ``hit_ks``.
     """
     s = _check_scores(scores)
     n_q, n_g = s.shape
@@ -294,6 +297,7 @@ def per_query_metrics(
     chunk_size = _check_chunk(chunk_size)
     map_ks = [_check_k(k) for k in map_ks]
     precision_ks = [_check_k(k) for k in precision_ks]
+    hit_ks = [_check_k(k) for k in hit_ks]
     _, uniq, q_codes, g_codes = _encode_labels(query_labels, gallery_labels, n_q, n_g)
     # R for every query from the whole gallery (not from a truncated list).
     n_rel = np.bincount(g_codes, minlength=len(uniq))[q_codes].astype(np.float64)
@@ -301,6 +305,7 @@ def per_query_metrics(
     out = {"AP@all": np.empty(n_q)}
     out.update({f"AP@{k}": np.empty(n_q) for k in map_ks})
     out.update({f"P@{k}": np.empty(n_q) for k in precision_ks})
+    out.update({f"hit@{k}": np.empty(n_q) for k in hit_ks})
     for start in range(0, n_q, chunk_size):
         sl = slice(start, start + chunk_size)
         ranked = _rank_block(s[sl])
@@ -312,6 +317,8 @@ def per_query_metrics(
             out[f"AP@{k}"][sl] = _ap_rows(rel[:, :k], np.minimum(r, k), interpolated)
         for k in precision_ks:
             out[f"P@{k}"][sl] = precision_at_k_batch(rel, k)
+        for k in hit_ks:
+            out[f"hit@{k}"][sl] = rel[:, :k].any(1)
     return out
 
 
@@ -378,23 +385,29 @@ def retrieval_report(
     *,
     interpolated: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    first_row: Sequence[int] = (5, 10),
+    hits: Sequence[int] = (1, 5),
 ) -> dict[str, Any]:
     """Standard ZS-SBIR numbers in one ranking pass, with a per-class breakdown.
 
     With the default ks=(100, 200) the keys are ``"mAP@all"``, ``"mAP@100"``,
     ``"P@100"``, ``"mAP@200"``, ``"P@200"``, ``"n_queries"``, ``"n_gallery"``
     and ``"per_class"``: {query label: {"mAP@all", "P@100", "n_queries", plus
-    the other mAP@k / P@k}}, in sorted label order.  (TU-Berlin papers report
+    the other mAP@k / P@k}}, in sorted label order. What a person sees in the
+    first row is reported too: ``"P@5"``, ``"P@10"`` (``first_row``) and
+    ``"hit@1"``, ``"hit@5"`` (``hits``), overall and per class.  (TU-Berlin papers report
     mAP@all + P@100, Sketchy papers mAP@200 + P@200.)  Every value is a python
     float/int, labels are python str/int; queries without any relevant gallery
     item count as 0.
     """
     ks = [_check_k(k) for k in ks]
-    m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=ks, precision_ks=ks,
-                          interpolated=interpolated, chunk_size=chunk_size)
+    p_ks = [k for k in first_row if k not in ks]
+    m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=ks, precision_ks=[*ks, *p_ks],
+                          hit_ks=hits, interpolated=interpolated, chunk_size=chunk_size)
     n_q, n_g = np.asarray(scores).shape
-    names = ["mAP@all"] + [n for k in ks for n in (f"mAP@{k}", f"P@{k}")]
-    keys = ["AP@all"] + [n for k in ks for n in (f"AP@{k}", f"P@{k}")]
+    extra = [f"P@{k}" for k in p_ks] + [f"hit@{k}" for k in hits]
+    names = ["mAP@all"] + [n for k in ks for n in (f"mAP@{k}", f"P@{k}")] + extra
+    keys = ["AP@all"] + [n for k in ks for n in (f"AP@{k}", f"P@{k}")] + extra
 
     report: dict[str, Any] = {name: float(m[key].mean()) for name, key in zip(names, keys)}
     report["n_queries"] = int(n_q)

@@ -39,14 +39,21 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GALLERIES = ROOT / "galleries"
 DEFAULT_CACHE = Path(os.environ.get("SBIR_APP_CACHE", ROOT / "cache" / "app"))
+# Galleries visitors upload live outside the repository, in a per-user data folder.
+DEFAULT_UPLOADS = Path(os.environ.get("SBIR_HOME", Path.home() / ".cache" / "sbir")) / "uploaded-galleries"
 DEFAULT_K = 12
-MAX_K = 48
+MAX_K = 48  # k is clamped to [1, MAX_K]
+MAX_UPLOADED_GALLERIES = 32  # on disk; the oldest is deleted when a new one would exceed this
+MAX_LOADED_GALLERIES = 8  # uploaded galleries kept in memory at once (shipped ones always stay)
+UPLOAD_PREFIX = "upload:"  # gallery ids of uploaded galleries: upload:<session token>/<name>
 
 # Uploads (query photos and gallery images): refuse anything bigger before decoding it.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOAD_FILES = 2000
-UPLOADS_DIR = ".uploads"  # galleries/.uploads/<name>/<label>/<file>: sources of uploaded galleries
+# Drawings sent as images (API clients; the page sends strokes): a canvas is at most a few
+# megapixels, so anything bigger is refused from its header, before decoding.
+MAX_CANVAS_PIXELS = 4_000_000
 THUMB_SIZE = 256
 GALLERY_NAME_RE = re.compile(r"[^a-z0-9_-]+")
 
@@ -132,6 +139,7 @@ class BuildOutcome:
     name: Optional[str] = None
     report: Any = None  # index.BuildReport
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    gallery: Any = None  # the built index.Gallery, internal hand-over only
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -157,15 +165,39 @@ class _LRU:
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
 
+    def pop(self, key: Any) -> Any:
+        with self._lock:
+            return self._d.pop(key, None)
+
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
+
+
+def _thumb_prefix(gallery_id: str) -> str:
+    return sanitize_gallery_name(gallery_id.replace(UPLOAD_PREFIX, "upload-").replace("/", "_"))
 
 
 def sanitize_gallery_name(name: str) -> str:
     """User text -> a safe folder name (lowercase letters, digits, '_' and '-')."""
     s = GALLERY_NAME_RE.sub("_", str(name or "").strip().lower()).strip("_-")
     return s[:40]
+
+
+def clamp_k(k: Any) -> int:
+    """Number of results: any value is clamped to [1, MAX_K]; what is not a number gives DEFAULT_K."""
+    try:
+        k = int(float(k))
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_K
+    return max(1, min(k, MAX_K))
+
+
+def display_name(gallery_id: str) -> str:
+    """How a gallery is named in the page: uploaded ones by the name their builder chose."""
+    if gallery_id and gallery_id.startswith(UPLOAD_PREFIX):
+        return gallery_id.rsplit("/", 1)[-1] + " (yours)"
+    return gallery_id
 
 
 def label_from_filename(filename: str) -> str:
@@ -177,14 +209,16 @@ def label_from_filename(filename: str) -> str:
     return stem or "uploaded"
 
 
-def check_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
-    """Raise ServiceError unless `path` is a readable image within the size limits.
+def open_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS,
+                what: str = "") -> Image.Image:
+    """An uploaded file (a path the web framework wrote, never one a client named) ->
+    the decoded image; ServiceError with one plain sentence otherwise.
 
     Only the header is read before the pixel check, so a decompression bomb is
     refused before it is decoded.
     """
     p = Path(path)
-    name = p.name
+    name = what or p.name
     if not p.is_file():
         raise ServiceError(f"“{name}” was not received; please upload it again.")
     size = p.stat().st_size
@@ -199,21 +233,30 @@ def check_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: 
                 raise ServiceError(f"“{name}” is too large ({w}×{h} = {w * h / 1e6:.0f} megapixels); "
                                    f"the limit is {max_pixels / 1e6:.0f} megapixels.")
             im.load()
+            return im.copy()
     except ServiceError:
         raise
     except Exception as exc:  # PIL raises many kinds for files that are not images
         raise ServiceError(f"“{name}” is not an image that can be read (PNG, JPEG, WebP, GIF or BMP).") from exc
 
 
-def _canvas_image(value: Any) -> Any:
-    """Whatever the canvas (or an API client) sends -> something `preprocess_sketch` takes.
+def check_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
+    """Raise ServiceError unless `path` is a readable image within the size limits."""
+    open_upload(path, max_bytes, max_pixels)
 
-    Gradio's ImageEditor sends {"background", "layers", "composite"}; the composite
-    is what the user sees. Paths, arrays, PIL images and stroke lists pass through.
+
+def _canvas_image(value: Any) -> Any:
+    """A drawing as data -> something `preprocess_sketch` takes.
+
+    Accepted: a stroke list, a PIL image, an array, or an editor dict
+    {"background", "layers", "composite"} of those (the composite is what the user
+    sees). File names are refused: the service never opens a path a client names.
     """
     if value is None:
         raise BlankSketchError()
     if isinstance(value, dict):
+        if "path" in value or "url" in value:
+            _as_image(value)  # a file reference: refused
         comp = value.get("composite")
         if comp is not None:
             return _as_image(comp)
@@ -227,21 +270,22 @@ def _canvas_image(value: Any) -> Any:
                 p = p.resize(base.size)
             base.alpha_composite(p)
         return base
-    if isinstance(value, (str, os.PathLike)):
-        return _as_image(value)
-    return value  # ndarray, PIL image or strokes
+    return _as_image(value)
 
 
 def _as_image(x: Any) -> Any:
-    if isinstance(x, dict) and "path" in x:  # FileData-like dict from an API client
-        x = x["path"]
-    if isinstance(x, (str, os.PathLike)):
-        p = Path(x)
-        if not p.is_file():
-            raise ServiceError("The drawing was not received; please try again.")
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
+    """Images, arrays and stroke lists pass; anything else (a path, a file dict) is refused."""
+    if isinstance(x, (str, os.PathLike, dict, bytes)):
+        raise ServiceError("A drawing must be sent as strokes or as image data, not as a file name.")
+    if isinstance(x, np.ndarray):
+        if x.ndim not in (2, 3) or x.size == 0:
+            raise ServiceError("That drawing is not an image.")
+        if x.shape[0] * x.shape[1] > MAX_CANVAS_PIXELS:
+            raise ServiceError(f"That drawing is too large ({x.shape[1]}×{x.shape[0]}); the limit is "
+                               f"{MAX_CANVAS_PIXELS / 1e6:.0f} megapixels.")
+    if isinstance(x, Image.Image) and x.width * x.height > MAX_CANVAS_PIXELS:
+        raise ServiceError(f"That drawing is too large ({x.width}×{x.height}); the limit is "
+                           f"{MAX_CANVAS_PIXELS / 1e6:.0f} megapixels.")
     return x
 
 
@@ -319,6 +363,7 @@ class RetrievalService:
         encoder: Any = None,
         relation: Union[str, PathLike, None, Any] = "auto",
         cache_dir: Optional[PathLike] = None,
+        uploads_dir: Optional[PathLike] = None,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         max_upload_pixels: int = MAX_UPLOAD_PIXELS,
         auto_rebuild: bool = True,
@@ -326,30 +371,32 @@ class RetrievalService:
     ) -> None:
         self.root = Path(galleries_root).resolve()
         self.cache_dir = Path(cache_dir).resolve() if cache_dir else DEFAULT_CACHE.resolve()
+        self.uploads_dir = Path(uploads_dir).resolve() if uploads_dir else DEFAULT_UPLOADS.resolve()
+        self.thumbs_dir = self.cache_dir / "thumbs"  # the only files the app serves from disk
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_upload_pixels = int(max_upload_pixels)
         self.auto_rebuild = auto_rebuild
         self.notices: list[str] = []  # page-level warnings (missing checkpoint, ...)
         self._lock = threading.RLock()
         self._build_lock = threading.Lock()
-        self._galleries: dict[str, LoadedGallery] = {}
+        self._galleries: dict[str, LoadedGallery] = {}  # shipped galleries, loaded once
+        self._uploaded = _LRU(MAX_LOADED_GALLERIES)  # visitors' galleries, bounded
         self._queries = _LRU(256)
-        self._explanations = _LRU(64)
-        self.current: Optional[str] = None
+        self._explanations = _LRU(32)
+        # The gallery a search without one uses. Fixed at start: visitors choose their
+        # gallery per call (the page keeps it in the visitor's session), never for others.
+        self.default_gallery: Optional[str] = None
         self.encoder, self.checkpoint = self._load_encoder(encoder, checkpoint)
         self.relation = self._load_relation(relation)
-        if gallery:
+        candidates = ([gallery] if gallery else []) + [n for n in self.list_galleries() if n != gallery]
+        for name in candidates:
             try:
-                self.select_gallery(gallery, progress=progress)
+                self._get_gallery(name, progress=progress)
             except ServiceError as exc:
                 self.notices.append(str(exc))
-        if self.current is None:
-            names = self.list_galleries()
-            if names:
-                try:
-                    self.select_gallery(names[0], progress=progress)
-                except ServiceError as exc:
-                    self.notices.append(str(exc))
+                continue
+            self.default_gallery = name
+            break
 
     # ------------------------------------------------------------------ model
     def _load_encoder(self, encoder: Any, checkpoint: Any) -> tuple[Any, str]:
@@ -415,7 +462,7 @@ class RetrievalService:
     @property
     def has_text(self) -> bool:
         head = getattr(self.encoder, "head", None)
-        return head is not None and hasattr(head, "encode_text")
+        return head is not None and hasattr(head, "embed_text")
 
     @property
     def can_rerank(self) -> bool:
@@ -454,22 +501,25 @@ class RetrievalService:
         return self.cache_dir / "rebuilt" / sanitize_gallery_name(name.replace("/", "_"))
 
     def select_gallery(self, name: str, progress: Optional[ProgressFn] = None) -> str:
-        """Load (once) and make `name` the default gallery; returns a status line.
+        """Load `name` (once) and describe it in one status line. Changes nothing for
+        anyone else: the caller passes the gallery with each search.
 
         A gallery built with another encoder is rebuilt from its source images when
         they are available; otherwise a ServiceError says how to rebuild it.
         """
         lg = self._get_gallery(name, progress=progress)
-        self.current = lg.name
         kind = "sketches" if lg.modality == "sketch" else "images"
-        msg = f"Gallery **{lg.name}**: {len(lg)} {kind}, {len(set(lg.labels))} classes."
+        n_cls = len(set(lg.labels))
+        msg = f"Gallery {display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
         return msg + (f" {lg.notice}" if lg.notice else "")
 
     def _get_gallery(self, name: Optional[str], progress: Optional[ProgressFn] = None) -> LoadedGallery:
-        name = name or self.current
+        name = name or self.default_gallery
         if not name:
             raise ServiceError("No gallery yet: upload some images below to build one, or run "
                                "`python app.py --gallery PATH/TO/IMAGES`.")
+        if name.startswith(UPLOAD_PREFIX):
+            return self._get_uploaded(name, progress)
         lg = self._galleries.get(name)
         if lg is not None:
             return lg
@@ -479,6 +529,30 @@ class RetrievalService:
                 lg = self._load_gallery(name, progress)
                 self._galleries[name] = lg
             return lg
+
+    def _get_uploaded(self, gid: str, progress: Optional[ProgressFn]) -> LoadedGallery:
+        lg = self._uploaded.get(gid)
+        if lg is not None:
+            return lg
+        from sbir_core.index import Gallery, GalleryError, check_encoder
+
+        d = self._upload_dir(gid)
+        try:
+            g = Gallery.load(d / "index")
+            check_encoder(g, self.encoder)
+        except GalleryError as exc:
+            raise ServiceError(f"No gallery named “{display_name(gid)}”: build it again by uploading its images.") \
+                from exc
+        lg = self._wrap(gid, d / "index", g)
+        self._uploaded.put(gid, lg)
+        return lg
+
+    def _upload_dir(self, gid: str) -> Path:
+        """upload:<32 hex token>/<clean name> -> its folder under the uploads root."""
+        m = re.fullmatch(re.escape(UPLOAD_PREFIX) + r"([0-9a-f]{32})/([a-z0-9_-]{1,40})", gid or "")
+        if not m:
+            raise ServiceError(f"“{display_name(gid)}” is not a gallery name.")
+        return self.uploads_dir / m.group(1) / m.group(2)
 
     def _load_gallery(self, name: str, progress: Optional[ProgressFn]) -> LoadedGallery:
         from sbir_core.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError, check_encoder
@@ -571,7 +645,7 @@ class RetrievalService:
             if Path(alt[0]).is_file():
                 paths = alt
         sig = hashlib.sha1(f"{d}|{g.encoder_id}|{g.meta.get('updated')}|{len(g)}".encode()).hexdigest()[:10]
-        thumbs = self.cache_dir / "thumbs" / f"{sanitize_gallery_name(name.replace('/', '_'))}-{sig}"
+        thumbs = self.thumbs_dir / f"{_thumb_prefix(name)}-{sig}"
         return LoadedGallery(name=name, directory=d, gallery=g, paths=paths, thumbs_dir=thumbs, notice=notice)
 
     def gallery_info(self, name: Optional[str] = None) -> dict[str, Any]:
@@ -601,9 +675,13 @@ class RetrievalService:
                 tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
                 im.save(tmp, "JPEG", quality=88)
                 os.replace(tmp, out)
-            except Exception as exc:  # missing/corrupt source: show the original path
+            except Exception as exc:  # missing/corrupt source: a grey tile, never the source path
                 log.warning("no thumbnail for %s: %s", src, exc)
-                return src
+                lg.thumbs_dir.mkdir(parents=True, exist_ok=True)
+                missing = lg.thumbs_dir / "missing.png"
+                if not missing.is_file():
+                    Image.new("RGB", (64, 64), (225, 225, 225)).save(missing)
+                return str(missing)
         lg._thumbs[row] = str(out)
         return str(out)
 
@@ -632,7 +710,7 @@ class RetrievalService:
 
     # ------------------------------------------------------------------ searching
     def _hits(self, lg: LoadedGallery, q: np.ndarray, k: int) -> list[Hit]:
-        k = int(max(1, min(int(k or DEFAULT_K), MAX_K)))
+        k = clamp_k(k)
         res = lg.gallery.search(q, k)[0]
         return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
                     score=h.score, label=h.label) for r, h in enumerate(res)]
@@ -687,7 +765,7 @@ class RetrievalService:
             return SearchOutcome(False, str(exc), seconds=time.perf_counter() - t0)
         except Exception as exc:  # never let one bad drawing take the page down
             log.exception("sketch search failed")
-            return SearchOutcome(False, f"Sorry, that drawing could not be searched ({exc}).",
+            return SearchOutcome(False, "Sorry, that drawing could not be searched. Try drawing it again.",
                                  seconds=time.perf_counter() - t0)
         mode = "sketch → sketch" if lg.modality == "sketch" else "sketch → photo"
         q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=_compact_sketch(img), key=key)
@@ -719,13 +797,13 @@ class RetrievalService:
             return SearchOutcome(False, str(exc))
         except Exception as exc:
             log.exception("text search failed")
-            return SearchOutcome(False, f"Sorry, that text could not be searched ({exc}).")
+            return SearchOutcome(False, "Sorry, that text could not be searched. Try another word.")
         dt = time.perf_counter() - t0
         q = Query(kind="text", embedding=emb, gallery=lg.name, hits=hits, text=text, key=key)
         return SearchOutcome(True, self._summary(hits, f"text “{text}” → {lg.modality}", dt), hits, q, dt)
 
     def search_photo(self, image: Any, k: int = DEFAULT_K, gallery: Optional[str] = None) -> SearchOutcome:
-        """A photo (path, PIL image or array) as the query."""
+        """A photo (PIL image or array; decode uploads with `open_upload`) as the query."""
         t0 = time.perf_counter()
         if image is None or (isinstance(image, str) and not image):
             return SearchOutcome(False, "Upload a photo first.")
@@ -733,13 +811,15 @@ class RetrievalService:
             from sbir_core.index import encode_query
             from sbir_core.preprocess import preprocess_photo
 
-            if isinstance(image, dict) and "path" in image:
-                image = image["path"]
-            if isinstance(image, (str, os.PathLike)):
-                check_upload(image, self.max_upload_bytes, self.max_upload_pixels)
-                image = _as_image(image)
+            if isinstance(image, (str, os.PathLike, dict, bytes)):
+                raise ServiceError("A photo must be sent as an upload or as image data, not as a file name.")
             if isinstance(image, np.ndarray):
-                image = Image.fromarray(image)
+                if image.ndim not in (2, 3) or image.size == 0:
+                    raise ServiceError("That upload is not an image.")
+                if image.shape[0] * image.shape[1] > self.max_upload_pixels:
+                    raise ServiceError(f"That photo is too large ({image.shape[1]}×{image.shape[0]}); "
+                                       f"the limit is {self.max_upload_pixels / 1e6:.0f} megapixels.")
+                image = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
             if not isinstance(image, Image.Image):
                 raise ServiceError("That upload is not an image.")
             if image.width * image.height > self.max_upload_pixels:
@@ -757,7 +837,7 @@ class RetrievalService:
             return SearchOutcome(False, str(exc))
         except Exception as exc:
             log.exception("photo search failed")
-            return SearchOutcome(False, f"Sorry, that photo could not be searched ({exc}).")
+            return SearchOutcome(False, "Sorry, that photo could not be searched. Try another picture.")
         dt = time.perf_counter() - t0
         q = Query(kind="photo", embedding=emb, gallery=lg.name, hits=hits, image=shown, key=key)
         return SearchOutcome(True, self._summary(hits, f"photo → {lg.modality}", dt), hits, q, dt)
@@ -821,7 +901,7 @@ class RetrievalService:
             out = ExplanationImages(False, "The query has no lines to compare.")
         except Exception as exc:
             log.exception("explanation failed")
-            out = ExplanationImages(False, f"Sorry, this match could not be explained ({exc}).", hit=hit)
+            out = ExplanationImages(False, "Sorry, this match could not be explained.", hit=hit)
         self._explanations.put(key, out)
         return out
 
@@ -921,7 +1001,7 @@ class RetrievalService:
             return MapImage(False, str(exc))
         except Exception as exc:
             log.exception("t-SNE map failed")
-            return MapImage(False, f"The map could not be drawn ({exc}).")
+            return MapImage(False, "The map could not be drawn.")
 
     def tsne_for(self, query: Optional[Query], size: tuple[int, int] = (640, 560)) -> MapImage:
         if query is None:
@@ -929,25 +1009,30 @@ class RetrievalService:
         return self.tsne(query.embedding, query.highlight, gallery=query.gallery, size=size)
 
     # ------------------------------------------------------------------ building galleries
-    def build_gallery_from_uploads(self, files: Optional[Iterable[Any]], name: str,
+    def build_gallery_from_uploads(self, files: Optional[Iterable[Any]], name: str, owner: str,
                                    progress: Optional[ProgressFn] = None, modality: str = "photo") -> BuildOutcome:
-        """Uploaded image files -> a new gallery `galleries/<name>` (class = file name
-        without its number: cat_01.jpg -> cat). Files that are not images or are too
-        large are skipped and reported."""
+        """Uploaded image files -> a gallery only its builder can name (`upload:<owner>/<name>`,
+        `owner` being a 32-hex-digit session token). The class of an image is its file
+        name without the number (cat_01.jpg -> cat). Every usable file is kept: identical
+        files are stored once, different files with the same name are renamed; the
+        outcome reports both, and every file that was skipped and why."""
         files = [f for f in (files or []) if f is not None]
         clean = sanitize_gallery_name(name)
         if not clean:
             return BuildOutcome(False, "Give the new gallery a name (letters, digits, _ or -).")
+        if not re.fullmatch(r"[0-9a-f]{32}", owner or ""):
+            return BuildOutcome(False, "This page session has expired; reload the page and upload again.")
         if not files:
             return BuildOutcome(False, "Choose some images to upload first.")
         if len(files) > MAX_UPLOAD_FILES:
             return BuildOutcome(False, f"Too many files ({len(files)}); the limit is {MAX_UPLOAD_FILES}.")
-        src = self.root / UPLOADS_DIR / clean
-        out = self.gallery_dir(clean)
-        if out.exists() and not src.is_dir():
-            return BuildOutcome(False, f"A gallery named “{clean}” already exists and was not built from uploads; "
-                                       "choose another name.")
+        gid = f"{UPLOAD_PREFIX}{owner}/{clean}"
+        home = self._upload_dir(gid)
+        src = home / "images"
+        shutil.rmtree(src, ignore_errors=True)  # a rebuild under the same name starts afresh
         skipped: list[tuple[str, str]] = []
+        notes: list[str] = []
+        seen: dict[str, str] = {}  # content hash -> stored relative path
         copied = 0
         for n, f in enumerate(files):
             path = Path(f["path"] if isinstance(f, dict) else getattr(f, "name", f))
@@ -959,63 +1044,98 @@ class RetrievalService:
             except ServiceError as exc:
                 skipped.append((orig.name, str(exc)))
                 continue
-            label = label_from_filename(orig.name)
-            dest = src / label / (GALLERY_NAME_RE.sub("_", orig.stem.lower()).strip("_") or "image")
-            dest = dest.with_suffix(path.suffix.lower() if path.suffix else ".png")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists() and dest.stat().st_size == path.stat().st_size:
-                copied += 1
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in seen:
+                notes.append(f"{orig.name} is identical to {seen[digest]} (kept once)")
                 continue
+            label = label_from_filename(orig.name)
+            stem = GALLERY_NAME_RE.sub("_", orig.stem.lower()).strip("_") or "image"
+            suffix = path.suffix.lower() if path.suffix else ".png"
+            dest = src / label / f"{stem}{suffix}"
+            k = 2
+            while dest.exists():
+                dest = src / label / f"{stem}-{k}{suffix}"
+                k += 1
+            if k > 2:
+                notes.append(f"{orig.name} was renamed {dest.name} (another file had its name)")
+            dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
+            seen[digest] = f"{label}/{dest.name}"
             copied += 1
         if not copied:
             return BuildOutcome(False, "None of the uploaded files could be used: "
                                 + "; ".join(f"{n}: {why}" for n, why in skipped[:5]), skipped=skipped)
-        outcome = self.build_gallery_from_folder(src, clean, progress=progress, modality=modality)
+        outcome = self._index_folder(src, home / "index", gid, progress, modality)
         outcome.skipped = skipped + outcome.skipped
-        if skipped and outcome.ok:
-            outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
-                f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
+        if outcome.ok:
+            with self._lock:
+                self._uploaded.put(gid, self._wrap(gid, home / "index", outcome.gallery))
+            outcome.gallery = None
+            self._evict_uploads(keep=home)
+            if notes:
+                outcome.message += f"\n\nKept all {copied} distinct file(s): " + "; ".join(notes[:10]) + (
+                    " …" if len(notes) > 10 else "")
+            if skipped:
+                outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
+                    f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
         return outcome
 
-    def build_gallery_from_folder(self, folder: PathLike, name: Optional[str] = None,
-                                  progress: Optional[ProgressFn] = None, modality: str = "photo",
-                                  select: bool = True) -> BuildOutcome:
-        """Index a folder of images (class = first-level subfolder) into galleries/<name>."""
+    def _evict_uploads(self, keep: Path) -> None:
+        """Keep at most MAX_UPLOADED_GALLERIES uploaded galleries on disk (oldest go first)."""
+        homes = sorted((p for p in self.uploads_dir.glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for old in homes[: max(0, len(homes) - MAX_UPLOADED_GALLERIES)]:
+            if old != keep:
+                gid = f"{UPLOAD_PREFIX}{old.parent.name}/{old.name}"
+                self._uploaded.pop(gid)
+                shutil.rmtree(old, ignore_errors=True)
+                for t in self.thumbs_dir.glob(f"{_thumb_prefix(gid)}-*"):
+                    shutil.rmtree(t, ignore_errors=True)
+
+    def _index_folder(self, src: Path, out: Path, name: str, progress: Optional[ProgressFn],
+                      modality: str) -> BuildOutcome:
         from sbir_core.index import GalleryError, build_gallery
 
-        src = Path(folder).expanduser().resolve()
-        if not src.is_dir():
-            return BuildOutcome(False, f"Not a folder: {src}")
-        clean = sanitize_gallery_name(name or src.name)
-        if not clean:
-            return BuildOutcome(False, "Give the gallery a name (letters, digits, _ or -).")
         if modality not in ("photo", "sketch"):
             return BuildOutcome(False, f"A gallery holds photos or sketches, not {modality!r}.")
-        out = self.gallery_dir(clean)
-        if out == src or out in src.parents:
-            return BuildOutcome(False, f"The images ({src}) cannot live inside the gallery folder ({out}); "
-                                       "choose another name.")
         if progress:
-            progress(0.1, f"Indexing {src.name} into gallery {clean}…")
+            progress(0.1, f"Indexing {display_name(name)}…")
         try:
             with self._build_lock:
                 g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
                                           progress=True)
         except (GalleryError, FileNotFoundError, ValueError, OSError) as exc:
             return BuildOutcome(False, f"The gallery could not be built: {exc}")
-        if progress:
-            progress(0.95, "Drawing the gallery map…")
-        self._save_map(g, out)
-        with self._lock:
-            self._galleries.pop(clean, None)
-            self._galleries[clean] = self._wrap(clean, out, g)
-            if select:
-                self.current = clean
         skipped = [(Path(p).name, why) for p, why in report.skipped]
-        msg = (f"✅ Gallery **{clean}** is ready: {report.total} {'sketches' if modality == 'sketch' else 'images'}"
-               f" in {len(set(g.labels))} classes ({report.added} new, {report.reused} unchanged, "
-               f"{report.seconds:.0f} s).")
+        n_cls = len(set(g.labels))
+        msg = (f"✅ Gallery {display_name(name)} is ready: {report.total} "
+               f"{'sketches' if modality == 'sketch' else 'images'} in {n_cls} {'class' if n_cls == 1 else 'classes'}"
+               f" ({report.seconds:.0f} s).")
         if skipped:
             msg += f" Skipped {len(skipped)} file(s): " + "; ".join(f"{n} ({why})" for n, why in skipped[:10])
-        return BuildOutcome(True, msg, clean, report, skipped)
+        out_ = BuildOutcome(True, msg, name, report, skipped)
+        out_.gallery = g
+        return out_
+
+    def build_gallery_from_folder(self, folder: PathLike, name: Optional[str] = None,
+                                  progress: Optional[ProgressFn] = None, modality: str = "photo",
+                                  make_default: bool = True) -> BuildOutcome:
+        """The operator's `--gallery PATH`: index a folder (class = first-level subfolder)
+        into galleries/<name>, public to every visitor."""
+        src = Path(folder).expanduser().resolve()
+        if not src.is_dir():
+            return BuildOutcome(False, f"Not a folder: {src}")
+        clean = sanitize_gallery_name(name or src.name)
+        if not clean:
+            return BuildOutcome(False, "Give the gallery a name (letters, digits, _ or -).")
+        out = self.gallery_dir(clean)
+        if out == src or out in src.parents:
+            return BuildOutcome(False, f"The images ({src}) cannot live inside the gallery folder ({out}); "
+                                       "choose another name.")
+        outcome = self._index_folder(src, out, clean, progress, modality)
+        if outcome.ok:
+            with self._lock:
+                self._galleries[clean] = self._wrap(clean, out, outcome.gallery)
+                if make_default:
+                    self.default_gallery = clean
+            outcome.gallery = None
+        return outcome

@@ -177,11 +177,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = time.time()
     service = RetrievalService(args.galleries or DEFAULT_GALLERIES, gallery=args.gallery, checkpoint=args.checkpoint)
-    if service.current is None:
+    if service.default_gallery is None:
         print("no gallery to search:", *service.notices, file=sys.stderr)
         return 2
     service.warm_up()
-    print(f"loaded {service.encoder_id}, gallery {service.current} ({len(service._get_gallery(None))} items) "
+    print(f"loaded {service.encoder_id}, gallery {service.default_gallery} ({len(service._get_gallery(None))} items) "
           f"in {time.time() - t0:.1f} s; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     out = {"loadavg_before": os.getloadavg()[0], "encoder": service.encoder_id}
     out["callback"] = cb = bench_callback(service, args.calls)

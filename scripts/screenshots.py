@@ -57,7 +57,7 @@ def running_app(galleries: Optional[str] = None, gallery: str = "default", check
     from sbir_core.service import DEFAULT_GALLERIES, RetrievalService
 
     service = RetrievalService(galleries or DEFAULT_GALLERIES, gallery=gallery, checkpoint=checkpoint)
-    if service.current:
+    if service.default_gallery:
         service.warm_up()
     demo = app_module.build_demo(service)
     port = port or free_port()

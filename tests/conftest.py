@@ -74,7 +74,8 @@ def app_service(app_galleries, raw_encoder, tmp_path_factory):
     from sbir_core.service import RetrievalService
 
     return RetrievalService(app_galleries, gallery="default", encoder=raw_encoder, relation=None,
-                            cache_dir=tmp_path_factory.mktemp("app_cache"))
+                            cache_dir=tmp_path_factory.mktemp("app_cache"),
+                            uploads_dir=tmp_path_factory.mktemp("app_uploads"))
 
 
 @contextlib.contextmanager
@@ -85,7 +86,8 @@ def running_app(galleries, encoder, base, warm_up: bool = False):
 
     root = base / "galleries"
     shutil.copytree(galleries, root)
-    service = RetrievalService(root, encoder=encoder, relation=None, cache_dir=base / "cache")
+    service = RetrievalService(root, encoder=encoder, relation=None, cache_dir=base / "cache",
+                               uploads_dir=base / "user")
     if warm_up:
         service.warm_up()
     demo = app.build_demo(service)

@@ -132,16 +132,16 @@ def test_search_photo_and_bad_upload(client, tmp_path):
     assert len(results) == 4 and "photo → photo" in status
 
 
-def test_bad_photo_is_refused_with_a_message(server, client, tmp_path):
-    # Gradio itself refuses a non-image for an Image input; the service refuses what gets through
-    bad = tmp_path / "fake.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    try:
-        results, status = client.predict(handle_file(str(bad)), 4, "default", api_name="/search_photo")
-    except Exception as exc:  # rejected before the callback: an error, not a crash of the server
-        assert "error" in type(exc).__name__.lower() or str(exc)
-    else:
-        assert results == [] and "not an image" in status
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n not really", b"just some notes\n", b""])
+def test_bad_photo_is_one_plain_sentence(server, client, tmp_path, content):
+    """A .txt renamed .jpg, a broken PNG or a zero-byte file as the query photo: one plain
+    sentence (no exception, no temp path, no Gradio processing error) and no results."""
+    bad = tmp_path / "fake.jpg"
+    bad.write_bytes(content)
+    results, status = client.predict(handle_file(str(bad)), 4, "default", api_name="/search_photo")
+    assert results == []
+    assert ("not an image" in status or "is empty" in status) and status.count(".") <= 3, status
+    assert "/tmp" not in status and "Error" not in status and "preprocess" not in status
     # the server is still fine
     results, status = client.predict("cat", 2, "default", api_name="/search_example")
     assert len(results) == 2
@@ -158,16 +158,15 @@ def test_build_gallery_and_select_it(server, client, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     files.append(handle_file(str(junk)))
-    msg, dropdown = client.predict(files, "api gallery", False, api_name="/build_gallery")
+    msg, dropdown, box = client.predict(files, "api gallery", False, api_name="/build_gallery")
     assert "ready" in msg and "3 images" in msg and "Skipped 1" in msg, msg
+    assert box is None  # the upload box is emptied
     value = dropdown["value"] if isinstance(dropdown, dict) else dropdown  # an update or the value
-    assert value == "api_gallery"
-    if isinstance(dropdown, dict):
-        assert ["api_gallery", "api_gallery"] in dropdown["choices"] or "api_gallery" in dropdown["choices"]
-    status, results, tsne = client.predict("api_gallery", api_name="/select_gallery")
-    assert "Gallery **api_gallery**: 3 images" in status and results == []
+    assert value.startswith("upload:") and value.endswith("/api_gallery")
+    status, results, tsne = client.predict(value, api_name="/select_gallery")
+    assert "Gallery api_gallery (yours): 3 images" in status and results == []
     assert tsne is not None and Path(tsne).is_file()
-    results, status = client.predict("star", 3, "api_gallery", api_name="/search_example")
+    results, status = client.predict("star", 3, value, api_name="/search_example")
     assert len(results) == 3 and {r["caption"].split(" · ")[0] for r in results} <= {"circle", "star"}
 
 
@@ -187,3 +186,135 @@ def test_concurrent_clients(server, tmp_path):
     with ThreadPoolExecutor(4) as ex:
         out = list(ex.map(one, paths))
     assert all(n == 3 and "Result 1" in m for n, m in out), out
+
+
+# ----------------------------------------------------------------------------- trust (issue 9)
+def test_no_endpoint_opens_a_server_path(server, client, tmp_path):
+    """A path string sent where a drawing or a photo goes: never opened, no results, and
+    the answer does not tell whether the file exists."""
+    secret = tmp_path / "secret.png"
+    _drawing(secret, "circle")
+    answers = []
+    for name in (str(secret), "/etc/passwd", str(tmp_path / "missing.png")):
+        results, status = client.predict(name, 3, "default", api_name="/search_strokes")
+        assert results == [] and "could not be read" in status
+        answers.append(status)
+        corr, synth, heat, msg = client.predict(0, api_name="/explain")
+        assert corr is None and "Search first" in msg
+    assert len(set(answers)) == 1  # same sentence for an existing, a system and a missing file
+    # A server path dressed as an upload, sent raw (gradio_client would upload a local file
+    # itself): refused before any callback runs, without saying whether the file exists.
+    url = server[0]
+    for endpoint, value in (("search_photo", {"path": str(secret), "meta": {"_type": "gradio.FileData"}}),
+                            ("search_sketch", {"background": None, "layers": [],
+                                               "composite": {"path": str(secret),
+                                                             "meta": {"_type": "gradio.FileData"}}})):
+        event, data = raw_call(url, endpoint, [value, 3, "default"])
+        assert event == "error" or data[0] == [], (endpoint, event, data)
+
+
+def raw_call(url: str, api_name: str, data: list) -> tuple[str, object]:
+    """POST a call the way any HTTP client can (no gradio_client file handling) and read
+    its result stream: -> (last event name, its data)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        event_id = json.loads(r.read())["event_id"]
+    event, payload = "", None
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                text = line.split(":", 1)[1].strip()
+                try:
+                    payload = json.loads(text)
+                except json.JSONDecodeError:
+                    payload = text
+    return event, payload
+
+
+def test_only_thumbnails_are_served_from_disk(server):
+    import urllib.error
+    import urllib.request
+
+    url, service, base = server
+    meta = service._get_gallery("default").directory / "gallery.json"
+    for path in (meta, ROOT / "app.py", ROOT / "checkpoints" / "default.safetensors"):
+        try:
+            with urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10) as r:
+                code = r.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        assert code in (403, 404), (path, code)
+
+
+def test_visitors_never_see_each_others_gallery_or_query(server, tmp_path):
+    """Visitor A builds and selects a gallery; visitor B's searches without a gallery, and
+    B's explanations, are untouched."""
+    from conftest import make_shape_image
+
+    url = server[0]
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    before, _ = b.predict("cat", 3, None, api_name="/search_example")
+    files = []
+    for i in range(3):
+        p = tmp_path / f"blob_{i}.png"
+        make_shape_image("star", seed=300 + i).save(p)
+        files.append(handle_file(str(p)))
+    msg, dropdown, _ = a.predict(files, "only mine", False, api_name="/build_gallery")
+    gid = dropdown["value"] if isinstance(dropdown, dict) else dropdown
+    a.predict(gid, api_name="/select_gallery")
+    a.predict(_circle_strokes(), 3, gid, api_name="/search_strokes")
+    after, _ = b.predict("cat", 3, None, api_name="/search_example")
+    assert [r["caption"] for r in after] == [r["caption"] for r in before]
+    assert all(r["caption"].split(" · ")[0] != "blob" for r in after)
+    # B has no query of its own yet: nothing of A's to explain
+    corr, *_, msg = b.predict(0, api_name="/explain")
+    assert corr is not None and "Result 1" in msg  # B's own cat query
+    c = Client(url, verbose=False)
+    corr, *_, msg = c.predict(0, api_name="/explain")
+    assert corr is None and "Search first" in msg
+
+
+def test_text_search_reaches_the_model(server, client):
+    """The text tab asks the model when it has a text head (the raw backbone has none)."""
+    service = server[1]
+    results, status = client.predict("star", 3, "default", api_name="/search_text")
+    if service.has_text:
+        assert len(results) == 3
+    else:
+        assert results == [] and "needs the trained model" in status
+
+
+def test_oversized_or_deep_drawings_are_refused_quickly(client, tmp_path):
+    import json
+    import time
+
+    big = tmp_path / "huge.png"
+    Image.new("L", (10_000, 10_000), 255).save(big)  # ~100 KB file, 100 megapixels
+    t0 = time.perf_counter()
+    results, status = client.predict(_canvas(str(big)), 3, "default", api_name="/search_sketch")
+    assert results == [] and "too large" in status and time.perf_counter() - t0 < 5
+    for bad in ("[" * 50_000 + "]" * 50_000, json.dumps([[[[[[1, 2]]]]]])):
+        results, status = client.predict(bad, 3, "default", api_name="/search_strokes")
+        assert results == [] and "nested too deeply" in status
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (-3, 1), (1000, 12)])
+def test_k_outside_1_to_48_is_refused_or_clamped(client, tmp_path, k, n):
+    """The k slider's range [1, 48] is enforced: Gradio refuses other values with a clear
+    message where it validates inputs, the callbacks clamp where they decode uploads."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="(less than minimum value 1|greater than maximum value 48)"):
+        client.predict(_circle_strokes(), k, "default", api_name="/search_strokes")
+    from conftest import make_shape_image
+
+    p = tmp_path / "q.png"
+    make_shape_image("circle", seed=1).save(p)
+    results, status = client.predict(handle_file(str(p)), k, "default", api_name="/search_photo")
+    assert len(results) == n, status

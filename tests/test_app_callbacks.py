@@ -21,12 +21,15 @@ if str(ROOT) not in sys.path:
 
 from sbir_core.service import (  # noqa: E402
     EMPTY_SKETCH_MESSAGE,
+    MAX_K,
     RetrievalService,
     ServiceError,
     check_upload,
     label_from_filename,
     sanitize_gallery_name,
 )
+
+OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's session token
 
 app = pytest.importorskip("app", reason="app.py needs gradio")
 
@@ -45,6 +48,21 @@ def drawn_canvas(shape: str = "circle", size: int = 384) -> dict:
     return {"background": np.full_like(arr, 255), "layers": [arr], "composite": arr}
 
 
+_UPLOADS = Path(__import__("tempfile").mkdtemp(prefix="sbir-test-uploads-"))
+
+
+def drawn_upload(shape: str = "circle") -> dict:
+    """The same drawing as /search_sketch receives it from Gradio: an editor value whose
+    images are uploads (FileData dicts; the callbacks decode them)."""
+    p = _UPLOADS / f"{shape}.png"
+    Image.fromarray(drawn_canvas(shape)["composite"]).save(p)
+    return {"background": None, "layers": [], "composite": {"path": str(p), "orig_name": p.name}}
+
+
+def upload(path) -> dict:
+    return {"path": str(path), "orig_name": Path(path).name}
+
+
 @pytest.fixture()
 def cb(app_service):
     return app.Callbacks(app_service)
@@ -52,7 +70,7 @@ def cb(app_service):
 
 # ----------------------------------------------------------------------------- sketch search
 def test_search_with_drawn_canvas_returns_k_captioned_results(cb, app_service):
-    items, msg, query = cb.search_sketch(drawn_canvas("circle"), 5, "default")
+    items, msg, query = cb.search_sketch(drawn_upload("circle"), 5, "default")
     assert len(items) == 5
     assert "Best match" in msg and "sketch → photo" in msg
     labels = {h.label for h in query.hits}
@@ -80,7 +98,7 @@ def test_search_matches_library_search(app_service):
     assert np.allclose([h.score for h in out.hits], [r.score for r in ref], atol=1e-5)
 
 
-def test_search_accepts_arrays_images_paths_and_strokes(app_service, tmp_path):
+def test_search_accepts_arrays_images_and_strokes_but_never_paths(app_service, tmp_path):
     canvas = drawn_canvas("triangle")
     arr = canvas["composite"]
     path = tmp_path / "drawing.png"
@@ -88,11 +106,14 @@ def test_search_accepts_arrays_images_paths_and_strokes(app_service, tmp_path):
     strokes = [[(60, 300), (190, 70), (320, 300), (60, 300)]]
     rgba = np.zeros((384, 384, 4), np.uint8)  # a transparent canvas with dark ink
     rgba[..., 3] = 255 - arr[..., 0]
-    for value in (arr, Image.fromarray(arr), str(path), strokes, rgba, {"composite": None, "background": arr,
-                                                                         "layers": []}):
+    for value in (arr, Image.fromarray(arr), strokes, rgba, {"composite": None, "background": arr, "layers": []}):
         out = app_service.search_sketch(value, 3)
         assert out.ok, (type(value), out.message)
         assert len(out.hits) == 3
+    # a file name is never opened, however it is wrapped
+    for value in (str(path), path, {"path": str(path)}, {"composite": str(path)}, {"composite": {"path": str(path)}}):
+        out = app_service.search_sketch(value, 3)
+        assert not out.ok and out.hits == [] and "not as a file name" in out.message, value
 
 
 def _strokes_json(shape: str = "circle") -> str:
@@ -113,13 +134,13 @@ def test_search_with_stroke_json_matches_the_stroke_list(cb, app_service):
     # the same as the service on the stroke list itself (two-point strokes stay point lists)
     pts = [[tuple(p) for p in s] for s in json.loads(_strokes_json("square"))]
     ref = app_service.search_sketch(pts, 5, "default")
-    items2, msg2, query2 = cb.search_sketch(_strokes_json("square"), 5, "default")
+    items2, msg2, query2 = cb.search_strokes(_strokes_json("square"), 5, "default")
     assert [h.index for h in query2.hits] == [h.index for h in ref.hits]
     assert np.allclose(query2.embedding, ref.query.embedding, atol=1e-5)
     # {"strokes": ...} (an example's form) and QuickDraw [[xs], [ys]] strokes are read too
     qd = json.dumps({"canvas": [384, 384], "strokes": [[[p[0] for p in s], [p[1] for p in s]] for s in
                                                        json.loads(_strokes_json("circle"))]})
-    items3, _, query3 = cb.search_sketch(qd, 5, "default")
+    items3, _, query3 = cb.search_strokes(qd, 5, "default")
     assert [h.index for h in query3.hits] == [h.index for h in query.hits]
     # a stroke query is explained like any drawing
     corr, synth, heat, emsg = cb.explain(query, 1)
@@ -133,10 +154,14 @@ def test_empty_stroke_json_gives_friendly_message(cb, value):
 
 
 @pytest.mark.parametrize("value", ["[[[1, 2, 3]]]", '[[[1, "a"]]]', "[[[NaN, 1]]]", "[1, 2", '{"strokes": 5}',
-                                   json.dumps([[[i, i] for i in range(60_000)]])])
+                                   json.dumps([[[i, i] for i in range(60_000)]]),
+                                   "[" * 100_000 + "]" * 100_000,  # RecursionError in json.loads
+                                   json.dumps([[[1, 1], [2, 2]]] * 3000),  # too many strokes
+                                   "/etc/passwd", "~/.ssh/id_rsa.png", "galleries/default/index/gallery.json", 5])
 def test_bad_stroke_json_is_a_message(cb, value):
     items, msg, query = cb.search_strokes(value, 12, "default")
     assert items == [] and query is None and "could not be read" in msg
+    assert "Traceback" not in msg and "/" not in msg.split("read:")[0]
 
 
 def test_example_click_loads_strokes_and_searches(cb):
@@ -160,6 +185,7 @@ def test_example_click_loads_strokes_and_searches(cb):
 
 def test_same_drawing_is_answered_from_cache(app_service):
     canvas = drawn_canvas("circle")
+    app_service.search_sketch(canvas, 4)  # warm
     first = app_service.search_sketch(canvas, 4)
     t0 = time.perf_counter()
     again = app_service.search_sketch({"composite": canvas["composite"].copy()}, 4)
@@ -174,15 +200,23 @@ def test_same_drawing_is_answered_from_cache(app_service):
     np.zeros((64, 64, 4), np.uint8),  # fully transparent
     [],  # no strokes
 ])
-def test_empty_canvas_gives_friendly_message(cb, value):
-    items, msg, query = cb.search_sketch(value, 12, "default")
-    assert items == [] and query is None
-    assert msg == EMPTY_SKETCH_MESSAGE and "Draw something first" in msg
+def test_empty_canvas_gives_friendly_message(app_service, value):
+    out = app_service.search_sketch(value, 12, "default")
+    assert out.hits == [] and out.query is None
+    assert out.message == EMPTY_SKETCH_MESSAGE and "Draw something first" in out.message
 
 
-def test_k_is_clamped(app_service):
-    assert len(app_service.search_sketch(drawn_canvas(), 0).hits) >= 1
-    assert len(app_service.search_sketch(drawn_canvas(), 10_000).hits) == 12  # the whole tiny gallery
+@pytest.mark.parametrize("k,n", [(0, 1), (-3, 1), (1, 1), (5, 5), (10_000, 12), ("7", 7), ("x", 12), (None, 12)])
+def test_k_is_clamped_to_1_and_max_k(cb, k, n):
+    """k outside [1, MAX_K] is clamped (the tiny gallery has 12 images); junk gives the default."""
+    items, msg, _ = cb.search_strokes(_strokes_json("circle"), k, "default")
+    assert len(items) == n, msg
+
+
+def test_max_k_caps_results():
+    from sbir_core.service import clamp_k
+
+    assert clamp_k(10 ** 9) == MAX_K and clamp_k(float("inf")) == 12 and clamp_k(-1e9) == 1
 
 
 def test_unknown_gallery_is_a_message(app_service):
@@ -232,7 +266,7 @@ def test_photo_query(cb, tmp_path):
 
     p = tmp_path / "query.png"
     make_shape_image("star", seed=999).save(p)
-    items, msg, query = cb.search_photo(str(p), 3, "default")
+    items, msg, query = cb.search_photo(upload(p), 3, "default")
     assert len(items) == 3 and query.kind == "photo", msg
     assert "photo → photo" in msg
 
@@ -240,22 +274,26 @@ def test_photo_query(cb, tmp_path):
 def test_bad_uploads_give_clear_messages(app_galleries, raw_encoder, tmp_path):
     svc = RetrievalService(app_galleries, encoder=raw_encoder, relation=None, cache_dir=tmp_path,
                            max_upload_bytes=50_000, max_upload_pixels=250_000)
-    not_image = tmp_path / "notes.png"
-    not_image.write_text("this is not a picture")
-    out = svc.search_photo(str(not_image), 3)
-    assert not out.ok and "not an image" in out.message
+    c = app.Callbacks(svc)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is not a picture")  # a .txt renamed .jpg
+    items, msg, query = c.search_photo(upload(not_image), 3, "default")
+    assert items == [] and query is None and "not an image" in msg and str(tmp_path) not in msg
     big_file = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(big_file)
-    out = svc.search_photo(str(big_file), 3)
-    assert not out.ok and "too large" in out.message and "MB" in out.message
+    items, msg, _ = c.search_photo(upload(big_file), 3, "default")
+    assert items == [] and "too large" in msg and "MB" in msg
     many_pixels = tmp_path / "wide.png"
     Image.new("RGB", (1000, 400), "white").save(many_pixels)  # small file, 0.4 MP > 0.25 MP
-    out = svc.search_photo(str(many_pixels), 3)
-    assert not out.ok and "megapixels" in out.message
+    items, msg, _ = c.search_photo(upload(many_pixels), 3, "default")
+    assert items == [] and "megapixels" in msg
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    assert "empty" in svc.search_photo(str(empty), 3).message
-    assert "Upload a photo first" in svc.search_photo(None, 3).message
+    assert "empty" in c.search_photo(upload(empty), 3, "default")[1]
+    assert "Upload a photo first" in c.search_photo(None, 3, "default")[1]
+    # the service itself takes image data only, never a file name
+    out = svc.search_photo(str(many_pixels), 3)
+    assert not out.ok and "not as a file name" in out.message
 
 
 def test_check_upload_refuses_before_decoding(tmp_path):
@@ -268,7 +306,7 @@ def test_check_upload_refuses_before_decoding(tmp_path):
 
 # ----------------------------------------------------------------------------- explanations, map
 def test_explanation_returns_three_images(cb):
-    _, _, query = cb.search_sketch(drawn_canvas("circle"), 4, "default")
+    _, _, query = cb.search_sketch(drawn_upload("circle"), 4, "default")
     corr, synth, heat, msg = cb.explain(query, 1)
     assert all(isinstance(x, Image.Image) for x in (corr, synth, heat)), msg
     assert corr.width > 2 * synth.width * 0.9  # sketch and photo side by side
@@ -283,7 +321,7 @@ def test_explanation_of_a_photo_query(cb, tmp_path):
 
     p = tmp_path / "q.png"
     make_shape_image("square", seed=5).save(p)
-    _, _, query = cb.search_photo(str(p), 3, "default")
+    _, _, query = cb.search_photo(upload(p), 3, "default")
     corr, synth, heat, msg = cb.explain(query, 0)
     assert corr is not None and "photo outline" in msg
 
@@ -291,13 +329,13 @@ def test_explanation_of_a_photo_query(cb, tmp_path):
 def test_explanation_without_a_usable_query(cb):
     corr, synth, heat, msg = cb.explain(None, 0)
     assert corr is None and "Search first" in msg
-    _, _, query = cb.search_sketch(drawn_canvas(), 3, "default")
+    _, _, query = cb.search_sketch(drawn_upload(), 3, "default")
     corr, _, _, msg = cb.explain(query, 7)
     assert corr is None and "no result number 8" in msg
 
 
 def test_tsne_returns_a_map_with_the_query(cb, app_service):
-    _, _, query = cb.search_sketch(drawn_canvas("square"), 4, "default")
+    _, _, query = cb.search_sketch(drawn_upload("square"), 4, "default")
     img = cb.tsne(query)
     assert isinstance(img, Image.Image) and img.width >= 400
     m = app_service.tsne_for(query)
@@ -313,7 +351,8 @@ def test_tsne_returns_a_map_with_the_query(cb, app_service):
 def _svc(app_galleries, raw_encoder, tmp_path) -> RetrievalService:
     root = tmp_path / "galleries"
     shutil.copytree(app_galleries, root)
-    return RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache")
+    return RetrievalService(root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache",
+                            uploads_dir=tmp_path / "user")
 
 
 def test_build_gallery_from_uploads_reports_skipped_files(app_galleries, raw_encoder, tmp_path):
@@ -334,33 +373,59 @@ def test_build_gallery_from_uploads_reports_skipped_files(app_galleries, raw_enc
     truncated.write_bytes(good.read_bytes()[:200])
     files += [str(up / "readme.txt"), str(truncated)]
     progress = []
-    out = svc.build_gallery_from_uploads(files, "My Shapes!", progress=lambda f, d: progress.append(f))
+    out = svc.build_gallery_from_uploads(files, "My Shapes!", OWNER, progress=lambda f, d: progress.append(f))
     assert out.ok, out.message
-    assert out.name == "my_shapes"
+    assert out.name == f"upload:{OWNER}/my_shapes"
     assert out.report.total == 4
     skipped = dict(out.skipped)
     assert set(skipped) == {"readme.txt", "broken_1.jpg"}
     assert "Skipped 2" in out.message and "readme.txt" in out.message
     assert progress and progress == sorted(progress)
-    assert "my_shapes" in svc.list_galleries()
-    res = svc.search_sketch(drawn_canvas(), 10, gallery="my_shapes")
+    # private: not listed for other visitors, and stored in the uploads folder, not the repository
+    assert svc.list_galleries() == ["default"]
+    assert not any(svc.root.rglob("*my_shapes*"))
+    assert (svc.uploads_dir / OWNER / "my_shapes" / "images").is_dir()
+    res = svc.search_sketch(drawn_canvas(), 10, gallery=out.name)
     assert res.ok and {h.label for h in res.hits} == {"circle", "square", "star"}
-    # the uploads' sources live outside the gallery folder (a rebuild never deletes them)
-    assert not any((svc.root / "my_shapes").rglob("*.png"))
+    # another token cannot name it
+    other = svc.search_sketch(drawn_canvas(), 10, gallery=out.name.replace(OWNER, "f" * 32))
+    assert not other.ok and "No gallery" in other.message
+
+
+def test_uploads_with_the_same_name_are_all_kept(app_galleries, raw_encoder, tmp_path):
+    """image_0001.jpg from two folders: both kept (renamed), an identical copy kept once."""
+    from conftest import make_shape_image
+
+    svc = _svc(app_galleries, raw_encoder, tmp_path)
+    files = []
+    for i, folder in enumerate(("a", "b")):
+        (tmp_path / folder).mkdir()
+        p = tmp_path / folder / "circle_0001.png"
+        make_shape_image("circle", seed=70 + i).save(p)
+        files.append(upload(p))
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a" / "circle_0001.png", tmp_path / "c" / "circle_0001.png")
+    files.append(upload(tmp_path / "c" / "circle_0001.png"))
+    out = svc.build_gallery_from_uploads(files, "dupes", OWNER)
+    assert out.ok and out.report.total == 2, out.message
+    assert "renamed circle_0001-2.png" in out.message and "identical to circle/circle_0001.png" in out.message
 
 
 def test_build_gallery_refusals(app_galleries, raw_encoder, tmp_path):
     svc = _svc(app_galleries, raw_encoder, tmp_path)
-    assert "Choose some images" in svc.build_gallery_from_uploads([], "x").message
-    assert "name" in svc.build_gallery_from_uploads(["a.png"], "???").message
+    assert "Choose some images" in svc.build_gallery_from_uploads([], "x", OWNER).message
+    assert "name" in svc.build_gallery_from_uploads(["a.png"], "???", OWNER).message
+    assert "session" in svc.build_gallery_from_uploads(["a.png"], "x", "../../etc").message
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
-    out = svc.build_gallery_from_uploads([str(bad)], "bad")
+    out = svc.build_gallery_from_uploads([str(bad)], "bad", OWNER)
     assert not out.ok and "None of the uploaded files" in out.message
+    # an upload named like a shipped gallery does not touch it
     good = tmp_path / "circle_1.png"
     Image.new("RGB", (50, 50), "red").save(good)
-    out = svc.build_gallery_from_uploads([str(good)], "default")
-    assert not out.ok and "already exists" in out.message
+    out = svc.build_gallery_from_uploads([str(good)], "default", OWNER)
+    assert out.ok and out.name != "default"
+    assert len(svc._get_gallery("default")) == 12
 
 
 def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tmp_path):
@@ -373,13 +438,19 @@ def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tm
         p = tmp_path / f"triangle_{i}.png"
         make_shape_image("triangle", seed=i).save(p)
         files.append(str(p))
-    msg, dd = c.build_gallery(files, "tri", False, progress=lambda *a, **k: None)
-    assert "ready" in msg
-    assert dd["value"] == "tri" and "tri" in dd["choices"] and "default" in dd["choices"]
-    status, results, query, tsne = c.choose_gallery("tri", progress=lambda *a, **k: None)
-    assert "Gallery **tri**: 2 images" in status and results == [] and query is None
+    msg, dd, box, owner, mine = c.build_gallery([upload(f) for f in files], "tri", False, None, [],
+                                                progress=lambda *a, **k: None)
+    assert "ready" in msg and box is None  # the upload box is emptied for the next build
+    gid = f"upload:{owner}/tri"
+    assert len(owner) == 32 and mine == [("tri (yours)", gid)]
+    assert dd["value"] == gid and ("tri (yours)", gid) in dd["choices"] and ("default", "default") in dd["choices"]
+    status, results, query, tsne = c.choose_gallery(gid, progress=lambda *a, **k: None)
+    assert "Gallery tri (yours): 2 images, 1 class." in status and results == [] and query is None
     status, *_ = c.choose_gallery("missing", progress=lambda *a, **k: None)
     assert status.startswith("⚠️") and "missing" in status
+    # another visitor (no token, no galleries of their own) sees only the shipped gallery
+    assert c.refresh_galleries(None, [])["choices"] == [("default", "default")]
+    assert c.service.default_gallery == "default"
 
 
 def test_sketch_gallery_searches_sketch_to_sketch(app_galleries, raw_encoder, tmp_path):
@@ -404,7 +475,7 @@ def test_stale_gallery_is_rebuilt_from_its_sources(app_galleries, raw_encoder, t
     meta["encoder_id"] = "some-other-model@123"
     meta_path.write_text(json.dumps(meta))
     svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
-    assert svc.current == "default"
+    assert svc.default_gallery == "default"
     msg = svc.select_gallery("default")
     assert "indexed for the current model" in msg and "some-other-model@123" in msg
     assert json.loads(meta_path.read_text())["encoder_id"] == raw_encoder.encoder_id
@@ -419,7 +490,7 @@ def test_stale_gallery_without_sources_gives_a_message(app_galleries, raw_encode
     meta["source_dir"] = str(tmp_path / "gone")
     meta_path.write_text(json.dumps(meta))
     svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
-    assert svc.current is None
+    assert svc.default_gallery is None
     assert any("built with another model" in n for n in svc.notices)
     out = svc.search_sketch(drawn_canvas(), 3)
     assert not out.ok and "No gallery yet" in out.message
@@ -434,7 +505,7 @@ def test_images_inside_gallery_folder_are_never_deleted_by_a_rebuild(raw_encoder
         (root / "shipped" / "images" / kind).mkdir(parents=True)
         make_shape_image(kind, seed=3).save(root / "shipped" / "images" / kind / "a.jpg")
     svc = RetrievalService(root, gallery="shipped", encoder=raw_encoder, relation=None, cache_dir=tmp_path / "c")
-    assert svc.current == "shipped"
+    assert svc.default_gallery == "shipped"
     assert len(list((root / "shipped" / "images").rglob("*.jpg"))) == 2
     assert svc.search_sketch(drawn_canvas(), 2).ok
 
@@ -460,7 +531,7 @@ def test_missing_checkpoint_falls_back_with_a_warning(app_galleries, raw_encoder
 def test_list_galleries(app_galleries, raw_encoder, tmp_path):
     svc = _svc(app_galleries, raw_encoder, tmp_path)
     (svc.root / "empty_dir").mkdir()
-    (svc.root / ".uploads" / "x").mkdir(parents=True)
+    (svc.root / ".hidden" / "x").mkdir(parents=True)
     assert svc.list_galleries() == ["default"]
 
 
@@ -497,7 +568,7 @@ def test_examples_are_authored_stroke_lists():
 def test_click_explains_the_clicked_image_even_if_results_moved_on(cb, app_service):
     import gradio as gr
 
-    items, _, query = cb.search_sketch(drawn_canvas("circle"), 3, "default")
+    items, _, query = cb.search_sketch(drawn_upload("circle"), 3, "default")
     thumb, caption = items[2]
     # the page hands over what was clicked: position 0 (stale), but the image of result 3
     evt = gr.SelectData(None, {"index": 0, "value": {"image": {"path": thumb}, "caption": caption},
@@ -520,6 +591,6 @@ def test_gallery_index_in_a_subfolder_is_found(app_galleries, raw_encoder, tmp_p
     shutil.copytree(app_galleries / "default", root / "shipped" / "index")
     (root / "shipped" / "images").mkdir()
     svc = RetrievalService(root, gallery="shipped", encoder=raw_encoder, relation=None, cache_dir=tmp_path / "c")
-    assert svc.current == "shipped" and svc.notices == []
+    assert svc.default_gallery == "shipped" and svc.notices == []
     assert svc.gallery_info()["directory"].endswith("index") and svc.gallery_info()["count"] == 12
     assert svc.list_galleries() == ["shipped"]

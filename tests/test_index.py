@@ -393,3 +393,70 @@ def test_sketch_gallery_skips_blank_sketches(tmp_path, raw_encoder) -> None:
     assert len(g) == 1 and g.labels == ["cat"] and g.tokens is None and g.modality == "sketch"
     assert [(Path(p).name, "empty" in why) for p, why in report.skipped] == [("blank.png", True)]
     assert I.Gallery.load(tmp_path / "g").tokens is None and not (tmp_path / "g" / "tokens.npy").exists()
+
+
+# ----------------------------------------------------------------------------- corrupt or hostile state
+@pytest.mark.parametrize("fill", [np.nan, 0.0, np.inf])
+def test_load_refuses_non_finite_or_zero_embeddings(built, tmp_path, fill) -> None:
+    _, out = copy_built(built, tmp_path)
+    emb = np.load(out / "embeddings.npy")
+    emb[:] = fill
+    np.save(out / "embeddings.npy", emb)
+    with pytest.raises(I.GalleryError, match="corrupt"):
+        I.Gallery.load(out)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "circle/../../x.png", "C:/x.png"])
+def test_load_refuses_item_paths_outside_the_source_folder(built, tmp_path, bad) -> None:
+    _, out = copy_built(built, tmp_path)
+    meta = json.loads((out / "gallery.json").read_text())
+    meta["items"][0]["path"] = bad
+    (out / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(I.GalleryError, match="leaves the gallery's source folder"):
+        I.Gallery.load(out)
+
+
+def test_a_gallery_naming_another_model_is_caught_by_its_probe(built, tmp_path, raw_encoder) -> None:
+    """gallery.json claims the current encoder, but its embeddings came from another model
+    (its stored probe does not match): searching it would rank garbage, so it is refused."""
+    _, out = copy_built(built, tmp_path)
+    g = I.Gallery.load(out)
+    I.check_encoder(g, raw_encoder)  # the genuine gallery passes
+    meta = json.loads((out / "gallery.json").read_text())
+    rng = np.random.default_rng(0)
+    fake = rng.standard_normal(len(meta["probe"]))
+    meta["probe"] = (fake / np.linalg.norm(fake)).tolist()
+    (out / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(I.StaleGalleryError, match="probe"):
+        I.check_encoder(I.Gallery.load(out), raw_encoder)
+
+
+def test_index_skips_and_counts_oversized_images_before_decoding(tmp_path, raw_encoder) -> None:
+    src = tmp_path / "photos"
+    (src / "cat").mkdir(parents=True)
+    draw("ellipse", (200, 30, 30), 1).save(src / "cat" / "ok.png")
+    Image.new("1", (10_001, 10_001)).save(src / "cat" / "huge.png")  # tiny file, 100 megapixels
+    _, report = I.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
+    skipped = {Path(p).name: why for p, why in report.skipped}
+    assert report.total == 1 and "huge.png" in skipped and "too large" in skipped["huge.png"]
+
+
+def test_symlinks_out_of_the_folder_are_not_followed(tmp_path, raw_encoder) -> None:
+    """Policy: links that stay inside the folder are indexed; links to outside it, to
+    folders, and dangling links are skipped and counted."""
+    outside = tmp_path / "private"
+    outside.mkdir()
+    draw("rectangle", (20, 20, 200), 2).save(outside / "secret.png")
+    src = tmp_path / "photos"
+    (src / "cat").mkdir(parents=True)
+    draw("ellipse", (200, 30, 30), 1).save(src / "cat" / "real.png")
+    (src / "cat" / "inside.png").symlink_to(src / "cat" / "real.png")
+    (src / "cat" / "escape.png").symlink_to(outside / "secret.png")
+    (src / "cat" / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (src / "linked_dir").symlink_to(outside, target_is_directory=True)
+    g, report = I.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
+    skipped = {Path(p).name: why for p, why in report.skipped}
+    assert sorted(Path(p).name for p in g.paths) == ["inside.png", "real.png"]
+    assert "outside the folder" in skipped["escape.png"]
+    assert "dangling" in skipped["dangling.png"]
+    assert "linked_dir" in skipped

@@ -291,7 +291,21 @@ def test_retrieval_report_values():
     assert pc["dog"]["mAP@all"] == pytest.approx(5 / 6, abs=EPS)
     assert pc["dog"]["n_queries"] == 1
     assert pc["fox"] == {"mAP@all": 0.0, "mAP@2": 0.0, "P@2": 0.0, "mAP@3": 0.0, "P@3": 0.0,
-                         "n_queries": 1}
+                         "P@5": 0.0, "P@10": 0.0, "hit@1": 0.0, "hit@5": 0.0, "n_queries": 1}
+    # First row: every query but fox has a relevant item at rank 1.
+    assert rep["hit@1"] == pytest.approx(3 / 4, abs=EPS)
+    assert rep["hit@5"] == pytest.approx(3 / 4, abs=EPS)
+    assert rep["P@5"] == pytest.approx(3 / 8, abs=EPS)  # k > G uses G: R/G = 2/4 for three queries
+
+
+def test_hit_at_k_counts_queries_with_any_relevant_item_in_top_k():
+    g = ["a", "b", "b", "b"]
+    scores = np.array([[0.1, 0.9, 0.8, 0.7],   # a ranked last: hit@1 0, hit@3 0
+                       [0.1, 0.2, 0.9, 0.3]], dtype=np.float32)  # b at rank 1
+    m = M.per_query_metrics(scores, ["a", "b"], g, hit_ks=(1, 3, 4))
+    assert m["hit@1"].tolist() == [0, 1]
+    assert m["hit@3"].tolist() == [0, 1]
+    assert m["hit@4"].tolist() == [1, 1]
 
 
 def test_retrieval_report_default_keys_and_types():

@@ -1,0 +1,102 @@
+"""Product benchmark: doodles the model never trained on, searched against the shipped
+default gallery exactly as the app searches it.
+
+Queries (QuickDraw strokes from ../shared/data):
+- zero-shot: every doodle of the gallery classes reserved by the `pacs`/`doodle` splits
+  (no training run may use these classes on any side);
+- seen: the held-out doodles (the last 5 of each class, `data.HELDOUT_DOODLES`) of the
+  other gallery classes; training never sees them.
+
+Gallery: galleries/default/images (399 clip-art pictures, 68 classes), embedded with the
+encoder under test and searched with `Gallery` (the class the app and `search` use),
+with the checkpoint's gallery diffusion and without it.
+
+    python scripts/bench_product.py --data ../shared/data --json
+    python scripts/bench_product.py --data ../shared/data --checkpoint none   # raw backbone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sbir_core.data import excluded_names, heldout_doodles, image_folder, load_splits, quickdraw_folder  # noqa: E402
+from sbir_core.encoders import create_encoder  # noqa: E402
+from sbir_core.index import Gallery  # noqa: E402
+from sbir_core.metrics import retrieval_report  # noqa: E402
+
+GALLERY = ROOT / "galleries" / "default" / "images"
+# Gallery folders whose QuickDraw class is spelled differently.
+QUICKDRAW_NAME = {"mobile_phone": "cell phone", "smiley": "smiley face", "teddy_bear": "teddy-bear"}
+KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
+
+
+def quickdraw_name(folder: str, available: set[str]) -> str | None:
+    name = QUICKDRAW_NAME.get(folder, folder.replace("_", " "))
+    return name if name in available else None
+
+
+def product_queries(data: Path) -> dict[str, list]:
+    """{'zero-shot': [...], 'seen': [...]} doodle items, labelled with gallery folder names."""
+    splits = load_splits(data)
+    reserved = excluded_names(splits, ("pacs", "doodle"))["quickdraw"]
+    available = {p.stem for p in (data / "quickdraw").glob("*.ndjson")}
+    folders = sorted(p.name for p in GALLERY.iterdir() if p.is_dir())
+    to_folder = {quickdraw_name(f, available): f for f in folders if quickdraw_name(f, available)}
+    zs = [c for c in to_folder if c in reserved]
+    seen = [c for c in to_folder if c not in reserved]
+    out = {"zero-shot": quickdraw_folder(data / "quickdraw", classes=zs), "seen": heldout_doodles(data, classes=seen)}
+    for items in out.values():
+        for it in items:
+            it.label = to_folder[it.label]
+    return out
+
+
+def run(data: Path, checkpoint: str) -> dict:
+    enc = create_encoder(checkpoint=checkpoint)
+    photos = image_folder(GALLERY)
+    t0 = time.perf_counter()
+    g = enc.encode_photos([it.load() for it in photos]).normalized()
+    g_labels = [it.label for it in photos]
+    result = {"encoder": enc.encoder_id, "gallery": {"images": len(photos), "classes": len(set(g_labels))},
+              "diffusion_k": enc.diffusion_k}
+    for group, items in product_queries(data).items():
+        q = enc.encode_sketches([it.load() for it in items]).normalized()
+        ql = [it.label for it in items]
+        row = {"n_queries": len(items), "classes": sorted(set(ql))}
+        for name, k in (("as the app searches", enc.diffusion_k), ("no diffusion", 0)):
+            rep = retrieval_report(Gallery.from_embeddings(g, labels=g_labels, diffusion_k=k).score_all(q), ql, g_labels)
+            row[name] = {key: round(rep[key], 4) for key in KEYS}
+            row[name]["per_class_hit@5"] = {c: round(v["hit@5"], 3) for c, v in rep["per_class"].items()}
+        result[group] = row
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    r = run(Path(args.data), args.checkpoint)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{r['encoder']}  gallery {r['gallery']}  diffusion k={r['diffusion_k']}")
+    for group in ("zero-shot", "seen"):
+        for name in ("as the app searches", "no diffusion"):
+            m = r[group][name]
+            print(f"{group:<10} {name:<20} n={r[group]['n_queries']:<5}" + "  ".join(f"{k} {m[k]:.3f}" for k in KEYS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
