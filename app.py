@@ -688,6 +688,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--sketch-gallery", action="store_true", help="--gallery holds sketches (sketch -> sketch)")
     p.add_argument("--galleries", default=None, metavar="DIR", help="galleries root (default: galleries/)")
     p.add_argument("--default-gallery", default="default", help="gallery shown first (default: default)")
+    p.add_argument("--uploads-dir", default=None, metavar="DIR",
+                   help="where visitors' uploaded galleries are kept (default $SBIR_HOME/uploaded-galleries; "
+                        "$SBIR_HOME is ~/.cache/sbir unless set)")
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
                    help="model checkpoint (falls back to the raw backbone, with a warning, if missing)")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="searches run at once")
@@ -706,7 +709,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     root = Path(args.galleries) if args.galleries else DEFAULT_GALLERIES
     service = RetrievalService(root, gallery=None if args.gallery else args.default_gallery,
-                               checkpoint=args.checkpoint,
+                               checkpoint=args.checkpoint, uploads_dir=args.uploads_dir,
                                progress=lambda f, d: print(d, file=sys.stderr))
     if args.gallery:
         print(f"Indexing {args.gallery} …", file=sys.stderr)

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from sbir_core.preprocess import SketchInput, photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
+from sbir_core.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class OpenCLIPBackbone(Backbone):
         import open_clip
 
         # Our own JSON configs (a tiny ViT for tests) sit beside open_clip's.
-        open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
+        open_clip.add_model_config(MODEL_CONFIGS_DIR)
         parts = spec.split(":", 2)
         if len(parts) < 2 or not parts[1]:
             raise ValueError("open_clip encoders are named openclip:<model>[:<pretrained tag or path>]")
@@ -285,6 +286,12 @@ class SBIREncoder(nn.Module):
         return int(self.meta.get("retrieval", {}).get("diffusion_k", 0))
 
     @property
+    def flip_sketches(self) -> bool:
+        """Average each sketch's embedding with its mirror image's (test-time augmentation
+        the checkpoint was validated with)."""
+        return bool(self.meta.get("retrieval", {}).get("flip_sketch", False))
+
+    @property
     def embed_dim(self) -> int:
         return self.head.embed_dim if self.head is not None else self.backbone.raw_dim
 
@@ -304,7 +311,8 @@ class SBIREncoder(nn.Module):
         return self.to_tensor(preprocess_sketch(sketch, self.image_size))
 
     def edge_transform(self, photo: Union[Image.Image, np.ndarray]) -> torch.Tensor:
-        return self.to_tensor(photo_to_edges(photo, self.image_size))
+        """The photo's edge map seen as a sketch (the view the sketch branch is trained on)."""
+        return self.to_tensor(edges_as_sketch(photo, self.image_size))
 
     # ---- encoding tensors
     def backbone_features(self, x: torch.Tensor) -> BackboneFeatures:
@@ -341,6 +349,9 @@ class SBIREncoder(nn.Module):
         feats = self.backbone_features(x)
         if modality == "sketch":
             emb = self.embed_sketch(feats.pooled, feats.raw)
+            if self.flip_sketches:
+                mirror = self.backbone_features(x.flip(-1))
+                emb = F.normalize(emb, dim=-1) + F.normalize(self.embed_sketch(mirror.pooled, mirror.raw), dim=-1)
         else:
             edge_pooled = self.backbone_features(edges).pooled if edges is not None and self.photo_uses_edges else None
             emb = self.embed_photo(feats.pooled, feats.raw, edge_pooled)
@@ -366,6 +377,15 @@ class SBIREncoder(nn.Module):
             x = torch.stack([self.sketch_transform(s) for s in sketches[i:i + batch_size]])
             outs.append(self.encode(x, "sketch"))
         return _cat(outs)
+
+    def encode_sketch(self, sketch: SketchInput) -> np.ndarray:
+        """One drawing (stroke list, PIL image or array) -> its L2-normalised (D,) float32
+        embedding, the query `Gallery.search` takes. BlankSketchError if it has no ink."""
+        return self.encode_sketches([sketch]).normalized()[0]
+
+    def encode_photo(self, photo: Union[Image.Image, np.ndarray]) -> np.ndarray:
+        """One photo -> its L2-normalised (D,) float32 embedding."""
+        return self.encode_photos([photo]).normalized()[0]
 
     def encode_images(self, images: Sequence, modality: str, batch_size: int = 32) -> EncoderOutput:
         if modality == "photo":
@@ -396,7 +416,7 @@ def _cat(outs: list[EncoderOutput]) -> EncoderOutput:
 
 # ----------------------------------------------------------------------------- factory
 DEFAULT_ENCODER = "efficientnet-lite0"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.safetensors"
+DEFAULT_CHECKPOINT = checkpoint_path("default")
 
 
 def file_digest(path: Union[str, Path], n: int = 12) -> str:

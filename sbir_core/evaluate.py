@@ -28,16 +28,21 @@ def embed_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (L2-normalised float32 embeddings, ok mask) of items seen as `modality`."""
     if modality == "sketch":
+        # The same embedding SBIREncoder.encode gives (flip averaging included), from cached features.
         f = extract_features(encoder, items, "sketch", cache_dir=cache_dir, desc="queries")
         with torch.inference_mode():
             emb = encoder.embed_sketch(torch.from_numpy(f["pooled"]).float(), torch.from_numpy(f["raw"]).float())
+            if encoder.flip_sketches:
+                m = extract_features(encoder, items, "sketch_flip", cache_dir=cache_dir, desc="mirrored queries")
+                mirror = encoder.embed_sketch(torch.from_numpy(m["pooled"]).float(), torch.from_numpy(m["raw"]).float())
+                emb = F.normalize(emb.float(), dim=-1) + F.normalize(mirror.float(), dim=-1)
         ok = f["ok"]
     else:
         f = extract_features(encoder, items, "photo", cache_dir=cache_dir, desc="gallery")
         ok = f["ok"]
         edge = None
         if encoder.photo_uses_edges:
-            fe = extract_features(encoder, items, "edges", cache_dir=cache_dir, desc="gallery edges")
+            fe = extract_features(encoder, items, "edges_sketch", cache_dir=cache_dir, desc="gallery edges")
             edge = torch.from_numpy(fe["pooled"]).float()
             ok = ok & fe["ok"]
         with torch.inference_mode():
@@ -139,7 +144,7 @@ def register_cli(sub) -> None:
     p.add_argument("--gallery", help="folder of class subfolders of photos")
     p.add_argument("--encoder", default=None, help="backbone (default: the checkpoint's)")
     p.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder (default ./cache or $SBIR_CACHE)")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default $SBIR_HOME/cache/features)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
     p.add_argument("--generalized", action="store_true",

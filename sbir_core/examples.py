@@ -19,7 +19,7 @@ from PIL import Image
 
 from sbir_core.preprocess import render_strokes
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+from sbir_core.paths import EXAMPLES_DIR  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from sbir_core.data import Item
 from sbir_core.encoders import SBIREncoder
-from sbir_core.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.paths import cache_dir
+from sbir_core.preprocess import edges_as_sketch, photo_to_edges, preprocess_photo, preprocess_sketch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("SBIR_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+DEFAULT_CACHE = cache_dir() / "features"
 
 
 def _photo(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
@@ -35,8 +36,16 @@ def _edges(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
     return photo_to_edges(it.load(), size)
 
 
+def _edges_sketch(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
+    return edges_as_sketch(it.load(), size)
+
+
 def _sketch(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
     return preprocess_sketch(it.load(), size)
+
+
+def _sketch_flip(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
+    return preprocess_sketch(it.load(), size).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 def _sketch_aug(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
@@ -55,12 +64,15 @@ def _edges_aug(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
 VIEWS: dict[str, Callable[[Item, int, np.random.Generator], Image.Image]] = {
     "photo": _photo,
     "edges": _edges,
+    "edges_sketch": _edges_sketch,  # the photo view that edge fusion embeds (encoders.edge_transform)
     "sketch": _sketch,
+    "sketch_flip": _sketch_flip,  # the mirror view of test-time flip averaging
     "sketch_aug": _sketch_aug,
     "edges_aug": _edges_aug,
 }
 # Which modality the encoder sees for each view.
-VIEW_MODALITY = {"photo": "photo", "edges": "sketch", "sketch": "sketch", "sketch_aug": "sketch", "edges_aug": "sketch"}
+VIEW_MODALITY = {"photo": "photo", "edges": "sketch", "edges_sketch": "sketch", "sketch": "sketch",
+                 "sketch_flip": "sketch", "sketch_aug": "sketch", "edges_aug": "sketch"}
 
 
 def cache_path(cache_dir: Path, backbone: str, view: str, items: Sequence[Item], seed: int, tokens: bool) -> Path:

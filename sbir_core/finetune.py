@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from sbir_core.augment import augment_edges, augment_sketch
+from sbir_core.augment import augment_edges, augment_sketch, colorize_doodle
 from sbir_core.checkpoint import save_checkpoint
 from sbir_core.data import Item, assert_texts_allowed, fingerprint, training_items
 from sbir_core.encoders import EfficientNetLiteBackbone, SBIREncoder
@@ -51,6 +51,7 @@ class FinetuneConfig:
     steps: int = 2000
     photos_per_step: int = 16        # each also contributes its edge map
     sketches_per_step: int = 32
+    doodle_photos_per_step: int = 8  # doodles coloured like clip-art, seen by the photo side
     lr_backbone: float = 3e-4
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
@@ -245,23 +246,34 @@ class Finetuner:
         xs = _to_tensor([self._sketch_view(i, rng) for i in bs])
         yp = torch.from_numpy(td.photo_labels[bp])
         ys = torch.from_numpy(td.sketch_labels[bs])
+        if cfg.doodle_photos_per_step:
+            bc = rng.choice(self.s_idx, cfg.doodle_photos_per_step, replace=False)
+            xc = _to_tensor([self._colored_view(i, rng) for i in bc])
+            xp = torch.cat([xp, xc])
+            yp = torch.cat([yp, torch.from_numpy(td.sketch_labels[bc])])
         return xp, xe, xs, yp, ys
+
+    def _colored_view(self, i: int, rng) -> Image.Image:
+        try:
+            return colorize_doodle(self.td.sketches[i], self.cfg.image_size, rng)
+        except ValueError:
+            return preprocess_sketch(self.td.sketches[i], self.cfg.image_size)
 
     def step(self) -> dict:
         cfg, m = self.cfg, self.model
         m.train()
         m.backbone.net.eval()  # frozen batch-norm statistics: small mixed-modality batches
         xp, xe, xs, yp, ys = self._batch()
-        sp = m.embed(xp, "photo")
+        sp = m.embed(xp, "photo")  # photos, then doodles coloured like clip-art
         sk = m.embed(torch.cat([xe, xs]), "sketch")
         se, ss = sk[: len(xe)], sk[len(xe):]
-        yk = torch.cat([yp, ys])
+        yk = torch.cat([yp[: len(xe)], ys])
         img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
         st = m.head.embed_text(self.text[self.train_classes])
         logits = F.normalize(img, dim=-1) @ F.normalize(st, dim=-1).T / cfg.temperature
         losses = {"text": F.cross_entropy(logits, self.remap[yimg])}
         losses["triplet"] = _triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
-        a, b = F.normalize(sp, dim=-1), F.normalize(se, dim=-1)
+        a, b = F.normalize(sp[: len(se)], dim=-1), F.normalize(se, dim=-1)
         pl = a @ b.T / cfg.temperature
         tgt = torch.arange(len(a))
         losses["pair"] = 0.5 * (F.cross_entropy(pl, tgt) + F.cross_entropy(pl.T, tgt))
@@ -275,9 +287,10 @@ class Finetuner:
         return {k: v.item() for k, v in losses.items()}
 
     @torch.no_grad()
-    def validate(self, max_photos: int = 30, distractors: int = 8) -> dict:
-        """Held-out training classes: their doodles against their photos, mixed (as in
-        every real gallery) with a few photos of each training photo class."""
+    def validation_embeddings(self, max_photos: int = 30, distractors: int = 8, edges: bool = False):
+        """Held-out training classes: their doodles (queries) and their photos, mixed (as in
+        every real gallery) with a few photos of each training photo class.
+        -> (queries, query labels, gallery, gallery labels), L2-normalised numpy."""
         m, td, S = self.model.eval(), self.td, self.cfg.image_size
         hp = [i for c in np.flatnonzero(self.held) for i in np.flatnonzero(td.photo_labels == c)[:max_photos]]
         seen = np.unique(td.photo_labels[self.p_idx])
@@ -287,8 +300,63 @@ class Finetuner:
                        for i in range(0, len(hp), 64)])
         q = torch.cat([m.embed(_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]), "sketch")
                        for i in range(0, len(hs), 64)])
-        sim = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).numpy()
-        return retrieval_summary(sim, td.sketch_labels[hs], td.photo_labels[hp])
+        if edges:  # the photos' edge maps seen as sketches (the inference-time view), mirrored queries
+            e = torch.cat([m.embed(_to_tensor([self._edge_sketch(j) for j in hp[i:i + 64]]), "sketch")
+                           for i in range(0, len(hp), 64)])
+            qf = torch.cat([m.embed(_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]).flip(-1),
+                                    "sketch") for i in range(0, len(hs), 64)])
+            return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
+                    td.photo_labels[np.array(hp)], F.normalize(e, dim=-1).numpy(), F.normalize(qf, dim=-1).numpy())
+        return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
+                td.photo_labels[np.array(hp)])
+
+    def _edge_sketch(self, i: int) -> Image.Image:
+        e = self.td.edges[i].convert("RGB").resize((self.cfg.image_size,) * 2, Image.Resampling.BILINEAR)
+        try:
+            return preprocess_sketch(e, self.cfg.image_size)
+        except ValueError:
+            return e
+
+    def validate(self) -> dict:
+        q, ql, g, gl = self.validation_embeddings()
+        return retrieval_summary(q @ g.T, ql, gl)
+
+    def choose_retrieval(self, edge_weights: tuple = (0.0, 0.25, 0.5, 0.75),
+                         diffusion: tuple = (0, 3, 5, 10, 20)) -> tuple[dict, dict]:
+        """How galleries are searched, chosen by what a person sees (hit@5, then P@5) on
+        held-out training classes; mAP@all is reported but never decides:
+        - edge weight w: a gallery photo's embedding is (1-w) photo + w (its edge map as a sketch);
+        - gallery diffusion neighbours k (0 = off);
+        - flip: a sketch query averaged with its mirror image.
+        Ties go to the cheaper setting. -> (chosen setting, every setting's scores)."""
+        from sbir_core.index import Gallery
+
+        q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
+        q2 = q + qf
+        q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
+        scores = {}
+        for flip, queries in ((False, q), (True, q2)):
+            for w in edge_weights:
+                gw = g * (1 - w) + e * w
+                for k in diffusion:
+                    sim = Gallery.from_embeddings(gw, diffusion_k=k).score_all(queries)
+                    scores[f"w={w},k={k},flip={int(flip)}"] = {"edge_weight": w, "diffusion_k": k, "flip_sketch": flip,
+                                                               **retrieval_summary(sim, ql, gl)}
+        best = max(scores.values(), key=lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), -r["diffusion_k"],
+                                                   -r["flip_sketch"], -r["edge_weight"]))
+        return {k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch")}, scores
+
+    @torch.no_grad()
+    def fp16_check(self) -> dict:
+        """Does storing the backbone in fp16 change what users see? Validation with the
+        weights rounded to fp16 against the fp32 weights."""
+        full = self.validate()
+        state = {k: v.clone() for k, v in self.model.backbone.net.state_dict().items()}
+        self.model.backbone.net.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                                                 for k, v in state.items()})
+        half = self.validate()
+        self.model.backbone.net.load_state_dict(state)
+        return {"fp32": full, "fp16": half}
 
     # ---- resumable state
     def state(self) -> dict:
@@ -372,6 +440,13 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",
              len(ft.p_idx), len(ft.s_idx), len(td.classes), int(held.sum()))
     result = ft.fit(out.with_suffix(".state.pt"))
+    chosen, by_setting = ft.choose_retrieval()
+    ft.model.head.photo_edge_weight = chosen["edge_weight"]
+    ft.model.head.config["photo_edge_weight"] = chosen["edge_weight"]
+    log.info("retrieval %s chosen on held-out classes from %s", chosen,
+             json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "mAP@all")} for s, v in by_setting.items()}))
+    fp16 = ft.fp16_check()
+    log.info("fp16 check: %s", json.dumps(fp16))
     meta = {
         "encoder": cfg.encoder,
         "image_size": cfg.image_size,
@@ -383,7 +458,8 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
         "data_fingerprint": fingerprint(items),
         "selection": result["best"],
-        "retrieval": {"diffusion_k": 0},
+        "retrieval": {**chosen, "validation": by_setting},
+        "fp16_check": fp16,
     }
     save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)
     result["seconds"] = round(time.time() - t0, 1)

@@ -484,14 +484,28 @@ class Gallery:
         i = np.take_along_axis(i, order, axis=1).astype(np.int64)
         return s, i
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
-        """Queries (D,) or (Q, D) -> per query, the top min(k, N) results, best first."""
+    def search(self, queries: np.ndarray, k: int = 10) -> Union[list[SearchResult], list[list[SearchResult]]]:
+        """The top min(k, N) results, best first: a list for one query (D,), a list per
+        query for a batch (Q, D)."""
         s, i = self.knn(queries, k)
-        return [
+        out = [
             [SearchResult(index=int(j), path=self.paths[j], score=float(v), label=self.labels[j])
              for v, j in zip(srow, irow)]
             for srow, irow in zip(s, i)
         ]
+        return out[0] if np.ndim(queries) == 1 else out
+
+    @classmethod
+    def build(cls, source_dir: PathLike, encoder: Any, out_dir: Optional[PathLike] = None,
+              **options: Any) -> "Gallery":
+        """Index a folder of images (class = first-level subfolder) and return the gallery.
+        `out_dir` defaults to $SBIR_HOME/galleries/<folder name>; rebuilding updates only
+        what changed. Options are those of `build_gallery`."""
+        from sbir_core.paths import galleries_dir
+
+        src = Path(source_dir)
+        out = Path(out_dir) if out_dir is not None else galleries_dir() / (src.resolve().name or "gallery")
+        return build_gallery(src, out, encoder, progress=options.pop("progress", False), **options)[0]
 
 
 def _confined(rel: str) -> bool:
@@ -1133,7 +1147,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         query = encode_query(encoder, sketch=args.sketch, photo=args.photo, text=args.text)
     except GalleryError as exc:
         raise CLIError(str(exc)) from exc
-    results = gallery.search(query, args.k)[0]
+    results = gallery.search(query, args.k)
     if args.json:
         print(json.dumps([{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results], indent=2))
     else:

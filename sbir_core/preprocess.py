@@ -208,6 +208,16 @@ def preprocess_photo(photo: Union[Image.Image, np.ndarray], size: int = 224) -> 
     return _pad_square(_fit_photo(photo, size), size)
 
 
+def edges_as_sketch(photo: Union[Image.Image, np.ndarray], size: int = 224) -> Image.Image:
+    """A photo's edge map seen as a drawing: cropped to its lines and padded like a sketch
+    (the view a sketch encoder sees); a flat photo gives its plain (blank) edge map."""
+    edges = photo_to_edges(photo, size)
+    try:
+        return preprocess_sketch(edges, size)
+    except ValueError:
+        return edges
+
+
 def photo_to_edges(photo: Union[Image.Image, np.ndarray], size: int = 224) -> Image.Image:
     """A photo -> black edges on white (Canny), a pseudo-sketch of the photo.
 

@@ -41,10 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from sbir_core.paths import checkpoint_path  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RELATION = ROOT / "checkpoints" / "relation.safetensors"
+DEFAULT_RELATION = checkpoint_path("relation")
 FORMAT_VERSION = 1
 METADATA_KEY = "sbir_relation"
 # A token cell counts as inked when at least this fraction of its pixels is ink.

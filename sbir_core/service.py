@@ -32,15 +32,16 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from sbir_core.paths import cache_dir, home
 from sbir_core.preprocess import BlankSketchError
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GALLERIES = ROOT / "galleries"
-DEFAULT_CACHE = Path(os.environ.get("SBIR_APP_CACHE", ROOT / "cache" / "app"))
-# Galleries visitors upload live outside the repository, in a per-user data folder.
-DEFAULT_UPLOADS = Path(os.environ.get("SBIR_HOME", Path.home() / ".cache" / "sbir")) / "uploaded-galleries"
+DEFAULT_CACHE = cache_dir() / "app"
+# Galleries visitors upload live outside the repository, in the user's data folder.
+DEFAULT_UPLOADS = home() / "uploaded-galleries"
 DEFAULT_K = 12
 MAX_K = 48  # k is clamped to [1, MAX_K]
 MAX_UPLOADED_GALLERIES = 32  # on disk; the oldest is deleted when a new one would exceed this
@@ -711,7 +712,7 @@ class RetrievalService:
     # ------------------------------------------------------------------ searching
     def _hits(self, lg: LoadedGallery, q: np.ndarray, k: int) -> list[Hit]:
         k = clamp_k(k)
-        res = lg.gallery.search(q, k)[0]
+        res = lg.gallery.search(q, k)
         return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
                     score=h.score, label=h.label) for r, h in enumerate(res)]
 
@@ -719,7 +720,7 @@ class RetrievalService:
         from sbir_core.relation import DEFAULT_TOPK, rerank
 
         g = lg.gallery
-        cands = g.search(q, max(DEFAULT_TOPK, k))[0]
+        cands = g.search(q, max(DEFAULT_TOPK, k))
         idx = np.array([c.index for c in cands])
         order = np.argsort(idx)
         toks = np.asarray(g.tokens[idx[order]], dtype=np.float32)[np.argsort(order)]

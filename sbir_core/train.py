@@ -36,7 +36,7 @@ from sbir_core.text import class_text_features
 
 log = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+from sbir_core.paths import RECIPES_DIR  # noqa: E402
 LOSSES = (
     "text",        # MA-SBIR: contrastive alignment of every image with its class text
     "center",      # MA-SBIR: semantic centre, modality-free image part <-> class text part

@@ -93,7 +93,7 @@ def test_search_matches_library_search(app_service):
     canvas = drawn_canvas("square")
     out = app_service.search_sketch(canvas, 12)
     g = app_service._get_gallery("default").gallery
-    ref = g.search(encode_query(app_service.encoder, sketch=canvas["composite"]), 12)[0]
+    ref = g.search(encode_query(app_service.encoder, sketch=canvas["composite"]), 12)
     assert [h.index for h in out.hits] == [r.index for r in ref]
     assert np.allclose([h.score for h in out.hits], [r.score for r in ref], atol=1e-5)
 

@@ -142,12 +142,13 @@ def test_search_sorted_and_self_first(built, raw_encoder) -> None:
     assert q.dtype == np.float32 and q.shape == (g.embeddings.shape[1],)
     np.testing.assert_allclose(q, g.embeddings[target], atol=1e-4)  # same pixels, same vector
 
-    res = g.search(q, k=3)
-    assert len(res) == 1 and len(res[0]) == 3
-    scores = [r.score for r in res[0]]
+    res = g.search(q, k=3)  # one query: one list of results
+    assert len(res) == 3
+    scores = [r.score for r in res]
     assert scores == sorted(scores, reverse=True)
-    assert res[0][0].index == target and res[0][0].path == g.paths[target]
-    assert res[0][0].score == pytest.approx(1.0, abs=1e-4) and res[0][0].label == g.labels[target]
+    assert res[0].index == target and res[0].path == g.paths[target]
+    assert res[0].score == pytest.approx(1.0, abs=1e-4) and res[0].label == g.labels[target]
+    assert [r.index for r in g.search(q[None], k=3)[0]] == [r.index for r in res]  # a batch of one
 
     # Every stored vector finds itself first; k > N gives N.
     batch = g.search(g.embeddings, k=100)
@@ -160,7 +161,7 @@ def test_ties_are_broken_by_index_and_bad_queries_rejected() -> None:
     x[:, 0] = 1.0
     x[3] = [0, 1, 0, 0]  # the only vector that differs
     g = I.Gallery.from_embeddings(x)
-    res = g.search(np.array([1, 0, 0, 0], np.float32), k=4)[0]
+    res = g.search(np.array([1, 0, 0, 0], np.float32), k=4)
     assert [r.index for r in res] == [0, 1, 2, 4]
     with pytest.raises(ValueError, match="dimension"):
         g.search(np.ones(5, np.float32), k=1)

@@ -1,0 +1,51 @@
+"""sbir_core: zero-shot sketch-based image retrieval.
+
+    import sbir_core
+    enc = sbir_core.create_encoder()                       # the shipped trained model
+    gal = sbir_core.Gallery.build("photos/", enc)          # or sbir_core.Gallery.load(path)
+    hits = gal.search(enc.encode_sketch(strokes_or_image), k=10)
+    expl = sbir_core.explain(enc, sketch, hits[0].path)    # correspondences, synthesis, heatmap
+
+Names are imported on first use, so `import sbir_core` (and `python -m sbir_core --help`)
+does not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "create_encoder": "sbir_core.encoders",
+    "SBIREncoder": "sbir_core.encoders",
+    "list_backbones": "sbir_core.encoders",
+    "Gallery": "sbir_core.index",
+    "SearchResult": "sbir_core.index",
+    "GalleryError": "sbir_core.index",
+    "StaleGalleryError": "sbir_core.index",
+    "build_gallery": "sbir_core.index",
+    "explain": "sbir_core.explain",
+    "Explanation": "sbir_core.explain",
+    "preprocess_sketch": "sbir_core.preprocess",
+    "BlankSketchError": "sbir_core.preprocess",
+    "list_checkpoints": "sbir_core.paths",
+    "checkpoint_path": "sbir_core.paths",
+    "retrieval_report": "sbir_core.metrics",
+}
+_ALIASES = {"explain": "explain_pair"}  # the public name of the one-pair explanation
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sbir_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), _ALIASES.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

