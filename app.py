@@ -74,6 +74,10 @@ CSS = """
 #sketch .sbir-label { position: absolute; top: 6px; left: 8px; z-index: 2; font-size: 0.8rem; color: #6b7280;
   pointer-events: none; }
 #status { min-height: 2.2em; }
+#classes summary { cursor: pointer; font-size: 0.9rem; color: #374151; }
+#classes .chips { display: flex; flex-wrap: wrap; gap: 4px; max-height: 5.6em; overflow-y: auto; margin-top: 4px; }
+#classes .chip { background: #eef2ff; border: 1px solid #c7d2fe; border-radius: 999px; padding: 0 8px;
+  font-size: 0.8rem; line-height: 1.5; white-space: nowrap; }
 #results img, #examples img { object-fit: contain !important; background: #fff; }
 #results .caption-label, #examples .caption-label {
   max-width: calc(100% - 8px) !important; white-space: normal; line-height: 1.15; font-size: 0.8rem;
@@ -144,7 +148,10 @@ SKETCH_JS = r"""
   function send() {  // the full stroke list -> #strokes, then its input event (a search)
     const t = box();
     if (!t) return;
-    t.value = JSON.stringify(S.strokes.map(s => s.points));
+    // The brush the person chose travels with the strokes: the server draws the lines
+    // that wide (scaled like the drawing, within the widths the model was trained on).
+    const brush = S.strokes.length ? S.strokes.reduce((a, s) => a + s.size, 0) / S.strokes.length : S.size;
+    t.value = JSON.stringify({strokes: S.strokes.map(s => s.points), brush: Math.round(brush * 10) / 10});
     t.dispatchEvent(new Event('input', {bubbles: true}));  // updates the textbox' value
     // Gradio 6's textbox fires its `input` event from keypress (after the value settles)
     t.dispatchEvent(new KeyboardEvent('keypress', {bubbles: true, key: 'Unidentified'}));
@@ -336,6 +343,17 @@ def sketch_input(value: Any) -> Any:
     return strokes
 
 
+def stroke_brush(value: Any) -> Optional[float]:
+    """The brush width the canvas drew with ({"strokes": ..., "brush": px}), if any."""
+    if not isinstance(value, str) or not value.lstrip().startswith("{"):
+        return None
+    try:
+        b = json.loads(value).get("brush")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return float(b) if isinstance(b, (int, float)) and 0 < b <= 100 else None
+
+
 def _upload_path(value: Any) -> Optional[str]:
     """The server path of an upload as Gradio hands it over (a FileData dict), or None."""
     if isinstance(value, dict):
@@ -370,8 +388,8 @@ class Callbacks:
         self.service = service
 
     # ---- searching
-    def _sketch(self, value: Any, k: Any, gallery: Optional[str]):
-        out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery))
+    def _sketch(self, value: Any, k: Any, gallery: Optional[str], brush: Optional[float] = None):
+        out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery), brush=brush)
         return out.gallery_items(), out.message, out.query
 
     def search_sketch(self, canvas: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
@@ -388,7 +406,7 @@ class Callbacks:
             value = sketch_input(strokes)
         except (ValueError, TypeError) as exc:  # StrokeError, bad JSON
             return [], f"The drawing could not be read: {exc}.", None
-        return self._sketch(value, k, gallery)
+        return self._sketch(value, k, gallery, brush=stroke_brush(strokes))
 
     def search_text(self, text: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         out = self.service.search_text(text if isinstance(text, str) else "", clamp_k(k), gallery=_gallery(gallery))
@@ -455,6 +473,13 @@ class Callbacks:
         m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)
         return m.image if m.ok else None
 
+    def map_panel(self, query: Optional[Query]):
+        """The map, a heading that names what is placed in it, and the query as the model saw it."""
+        kind = query.kind if query is not None else "sketch"
+        what = {"sketch": "your drawing", "photo": "your photo", "text": "your word"}.get(kind, "your query")
+        seen = query.model_input if query is not None else None
+        return self.tsne(query), f"### Where does {what} land?", gr.update(value=seen, visible=seen is not None)
+
     def clear_explanation(self):
         return None, None, None, "Click a result to see why it matched."
 
@@ -490,6 +515,23 @@ class Callbacks:
         dd = gr.update(choices=choices, value=out.name) if out.ok else gr.update(choices=choices)
         msg = out.message if out.ok else f"⚠️ {out.message}"
         return msg, dd, None, owner, mine
+
+    def gallery_classes(self, name: Optional[str]) -> str:
+        """What the gallery contains, as compact chips (so a class can be found with the
+        browser's search, and nobody draws an object the gallery lacks without knowing)."""
+        import html
+
+        try:
+            info = self.service.gallery_info(_gallery(name))
+        except ServiceError:
+            return ""
+        labels = [c.replace("_", " ") for c in info["classes"] if c]
+        if not labels:
+            return ""
+        chips = "".join(f'<span class="chip">{html.escape(c)}</span>' for c in labels)
+        n = len(labels)
+        return (f'<details class="classes" open><summary>This gallery has {n} {"class" if n == 1 else "classes"} '
+                f'({info["count"]} pictures)</summary><div class="chips">{chips}</div></details>')
 
     def gallery_choices(self, mine: Optional[list] = None) -> list:
         return [(display_name(n), n) for n in self.service.list_galleries()] + [tuple(m) for m in (mine or [])]
@@ -532,7 +574,12 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                         strokes = gr.Textbox(value="", visible="hidden", elem_id="strokes", show_label=False,
                                              container=False)
                         clear_trigger = gr.Button("Clear", visible="hidden", elem_id="clear-trigger")
-                        search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
+                        with gr.Row(equal_height=True):
+                            search_btn = gr.Button("Search", variant="primary", elem_id="search-button", scale=3)
+                            # What the encoder is given: cropped, padded, at the line width it gets.
+                            model_view = gr.Image(label="What the model sees", elem_id="model-view", type="pil",
+                                                  interactive=False, height=120, width=120, visible=False,
+                                                  show_label=True, buttons=[], scale=1, min_width=120)
                         gr.Markdown("**Or start from an example** (click one):")
                         example_gallery = gr.Gallery(
                             value=[(e.render(size=112, line_width=3), e.label) for e in examples],
@@ -556,6 +603,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                     gallery_dd = gr.Dropdown(choices=galleries, value=service.default_gallery, label="Gallery",
                                              elem_id="gallery-select", scale=3)
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="Results (k)", elem_id="k", scale=2)
+                classes = gr.HTML(cb.gallery_classes(service.default_gallery), elem_id="classes")
                 status = gr.Markdown("Draw something on the canvas to start.", elem_id="status")
                 results = gr.Gallery(label="Matches (click one to see why)", columns=4, height=560,
                                      allow_preview=False, object_fit="contain", elem_id="results",
@@ -573,7 +621,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                     heat = gr.Image(label="Where it agrees (heatmap)", elem_id="heatmap",
                                     type="pil", interactive=False, height=330, buttons=["download", "fullscreen"])
             with gr.Column(scale=5):
-                gr.Markdown("### Where does your drawing land?")
+                map_heading = gr.Markdown("### Where does your drawing land?", elem_id="map-heading")
                 tsne = gr.Image(value=cb.tsne(None), label="t-SNE map of the gallery (★ = your query)",
                                 elem_id="tsne", type="pil", interactive=False, height=520)
 
@@ -603,8 +651,8 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=CONCURRENCY)
 
         def then_map(ev):
-            ev.then(cb.tsne, [query_state], [tsne], show_progress="hidden", concurrency_id="map",
-                    concurrency_limit=1, api_visibility="private")
+            ev.then(cb.map_panel, [query_state], [tsne, map_heading, model_view], show_progress="hidden",
+                    concurrency_id="map", concurrency_limit=1, api_visibility="private")
 
         # Every finished stroke (the canvas script fires #strokes' input event), only the
         # latest when strokes pile up.
@@ -644,6 +692,8 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
             cb.clear_explanation, None, expl_outputs, api_visibility="private")
+        gallery_dd.change(cb.gallery_classes, [gallery_dd], [classes], api_visibility="private",
+                          show_progress="hidden")
         build_btn.click(cb.build_gallery, [files, new_name, is_sketch, owner_state, mine_state],
                         [build_msg, gallery_dd, files, owner_state, mine_state],
                         api_name="build_gallery", concurrency_id="build", concurrency_limit=1).then(

@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sbir_core.preprocess import normalize_strokes, preprocess_sketch, render_strokes
+from sbir_core.preprocess import LINE_WIDTH_RANGE, normalize_strokes, preprocess_sketch, render_strokes
 
 
 def augment_strokes(strokes: list, rng: np.random.Generator, drop: float = 0.15, jitter: float = 0.015) -> list[np.ndarray]:
@@ -35,7 +35,7 @@ def augment_strokes(strokes: list, rng: np.random.Generator, drop: float = 0.15,
 
 def augment_sketch(sketch: Union[list, Image.Image], size: int, rng: np.random.Generator) -> Image.Image:
     """One random variant of a sketch (strokes or image), preprocessed to `size`."""
-    width = float(rng.uniform(2.0, 5.0))
+    width = float(rng.uniform(*LINE_WIDTH_RANGE))
     if isinstance(sketch, Image.Image):
         img = preprocess_sketch(sketch, size, line_width=width)
         return _image_affine(img, rng)

@@ -346,6 +346,28 @@ class Finetuner:
                                                    -r["flip_sketch"], -r["edge_weight"]))
         return {k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch")}, scores
 
+    def calibrate_confidence(self, chosen: dict) -> dict:
+        """The top-1 score below which the page says "not sure": held-out-class queries are
+        searched once with their class in the gallery and once with it removed, and the
+        threshold that best separates the two top-1 score distributions (balanced
+        accuracy) is kept, with the rates it achieves."""
+        q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
+        if chosen["flip_sketch"]:
+            q = q + qf
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+        w = chosen["edge_weight"]
+        g = g * (1 - w) + e * w
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        sim = q @ g.T
+        present = sim.max(1)
+        absent = np.where(gl[None, :] == ql[:, None], -np.inf, sim).max(1)
+        best = max(np.unique(np.concatenate([present, absent])),
+                   key=lambda t: 0.5 * ((present >= t).mean() + (absent < t).mean()))
+        return {"threshold": round(float(best), 4),
+                "present_kept": round(float((present >= best).mean()), 3),     # class in gallery: no notice
+                "absent_flagged": round(float((absent < best).mean()), 3),     # class missing: notice shown
+                "n_queries": int(len(q)), "note": "diffusion off; scores as the app shows them"}
+
     @torch.no_grad()
     def fp16_check(self) -> dict:
         """Does storing the backbone in fp16 change what users see? Validation with the
@@ -447,6 +469,8 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
              json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "mAP@all")} for s, v in by_setting.items()}))
     fp16 = ft.fp16_check()
     log.info("fp16 check: %s", json.dumps(fp16))
+    confidence = ft.calibrate_confidence(chosen)
+    log.info("confidence: %s", json.dumps(confidence))
     meta = {
         "encoder": cfg.encoder,
         "image_size": cfg.image_size,
@@ -458,7 +482,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
         "data_fingerprint": fingerprint(items),
         "selection": result["best"],
-        "retrieval": {**chosen, "validation": by_setting},
+        "retrieval": {**chosen, "validation": by_setting, "confidence": confidence},
         "fp16_check": fp16,
     }
     save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)

@@ -11,7 +11,7 @@ sketch drawn in the browser and a QuickDraw doodle reach the model the same way:
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -28,6 +28,9 @@ DEFAULT_MARGIN = 0.08
 # Line width the model sees, in pixels at 224 px; close to QuickDraw renders and
 # the PACS/TU-Berlin sketches the encoder is trained and evaluated on.
 TARGET_LINE_WIDTH = 3.0
+# Line widths (model pixels) the encoder is trained with (augment.augment_sketch); a
+# person's brush size is mapped into this range.
+LINE_WIDTH_RANGE = (2.0, 5.0)
 
 
 class BlankSketchError(ValueError):
@@ -135,14 +138,19 @@ def preprocess_sketch(
     size: int = 224,
     margin: float = DEFAULT_MARGIN,
     line_width: float = TARGET_LINE_WIDTH,
+    brush: Optional[float] = None,
 ) -> Image.Image:
     """Canvas image or strokes -> RGB image, black ink on white, size x size.
 
     Crops to the ink's bounding box plus a margin, pads to a square (aspect kept),
     resizes, and thickens lines that a large downscale would make too thin.
+    `brush`: for strokes, the pen width in the strokes' own units (a canvas brush size);
+    it is scaled like the drawing and kept within LINE_WIDTH_RANGE.
     Raises BlankSketchError when there is no ink.
     """
     if not isinstance(sketch, (Image.Image, np.ndarray)):
+        if brush is not None and brush > 0:
+            line_width = brush_line_width(sketch, brush, size, margin)
         return render_strokes(sketch, size=size, line_width=line_width, margin=margin)
     ink = ink_mask(sketch)
     on = ink > INK_THRESHOLD
@@ -168,6 +176,17 @@ def preprocess_sketch(
             img = img.filter(ImageFilter.MaxFilter(2 * ((grow + 1) // 2) + 1))
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     return ImageOps.invert(img).convert("RGB")
+
+
+def brush_line_width(strokes: Strokes, brush: float, size: int, margin: float = DEFAULT_MARGIN) -> float:
+    """A brush width in stroke units -> the line width at `size`, as the drawing is scaled."""
+    pts = normalize_strokes(strokes)
+    if not pts:
+        return TARGET_LINE_WIDTH
+    allp = np.concatenate(pts)
+    extent = float(max(allp.max(0) - allp.min(0))) or 1.0
+    lo, hi = LINE_WIDTH_RANGE
+    return float(np.clip(brush * size * (1 - 2 * margin) / extent, lo, hi))
 
 
 def _stroke_width(on: np.ndarray) -> float:

@@ -96,6 +96,7 @@ class Query:
     image: Any = None  # the drawing as given / the photo as the encoder saw it (for explanations)
     text: Optional[str] = None
     key: str = ""  # cache key of the input
+    model_input: Any = None  # the preprocessed image the encoder was given (cropped, padded, line width)
 
     @property
     def highlight(self) -> list[int]:
@@ -109,6 +110,7 @@ class SearchOutcome:
     hits: list[Hit] = field(default_factory=list)
     query: Optional[Query] = None
     seconds: float = 0.0
+    unsure: bool = False  # the best match is weak: the gallery may not contain the object
 
     def gallery_items(self) -> list[tuple[str, str]]:
         """(image, caption) pairs, the form `gr.Gallery` takes."""
@@ -730,7 +732,7 @@ class RetrievalService:
                     score=float(scores[j]), label=cands[j].label) for r, j in enumerate(best)]
 
     def search_sketch(self, canvas_value: Any, k: int = DEFAULT_K, gallery: Optional[str] = None,
-                      rerank: bool = False) -> SearchOutcome:
+                      rerank: bool = False, brush: Optional[float] = None) -> SearchOutcome:
         """A drawing (canvas dict, image, array, path or stroke list) -> results.
 
         Searches photos, or sketches when the gallery holds sketches (sketch -> sketch).
@@ -739,14 +741,14 @@ class RetrievalService:
         try:
             lg = self._get_gallery(gallery)
             img = _canvas_image(canvas_value)
-            key = "sketch:" + _fingerprint(img)
+            key = "sketch:" + _fingerprint(img) + (f":{brush:.1f}" if brush else "")
             cached = self._queries.get(key)
             if cached is None:
                 from sbir_core.preprocess import preprocess_sketch
 
                 # Exactly SBIREncoder.encode_sketches([img]) (what index.encode_query runs),
                 # keeping the preprocessed view for re-ranking.
-                sk = preprocess_sketch(img, self.encoder.image_size)  # BlankSketchError when empty
+                sk = preprocess_sketch(img, self.encoder.image_size, brush=brush)  # BlankSketchError when empty
                 out = self.encoder.encode(self.encoder.to_tensor(sk)[None], "sketch")
                 emb = np.ascontiguousarray(out.normalized()[0], dtype=np.float32)
                 cached = (emb, sk, out.tokens[0])
@@ -769,9 +771,25 @@ class RetrievalService:
             return SearchOutcome(False, "Sorry, that drawing could not be searched. Try drawing it again.",
                                  seconds=time.perf_counter() - t0)
         mode = "sketch → sketch" if lg.modality == "sketch" else "sketch → photo"
-        q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=_compact_sketch(img), key=key)
+        q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=_compact_sketch(img), key=key,
+                  model_input=sk)
         dt = time.perf_counter() - t0
-        return SearchOutcome(True, self._summary(hits, mode, dt, rerank=use_rerank), hits, q, dt)
+        unsure = lg.modality == "photo" and not use_rerank and self._unsure(hits)
+        msg = self._summary(hits, mode, dt, rerank=use_rerank)
+        if unsure:
+            msg = "🤔 **Not sure:** this gallery may not contain what you drew. " + msg.replace("Best match", "Closest")
+        return SearchOutcome(True, msg, hits, q, dt, unsure=unsure)
+
+    @property
+    def confidence_threshold(self) -> Optional[float]:
+        """Top-1 similarity below which a sketch search is reported as unsure; calibrated
+        on held-out training classes with the checkpoint (None: no calibration)."""
+        conf = (getattr(self.encoder, "meta", None) or {}).get("retrieval", {}).get("confidence") or {}
+        return conf.get("threshold")
+
+    def _unsure(self, hits: Sequence[Hit]) -> bool:
+        t = self.confidence_threshold
+        return bool(hits) and t is not None and hits[0].score < t
 
     def search_text(self, text: str, k: int = DEFAULT_K, gallery: Optional[str] = None) -> SearchOutcome:
         """A class name or phrase -> results (needs the trained checkpoint's text head)."""
@@ -840,7 +858,7 @@ class RetrievalService:
             log.exception("photo search failed")
             return SearchOutcome(False, "Sorry, that photo could not be searched. Try another picture.")
         dt = time.perf_counter() - t0
-        q = Query(kind="photo", embedding=emb, gallery=lg.name, hits=hits, image=shown, key=key)
+        q = Query(kind="photo", embedding=emb, gallery=lg.name, hits=hits, image=shown, key=key, model_input=shown)
         return SearchOutcome(True, self._summary(hits, f"photo → {lg.modality}", dt), hits, q, dt)
 
     @staticmethod

@@ -3,8 +3,8 @@
 
     python scripts/bench_app.py [--galleries galleries] [--gallery default] [--browser-strokes 20]
 
-1. Search callback alone (in-process): `Callbacks.search_sketch` (i.e.
-   `RetrievalService.search_sketch`) on canvas images as API clients send them (384 px
+1. Search callback alone (in-process): `RetrievalService.search_sketch` (what the
+   /search_sketch callback runs once it has decoded the upload) on canvas images (384 px
    composites of the example drawings, jittered so no call hits the query cache),
    median over repeated calls, next to two baselines
    measured in the same process on the same inputs, interleaved so background load
@@ -99,22 +99,22 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
     for st in strokes[:warmup]:
         cb.search_strokes(st, k, None)
     for c in canvases[:warmup]:  # warm caches, allocator, thumbnails of common results
-        cb.search_sketch(c, k, None)
+        service.search_sketch(c, k)
         enc.encode_sketches([c["composite"]])
     t_cb, t_enc, t_fwd, t_cached, t_strokes = [], [], [], [], []
     for c, st in zip(canvases[warmup:], strokes[warmup:]):
         comp = c["composite"]
         t0 = time.perf_counter()
-        items, msg, q = cb.search_sketch(c, k, None)
+        out = service.search_sketch(c, k)
         t1 = time.perf_counter()
-        assert items, msg
+        assert out.hits, out.message
         enc.encode_sketches([comp])
         t2 = time.perf_counter()
         x = enc.sketch_transform(comp)[None]
         t3 = time.perf_counter()
         enc.encode(x, "sketch")
         t4 = time.perf_counter()
-        cb.search_sketch({"composite": comp.copy()}, k, None)  # the same drawing again
+        service.search_sketch({"composite": comp.copy()}, k)  # the same drawing again
         t5 = time.perf_counter()
         items, msg, q = cb.search_strokes(st, k, None)  # what the page sends per stroke
         t6 = time.perf_counter()

@@ -60,7 +60,10 @@ def product_queries(data: Path) -> dict[str, list]:
 
 
 def run(data: Path, checkpoint: str) -> dict:
-    enc = create_encoder(checkpoint=checkpoint)
+    return run_encoder(create_encoder(checkpoint=checkpoint), data)
+
+
+def run_encoder(enc, data: Path) -> dict:
     photos = image_folder(GALLERY)
     t0 = time.perf_counter()
     g = enc.encode_photos([it.load() for it in photos]).normalized()

@@ -137,16 +137,17 @@ def test_strokes_are_sent_as_points_and_undo_works(page):
     _stroke(page, [(x, y), (x + w, y), (x + w, y + w)])
     page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
     _stroke(page, [(x + w, y + w), (x, y + w), (x, y)])
-    page.wait_for_function("() => JSON.parse(document.querySelector('#strokes textarea').value || '[]').length === 2",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function("() => (JSON.parse(document.querySelector('#strokes textarea').value || '{}').strokes"
+                           " || []).length === 2", timeout=TIMEOUT_MS)
     import json
 
     sent = json.loads(page.evaluate("() => document.querySelector('#strokes textarea').value"))
-    assert [len(s) >= 3 and all(len(p) == 2 for p in s) for s in sent] == [True, True]
+    assert [len(s) >= 3 and all(len(p) == 2 for p in s) for s in sent["strokes"]] == [True, True]
+    assert sent["brush"] == 6  # the brush size travels with the strokes (the server draws that wide)
     ink2 = _ink(page)
     page.locator("#sketch button[aria-label='Undo']").first.click()
-    page.wait_for_function("() => JSON.parse(document.querySelector('#strokes textarea').value || '[]').length === 1",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function("() => (JSON.parse(document.querySelector('#strokes textarea').value || '{}').strokes"
+                           " || []).length === 1", timeout=TIMEOUT_MS)
     assert 0 < _ink(page) < ink2
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Best match')",
                            timeout=TIMEOUT_MS)

@@ -594,3 +594,19 @@ def test_gallery_index_in_a_subfolder_is_found(app_galleries, raw_encoder, tmp_p
     assert svc.default_gallery == "shipped" and svc.notices == []
     assert svc.gallery_info()["directory"].endswith("index") and svc.gallery_info()["count"] == 12
     assert svc.list_galleries() == ["shipped"]
+
+
+def test_brush_size_reaches_the_model_within_the_trained_range(app_service):
+    """A thicker brush draws thicker lines in what the model sees, clamped to the widths
+    the encoder was trained with."""
+    from sbir_core.preprocess import LINE_WIDTH_RANGE, brush_line_width, preprocess_sketch
+
+    square = [[(0, 0), (300, 0), (300, 300), (0, 300), (0, 0)]]
+    size = app_service.encoder.image_size
+    widths = [brush_line_width(square, b, size) for b in (1, 6, 12, 200)]
+    assert widths == sorted(widths) and widths[0] == LINE_WIDTH_RANGE[0] and widths[-1] == LINE_WIDTH_RANGE[1]
+    ink = [(np.asarray(preprocess_sketch(square, size, brush=b).convert("L")) < 128).sum() for b in (2, 12)]
+    assert ink[1] > ink[0] * 1.5
+    thin = app.Callbacks(app_service).search_strokes(json.dumps({"strokes": square, "brush": 2}), 3, "default")[2]
+    thick = app.Callbacks(app_service).search_strokes(json.dumps({"strokes": square, "brush": 12}), 3, "default")[2]
+    assert not np.allclose(thin.embedding, thick.embedding)

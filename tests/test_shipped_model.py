@@ -121,3 +121,25 @@ def test_shipped_encoder_is_fine_tuned_and_none_is_the_raw_backbone():
     assert all(torch.equal(raw.backbone.net.state_dict()[k], v) for k, v in imagenet.items())
     emb = enc.encode_sketches([list_examples()[0].strokes]).normalized()
     assert emb.shape == (1, enc.embed_dim) and np.isfinite(emb).all()
+
+
+def _umbrella() -> str:
+    """An umbrella (the default gallery has none): a dome, its scalloped rim and a hooked handle."""
+    import math
+
+    dome = [[150 + 110 * math.cos(math.pi + math.pi * i / 20), 150 + 90 * math.sin(math.pi + math.pi * i / 20)]
+            for i in range(21)]
+    rim = [[40 + 220 * i / 8, 150 - 14 * abs(math.sin(math.pi * i / 2))] for i in range(9)]
+    hook = [[150 - 18 + 18 * math.cos(math.pi * i / 6), 260 + 18 * math.sin(math.pi * i / 6)] for i in range(7)]
+    handle = [[150, 60], [150, 260]] + hook
+    return json.dumps([dome, rim, handle])
+
+
+def test_a_drawing_the_gallery_lacks_is_flagged_as_unsure(shipped):
+    """Calibrated on held-out training classes: a missing class gets the notice, the
+    example drawings (whose classes the gallery has) mostly do not."""
+    assert shipped.service.confidence_threshold is not None
+    items, msg, query = shipped.search_strokes(_umbrella(), 5, "default")
+    assert query is not None and "Not sure" in msg, msg
+    flagged = [e.name for e in list_examples() if "Not sure" in shipped.search_example(e.name, 5, "default")[1]]
+    assert len(flagged) <= 2, flagged

@@ -1,0 +1,31 @@
+"""The README's Python example runs as written (from another folder, shipped model)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_python_example() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1]
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m, "no ```python block under '## Python API' in README.md"
+    return m.group(1)
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "default.safetensors").is_file(), reason="no shipped checkpoint")
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    # A fresh folder holding only what the example names: a folder of photos.
+    (tmp_path / "photos").symlink_to(ROOT / "galleries" / "default" / "images", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SBIR_HOME", str(tmp_path / "home"))
+    scope: dict = {}
+    exec(compile(readme_python_example(), "README.md", "exec"), scope)
+    hits = scope["hits"]
+    assert len(hits) == 10 and hits[0].label == "house", [h.label for h in hits[:5]]
+    assert (tmp_path / "why.png").is_file()
