@@ -1,31 +1,503 @@
-"""`python -m sbir_core`: one subcommand per capability.
+"""`python -m sbir_core`: the command line, one subcommand per capability.
 
-Each concern module owns its subcommands through a `register_cli(subparsers)`
-function, so the command line grows without one file becoming a hub of logic.
+This module owns the whole command line: every subcommand's arguments, its handler
+(read the arguments, call the library, print) and how failures are reported. The
+library modules hold no argparse code and print nothing.
+
+Building the parser must stay cheap (`--help` answers at once): handlers import the
+library inside the function body, and the few library constants the parser needs
+(choices, defaults, help text) are mirrored below; tests/test_cli.py checks that the
+mirrors match the originals and that building the parser loads no torch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-# Modules that contribute subcommands, in the order they appear in --help.
-CLI_MODULES = (
-    "sbir_core.index",      # index, search
-    "sbir_core.evaluate",   # eval
-    "sbir_core.train",      # train
-    "sbir_core.finetune",   # finetune
-    "sbir_core.relation",   # train-relation
-    "sbir_core.explain",    # explain, tsne
-    "sbir_core.download",   # gallery download
-)
+from sbir_core.paths import checkpoint_path
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- mirrored constants
+# Copies of library constants, so that building the parser imports no heavy module.
+INDEX_TYPES = ("flat", "hnsw", "ivf")  # index.INDEX_TYPES
+GALLERY_MODALITIES = ("photo", "sketch")  # index.GALLERY_MODALITIES
+TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder", "cls", "pair",
+                "xclass")  # train.LOSSES
+RELATION_TOPK = 50  # relation.DEFAULT_TOPK
+
+# What `eval` prints, in this order.
+SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
+FIRST_ROW_KEYS = ("hit@1", "hit@5", "P@5", "P@10")
 
 
 class CLIError(Exception):
     """An error the command line reports as one clear line, without a traceback."""
 
 
+# ----------------------------------------------------------------------------- index, search
+def _load_encoder(name: Optional[str], checkpoint: Optional[str]) -> Any:
+    """Separate function so tests can substitute an already-loaded encoder."""
+    from sbir_core.encoders import create_encoder
+
+    return create_encoder(name, checkpoint=checkpoint)
+
+
+def format_build_report(report: Any) -> str:
+    """One `index.BuildReport` as printed by `index`."""
+    lines = [
+        f"gallery {report.out_dir}: {report.total} items ({report.index_type} index)"
+        + ("" if report.written else ", unchanged"),
+        f"  added {report.added}, updated {report.updated}, reused {report.reused}, "
+        f"removed {report.removed}, skipped {len(report.skipped)}  [{report.seconds:.1f} s]",
+    ]
+    if report.rebuilt_reason:
+        lines.append(f"  re-encoded everything: {report.rebuilt_reason}")
+    if report.skipped:
+        lines.append("  skipped files:")
+        lines += [f"    {p}: {why}" for p, why in report.skipped]
+    return "\n".join(lines)
+
+
+def format_results_table(results: Sequence[Any]) -> str:
+    """`index.SearchResult`s as the table `search` prints."""
+    if not results:
+        return "(no results)"
+    rows = [(str(r + 1), f"{res.score:.4f}", res.label or "-", res.path) for r, res in enumerate(results)]
+    head = ("rank", "score", "label", "path")
+    widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)]
+    fmt = lambda row: "  ".join(  # noqa: E731 - right-align numbers, left-align text
+        (v.rjust(w) if c < 2 else v.ljust(w)) for c, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(head)] + [fmt(row) for row in rows])
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from sbir_core.index import GalleryError, build_gallery
+
+    source = Path(args.photo_dir)
+    if not source.is_dir():
+        raise CLIError(f"not a folder: {source}")
+    encoder = _load_encoder(args.encoder, args.checkpoint)
+    try:
+        _, report = build_gallery(
+            source, args.out, encoder, modality=args.modality, index_type=args.index_type,
+            store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
+            checkpoint=args.checkpoint,
+        )
+    except GalleryError as exc:
+        raise CLIError(str(exc)) from exc
+    print(format_build_report(report))
+    return 0
+
+
+def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional[str]) -> tuple[Optional[str], str]:
+    """Which encoder to query `gallery` with: the gallery's own unless the user names another."""
+    g_name = gallery.meta.get("encoder_name") or gallery.encoder_id.rsplit("@", 1)[0]
+    g_ckpt = gallery.meta.get("checkpoint") or "none"
+    if checkpoint is None and name is None:
+        if g_ckpt.startswith("<"):
+            raise CLIError(f"gallery {gallery.root} does not record its checkpoint file; pass --checkpoint PATH")
+        return g_name, g_ckpt
+    ckpt = checkpoint if checkpoint is not None else g_ckpt
+    if ckpt.lower() == "none":
+        return name or g_name, "none"
+    return name, ckpt  # a checkpoint names its own backbone
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from sbir_core.index import Gallery, GalleryError, check_encoder, encode_query
+
+    try:
+        gallery = Gallery.load(args.gallery, ef_search=args.ef_search, nprobe=args.nprobe)
+        name, ckpt = _search_encoder_spec(gallery, args.encoder, args.checkpoint)
+        encoder = _load_encoder(name, ckpt)
+        check_encoder(gallery, encoder, checkpoint=ckpt)
+        query = encode_query(encoder, sketch=args.sketch, photo=args.photo, text=args.text)
+    except GalleryError as exc:
+        raise CLIError(str(exc)) from exc
+    results = gallery.search(query, args.k)
+    if args.json:
+        print(json.dumps([{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results], indent=2))
+    else:
+        print(format_results_table(results))
+    return 0
+
+
+def _add_index(sub: Any) -> None:
+    p = sub.add_parser(
+        "index", help="embed a folder of images into a searchable gallery (incremental)",
+        description="Embed every image under PHOTO_DIR (class = first-level subfolder) into GALLERY_DIR. "
+                    "Re-running only encodes new and changed files.",
+    )
+    p.add_argument("photo_dir", metavar="PHOTO_DIR")
+    p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="gallery folder to create or update")
+    p.add_argument("--encoder", default=None, metavar="NAME",
+                   help="backbone (default: the checkpoint's, else efficientnet-lite0)")
+    p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
+                   help="trained heads: the shipped default, none (raw backbone) or a file (default: default)")
+    p.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
+                   help="flat = exact (default); hnsw / ivf = approximate, for large galleries")
+    p.add_argument("--modality", choices=GALLERY_MODALITIES, default="photo", help="what the images are")
+    p.add_argument("--no-tokens", action="store_true", help="do not store token grids (no explanations)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+    s = sub.add_parser(
+        "search", help="search a gallery with a sketch, a photo or text",
+        description="Query a gallery; the encoder defaults to the one the gallery was built with.",
+    )
+    s.add_argument("--gallery", required=True, metavar="GALLERY_DIR")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--sketch", metavar="IMAGE", help="sketch image (dark ink on light, or transparent canvas)")
+    q.add_argument("--photo", metavar="IMAGE", help="photo query")
+    q.add_argument("--text", metavar="TEXT", help='text query, e.g. "a cat" (needs a checkpoint with a text head)')
+    s.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score", "label"}')
+    s.add_argument("--encoder", default=None, metavar="NAME", help="override the gallery's backbone")
+    s.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
+                   help="override the gallery's checkpoint (must match it)")
+    s.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates per query (recall vs speed)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (recall vs speed)")
+    s.set_defaults(func=_cmd_search)
+
+
+# ----------------------------------------------------------------------------- eval
+def format_eval_report(r: dict) -> str:
+    """An `evaluate.evaluate` report as the text `eval` prints."""
+    lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
+             f"gallery diffusion k={r.get('diffusion_k', 0)}"]
+    lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
+    lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
+    lines.append("")
+    lines.append(f"{'class':<24}{'queries':>8}{'mAP@all':>10}{'P@100':>8}{'hit@5':>8}{'P@5':>8}")
+    for label, c in sorted(r["per_class"].items(), key=lambda kv: str(kv[0])):
+        lines.append(f"{str(label):<24}{c['n_queries']:>8}{c['mAP@all']:>10.4f}{c['P@100']:>8.4f}"
+                     f"{c['hit@5']:>8.4f}{c['P@5']:>8.4f}")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    # Check what was asked for before loading a model: a wrong --data or --split fails at once.
+    if args.split:
+        if not args.data:
+            raise CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
+        from sbir_core.data import get_split, load_splits
+
+        get_split(load_splits(args.data), args.split)
+    elif not (args.queries and args.gallery):
+        raise CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
+
+    from sbir_core.data import folder_items
+    from sbir_core.encoders import create_encoder
+    from sbir_core.evaluate import evaluate, evaluate_split
+
+    encoder = create_encoder(args.encoder, checkpoint=args.checkpoint)
+    cache = None if args.no_cache else args.cache_dir
+    if args.split:
+        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion,
+                                generalized=args.generalized)
+    else:
+        queries = folder_items(args.queries, modality="sketch")
+        gallery = folder_items(args.gallery, modality="photo")
+        if args.no_cache:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion)
+        else:
+            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion)
+    if args.json:
+        print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, *FIRST_ROW_KEYS, "n_queries", "n_gallery")}
+                         | {k: report[k] for k in ("per_class", "encoder", "diffusion_k")}))
+    else:
+        print(format_eval_report(report))
+    return 0
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="mAP@all, P@100/200, hit@1/5, P@5/10 on a split or on folders")
+    p.add_argument("--data", help="shared data folder holding splits.json")
+    p.add_argument("--split", help="benchmark split name, e.g. pacs or doodle")
+    p.add_argument("--queries", help="folder of class subfolders (images) or of .ndjson files")
+    p.add_argument("--gallery", help="folder of class subfolders of photos")
+    p.add_argument("--encoder", default=None, help="backbone (default: the checkpoint's)")
+    p.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default $SBIR_HOME/cache/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
+    p.add_argument("--generalized", action="store_true",
+                   help="add every Caltech photo of the training classes to a split's gallery")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+
+# ----------------------------------------------------------------------------- train, finetune
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sbir_core.train import LOSSES, TrainConfig, train
+
+    cfg = TrainConfig.from_recipe(args.recipe)
+    for kv in args.loss or []:
+        k, _, v = kv.partition("=")
+        if k not in LOSSES:
+            raise ValueError(f"unknown loss {k!r}; known: {', '.join(LOSSES)}")
+        cfg.losses[k] = float(v)
+    for name in ("steps", "seed", "lr", "batch", "photo_edge_weight", "embed_dim", "hidden"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    if args.encoder:
+        cfg.encoder = args.encoder
+    if args.exclude_split:
+        cfg.exclude = tuple(args.exclude_split)
+    if args.no_edges:
+        cfg.use_edges = False
+    out = None if args.out == "none" else Path(args.out)
+    res = train(cfg, Path(args.data), out)
+    summary = {k: res[k] for k in ("val_mAP", "best_step", "diffusion_k", "val_mAP_by_diffusion", "benchmarks",
+                                   "data_fingerprint", "seconds")}
+    print(json.dumps(summary, indent=1))
+    if out:
+        print(f"saved {out}")
+    return 0
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train the heads on cached backbone features")
+    p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
+    p.add_argument("--recipe", default="default", help="recipe name in sbir_core/recipes or a JSON path")
+    p.add_argument("--out", default=str(checkpoint_path("default")), help="checkpoint path, or 'none'")
+    p.add_argument("--loss", action="append", metavar="NAME=WEIGHT",
+                   help=f"override a loss weight ({', '.join(TRAIN_LOSSES)})")
+    p.add_argument("--exclude-split", action="append", help="benchmark split never to train on (repeatable)")
+    p.add_argument("--encoder", help="backbone, e.g. efficientnet-lite2")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--embed-dim", dest="embed_dim", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--photo-edge-weight", dest="photo_edge_weight", type=float)
+    p.add_argument("--no-edges", action="store_true", help="no photo edge maps as pseudo-sketches")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from sbir_core.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig()
+    for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
+                 "sketches_per_step", "photos_per_step", "max_photos_per_class"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
+    print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
+    print(f"saved {args.out}")
+    return 0
+
+
+def _add_finetune(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="train backbone and heads end to end (encoder v2; resumable)")
+    p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
+    p.add_argument("--out", default="checkpoints/default.safetensors", help="checkpoint to write")
+    p.add_argument("--cache", default="cache", help="folder for decoded training photos ('' = none)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--lr-backbone", dest="lr_backbone", type=float)
+    p.add_argument("--lr-head", dest="lr_head", type=float)
+    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int)
+    p.add_argument("--sketches-per-step", dest="sketches_per_step", type=int)
+    p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
+    p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
+    p.add_argument("--val-every", dest="val_every", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_finetune)
+
+
+# ----------------------------------------------------------------------------- relation model
+def _require_splits(data: str) -> None:
+    if not (Path(data) / "splits.json").is_file():
+        raise CLIError(f"--data {data}: no splits.json there; pass the shared data folder")
+
+
+def _cmd_train_relation(args: argparse.Namespace) -> int:
+    _require_splits(args.data)
+    from sbir_core.relation import train_relation
+
+    _, meta = train_relation(args.data, out=args.out, epochs=args.epochs, seed=args.seed,
+                             encoder_name=args.encoder, allow_extract=not args.no_extract,
+                             max_photos_per_class=args.max_photos_per_class or None)
+    print(json.dumps({k: meta[k] for k in ("val_mAP_all", "val_mAP_all_base", "best_epoch", "val_classes",
+                                           "train_seconds")}, indent=1))
+    print(f"wrote {args.out} (alpha {meta['alpha']:g})")
+    return 0
+
+
+def _cmd_eval_relation(args: argparse.Namespace) -> int:
+    _require_splits(args.data)
+    from sbir_core.relation import benchmark_rerank
+
+    res = benchmark_rerank(args.data, args.split, args.checkpoint, args.embedding, k=args.k, progress=True)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _add_relation(sub: Any) -> None:
+    p = sub.add_parser("train-relation", help="train the cross-attention relation model (re-ranking, explanations)")
+    p.add_argument("--data", required=True, help="the shared data folder (splits.json, caltech101/, quickdraw/)")
+    p.add_argument("--out", default=str(checkpoint_path("relation")), help="where to write the model (.safetensors)")
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", default=None, help="backbone name (default efficientnet-lite0)")
+    p.add_argument("--max-photos-per-class", type=int, default=80,
+                   help="Caltech photos per class (as in the feature cache; 0 = all)")
+    p.add_argument("--no-extract", action="store_true", help="fail instead of extracting features missing from the cache")
+    p.set_defaults(func=_cmd_train_relation)
+
+    e = sub.add_parser("eval-relation", help="benchmark mAP with and without relation re-ranking")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="pacs")
+    e.add_argument("--checkpoint", default=None, help="relation model (default checkpoints/relation.safetensors)")
+    e.add_argument("--embedding", default="raw", help="'raw' backbone cosine, or an encoder checkpoint path")
+    e.add_argument("-k", type=int, default=RELATION_TOPK, help="candidates re-ranked per query")
+    e.add_argument("--json", default=None, help="also write the result here")
+    e.set_defaults(func=_cmd_eval_relation)
+
+
+# ----------------------------------------------------------------------------- explain, tsne
+def _explain_encoder(checkpoint: str) -> Any:
+    """The encoder `explain` uses (tests substitute an already-loaded one)."""
+    from sbir_core.encoders import DEFAULT_CHECKPOINT, create_encoder
+
+    if checkpoint == "default" and not DEFAULT_CHECKPOINT.is_file():
+        log.info("no default checkpoint; explaining with the raw backbone's tokens")
+        checkpoint = "none"
+    return create_encoder(checkpoint=checkpoint)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from sbir_core.explain import explain_pair, load_relation
+    from sbir_core.relation import DEFAULT_RELATION
+
+    relation = None
+    if args.relation == "auto":
+        relation = load_relation() if DEFAULT_RELATION.is_file() else None
+    elif args.relation != "none":
+        relation = load_relation(args.relation)
+    enc = _explain_encoder(args.checkpoint)
+    try:
+        ex = explain_pair(enc, args.sketch, args.photo, relation=relation)
+    except (OSError, SyntaxError) as exc:  # unreadable image
+        raise CLIError(f"cannot read an input image: {exc}") from exc
+    paths = ex.save(args.out)
+    score = f", relation score {ex.relation_score:.3f}" if ex.relation_score is not None else ""
+    print(f"{len(ex.matches)} matches ({int(ex.mutual.sum())} mutual){score}")
+    for k in ("correspondences", "heatmap", "synthesis"):
+        print(paths[k])
+    return 0
+
+
+def _cmd_tsne(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sbir_core.embedding_map import EmbeddingMap, fit_map
+    from sbir_core.index import Gallery, GalleryError, check_encoder, encode_query
+
+    try:
+        gallery = Gallery.load(args.gallery)
+    except GalleryError as exc:
+        raise CLIError(str(exc)) from exc
+    root = Path(args.gallery)
+    if EmbeddingMap.exists(root):
+        m = EmbeddingMap.load(root)
+        if len(m) != len(gallery):
+            log.info("stored map has %d points, gallery %d: refitting", len(m), len(gallery))
+            m = None
+    else:
+        m = None
+    if m is None:
+        m = fit_map(gallery.embeddings, gallery.labels if any(gallery.labels) else None)
+        if args.save_map:
+            m.save(root)
+    query_xy = highlight = None
+    if args.sketch:
+        name, ckpt = _search_encoder_spec(gallery, None, None)
+        enc = _load_encoder(name, ckpt)
+        check_encoder(gallery, enc, checkpoint=ckpt)
+        q = encode_query(enc, sketch=args.sketch)
+        query_xy = m.place(q[None])[0]
+        highlight = [r_i for r_i in np.argsort(-(gallery.embeddings @ q), kind="stable")[:args.k]]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m.render(query_xy=query_xy, highlight=highlight, title=f"{root.name}: {len(m)} images").save(out)
+    print(out)
+    return 0
+
+
+def _add_explain(sub: Any) -> None:
+    p = sub.add_parser("explain", help="explain a sketch-photo match: correspondences, heatmap, synthesis")
+    p.add_argument("--sketch", required=True, help="sketch image")
+    p.add_argument("--photo", required=True, help="photo image")
+    p.add_argument("--out", required=True, help="folder for correspondences.png, heatmap.png, synthesis.png")
+    p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
+                   help="encoder checkpoint (the tokens come from its backbone; default: the shipped one, "
+                        "falling back to the raw backbone if it is missing)")
+    p.add_argument("--relation", default="auto", metavar="auto|none|PATH",
+                   help="relation model: auto = checkpoints/relation.safetensors if present (default)")
+    p.set_defaults(func=_cmd_explain)
+
+    t = sub.add_parser("tsne", help="draw a gallery's t-SNE map (optionally with a sketch placed in it)")
+    t.add_argument("--gallery", required=True, help="gallery folder (python -m sbir_core index ...)")
+    t.add_argument("--sketch", default=None, help="sketch to place on the map (its top results are ringed)")
+    t.add_argument("--out", required=True, help="output PNG")
+    t.add_argument("--k", type=int, default=10, help="results to highlight with --sketch")
+    t.add_argument("--save-map", action="store_true", help="store the fitted map in the gallery folder")
+    t.set_defaults(func=_cmd_tsne)
+
+
+# ----------------------------------------------------------------------------- gallery download
+def _cmd_gallery_download(args: argparse.Namespace) -> int:
+    from sbir_core.download import DownloadError, fetch_dataset
+
+    try:
+        counts = fetch_dataset(args.name, args.out, url=args.url, md5=args.md5, sha256=args.sha256,
+                               keep_archive=args.keep_archive)
+    except DownloadError as exc:
+        raise CLIError(str(exc)) from exc
+    out = args.out or Path("galleries") / args.name / "images"
+    print(f"{args.name}: {len(counts)} classes, {sum(counts.values())} images in {out}")
+    return 0
+
+
+def _add_gallery(sub: Any) -> None:
+    # The dataset registry: standard library and tqdm only, no torch.
+    from sbir_core.download import DATASETS
+
+    gallery = sub.add_parser("gallery", help="manage image galleries", description="Manage image galleries.")
+    actions = gallery.add_subparsers(dest="gallery_command", required=True)
+    listing = "; ".join(f"{k}: {v.description}" for k, v in sorted(DATASETS.items()))
+    p = actions.add_parser("download", help="download a public gallery (needs internet)",
+                           description=f"Download, verify and unpack a public gallery. {listing}")
+    p.add_argument("name", metavar="NAME", choices=sorted(DATASETS),
+                   help=f"dataset, one of: {', '.join(sorted(DATASETS))}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder, one subfolder per class (default galleries/NAME/images)")
+    p.add_argument("--url", default=None, help="download from this URL instead (a mirror, a test server)")
+    p.add_argument("--md5", default=None, help="expected MD5 of the archive (replaces the registered checksum)")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (replaces the registered checksum)")
+    p.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive after extracting")
+    p.set_defaults(func=_cmd_gallery_download)
+
+
+# ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sbir_core",
@@ -33,18 +505,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a capability not built yet; others still work
-                continue
-            raise
-        module.register_cli(sub)
+    # In the order they appear in --help.
+    for add in (_add_index, _add_eval, _add_train, _add_finetune, _add_relation, _add_explain, _add_gallery):
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# Library errors that mean "bad input or environment", not a bug: (module, class name).
+# All but WeightLoadError are ValueError subclasses today; naming them keeps them
+# reported as one line even if that changes.
+_LIBRARY_ERRORS = (
+    ("sbir_core.index", "GalleryError"),
+    ("sbir_core.data", "UnknownSplitError"),
+    ("sbir_core.preprocess", "BlankSketchError"),
+    ("sbir_core.encoders", "WeightLoadError"),
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions reported as one `error:` line with exit code 2.
+
+    ValueError stays: the library's input checks raise it with a clear message.
+    Library classes are looked up only in modules already imported (a module that was
+    never loaded cannot have raised), so reporting an error never imports torch.
+    """
+    errors: list[type[BaseException]] = [CLIError, FileNotFoundError, ValueError]
+    for module, name in _LIBRARY_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -53,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, KeyError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         # Known failure modes (bad path, wrong split, stale gallery...) get one line.
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,6 @@ nested archives) into one folder per class. Only the standard library and tqdm.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import logging
@@ -321,7 +320,7 @@ def extract(archive: Path | str, out: Path | str, *, inner: tuple[str, ...] = ()
     return dict(sorted(counts.items()))
 
 
-# --------------------------------------------------------------------------- dataset + CLI
+# --------------------------------------------------------------------------- dataset
 
 
 def fetch_dataset(name: str, out: Path | str | None = None, *, url: str | None = None,
@@ -347,35 +346,3 @@ def fetch_dataset(name: str, out: Path | str | None = None, *, url: str | None =
     if not keep_archive:
         archive.unlink()
     return counts
-
-
-def _cmd_download(args: argparse.Namespace) -> int:
-    from sbir_core.cli import CLIError
-
-    try:
-        counts = fetch_dataset(args.name, args.out, url=args.url, md5=args.md5, sha256=args.sha256,
-                               keep_archive=args.keep_archive)
-    except DownloadError as exc:
-        raise CLIError(str(exc)) from exc
-    out = args.out or Path("galleries") / args.name / "images"
-    print(f"{args.name}: {len(counts)} classes, {sum(counts.values())} images in {out}")
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `gallery download NAME` to the `python -m sbir_core` command line."""
-    gallery = subparsers.add_parser("gallery", help="manage image galleries",
-                                    description="Manage image galleries.")
-    actions = gallery.add_subparsers(dest="gallery_command", required=True)
-    listing = "; ".join(f"{k}: {v.description}" for k, v in sorted(DATASETS.items()))
-    p = actions.add_parser("download", help="download a public gallery (needs internet)",
-                           description=f"Download, verify and unpack a public gallery. {listing}")
-    p.add_argument("name", metavar="NAME", choices=sorted(DATASETS),
-                   help=f"dataset, one of: {', '.join(sorted(DATASETS))}")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder, one subfolder per class (default galleries/NAME/images)")
-    p.add_argument("--url", default=None, help="download from this URL instead (a mirror, a test server)")
-    p.add_argument("--md5", default=None, help="expected MD5 of the archive (replaces the registered checksum)")
-    p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (replaces the registered checksum)")
-    p.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive after extracting")
-    p.set_defaults(func=_cmd_download)

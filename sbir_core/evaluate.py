@@ -5,7 +5,6 @@ re-evaluating another checkpoint on the same data costs seconds, not minutes.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sbir_core.data import Item, benchmark, folder_items, training_items
-from sbir_core.encoders import SBIREncoder, create_encoder
+from sbir_core.data import Item, benchmark, training_items
+from sbir_core.encoders import SBIREncoder
 from sbir_core.features import extract_features
 from sbir_core.index import Gallery
 from sbir_core.metrics import retrieval_report
@@ -87,67 +86,3 @@ def evaluate_split(encoder: SBIREncoder, data_root: Union[str, Path], split: str
         gallery = gallery + [i for i in training_items(data_root, hold_out_doodles=False) if i.modality == "photo"]
     report = evaluate(encoder, queries, gallery, cache_dir, diffusion)
     return {"split": split, "generalized": generalized, **report}
-
-
-SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
-FIRST_ROW_KEYS = ("hit@1", "hit@5", "P@5", "P@10")
-
-
-def format_report(r: dict) -> str:
-    lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
-             f"gallery diffusion k={r.get('diffusion_k', 0)}"]
-    lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
-    lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
-    lines.append("")
-    lines.append(f"{'class':<24}{'queries':>8}{'mAP@all':>10}{'P@100':>8}{'hit@5':>8}{'P@5':>8}")
-    for label, c in sorted(r["per_class"].items(), key=lambda kv: str(kv[0])):
-        lines.append(f"{str(label):<24}{c['n_queries']:>8}{c['mAP@all']:>10.4f}{c['P@100']:>8.4f}"
-                     f"{c['hit@5']:>8.4f}{c['P@5']:>8.4f}")
-    return "\n".join(lines)
-
-
-def _run(args) -> int:
-    from sbir_core.cli import CLIError
-
-    encoder = create_encoder(args.encoder, checkpoint=args.checkpoint)
-    cache = None if args.no_cache else args.cache_dir
-    if args.split:
-        if not args.data:
-            raise CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
-        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion,
-                                generalized=args.generalized)
-    elif args.queries and args.gallery:
-        queries = folder_items(args.queries, modality="sketch")
-        gallery = folder_items(args.gallery, modality="photo")
-        if args.no_cache:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion)
-        else:
-            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion)
-    else:
-        raise CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
-    if args.json:
-        print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, *FIRST_ROW_KEYS, "n_queries", "n_gallery")}
-                         | {k: report[k] for k in ("per_class", "encoder", "diffusion_k")}))
-    else:
-        print(format_report(report))
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("eval", help="mAP@all, P@100/200, hit@1/5, P@5/10 on a split or on folders")
-    p.add_argument("--data", help="shared data folder holding splits.json")
-    p.add_argument("--split", help="benchmark split name, e.g. pacs or doodle")
-    p.add_argument("--queries", help="folder of class subfolders (images) or of .ndjson files")
-    p.add_argument("--gallery", help="folder of class subfolders of photos")
-    p.add_argument("--encoder", default=None, help="backbone (default: the checkpoint's)")
-    p.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder (default $SBIR_HOME/cache/features)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
-    p.add_argument("--generalized", action="store_true",
-                   help="add every Caltech photo of the training classes to a split's gallery")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_run)

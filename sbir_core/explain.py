@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from sbir_core.relation import DEFAULT_RELATION, RelationModel, ink_cells
+from sbir_core.relation import RelationModel, ink_cells
 from sbir_core.relation import load_relation as _load_relation
 
 log = logging.getLogger(__name__)
@@ -576,94 +576,3 @@ def explain_pair(encoder, sketch: Any, photo: Any, relation: Optional[RelationMo
     if relation is not None and tuple(relation.grid) != tuple(grid):
         raise ValueError(f"the relation model was trained on a {relation.grid} token grid, the encoder gives {grid}")
     return explain_tokens(sk, ph, st, pt, grid, relation=relation, **kwargs)
-
-
-# ----------------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("explain", help="explain a sketch-photo match: correspondences, heatmap, synthesis")
-    p.add_argument("--sketch", required=True, help="sketch image")
-    p.add_argument("--photo", required=True, help="photo image")
-    p.add_argument("--out", required=True, help="folder for correspondences.png, heatmap.png, synthesis.png")
-    p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
-                   help="encoder checkpoint (the tokens come from its backbone; default: the shipped one, "
-                        "falling back to the raw backbone if it is missing)")
-    p.add_argument("--relation", default="auto", metavar="auto|none|PATH",
-                   help="relation model: auto = checkpoints/relation.safetensors if present (default)")
-    p.set_defaults(func=_cli_explain)
-
-    t = subparsers.add_parser("tsne", help="draw a gallery's t-SNE map (optionally with a sketch placed in it)")
-    t.add_argument("--gallery", required=True, help="gallery folder (python -m sbir_core index ...)")
-    t.add_argument("--sketch", default=None, help="sketch to place on the map (its top results are ringed)")
-    t.add_argument("--out", required=True, help="output PNG")
-    t.add_argument("--k", type=int, default=10, help="results to highlight with --sketch")
-    t.add_argument("--save-map", action="store_true", help="store the fitted map in the gallery folder")
-    t.set_defaults(func=_cli_tsne)
-
-
-def _encoder_for_cli(checkpoint: str):
-    from sbir_core.encoders import DEFAULT_CHECKPOINT, create_encoder
-
-    if checkpoint == "default" and not DEFAULT_CHECKPOINT.is_file():
-        log.info("no default checkpoint; explaining with the raw backbone's tokens")
-        checkpoint = "none"
-    return create_encoder(checkpoint=checkpoint)
-
-
-def _cli_explain(args) -> int:
-    from sbir_core.cli import CLIError
-
-    relation = None
-    if args.relation == "auto":
-        relation = load_relation() if DEFAULT_RELATION.is_file() else None
-    elif args.relation != "none":
-        relation = load_relation(args.relation)
-    enc = _encoder_for_cli(args.checkpoint)
-    try:
-        ex = explain_pair(enc, args.sketch, args.photo, relation=relation)
-    except (OSError, SyntaxError) as exc:  # unreadable image
-        raise CLIError(f"cannot read an input image: {exc}") from exc
-    paths = ex.save(args.out)
-    score = f", relation score {ex.relation_score:.3f}" if ex.relation_score is not None else ""
-    print(f"{len(ex.matches)} matches ({int(ex.mutual.sum())} mutual){score}")
-    for k in ("correspondences", "heatmap", "synthesis"):
-        print(paths[k])
-    return 0
-
-
-def _cli_tsne(args) -> int:
-    from sbir_core.cli import CLIError
-    from sbir_core.embedding_map import EmbeddingMap, fit_map
-
-    try:
-        from sbir_core import index as I
-
-        gallery = I.Gallery.load(args.gallery)
-    except ImportError as exc:  # pragma: no cover - index module missing
-        raise CLIError(f"cannot load galleries: {exc}") from exc
-    except getattr(I, "GalleryError", ValueError) as exc:
-        raise CLIError(str(exc)) from exc
-    root = Path(args.gallery)
-    if EmbeddingMap.exists(root):
-        m = EmbeddingMap.load(root)
-        if len(m) != len(gallery):
-            log.info("stored map has %d points, gallery %d: refitting", len(m), len(gallery))
-            m = None
-    else:
-        m = None
-    if m is None:
-        m = fit_map(gallery.embeddings, gallery.labels if any(gallery.labels) else None)
-        if args.save_map:
-            m.save(root)
-    query_xy = highlight = None
-    if args.sketch:
-        name, ckpt = I._search_encoder_spec(gallery, None, None)
-        enc = I._load_encoder(name, ckpt)
-        I.check_encoder(gallery, enc, checkpoint=ckpt)
-        q = I.encode_query(enc, sketch=args.sketch)
-        query_xy = m.place(q[None])[0]
-        highlight = [r_i for r_i in np.argsort(-(gallery.embeddings @ q), kind="stable")[:args.k]]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    m.render(query_xy=query_xy, highlight=highlight, title=f"{root.name}: {len(m)} images").save(out)
-    print(out)
-    return 0

@@ -488,34 +488,3 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)
     result["seconds"] = round(time.time() - t0, 1)
     return result
-
-
-def _run(args) -> int:
-    cfg = FinetuneConfig()
-    for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
-                 "sketches_per_step", "photos_per_step", "max_photos_per_class"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(cfg, name, v)
-    res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
-    print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
-    print(f"saved {args.out}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("finetune", help="train backbone and heads end to end (encoder v2; resumable)")
-    p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
-    p.add_argument("--out", default="checkpoints/default.safetensors", help="checkpoint to write")
-    p.add_argument("--cache", default="cache", help="folder for decoded training photos ('' = none)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--image-size", dest="image_size", type=int)
-    p.add_argument("--lr-backbone", dest="lr_backbone", type=float)
-    p.add_argument("--lr-head", dest="lr_head", type=float)
-    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int)
-    p.add_argument("--sketches-per-step", dest="sketches_per_step", type=int)
-    p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
-    p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
-    p.add_argument("--val-every", dest="val_every", type=int)
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=_run)

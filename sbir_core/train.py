@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sbir_core.checkpoint import save_checkpoint
 from sbir_core.data import assert_texts_allowed, benchmark, fingerprint, training_items
-from sbir_core.encoders import DEFAULT_CHECKPOINT, SBIREncoder, create_encoder
+from sbir_core.encoders import SBIREncoder, create_encoder
 from sbir_core.features import extract_features
 from sbir_core.heads import SBIRHead
 from sbir_core.index import Gallery
@@ -407,49 +407,3 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
         save_checkpoint(out, trainer.head, meta)
     result["encoder"] = encoder  # the trained encoder, for callers that evaluate further
     return result
-
-
-def _run(args) -> int:
-    cfg = TrainConfig.from_recipe(args.recipe)
-    for kv in args.loss or []:
-        k, _, v = kv.partition("=")
-        if k not in LOSSES:
-            raise ValueError(f"unknown loss {k!r}; known: {', '.join(LOSSES)}")
-        cfg.losses[k] = float(v)
-    for name in ("steps", "seed", "lr", "batch", "photo_edge_weight", "embed_dim", "hidden"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(cfg, name, v)
-    if args.encoder:
-        cfg.encoder = args.encoder
-    if args.exclude_split:
-        cfg.exclude = tuple(args.exclude_split)
-    if args.no_edges:
-        cfg.use_edges = False
-    out = None if args.out == "none" else Path(args.out)
-    res = train(cfg, Path(args.data), out)
-    summary = {k: res[k] for k in ("val_mAP", "best_step", "diffusion_k", "val_mAP_by_diffusion", "benchmarks",
-                                   "data_fingerprint", "seconds")}
-    print(json.dumps(summary, indent=1))
-    if out:
-        print(f"saved {out}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("train", help="train the heads on cached backbone features")
-    p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
-    p.add_argument("--recipe", default="default", help="recipe name in sbir_core/recipes or a JSON path")
-    p.add_argument("--out", default=str(DEFAULT_CHECKPOINT), help="checkpoint path, or 'none'")
-    p.add_argument("--loss", action="append", metavar="NAME=WEIGHT", help=f"override a loss weight ({', '.join(LOSSES)})")
-    p.add_argument("--exclude-split", action="append", help="benchmark split never to train on (repeatable)")
-    p.add_argument("--encoder", help="backbone, e.g. efficientnet-lite2")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--embed-dim", dest="embed_dim", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--photo-edge-weight", dest="photo_edge_weight", type=float)
-    p.add_argument("--no-edges", action="store_true", help="no photo edge maps as pseudo-sketches")
-    p.set_defaults(func=_run)

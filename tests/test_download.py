@@ -220,10 +220,7 @@ def test_unsafe_zip_member_is_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_download(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture[str]) -> None:
-    # Only this module's subcommands: keeps the test independent of the heavier ones.
-    monkeypatch.setattr(cli, "CLI_MODULES", ("sbir_core.download",))
+def test_cli_download(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gallery"
     code = cli.main(["gallery", "download", "caltech101", "--url", server.url,
                      "--md5", MD5, "--out", str(out)])
@@ -232,9 +229,8 @@ def test_cli_download(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "2 classes, 6 images" in capsys.readouterr().out
 
 
-def test_cli_checksum_mismatch_is_one_line_error(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_cli_checksum_mismatch_is_one_line_error(server, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "CLI_MODULES", ("sbir_core.download",))
     code = cli.main(["gallery", "download", "caltech101", "--url", server.url,
                      "--sha256", "ab" * 32, "--out", str(tmp_path / "gallery")])
     err = capsys.readouterr().err.strip()

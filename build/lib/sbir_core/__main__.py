@@ -1,3 +1,0 @@
-from sbir_core.cli import main
-
-raise SystemExit(main())

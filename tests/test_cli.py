@@ -1,0 +1,83 @@
+"""The command line stays fast to start and is the only place that knows argparse.
+
+Everything here runs `python` in a subprocess (a fresh interpreter, so what the
+parser imports is measured, not what other tests already loaded) and loads no model.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sbir_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ("index", "search", "eval", "train", "finetune", "train-relation", "eval-relation", "explain",
+               "tsne", "gallery")
+
+
+def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, check=check)
+
+
+def _median_seconds(*args: str, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        _python(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def test_help_is_fast_and_lists_every_subcommand() -> None:
+    out = _python("-m", "sbir_core", "--help").stdout
+    for name in SUBCOMMANDS:
+        assert name in out, name
+    startup = _median_seconds("-c", "pass")
+    help_time = _median_seconds("-m", "sbir_core", "--help")
+    assert help_time - startup < 1.0, f"--help took {help_time:.2f} s, python itself {startup:.2f} s"
+
+
+def test_building_the_parser_does_not_import_torch() -> None:
+    code = "import sys; from sbir_core.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert _python("-c", code).stdout.strip() == "False"
+
+
+def test_unknown_split_is_one_error_line(tmp_path) -> None:
+    (tmp_path / "splits.json").write_text(json.dumps({"pacs": {"unseen_classes": ["cat"]}}))
+    res = _python("-m", "sbir_core", "eval", "--data", str(tmp_path), "--split", "nope", "--checkpoint", "none",
+                  check=False)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown split 'nope'"), res.stderr
+
+
+# The parser mirrors a few library constants so that it imports no library module;
+# read the originals from the source (importing those modules would load torch).
+@pytest.mark.parametrize("module, name, mirror", [
+    ("index", "INDEX_TYPES", "INDEX_TYPES"),
+    ("index", "GALLERY_MODALITIES", "GALLERY_MODALITIES"),
+    ("train", "LOSSES", "TRAIN_LOSSES"),
+    ("relation", "DEFAULT_TOPK", "RELATION_TOPK"),
+])
+def test_mirrored_constants_match_the_library(module: str, name: str, mirror: str) -> None:
+    tree = ast.parse((ROOT / "sbir_core" / f"{module}.py").read_text(encoding="utf-8"))
+    values = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)]
+    assert values == [getattr(cli, mirror)], f"sbir_core.{module}.{name} changed: update cli.{mirror}"
+
+
+def test_only_the_cli_module_uses_argparse() -> None:
+    for path in sorted((ROOT / "sbir_core").glob("*.py")):
+        if path.name != "cli.py":
+            text = path.read_text(encoding="utf-8")
+            assert "argparse" not in text and "register_cli" not in text, path.name
