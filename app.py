@@ -222,6 +222,15 @@ SKETCH_JS = r"""
   document.addEventListener('input', e => {
     if (e.target.matches && e.target.matches('#sketch input[data-sbir=size]')) S.size = +e.target.value;
   });
+  // Ctrl+Z / Cmd+Z undoes the last stroke (not while typing in a text field).
+  document.addEventListener('keydown', e => {
+    if ((e.ctrlKey || e.metaKey) && !e.shiftKey && (e.key === 'z' || e.key === 'Z')) {
+      const t = e.target;
+      if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+      if (!S.strokes.length) return;
+      e.preventDefault(); S.undo();
+    }
+  });
   setInterval(sync, 300);  // the canvas appears after the app mounts, and follows layout changes
   window.addEventListener('resize', sync);
 })();
@@ -583,7 +592,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                         gr.Markdown("**Or start from an example** (click one):")
                         example_gallery = gr.Gallery(
                             value=[(e.render(size=112, line_width=3), e.label) for e in examples],
-                            columns=6, rows=2, height=230, allow_preview=False, show_label=False,
+                            columns=6, height="auto", allow_preview=False, show_label=False,
                             elem_id="examples", object_fit="contain", interactive=False,
                         )
                     with gr.Tab("Type a word", id="text"):

@@ -406,8 +406,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from sbir_core.embedding_map import EmbeddingMap, fit_map
     from sbir_core.index import Gallery, GalleryError, check_encoder, encode_query
 
@@ -424,7 +422,7 @@ def _cmd_tsne(args: argparse.Namespace) -> int:
     else:
         m = None
     if m is None:
-        m = fit_map(gallery.embeddings, gallery.labels if any(gallery.labels) else None)
+        m = fit_map(gallery.raw_embeddings, gallery.labels if any(gallery.labels) else None)
         if args.save_map:
             m.save(root)
     query_xy = highlight = None
@@ -434,10 +432,11 @@ def _cmd_tsne(args: argparse.Namespace) -> int:
         check_encoder(gallery, enc, checkpoint=ckpt)
         q = encode_query(enc, sketch=args.sketch)
         query_xy = m.place(q[None])[0]
-        highlight = [r_i for r_i in np.argsort(-(gallery.embeddings @ q), kind="stable")[:args.k]]
+        highlight = [r.index for r in gallery.search(q, args.k)]  # ranked as `search` and the app rank
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    m.render(query_xy=query_xy, highlight=highlight, title=f"{root.name}: {len(m)} images").save(out)
+    m.render(query_xy=query_xy, highlight=highlight, title=f"{root.name}: {len(m)} images",
+             thumbnails=gallery.paths).save(out)
     print(out)
     return 0
 

@@ -1002,9 +1002,10 @@ class RetrievalService:
             log.warning("no t-SNE map saved for %s: %s", d, exc)
 
     def tsne(self, query_embedding: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
-             gallery: Optional[str] = None, size: tuple[int, int] = (640, 560)) -> MapImage:
-        """The gallery's t-SNE map with the query placed in it (a star) and `highlight`
-        (the top-k rows) ringed."""
+             gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
+             query_label: str = "your drawing") -> MapImage:
+        """The gallery's t-SNE map (thumbnails, class names) with the query placed in it
+        (a star) and `highlight` (the top-k rows) framed."""
         try:
             lg = self._get_gallery(gallery)
             m = self._map(lg)
@@ -1013,8 +1014,10 @@ class RetrievalService:
                 xy = m.place(np.asarray(query_embedding, dtype=np.float32).reshape(1, -1))[0]
             hl = [int(i) for i in highlight] if highlight is not None else None
             title = f"{lg.name}: {len(lg)} {'sketches' if lg.modality == 'sketch' else 'images'}" + (
-                " · ★ your query, ○ its results" if xy is not None else "")
-            img = m.render(query_xy=xy, highlight=hl, size=size, title=title)
+                " · ★ your query, framed: its results" if xy is not None else "")
+            # Thumbnails are decoded once per map (it caches them and the base layer).
+            img = m.render(query_xy=xy, highlight=hl, size=size, title=title, query_label=query_label,
+                           thumbnails=lambda row: self.thumbnail(lg, row))
             return MapImage(True, "", img, m.to_plot_data(query_xy=xy, highlight=hl))
         except ServiceError as exc:
             return MapImage(False, str(exc))
@@ -1025,7 +1028,9 @@ class RetrievalService:
     def tsne_for(self, query: Optional[Query], size: tuple[int, int] = (640, 560)) -> MapImage:
         if query is None:
             return self.tsne(None, None, size=size)
-        return self.tsne(query.embedding, query.highlight, gallery=query.gallery, size=size)
+        label = {"sketch": "your drawing", "photo": "your photo", "text": f"“{(query.text or '')[:24]}”"}.get(
+            query.kind, "your query")
+        return self.tsne(query.embedding, query.highlight, gallery=query.gallery, size=size, query_label=label)
 
     # ------------------------------------------------------------------ building galleries
     def build_gallery_from_uploads(self, files: Optional[Iterable[Any]], name: str, owner: str,

@@ -129,3 +129,200 @@ def test_large_map_path_uses_pca_and_round_trips(tmp_path, monkeypatch) -> None:
     m2 = EmbeddingMap.load(tmp_path)
     assert m2.projection is not None and m2.metric == "euclidean"
     np.testing.assert_allclose(m2.place(x[:2]), m.place(x[:2]), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the picture
+def _grid_map(labelled=True, n_per=6, side=3, seed=0):
+    """A map built straight from coordinates (no t-SNE): side x side well-separated
+    class clusters, `n_per` points each, so positions are known."""
+    rng = np.random.default_rng(seed)
+    coords, labels = [], []
+    for k in range(side * side):
+        c = np.array([k % side, k // side], np.float32) * 10
+        coords.append(c + rng.normal(scale=0.8, size=(n_per, 2)))
+        labels += [f"class_{k}"] * n_per
+    coords = np.concatenate(coords).astype(np.float32)
+    ref = rng.normal(size=(len(coords), 8)).astype(np.float32)
+    return EmbeddingMap(coords, ref, labels if labelled else None)
+
+
+def _tiles(n, seed=0):
+    """One small, distinct picture per row (a coloured square with a dark bar)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", (64, 48), tuple(int(v) for v in rng.integers(60, 255, 3)))
+        ImageDraw.Draw(im).rectangle((8, 20, 56, 28), fill=(10, 10, 10))
+        out.append(im)
+    return out
+
+
+def _changed(a, b):
+    return np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max(axis=2) > 0
+
+
+def test_thumbnail_render_has_the_size_and_is_not_the_dot_map() -> None:
+    m = _grid_map()
+    tiles = _tiles(len(m))
+    for size in [(640, 560), (320, 240), (1200, 900)]:
+        img = m.render(size=size, thumbnails=tiles, title="a title")
+        assert img.size == size and img.mode == "RGB"
+    dots = m.render(size=(640, 560), title="a title")
+    thumbs = m.render(size=(640, 560), title="a title", thumbnails=tiles)
+    assert _changed(dots, thumbs).mean() > 0.05
+    lay = m.layout((640, 560), "a title", thumbnails=True)
+    assert 24 <= lay.thumb_px <= 40
+    assert len(lay.shown) + len(lay.dots) == len(m) and len(lay.shown) > len(m) // 2
+    # paths, PIL images and a callable give the same picture; a missing file a grey tile
+    m2 = _grid_map()
+    same = m2.render(size=(640, 560), title="a title", thumbnails=lambda r: tiles[r])
+    assert np.array_equal(np.asarray(same), np.asarray(thumbs))
+    broken = list(tiles)
+    broken[0] = "/nonexistent/picture.jpg"
+    assert _grid_map().render(size=(320, 240), thumbnails=broken).size == (320, 240)
+
+
+def test_class_names_sit_at_the_class_medians() -> None:
+    m = _grid_map()
+    centres = m.class_centres()
+    lab = np.asarray(m.labels)
+    assert sorted(centres) == sorted(set(m.labels))
+    for c, xy in centres.items():
+        np.testing.assert_allclose(xy, np.median(m.coords[lab == c], axis=0), rtol=1e-6)
+    for thumbs in (False, True):
+        lay = m.layout((640, 560), None, thumbnails=thumbs)
+        assert [p.name for p in lay.labels if p.shown] and all(p.shown for p in lay.labels)
+        for p in lay.labels:  # well-separated clusters: nothing to nudge
+            np.testing.assert_allclose(p.anchor, lay.to_pixels(np.asarray(centres[p.name]))[0])
+            np.testing.assert_allclose(p.xy, p.anchor)
+            assert p.text == p.name.replace("_", " ")
+        assert lay.label_px >= 12
+    # Drawn: labels vs none changes the picture only where the names are.
+    tiles = _tiles(len(m))
+    plain = _grid_map(labelled=False)
+    assert plain.layout((640, 560)).labels == [] and plain.class_centres() == {}
+    for kw in ({}, {"thumbnails": tiles}):
+        a = np.asarray(m.render(size=(640, 560), **kw))
+        b = np.asarray(plain.render(size=(640, 560), **kw))
+        diff = _changed(a, b)
+        assert diff.any()
+        if kw:  # dot colours also differ by class in the dot map; thumbnail frames too: check text ink
+            lay = m.layout((640, 560), None, thumbnails=True)
+            inside = np.zeros_like(diff)
+            for p in lay.labels:
+                x0, y0, x1, y1 = (int(round(v)) for v in p.box)
+                inside[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = True
+            frames = np.zeros_like(diff)  # thumbnail borders are drawn in class colours
+            pix = lay.to_pixels(m.coords)
+            h = lay.thumb_px / 2 + 2
+            for x, y in pix:
+                frames[int(y - h):int(y + h) + 1, int(x - h):int(x + h) + 1] = True
+            assert diff[~inside & ~frames].sum() == 0
+            # dark text pixels in every name box
+            for p in lay.labels:
+                x0, y0, x1, y1 = (int(round(v)) for v in p.box)
+                assert (a[y0:y1, x0:x1].max(axis=2) < 60).sum() > 20
+
+
+def test_nudged_or_dropped_labels_never_overlap() -> None:
+    rng = np.random.default_rng(3)
+    coords = rng.normal(size=(200, 2)).astype(np.float32)  # 40 classes all in one blob
+    labels = [f"label{i % 40}" for i in range(200)]
+    m = EmbeddingMap(coords, rng.normal(size=(200, 4)), labels)
+    lay = m.layout((640, 560), "t", thumbnails=True)
+    shown = [p for p in lay.labels if p.shown]
+    assert 0 < len(shown) < 40
+    for i, a in enumerate(shown):
+        assert 0 <= a.box[0] and a.box[2] <= 640 and lay.title_h <= a.box[1] and a.box[3] <= 560
+        for b in shown[i + 1:]:
+            assert not (a.box[0] < b.box[2] and b.box[0] < a.box[2] and a.box[1] < b.box[3] and b.box[1] < a.box[3])
+
+
+@pytest.mark.parametrize("thumbs", [True, False])
+def test_query_and_results_change_the_map_only_near_them(thumbs) -> None:
+    m = _grid_map()
+    kw = {"thumbnails": _tiles(len(m))} if thumbs else {}
+    size, title = (640, 560), "same title"
+    base = m.render(size=size, title=title, **kw)
+    lab = np.asarray(m.labels)
+    rows = np.flatnonzero(lab == "class_4")  # the middle cluster
+    q = m.coords[rows].mean(0)
+    top = [int(r) for r in rows[np.argsort(np.linalg.norm(m.coords[rows] - q, axis=1))][:5]]
+    img = m.render(query_xy=q, highlight=top, size=size, title=title, **kw)
+    assert img.size == size
+    diff = _changed(base, img)
+    assert diff.sum() > 200
+    lay = m.layout(size, title, thumbnails=thumbs)
+    yy, xx = np.nonzero(diff)
+    pts = np.concatenate([lay.to_pixels(q), lay.to_pixels(m.coords[top])])
+    d = np.sqrt((xx[:, None] - pts[None, :, 0]) ** 2 + (yy[:, None] - pts[None, :, 1]) ** 2).min(1)
+    reach = 4 * max(lay.thumb_px, 30)  # moved-apart results, rank numbers, the caption
+    caption_w = 130  # "your drawing" sits to one side of the star
+    assert (d <= reach + caption_w).all()
+    assert np.quantile(d, 0.9) <= reach
+    # the other clusters are untouched
+    far = np.linalg.norm(lay.to_pixels(m.coords) - lay.to_pixels(q), axis=1) > reach + caption_w + 40
+    for x, y in lay.to_pixels(m.coords[far]):
+        assert not diff[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4].any()
+    # results in the highlight colour, the star's gold near the query
+    from sbir_core.embedding_map import HIGHLIGHT, STAR_FILL
+
+    a = np.asarray(img).astype(int)
+    assert (np.abs(a - HIGHLIGHT).sum(2) < 30).sum() > 50
+    qx, qy = lay.to_pixels(q)[0].astype(int)
+    assert (np.abs(a[qy - 8:qy + 9, qx - 8:qx + 9] - STAR_FILL).sum(2) < 30).sum() > 20
+    # the drawing itself instead of a star
+    from PIL import Image
+
+    sketch = Image.new("L", (120, 120), 255)
+    with_sketch = m.render(query_xy=q, highlight=top, size=size, title=title, query_image=sketch, **kw)
+    assert with_sketch.size == size and _changed(with_sketch, img).any()
+    with pytest.raises(IndexError):
+        m.render(highlight=[len(m)], size=size)
+
+
+def test_cached_render_is_fast_and_decodes_each_thumbnail_once(tmp_path) -> None:
+    """400 points, 400 small JPEGs: the map of a new query (or none) is < 300 ms."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n, classes = 400, 68
+    labels = [f"class{i % classes}" for i in range(n)]
+    centres = rng.uniform(-40, 40, size=(classes, 2))
+    coords = (centres[np.arange(n) % classes] + rng.normal(scale=2.0, size=(n, 2))).astype(np.float32)
+    m = EmbeddingMap(coords, rng.normal(size=(n, 16)), labels)
+    paths = []
+    for i, im in enumerate(_tiles(n)):
+        p = tmp_path / f"{i}.jpg"
+        im.resize((128, 96)).save(p, quality=85)
+        paths.append(str(p))
+    calls = []
+
+    def thumb(row):
+        calls.append(row)
+        return paths[row]
+
+    size, title = (640, 560), "a gallery"
+    m.render(size=size, title=title, thumbnails=thumb)  # first: decodes, builds the base layer
+    m.render(query_xy=coords[0], highlight=list(range(5)), size=size, title=title, thumbnails=thumb)
+    with_q, without_q = [], []
+    for k in range(10):
+        q = coords[rng.integers(n)] + rng.normal(size=2)
+        top = [int(r) for r in np.argsort(np.linalg.norm(coords - q, axis=1))[:5]]
+        t0 = time.perf_counter()
+        img = m.render(query_xy=q, highlight=top, size=size, title=title, thumbnails=thumb)
+        with_q.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        m.render(size=size, title=title, thumbnails=thumb)
+        without_q.append(time.perf_counter() - t0)
+        assert img.size == size
+    assert np.median(with_q) < 0.3 and np.median(without_q) < 0.3, (with_q, without_q)
+    assert len(calls) == len(set(calls)) <= n  # every thumbnail decoded at most once
+    # the cache of base layers is bounded
+    for w in range(300, 300 + 10 * 20, 20):
+        m.render(size=(w, 300), thumbnails=thumb)
+    from sbir_core.embedding_map import RENDER_CACHE_ENTRIES
+
+    assert len(m._render_cache) <= RENDER_CACHE_ENTRIES
