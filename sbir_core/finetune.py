@@ -43,6 +43,8 @@ from sbir_core.text import class_text_features
 
 log = logging.getLogger(__name__)
 
+FALSE_NOTICE = 0.1  # at most this share of searches whose class is in the gallery get "not sure"
+
 
 @dataclass
 class FinetuneConfig:
@@ -348,9 +350,10 @@ class Finetuner:
 
     def calibrate_confidence(self, chosen: dict) -> dict:
         """The top-1 score below which the page says "not sure": held-out-class queries are
-        searched once with their class in the gallery and once with it removed, and the
-        threshold that best separates the two top-1 score distributions (balanced
-        accuracy) is kept, with the rates it achieves."""
+        searched once with their class in the gallery and once with it removed. The notice
+        must rarely wrong a person whose object is there, so the threshold is the score
+        that at most `FALSE_NOTICE` of the present-class queries fall below; the share of
+        absent-class queries it flags is recorded with it."""
         q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
         if chosen["flip_sketch"]:
             q = q + qf
@@ -361,8 +364,7 @@ class Finetuner:
         sim = q @ g.T
         present = sim.max(1)
         absent = np.where(gl[None, :] == ql[:, None], -np.inf, sim).max(1)
-        best = max(np.unique(np.concatenate([present, absent])),
-                   key=lambda t: 0.5 * ((present >= t).mean() + (absent < t).mean()))
+        best = float(np.quantile(present, FALSE_NOTICE))
         return {"threshold": round(float(best), 4),
                 "present_kept": round(float((present >= best).mean()), 3),     # class in gallery: no notice
                 "absent_flagged": round(float((absent < best).mean()), 3),     # class missing: notice shown
