@@ -85,6 +85,10 @@ CSS = """
 #examples .caption-label { font-size: 0.75rem; }
 #explanation img, #synthesis img, #heatmap img, #tsne img { object-fit: contain !important; }
 footer { display: none !important; }
+/* Panel labels above their pictures, not over the top-left corner of them. */
+#results [data-testid="block-label"], #explanation [data-testid="block-label"],
+#synthesis [data-testid="block-label"], #heatmap [data-testid="block-label"], #tsne [data-testid="block-label"],
+#model-view [data-testid="block-label"] { position: static !important; margin-bottom: 4px; }
 """
 
 
@@ -583,12 +587,12 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                         strokes = gr.Textbox(value="", visible="hidden", elem_id="strokes", show_label=False,
                                              container=False)
                         clear_trigger = gr.Button("Clear", visible="hidden", elem_id="clear-trigger")
-                        with gr.Row(equal_height=True):
+                        with gr.Row(equal_height=False):
                             search_btn = gr.Button("Search", variant="primary", elem_id="search-button", scale=3)
                             # What the encoder is given: cropped, padded, at the line width it gets.
                             model_view = gr.Image(label="What the model sees", elem_id="model-view", type="pil",
-                                                  interactive=False, height=120, width=120, visible=False,
-                                                  show_label=True, buttons=[], scale=1, min_width=120)
+                                                  interactive=False, height=230, visible=False,
+                                                  show_label=True, buttons=[], scale=1, min_width=150)
                         gr.Markdown("**Or start from an example** (click one):")
                         example_gallery = gr.Gallery(
                             value=[(e.render(size=112, line_width=3), e.label) for e in examples],

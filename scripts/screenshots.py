@@ -192,6 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gallery", default="default")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--drawings", nargs="+", default=list(DRAWINGS))
+    ap.add_argument("--readme", default=None, metavar="JPG",
+                    help="also save the house explanation at 60%% size here (the README's picture, docs/screenshot.jpg)")
     args = ap.parse_args(argv)
     import torch
 
@@ -204,6 +206,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             paths = take_screenshots(url, out, args.drawings)
     for p in paths:
         print(p)
+    if args.readme:
+        from PIL import Image
+
+        src = next((p for p in paths if Path(p).name == "house_explained.png"), paths[-1])
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.resize((im.width * 3 // 5, im.height * 3 // 5), Image.Resampling.LANCZOS).save(
+                args.readme, quality=82, optimize=True)
+        print(args.readme)
     return 0
 
 
