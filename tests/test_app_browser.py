@@ -155,3 +155,50 @@ def test_strokes_are_sent_as_points_and_undo_works(page):
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
                            timeout=TIMEOUT_MS)
     assert _ink(page) == 0 and page.locator("#results img").count() == 0
+
+
+@pytest.fixture(scope="module")
+def touch_page(url):
+    """A phone-like page: touch input (real touch events through the DevTools protocol)."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        ctx = browser.new_context(viewport={"width": 768, "height": 1000}, has_touch=True)
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(url)
+        pg.wait_for_selector("#sketch canvas")
+        for sel in ("#strokes textarea", "#results", "#tsne img"):
+            pg.wait_for_selector(sel, state="attached")
+        yield pg
+        browser.close()
+
+
+def _touch_stroke(page, points):
+    cdp = page.context.new_cdp_session(page)
+    (x, y), rest = points[0], points[1:]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for x, y in rest:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def test_draw_with_touch_without_scrolling_then_undo_with_ctrl_z(touch_page):
+    """A finger draws (pointer events from touch), the page does not scroll while drawing,
+    results and the class list show; Ctrl+Z removes the last stroke."""
+    page = touch_page
+    canvas = page.locator("#sketch canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+    w = min(box["width"], box["height"]) * 0.35
+    scroll_before = page.evaluate("() => window.scrollY")
+    _touch_stroke(page, [(x0, y0 + w * i / 10) for i in range(11)])  # a vertical swipe on the canvas
+    _touch_stroke(page, [(x0 + w * i / 10, y0 + w) for i in range(11)])
+    assert page.evaluate("() => window.scrollY") == scroll_before  # drawing, not scrolling
+    page.wait_for_function("() => window.sbirSketch.strokes.length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
+    assert page.locator("#classes .chip").count() == 4  # the tiny gallery's classes, listed
+    page.keyboard.press("Control+z")
+    page.wait_for_function("() => window.sbirSketch.strokes.length === 1")
+    page.wait_for_function("() => (JSON.parse(document.querySelector('#strokes textarea').value || '{}').strokes"
+                           " || []).length === 1", timeout=TIMEOUT_MS)
