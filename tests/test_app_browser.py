@@ -158,19 +158,18 @@ def test_strokes_are_sent_as_points_and_undo_works(page):
 
 
 @pytest.fixture(scope="module")
-def touch_page(url):
-    """A phone-like page: touch input (real touch events through the DevTools protocol)."""
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        ctx = browser.new_context(viewport={"width": 768, "height": 1000}, has_touch=True)
-        pg = ctx.new_page()
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(url)
-        pg.wait_for_selector("#sketch canvas")
-        for sel in ("#strokes textarea", "#results", "#tsne img"):
-            pg.wait_for_selector(sel, state="attached")
-        yield pg
-        browser.close()
+def touch_page(url, page):
+    """A tablet-sized page with touch input (real touch events through the DevTools protocol),
+    in its own browser context (another visitor) of the same browser."""
+    ctx = page.context.browser.new_context(viewport={"width": 768, "height": 1000}, has_touch=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(url)
+    pg.wait_for_selector("#sketch canvas")
+    for sel in ("#strokes textarea", "#results", "#tsne img"):
+        pg.wait_for_selector(sel, state="attached")
+    yield pg
+    ctx.close()
 
 
 def _touch_stroke(page, points):
