@@ -162,11 +162,11 @@ def clear_canvas(page) -> None:
     page.wait_for_timeout(500)
 
 
-def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS) -> list[Path]:
+def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS, width: int = 1400) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for name in drawings:
-        with browser_page(url) as page:  # a fresh page per drawing: clean canvas, clean state
+        with browser_page(url, width=width) as page:  # a fresh page per drawing: clean canvas, clean state
             for stroke in example_strokes(page, name):
                 draw_stroke(page, stroke)
                 page.wait_for_timeout(150)
@@ -192,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gallery", default="default")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--drawings", nargs="+", default=list(DRAWINGS))
+    ap.add_argument("--width", type=int, default=1400, help="viewport width (768: a tablet, 1920: a projector)")
     ap.add_argument("--readme", default=None, metavar="JPG",
                     help="also save the house explanation at 60%% size here (the README's picture, docs/screenshot.jpg)")
     args = ap.parse_args(argv)
@@ -200,10 +201,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out_dir)
     if args.url:
-        paths = take_screenshots(args.url, out, args.drawings)
+        paths = take_screenshots(args.url, out, args.drawings, args.width)
     else:
         with running_app(args.galleries, args.gallery, args.checkpoint) as url:
-            paths = take_screenshots(url, out, args.drawings)
+            paths = take_screenshots(url, out, args.drawings, args.width)
     for p in paths:
         print(p)
     if args.readme:
