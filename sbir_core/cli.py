@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sbir_core.paths import checkpoint_path
+from sbir_core.paths import cache_dir, checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,9 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train the heads on cached backbone features")
     p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
     p.add_argument("--recipe", default="default", help="recipe name in sbir_core/recipes or a JSON path")
-    p.add_argument("--out", default=str(checkpoint_path("default")), help="checkpoint path, or 'none'")
+    p.add_argument("--out", default="none",
+                   help="checkpoint path, or 'none' (default: print the scores only; the shipped model comes "
+                        "from `finetune`, so this never overwrites it by accident)")
     p.add_argument("--loss", action="append", metavar="NAME=WEIGHT",
                    help=f"override a loss weight ({', '.join(TRAIN_LOSSES)})")
     p.add_argument("--exclude-split", action="append", help="benchmark split never to train on (repeatable)")
@@ -304,8 +306,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="train backbone and heads end to end (encoder v2; resumable)")
     p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
-    p.add_argument("--out", default="checkpoints/default.safetensors", help="checkpoint to write")
-    p.add_argument("--cache", default="cache", help="folder for decoded training photos ('' = none)")
+    p.add_argument("--out", default=str(checkpoint_path("default")), help="checkpoint to write (default: the shipped one)")
+    p.add_argument("--cache", default=str(cache_dir() / "finetune"),
+                   help="folder for decoded training photos (default $SBIR_HOME/cache/finetune; '' = none)")
     p.add_argument("--steps", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--lr-backbone", dest="lr_backbone", type=float)

@@ -35,7 +35,7 @@ from PIL import Image
 from sbir_core.augment import augment_edges, augment_sketch, colorize_doodle
 from sbir_core.checkpoint import save_checkpoint
 from sbir_core.data import Item, assert_texts_allowed, fingerprint, training_items
-from sbir_core.encoders import EfficientNetLiteBackbone, SBIREncoder
+from sbir_core.encoders import EfficientNetLiteBackbone
 from sbir_core.heads import SBIRHead
 from sbir_core.metrics import map_all
 from sbir_core.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
@@ -268,7 +268,7 @@ class Finetuner:
         xp, xe, xs, yp, ys = self._batch()
         sp = m.embed(xp, "photo")  # photos, then doodles coloured like clip-art
         sk = m.embed(torch.cat([xe, xs]), "sketch")
-        se, ss = sk[: len(xe)], sk[len(xe):]
+        se = sk[: len(xe)]  # the edge maps; the doodles follow
         yk = torch.cat([yp[: len(xe)], ys])
         img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
         st = m.head.embed_text(self.text[self.train_classes])

@@ -766,7 +766,7 @@ class RetrievalService:
             return SearchOutcome(False, EMPTY_SKETCH_MESSAGE, seconds=time.perf_counter() - t0)
         except ServiceError as exc:
             return SearchOutcome(False, str(exc), seconds=time.perf_counter() - t0)
-        except Exception as exc:  # never let one bad drawing take the page down
+        except Exception:  # never let one bad drawing take the page down
             log.exception("sketch search failed")
             return SearchOutcome(False, "Sorry, that drawing could not be searched. Try drawing it again.",
                                  seconds=time.perf_counter() - t0)
@@ -814,7 +814,7 @@ class RetrievalService:
             hits = self._hits(lg, emb, k)
         except ServiceError as exc:
             return SearchOutcome(False, str(exc))
-        except Exception as exc:
+        except Exception:
             log.exception("text search failed")
             return SearchOutcome(False, "Sorry, that text could not be searched. Try another word.")
         dt = time.perf_counter() - t0
@@ -854,7 +854,7 @@ class RetrievalService:
             hits = self._hits(lg, emb, k)
         except ServiceError as exc:
             return SearchOutcome(False, str(exc))
-        except Exception as exc:
+        except Exception:
             log.exception("photo search failed")
             return SearchOutcome(False, "Sorry, that photo could not be searched. Try another picture.")
         dt = time.perf_counter() - t0
@@ -918,7 +918,7 @@ class RetrievalService:
                                     ex.render_heatmap(), hit)
         except BlankSketchError:
             out = ExplanationImages(False, "The query has no lines to compare.")
-        except Exception as exc:
+        except Exception:
             log.exception("explanation failed")
             out = ExplanationImages(False, "Sorry, this match could not be explained.", hit=hit)
         self._explanations.put(key, out)
@@ -1021,7 +1021,7 @@ class RetrievalService:
             return MapImage(True, "", img, m.to_plot_data(query_xy=xy, highlight=hl))
         except ServiceError as exc:
             return MapImage(False, str(exc))
-        except Exception as exc:
+        except Exception:
             log.exception("t-SNE map failed")
             return MapImage(False, "The map could not be drawn.")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sbir_core.checkpoint import save_checkpoint
-from sbir_core.data import assert_texts_allowed, benchmark, fingerprint, training_items
+from sbir_core.data import assert_texts_allowed, fingerprint, training_items
 from sbir_core.encoders import SBIREncoder, create_encoder
 from sbir_core.features import extract_features
 from sbir_core.heads import SBIRHead

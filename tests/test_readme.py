@@ -1,7 +1,6 @@
 """The README's Python example runs as written (from another folder, shipped model)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
