@@ -25,7 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sbir_core.examples import list_examples  # noqa: E402
+from sbir_core.data.examples import list_examples  # noqa: E402
 from sbir_core.service import (  # noqa: E402
     DEFAULT_K,
     MAX_CANVAS_PIXELS,

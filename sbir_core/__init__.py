@@ -18,21 +18,21 @@ __version__ = "0.2.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "create_encoder": "sbir_core.encoders",
-    "SBIREncoder": "sbir_core.encoders",
-    "list_backbones": "sbir_core.encoders",
-    "Gallery": "sbir_core.index",
-    "SearchResult": "sbir_core.index",
-    "GalleryError": "sbir_core.index",
-    "StaleGalleryError": "sbir_core.index",
-    "build_gallery": "sbir_core.index",
-    "explain_pair": "sbir_core.explain",
-    "Explanation": "sbir_core.explain",
-    "preprocess_sketch": "sbir_core.preprocess",
-    "BlankSketchError": "sbir_core.preprocess",
+    "create_encoder": "sbir_core.models.encoders",
+    "SBIREncoder": "sbir_core.models.encoders",
+    "list_backbones": "sbir_core.models.encoders",
+    "Gallery": "sbir_core.gallery.index",
+    "SearchResult": "sbir_core.gallery.index",
+    "GalleryError": "sbir_core.gallery.index",
+    "StaleGalleryError": "sbir_core.gallery.index",
+    "build_gallery": "sbir_core.gallery.index",
+    "explain_pair": "sbir_core.explain.correspondence",
+    "Explanation": "sbir_core.explain.correspondence",
+    "preprocess_sketch": "sbir_core.data.preprocess",
+    "BlankSketchError": "sbir_core.data.preprocess",
     "list_checkpoints": "sbir_core.paths",
     "checkpoint_path": "sbir_core.paths",
-    "retrieval_report": "sbir_core.metrics",
+    "retrieval_report": "sbir_core.eval.metrics",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -42,7 +42,7 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------- index, search
 def _load_encoder(name: Optional[str], checkpoint: Optional[str]) -> Any:
     """Separate function so tests can substitute an already-loaded encoder."""
-    from sbir_core.encoders import create_encoder
+    from sbir_core.models.encoders import create_encoder
 
     return create_encoder(name, checkpoint=checkpoint)
 
@@ -76,7 +76,7 @@ def format_results_table(results: Sequence[Any]) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from sbir_core.index import GalleryError, build_gallery
+    from sbir_core.gallery.index import GalleryError, build_gallery
 
     source = Path(args.photo_dir)
     if not source.is_dir():
@@ -109,7 +109,7 @@ def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from sbir_core.index import Gallery, GalleryError, check_encoder, encode_query
+    from sbir_core.gallery.index import Gallery, GalleryError, check_encoder, encode_query
 
     try:
         gallery = Gallery.load(args.gallery, ef_search=args.ef_search, nprobe=args.nprobe)
@@ -186,15 +186,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.split:
         if not args.data:
             raise CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
-        from sbir_core.data import get_split, load_splits
+        from sbir_core.data.datasets import get_split, load_splits
 
         get_split(load_splits(args.data), args.split)
     elif not (args.queries and args.gallery):
         raise CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
 
-    from sbir_core.data import folder_items
-    from sbir_core.encoders import create_encoder
-    from sbir_core.evaluate import evaluate, evaluate_split
+    from sbir_core.data.datasets import folder_items
+    from sbir_core.models.encoders import create_encoder
+    from sbir_core.eval.evaluate import evaluate, evaluate_split
 
     encoder = create_encoder(args.encoder, checkpoint=args.checkpoint)
     cache = None if args.no_cache else args.cache_dir
@@ -238,7 +238,7 @@ def _add_eval(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- train, finetune
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sbir_core.train import LOSSES, TrainConfig, train
+    from sbir_core.training.train import LOSSES, TrainConfig, train
 
     cfg = TrainConfig.from_recipe(args.recipe)
     for kv in args.loss or []:
@@ -289,7 +289,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from sbir_core.finetune import FinetuneConfig, finetune
+    from sbir_core.training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
@@ -330,7 +330,7 @@ def _require_splits(data: str) -> None:
 
 def _cmd_train_relation(args: argparse.Namespace) -> int:
     _require_splits(args.data)
-    from sbir_core.relation import train_relation
+    from sbir_core.training.relation import train_relation
 
     _, meta = train_relation(args.data, out=args.out, epochs=args.epochs, seed=args.seed,
                              encoder_name=args.encoder, allow_extract=not args.no_extract,
@@ -343,7 +343,7 @@ def _cmd_train_relation(args: argparse.Namespace) -> int:
 
 def _cmd_eval_relation(args: argparse.Namespace) -> int:
     _require_splits(args.data)
-    from sbir_core.relation import benchmark_rerank
+    from sbir_core.training.relation import benchmark_rerank
 
     res = benchmark_rerank(args.data, args.split, args.checkpoint, args.embedding, k=args.k, progress=True)
     text = json.dumps(res, indent=1)
@@ -378,7 +378,7 @@ def _add_relation(sub: Any) -> None:
 # ----------------------------------------------------------------------------- explain, tsne
 def _explain_encoder(checkpoint: str) -> Any:
     """The encoder `explain` uses (tests substitute an already-loaded one)."""
-    from sbir_core.encoders import DEFAULT_CHECKPOINT, create_encoder
+    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
 
     if checkpoint == "default" and not DEFAULT_CHECKPOINT.is_file():
         log.info("no default checkpoint; explaining with the raw backbone's tokens")
@@ -387,8 +387,8 @@ def _explain_encoder(checkpoint: str) -> Any:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from sbir_core.explain import explain_pair, load_relation
-    from sbir_core.relation import DEFAULT_RELATION
+    from sbir_core.explain.correspondence import explain_pair, load_relation
+    from sbir_core.models.relation import DEFAULT_RELATION
 
     relation = None
     if args.relation == "auto":
@@ -409,8 +409,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
-    from sbir_core.embedding_map import EmbeddingMap, fit_map
-    from sbir_core.index import Gallery, GalleryError, check_encoder, encode_query
+    from sbir_core.explain.embedding_map import EmbeddingMap, fit_map
+    from sbir_core.gallery.index import Gallery, GalleryError, check_encoder, encode_query
 
     try:
         gallery = Gallery.load(args.gallery)
@@ -467,7 +467,7 @@ def _add_explain(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- gallery download
 def _cmd_gallery_download(args: argparse.Namespace) -> int:
-    from sbir_core.download import DownloadError, fetch_dataset
+    from sbir_core.data.download import DownloadError, fetch_dataset
 
     try:
         counts = fetch_dataset(args.name, args.out, url=args.url, md5=args.md5, sha256=args.sha256,
@@ -481,7 +481,7 @@ def _cmd_gallery_download(args: argparse.Namespace) -> int:
 
 def _add_gallery(sub: Any) -> None:
     # The dataset registry: standard library and tqdm only, no torch.
-    from sbir_core.download import DATASETS
+    from sbir_core.data.download import DATASETS
 
     gallery = sub.add_parser("gallery", help="manage image galleries", description="Manage image galleries.")
     actions = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -517,10 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
 # All but WeightLoadError are ValueError subclasses today; naming them keeps them
 # reported as one line even if that changes.
 _LIBRARY_ERRORS = (
-    ("sbir_core.index", "GalleryError"),
-    ("sbir_core.data", "UnknownSplitError"),
-    ("sbir_core.preprocess", "BlankSketchError"),
-    ("sbir_core.encoders", "WeightLoadError"),
+    ("sbir_core.gallery.index", "GalleryError"),
+    ("sbir_core.data.datasets", "UnknownSplitError"),
+    ("sbir_core.data.preprocess", "BlankSketchError"),
+    ("sbir_core.models.encoders", "WeightLoadError"),
 )
 
 

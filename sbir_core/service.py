@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from sbir_core.paths import cache_dir, home
-from sbir_core.preprocess import BlankSketchError
+from sbir_core.data.preprocess import BlankSketchError
 
 log = logging.getLogger(__name__)
 
@@ -403,10 +403,10 @@ class RetrievalService:
 
     # ------------------------------------------------------------------ model
     def _load_encoder(self, encoder: Any, checkpoint: Any) -> tuple[Any, str]:
-        from sbir_core.encoders import create_encoder
+        from sbir_core.models.encoders import create_encoder
 
         if encoder is not None:
-            from sbir_core.index import checkpoint_spec
+            from sbir_core.gallery.index import checkpoint_spec
 
             spec = checkpoint_spec(encoder)  # "none", "default", a path, or "<checkpoint id>" if unknown
             return encoder, (None if spec.startswith("<") else spec)
@@ -430,7 +430,7 @@ class RetrievalService:
         if not isinstance(relation, (str, os.PathLike)):
             return relation  # an already-loaded RelationModel
         try:
-            from sbir_core.relation import DEFAULT_RELATION, load_relation
+            from sbir_core.models.relation import DEFAULT_RELATION, load_relation
         except ImportError:
             return None
         path = DEFAULT_RELATION if relation == "auto" else Path(relation)
@@ -475,7 +475,7 @@ class RetrievalService:
     def list_galleries(self) -> list[str]:
         """Names of the built galleries under the galleries root (folders holding a
         gallery.json, at most two levels deep), 'default' first."""
-        from sbir_core.index import GALLERY_FILE
+        from sbir_core.gallery.index import GALLERY_FILE
 
         names = set()
         if self.root.is_dir():
@@ -537,7 +537,7 @@ class RetrievalService:
         lg = self._uploaded.get(gid)
         if lg is not None:
             return lg
-        from sbir_core.index import Gallery, GalleryError, check_encoder
+        from sbir_core.gallery.index import Gallery, GalleryError, check_encoder
 
         d = self._upload_dir(gid)
         try:
@@ -558,7 +558,7 @@ class RetrievalService:
         return self.uploads_dir / m.group(1) / m.group(2)
 
     def _load_gallery(self, name: str, progress: Optional[ProgressFn]) -> LoadedGallery:
-        from sbir_core.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError, check_encoder
+        from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError, check_encoder
 
         d = self.gallery_dir(name)
         # A gallery whose sources live inside its own folder is rebuilt into the cache
@@ -622,7 +622,7 @@ class RetrievalService:
 
     def _rebuild(self, name: str, src: Path, out: Path, modality: str, progress: Optional[ProgressFn],
                  why: str) -> LoadedGallery:
-        from sbir_core.index import GalleryError, build_gallery
+        from sbir_core.gallery.index import GalleryError, build_gallery
 
         log.warning("indexing gallery %s from %s into %s (%s)", name, src, out, why)
         if progress:
@@ -666,7 +666,7 @@ class RetrievalService:
         out = lg.thumbs_dir / f"{row}.jpg"
         if not out.is_file():
             try:
-                from sbir_core.index import load_image
+                from sbir_core.gallery.index import load_image
 
                 im = load_image(src)
                 rgba = im.convert("RGBA")
@@ -697,13 +697,13 @@ class RetrievalService:
         self._map(lg)
         if self.has_text:
             try:
-                from sbir_core.index import encode_query
+                from sbir_core.gallery.index import encode_query
 
                 encode_query(self.encoder, text="cat")
             except Exception as exc:
                 log.warning("text encoder warm-up failed: %s", exc)
         if explain and len(lg):
-            from sbir_core.examples import list_examples
+            from sbir_core.data.examples import list_examples
 
             ex = list_examples()
             if ex:
@@ -719,7 +719,7 @@ class RetrievalService:
                     score=h.score, label=h.label) for r, h in enumerate(res)]
 
     def _rerank_hits(self, lg: LoadedGallery, q: np.ndarray, query_tokens: Any, ink: Any, k: int) -> list[Hit]:
-        from sbir_core.relation import DEFAULT_TOPK, rerank
+        from sbir_core.models.relation import DEFAULT_TOPK, rerank
 
         g = lg.gallery
         cands = g.search(q, max(DEFAULT_TOPK, k))
@@ -744,7 +744,7 @@ class RetrievalService:
             key = "sketch:" + _fingerprint(img) + (f":{brush:.1f}" if brush else "")
             cached = self._queries.get(key)
             if cached is None:
-                from sbir_core.preprocess import preprocess_sketch
+                from sbir_core.data.preprocess import preprocess_sketch
 
                 # Exactly SBIREncoder.encode_sketches([img]) (what index.encode_query runs),
                 # keeping the preprocessed view for re-ranking.
@@ -757,7 +757,7 @@ class RetrievalService:
             use_rerank = rerank and self.relation is not None and lg.gallery.tokens is not None \
                 and lg.modality == "photo"
             if use_rerank:
-                from sbir_core.relation import ink_cells
+                from sbir_core.models.relation import ink_cells
 
                 hits = self._rerank_hits(lg, emb, tokens, ink_cells(sk, lg.gallery.grid).reshape(-1), k)
             else:
@@ -803,7 +803,7 @@ class RetrievalService:
             return SearchOutcome(False, "Text search needs the trained model (checkpoints/default.safetensors), "
                                         "which is not loaded; drawing and photo search still work.")
         try:
-            from sbir_core.index import encode_query
+            from sbir_core.gallery.index import encode_query
 
             lg = self._get_gallery(gallery)
             key = "text:" + text.lower()
@@ -827,8 +827,8 @@ class RetrievalService:
         if image is None or (isinstance(image, str) and not image):
             return SearchOutcome(False, "Upload a photo first.")
         try:
-            from sbir_core.index import encode_query
-            from sbir_core.preprocess import preprocess_photo
+            from sbir_core.gallery.index import encode_query
+            from sbir_core.data.preprocess import preprocess_photo
 
             if isinstance(image, (str, os.PathLike, dict, bytes)):
                 raise ServiceError("A photo must be sent as an upload or as image data, not as a file name.")
@@ -901,11 +901,11 @@ class RetrievalService:
         if cached is not None:
             return cached
         try:
-            from sbir_core.explain import explain_pair
+            from sbir_core.explain.correspondence import explain_pair
 
             sketch = query.image
             if query.kind == "photo":
-                from sbir_core.preprocess import photo_to_edges
+                from sbir_core.data.preprocess import photo_to_edges
 
                 sketch = photo_to_edges(query.image, self.encoder.image_size)  # the photo's outline
             ex = explain_pair(self.encoder, sketch, hit.path, relation=self.relation)
@@ -965,7 +965,7 @@ class RetrievalService:
     def _map(self, lg: LoadedGallery) -> Any:
         if lg.emap is not None:
             return lg.emap
-        from sbir_core.embedding_map import EmbeddingMap, fit_map
+        from sbir_core.explain.embedding_map import EmbeddingMap, fit_map
 
         with self._lock:
             if lg.emap is not None:
@@ -995,7 +995,7 @@ class RetrievalService:
     @staticmethod
     def _save_map(g: Any, d: Path) -> None:
         try:
-            from sbir_core.embedding_map import fit_map
+            from sbir_core.explain.embedding_map import fit_map
 
             fit_map(g.raw_embeddings, g.labels if any(g.labels) else None).save(d)
         except Exception as exc:  # the map is optional: the app fits one lazily
@@ -1117,7 +1117,7 @@ class RetrievalService:
 
     def _index_folder(self, src: Path, out: Path, name: str, progress: Optional[ProgressFn],
                       modality: str) -> BuildOutcome:
-        from sbir_core.index import GalleryError, build_gallery
+        from sbir_core.gallery.index import GalleryError, build_gallery
 
         if modality not in ("photo", "sketch"):
             return BuildOutcome(False, f"A gallery holds photos or sketches, not {modality!r}.")

@@ -54,7 +54,7 @@ def jittered_canvases(n: int, seed: int = 0, size: int = 384) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     rng = random.Random(seed)
     ex = list_examples()
@@ -73,7 +73,7 @@ def jittered_canvases(n: int, seed: int = 0, size: int = 384) -> list[dict]:
 def jittered_strokes(n: int, seed: int = 0, size: int = 384) -> list[str]:
     """The example drawings as the page's canvas sends them: stroke JSON in canvas pixels,
     scaled and shifted at random (no two alike, so no call hits the query cache)."""
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     rng = random.Random(seed)
     ex = list_examples()

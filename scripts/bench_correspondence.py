@@ -172,7 +172,7 @@ def calibrate_threshold(records: Sequence[dict], thresholds: Optional[np.ndarray
     least 4 times in 5 (a wrong line misleads more than a missing one). Ties go to the
     lower t (more lines).
     """
-    from sbir_core.explain import select_matches
+    from sbir_core.explain.correspondence import select_matches
 
     if thresholds is None:
         allv = np.concatenate([[m[2] for m in r["candidates"]] for r in records if r["candidates"]] or [[0.0]])
@@ -195,7 +195,7 @@ def calibrate_threshold(records: Sequence[dict], thresholds: Optional[np.ndarray
 
 # ----------------------------------------------------------------------------- the run
 def photo_items(data: Path, n: int) -> list:
-    from sbir_core.data import image_folder
+    from sbir_core.data.datasets import image_folder
 
     items = image_folder(data / "caltech101", "photo", source="caltech101")
     if not items:
@@ -210,7 +210,7 @@ def other_edges(photo, size: int, rng: np.random.Generator) -> Image.Image:
     fit-and-pad geometry as `preprocess_photo`."""
     import cv2
 
-    from sbir_core.preprocess import _fit_photo, _pad_square
+    from sbir_core.data.preprocess import _fit_photo, _pad_square
 
     g = cv2.GaussianBlur(np.asarray(_fit_photo(photo, size).convert("L")), (0, 0), 2.0)
     med = float(np.median(g))
@@ -225,7 +225,7 @@ def other_edges(photo, size: int, rng: np.random.Generator) -> Image.Image:
 def make_pair(photo, size: int, rng: np.random.Generator, hard: bool = False):
     """(sketch, photo image, M, params): the photo preprocessed like a gallery photo and
     its edge map, in the same geometry, moved by a random affine map M (photo -> sketch)."""
-    from sbir_core.preprocess import photo_to_edges, preprocess_photo
+    from sbir_core.data.preprocess import photo_to_edges, preprocess_photo
 
     ph = preprocess_photo(photo, size)
     if not hard:
@@ -244,8 +244,8 @@ def make_pair(photo, size: int, rng: np.random.Generator, hard: bool = False):
 def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=None) -> list[dict]:
     """One record per usable pair: truth, ink, line candidates (no threshold), the
     method's similarity and assignment, and the plain token similarity."""
-    from sbir_core import explain as E
-    from sbir_core.relation import ink_cells
+    from sbir_core.explain import correspondence as E
+    from sbir_core.models.relation import ink_cells
 
     rng = np.random.default_rng(seed + (7919 if hard else 0))
     size = encoder.image_size
@@ -285,7 +285,7 @@ def split_halves(records: Sequence[dict], seed: int = 1234) -> tuple[list, list]
 def score(records: Sequence[dict], threshold: float) -> dict:
     """PCK of the method's drawn lines at `threshold` and of the baselines, pooled over
     the records' lines."""
-    from sbir_core.explain import select_matches
+    from sbir_core.explain.correspondence import select_matches
 
     def pooled(pick):
         good = tot = 0
@@ -319,7 +319,7 @@ def score(records: Sequence[dict], threshold: float) -> dict:
 
 
 def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=None) -> dict:
-    from sbir_core import explain as E
+    from sbir_core.explain import correspondence as E
 
     t0 = time.perf_counter()
     items = photo_items(data, n)
@@ -359,8 +359,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sbir_core.encoders import create_encoder
-    from sbir_core.explain import load_relation
+    from sbir_core.models.encoders import create_encoder
+    from sbir_core.explain.correspondence import load_relation
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     enc = create_encoder(checkpoint=args.checkpoint)
     relation = None
     if args.relation != "none":
-        from sbir_core.relation import DEFAULT_RELATION
+        from sbir_core.models.relation import DEFAULT_RELATION
 
         path = DEFAULT_RELATION if args.relation == "auto" else Path(args.relation)
         if args.relation != "auto" or Path(path).is_file():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core.encoders import create_encoder
+from sbir_core.models.encoders import create_encoder
 
 STROKES = [[[20, 200, 200, 20, 20], [40, 40, 200, 200, 40]], [[20, 110, 200], [40, -40, 40]]]
 

@@ -31,9 +31,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sbir_core import explain as E  # noqa: E402
-from sbir_core import relation as R  # noqa: E402
-from sbir_core.encoders import create_encoder  # noqa: E402
+from sbir_core.explain import correspondence as E  # noqa: E402
+from sbir_core.models import relation as R  # noqa: E402
+from sbir_core.models.encoders import create_encoder  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 2):

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sbir_core.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, HNSW_EF_CONSTRUCTION, HNSW_M, Gallery, auto_nlist  # noqa: E402
+from sbir_core.gallery.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, HNSW_EF_CONSTRUCTION, HNSW_M, Gallery, auto_nlist  # noqa: E402
 
 
 def parse_size(s: str) -> int:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sbir_core.data import benchmark, training_items
-from sbir_core.encoders import create_encoder
-from sbir_core.evaluate import embed_items
-from sbir_core.metrics import average_precision_batch, precision_at_k_batch, rank_gallery, retrieval_report
-from sbir_core.train import LOSSES, TrainConfig, train
+from sbir_core.data.datasets import benchmark, training_items
+from sbir_core.models.encoders import create_encoder
+from sbir_core.eval.evaluate import embed_items
+from sbir_core.eval.metrics import average_precision_batch, precision_at_k_batch, rank_gallery, retrieval_report
+from sbir_core.training.train import LOSSES, TrainConfig, train
 
 KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sbir_core.data import excluded_names, heldout_doodles, image_folder, load_splits, quickdraw_folder  # noqa: E402
-from sbir_core.encoders import create_encoder  # noqa: E402
-from sbir_core.index import Gallery  # noqa: E402
-from sbir_core.metrics import retrieval_report  # noqa: E402
+from sbir_core.data.datasets import excluded_names, heldout_doodles, image_folder, load_splits, quickdraw_folder  # noqa: E402
+from sbir_core.models.encoders import create_encoder  # noqa: E402
+from sbir_core.gallery.index import Gallery  # noqa: E402
+from sbir_core.eval.metrics import retrieval_report  # noqa: E402
 
 GALLERY = ROOT / "galleries" / "default" / "images"
 # Gallery folders whose QuickDraw class is spelled differently.

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_product import run_encoder  # noqa: E402
-from sbir_core.encoders import create_encoder  # noqa: E402
-from sbir_core.evaluate import evaluate_split  # noqa: E402
+from sbir_core.models.encoders import create_encoder  # noqa: E402
+from sbir_core.eval.evaluate import evaluate_split  # noqa: E402
 
 
 def variant(enc, **settings):

@@ -58,7 +58,7 @@ def make_drawings(folder: Path, n: int, seed: int = 0) -> list[str]:
     """n PNG canvases: example drawings, randomly scaled and shifted, black on white."""
     from PIL import Image
 
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     rng = random.Random(seed)
     ex = list_examples()
@@ -112,7 +112,7 @@ REFERENCE_EXAMPLE = "house"
 
 
 def reference_strokes() -> str:
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     e = next(x for x in list_examples() if x.name == REFERENCE_EXAMPLE)
     return json.dumps([[[x, y] for x, y in st] for st in e.strokes])

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def raw_encoder():
     """The raw EfficientNet-Lite0 backbone (no checkpoint), loaded once per session."""
-    from sbir_core.encoders import create_encoder
+    from sbir_core.models.encoders import create_encoder
 
     return create_encoder(checkpoint="none")
 
@@ -55,7 +55,7 @@ def make_shape_image(kind: str, seed: int, size: int = 96):
 def app_galleries(tmp_path_factory, raw_encoder):
     """A galleries root holding one built gallery, `default` (12 shape images, raw
     backbone), with its source images outside the galleries root."""
-    from sbir_core.index import build_gallery
+    from sbir_core.gallery.index import build_gallery
 
     base = tmp_path_factory.mktemp("app")
     src = base / "shapes"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sbir_core.data import (
+from sbir_core.data.datasets import (
     ExcludedClassError, Item, UnknownSplitError, assert_no_excluded, benchmark, image_folder, quickdraw_folder,
     training_items,
 )

@@ -1,7 +1,7 @@
 import numpy as np
 
-from sbir_core.index import Gallery
-from sbir_core.metrics import map_all
+from sbir_core.gallery.index import Gallery
+from sbir_core.eval.metrics import map_all
 
 
 def clustered(n_cls=6, per=20, dim=32, noise=1.6, seed=0):

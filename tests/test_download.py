@@ -1,4 +1,4 @@
-"""sbir_core.download against a loopback HTTP server with Range support; no internet."""
+"""sbir_core.data.download against a loopback HTTP server with Range support; no internet."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sbir_core import cli
-from sbir_core import download as dl
+from sbir_core.data import download as dl
 
 ARCHIVE_PATH = "/files/caltech-101.zip"
 

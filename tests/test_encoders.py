@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core import encoders
-from sbir_core.encoders import WeightLoadError, create_encoder, load_lite_state_dict
+from sbir_core.models import encoders
+from sbir_core.models.encoders import WeightLoadError, create_encoder, load_lite_state_dict
 
 torch.set_num_threads(1)
 

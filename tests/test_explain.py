@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core import explain as E
-from sbir_core import relation as R
-from sbir_core.preprocess import preprocess_sketch
+from sbir_core.explain import correspondence as E
+from sbir_core.models import relation as R
+from sbir_core.training import relation as RT
+from sbir_core.data.preprocess import preprocess_sketch
 
 torch.set_num_threads(1)
 
@@ -118,7 +119,7 @@ def test_blank_cells_draw_no_lines_and_stay_white(pair_explanation) -> None:
         assert (syn[y0:y1, x0:x1] == 255).all()
     # The centre of an inked cell shows the centre of its assigned photo cell, and the
     # strokes near cell centres are painted with it.
-    from sbir_core.preprocess import ink_mask
+    from sbir_core.data.preprocess import ink_mask
 
     field, _ = ex.synthesis_field(1)
     photo = np.asarray(ex.photo_image).astype(int)
@@ -283,7 +284,7 @@ def test_relation_save_load_round_trip(model, tmp_path) -> None:
 def test_evaluate_rerank_reports_both(model) -> None:
     rng = np.random.default_rng(0)
     Q, G = 4, 12
-    res = R.evaluate_rerank(model, rng.random((Q, G)), rng.normal(size=(Q, 16, 24)), np.ones((Q, 16), bool),
+    res = RT.evaluate_rerank(model, rng.random((Q, G)), rng.normal(size=(Q, 16, 24)), np.ones((Q, 16), bool),
                             rng.normal(size=(G, 16, 24)), ["a", "b", "a", "b"], ["a", "b"] * 6, k=5, alphas=(0.5,))
     assert 0 <= res["base"]["mAP@all"] <= 1 and 0 <= res["with_rerank"]["mAP@all"] <= 1
     assert "0.5" in res["rerank"] and res["k"] == 5
@@ -311,8 +312,8 @@ def test_cached_features_found_under_another_spelling_of_the_data_root(tmp_path,
     """A cache written for items listed under `../x/data` is found from `/abs/x/data`."""
     from types import SimpleNamespace
 
-    from sbir_core.data import Item
-    from sbir_core.features import cache_path
+    from sbir_core.data.datasets import Item
+    from sbir_core.eval.features import cache_path
 
     root = tmp_path / "shared" / "data"
     (root / "caltech101" / "cat").mkdir(parents=True)
@@ -328,10 +329,10 @@ def test_cached_features_found_under_another_spelling_of_the_data_root(tmp_path,
     np.savez(p, raw=np.arange(3.0), ok=np.ones(3, bool))
     items_abs = [Item(it.label, it.modality, path=str(root) + it.path[len(rel):], key=str(root) + it.key[len(rel):])
                  for it in items_rel]
-    out = R.cached_features(enc, items_abs, "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
+    out = RT.cached_features(enc, items_abs, "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
     np.testing.assert_array_equal(out["raw"], np.arange(3.0))
     with pytest.raises(FileNotFoundError):
-        R.cached_features(enc, items_abs[:2], "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
+        RT.cached_features(enc, items_abs[:2], "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
 
 
 # ----------------------------------------------------------------------------- correspondence benchmark
@@ -420,7 +421,7 @@ def _scene(seed: int, size: int = 224) -> Image.Image:
 def test_method_beats_the_spatial_prior_on_generated_pairs(raw_encoder) -> None:
     """Edge maps of generated scenes, mirrored / rotated / shifted by a known map: the
     drawn lines land right far more often than 'same position' does."""
-    from sbir_core.preprocess import photo_to_edges, preprocess_photo
+    from sbir_core.data.preprocess import photo_to_edges, preprocess_photo
 
     B = _bench()
     size = raw_encoder.image_size

@@ -1,4 +1,4 @@
-"""Tests for sbir_core.index: building (skips, incremental, atomic), search, staleness, CLI.
+"""Tests for sbir_core.gallery.index: building (skips, incremental, atomic), search, staleness, CLI.
 
 Encoding is the slow part (~0.2 s per image here), so one small gallery is built per
 module and copied (with mtimes kept) wherever a test changes things.
@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from sbir_core import cli
-from sbir_core import index as I
+from sbir_core.gallery import index as I
 from sbir_core.cli import main
-from sbir_core.preprocess import BlankSketchError
+from sbir_core.data.preprocess import BlankSketchError
 
 torch.set_num_threads(1)
 
@@ -287,7 +287,7 @@ def test_stale_encoder(built, tmp_path, raw_encoder, caplog) -> None:
     # Building with another encoder re-encodes everything (fewer files to keep it quick).
     for p in list((src / "circle").glob("*.png")) + list((src / "triangle").glob("*.png")):
         p.unlink()
-    with caplog.at_level(logging.WARNING, logger="sbir_core.index"):
+    with caplog.at_level(logging.WARNING, logger="sbir_core.gallery.index"):
         g2, report = I.build_gallery(src, out, other, progress=False)
     assert report.reused == 0 and report.added == 2 and other.encoded == 2
     assert "efficientnet-lite0@none" in report.rebuilt_reason
@@ -313,7 +313,7 @@ def test_hnsw_and_ivf_recall_close_to_exact() -> None:
 
 
 def test_ivf_falls_back_to_flat_when_tiny(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="sbir_core.index"):
+    with caplog.at_level(logging.WARNING, logger="sbir_core.gallery.index"):
         g = I.Gallery.from_embeddings(clustered(50), index_type="ivf")
     assert g.index_type == "flat" and g.index is None
     assert any("too few" in r.message for r in caplog.records)

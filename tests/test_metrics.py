@@ -1,10 +1,10 @@
-"""Tests for sbir_core.metrics: hand-computed cases, tie-breaking, sklearn agreement."""
+"""Tests for sbir_core.eval.metrics: hand-computed cases, tie-breaking, sklearn agreement."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sbir_core import metrics as M
+from sbir_core.eval import metrics as M
 
 EPS = 1e-12
 

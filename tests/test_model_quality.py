@@ -9,9 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from sbir_core.cli import main
-from sbir_core.data import benchmark
-from sbir_core.encoders import DEFAULT_CHECKPOINT, create_encoder
-from sbir_core.evaluate import evaluate
+from sbir_core.data.datasets import benchmark
+from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
+from sbir_core.eval.evaluate import evaluate
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,7 +87,7 @@ def test_shipped_gallery_matches_shipped_checkpoint_and_finds_a_bicycle(capsys):
     root = Path(__file__).resolve().parents[1]
     strokes = json.loads((root / "sbir_core" / "examples" / "bicycle.json").read_text())
     strokes = strokes["strokes"] if isinstance(strokes, dict) else strokes
-    from sbir_core.preprocess import render_strokes
+    from sbir_core.data.preprocess import render_strokes
 
     sketch = root / "cache" / "test_bicycle.png"  # cache/ is git-ignored scratch space
     sketch.parent.mkdir(exist_ok=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sbir_core.preprocess import (
+from sbir_core.data.preprocess import (
     BlankSketchError, ink_mask, normalize_strokes, photo_to_edges, preprocess_photo, preprocess_sketch, render_strokes,
 )
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sbir_core.encoders import DEFAULT_CHECKPOINT  # noqa: E402
-from sbir_core.examples import list_examples  # noqa: E402
+from sbir_core.models.encoders import DEFAULT_CHECKPOINT  # noqa: E402
+from sbir_core.data.examples import list_examples  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
 app = pytest.importorskip("app", reason="app.py needs gradio")
@@ -117,7 +117,7 @@ def test_explanation_and_map_for_a_result(shipped):
 def test_shipped_encoder_is_fine_tuned_and_none_is_the_raw_backbone():
     import torch
 
-    from sbir_core.encoders import create_encoder, load_lite_state_dict
+    from sbir_core.models.encoders import create_encoder, load_lite_state_dict
 
     enc = create_encoder()
     raw = create_encoder(checkpoint="none")

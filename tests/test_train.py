@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from sbir_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from sbir_core.train import LOSSES, FeatureSet, Trainer, TrainConfig, split_classes
+from sbir_core.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from sbir_core.training.train import LOSSES, FeatureSet, Trainer, TrainConfig, split_classes
 
 torch.set_num_threads(1)
 

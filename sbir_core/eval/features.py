@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sbir_core.data import Item
-from sbir_core.encoders import SBIREncoder
+from sbir_core.data.datasets import Item
+from sbir_core.models.encoders import SBIREncoder
 from sbir_core.paths import cache_dir
-from sbir_core.preprocess import edges_as_sketch, photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.data.preprocess import edges_as_sketch, photo_to_edges, preprocess_photo, preprocess_sketch
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ def _sketch_flip(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def _sketch_aug(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
-    from sbir_core.augment import augment_sketch
+    from sbir_core.data.augment import augment_sketch
 
     return augment_sketch(it.load(), size, rng)
 
 
 def _edges_aug(it: Item, size: int, rng: np.random.Generator) -> Image.Image:
-    from sbir_core.augment import augment_edges
+    from sbir_core.data.augment import augment_edges
 
     return augment_edges(photo_to_edges(it.load(), size), size, rng)
 

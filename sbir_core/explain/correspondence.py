@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from sbir_core.relation import RelationModel, ink_cells
-from sbir_core.relation import load_relation as _load_relation
+from sbir_core.models.relation import RelationModel, ink_cells
+from sbir_core.models.relation import load_relation as _load_relation
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Explanation:
         inked neighbour (size W*scale x H*scale)."""
         import cv2
 
-        from sbir_core.preprocess import INK_THRESHOLD, ink_mask
+        from sbir_core.data.preprocess import INK_THRESHOLD, ink_mask
 
         field_, cover = self.synthesis_field(scale)
         H, W = cover.shape
@@ -471,8 +471,8 @@ def content_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
     """(h*w,) bool: cells that are not (near-)white, by the same rule as sketch ink
     (`relation.ink_cells` on a white background): white padding and blank paper are
     not content. For a sketch image this equals its ink cells."""
-    from sbir_core.preprocess import INK_THRESHOLD
-    from sbir_core.relation import INK_CELL_FRACTION
+    from sbir_core.data.preprocess import INK_THRESHOLD
+    from sbir_core.models.relation import INK_CELL_FRACTION
 
     g = np.asarray(image.convert("L"), dtype=np.float32)
     return _cell_fraction(g < 255.0 - INK_THRESHOLD, grid) >= INK_CELL_FRACTION
@@ -600,7 +600,7 @@ def line_context(sketch_image: Image.Image, edge_image: Image.Image, grid: tuple
     """LineContext of a preprocessed sketch and the photo's edge map (same size)."""
     import cv2
 
-    from sbir_core.preprocess import INK_THRESHOLD, ink_mask
+    from sbir_core.data.preprocess import INK_THRESHOLD, ink_mask
 
     ink = ink_mask(sketch_image) > INK_THRESHOLD
     edges = np.asarray(edge_image.convert("L")) < 128
@@ -1040,7 +1040,7 @@ def _open_image(x: Any, what: str) -> Any:
 
 def prepare_pair(encoder, sketch: Any, photo: Any) -> tuple[Image.Image, Image.Image]:
     """User inputs -> the preprocessed (sketch, photo) model inputs as PIL images."""
-    from sbir_core.preprocess import preprocess_photo, preprocess_sketch
+    from sbir_core.data.preprocess import preprocess_photo, preprocess_sketch
 
     sk = preprocess_sketch(_open_image(sketch, "sketch"), encoder.image_size)
     ph = preprocess_photo(_open_image(photo, "photo"), encoder.image_size)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sbir_core.data import Item, benchmark, training_items
-from sbir_core.encoders import SBIREncoder
-from sbir_core.features import extract_features
-from sbir_core.index import Gallery
-from sbir_core.metrics import retrieval_report
+from sbir_core.data.datasets import Item, benchmark, training_items
+from sbir_core.models.encoders import SBIREncoder
+from sbir_core.eval.features import extract_features
+from sbir_core.gallery.index import Gallery
+from sbir_core.eval.metrics import retrieval_report
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sbir_core.preprocess import LINE_WIDTH_RANGE, normalize_strokes, preprocess_sketch, render_strokes
+from sbir_core.data.preprocess import LINE_WIDTH_RANGE, normalize_strokes, preprocess_sketch, render_strokes
 
 
 def augment_strokes(strokes: list, rng: np.random.Generator, drop: float = 0.15, jitter: float = 0.015) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sbir_core.heads import build_head
+from sbir_core.models.heads import build_head
 
 FORMAT_VERSION = 1
 

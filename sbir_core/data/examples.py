@@ -17,7 +17,7 @@ from typing import Optional
 
 from PIL import Image
 
-from sbir_core.preprocess import render_strokes
+from sbir_core.data.preprocess import render_strokes
 
 from sbir_core.paths import EXAMPLES_DIR  # noqa: E402
 

@@ -32,8 +32,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from sbir_core.diffusion import diffuse_gallery, expand_queries
-from sbir_core.data import image_folder
+from sbir_core.gallery.diffusion import diffuse_gallery, expand_queries
+from sbir_core.data.datasets import image_folder
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class Gallery:
 
     # ---- diffusion
     def _diffuse(self) -> None:
-        """Replace searchable embeddings by their DBA version (see sbir_core.diffusion);
+        """Replace searchable embeddings by their DBA version (see sbir_core.gallery.diffusion);
         non-flat indexes are rebuilt on the diffused vectors."""
         k = min(self.diffusion_k, len(self.raw_embeddings))
         s, i = self._knn(self.raw_embeddings, k)
@@ -546,7 +546,7 @@ def checkpoint_spec(encoder: Any) -> str:
     explicit = getattr(encoder, "checkpoint_path", None)
     if explicit:
         return str(Path(explicit).resolve())
-    from sbir_core.encoders import DEFAULT_CHECKPOINT, file_digest
+    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, file_digest
 
     try:
         st = DEFAULT_CHECKPOINT.stat()
@@ -916,7 +916,7 @@ def build_gallery(
         if index is not None:
             _faiss().write_index(index, str(tmp / INDEX_FILE))
         if n >= MIN_MAP_ITEMS:  # the t-SNE map is part of the gallery, made once here
-            from sbir_core.embedding_map import fit_map
+            from sbir_core.explain.embedding_map import fit_map
 
             labels = [c.label for c in kept]
             fit_map(emb, labels if any(labels) else None).save(tmp)

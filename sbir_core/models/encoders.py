@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
-from sbir_core.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
+from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class SBIREncoder(nn.Module):
         """Class names or phrases -> (B, D) embeddings in the retrieval space."""
         if self.head is None or not hasattr(self.head, "embed_text"):
             raise ValueError("text queries need a trained checkpoint with a text head (raw backbones have none)")
-        from sbir_core.text import text_features
+        from sbir_core.models.text import text_features
 
         return self.head.embed_text(text_features(list(texts), self.head.text_source, self.backbone))
 
@@ -438,7 +438,7 @@ def create_encoder(
         None means the checkpoint's backbone, or the default backbone.
     checkpoint: "default" (the shipped model), "none" / None (raw backbone), or a path.
     """
-    from sbir_core.checkpoint import load_checkpoint  # heads live with their loader
+    from sbir_core.models.checkpoint import load_checkpoint  # heads live with their loader
 
     head = None
     meta: dict = {}

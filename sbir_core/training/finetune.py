@@ -32,14 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from sbir_core.augment import augment_edges, augment_sketch, colorize_doodle
-from sbir_core.checkpoint import save_checkpoint
-from sbir_core.data import Item, assert_texts_allowed, fingerprint, training_items
-from sbir_core.encoders import EfficientNetLiteBackbone
-from sbir_core.heads import SBIRHead
-from sbir_core.metrics import map_all
-from sbir_core.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
-from sbir_core.text import class_text_features
+from sbir_core.data.augment import augment_edges, augment_sketch, colorize_doodle
+from sbir_core.models.checkpoint import save_checkpoint
+from sbir_core.data.datasets import Item, assert_texts_allowed, fingerprint, training_items
+from sbir_core.models.encoders import EfficientNetLiteBackbone
+from sbir_core.models.heads import SBIRHead
+from sbir_core.eval.metrics import map_all
+from sbir_core.data.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.models.text import class_text_features
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class Finetuner:
         - gallery diffusion neighbours k (0 = off);
         - flip: a sketch query averaged with its mirror image.
         Ties go to the cheaper setting. -> (chosen setting, every setting's scores)."""
-        from sbir_core.index import Gallery
+        from sbir_core.gallery.index import Gallery
 
         q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
         q2 = q + qf

@@ -24,14 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sbir_core.checkpoint import save_checkpoint
-from sbir_core.data import assert_texts_allowed, fingerprint, training_items
-from sbir_core.encoders import SBIREncoder, create_encoder
-from sbir_core.features import extract_features
-from sbir_core.heads import SBIRHead
-from sbir_core.index import Gallery
-from sbir_core.metrics import map_all
-from sbir_core.text import class_text_features
+from sbir_core.models.checkpoint import save_checkpoint
+from sbir_core.data.datasets import assert_texts_allowed, fingerprint, training_items
+from sbir_core.models.encoders import SBIREncoder, create_encoder
+from sbir_core.eval.features import extract_features
+from sbir_core.models.heads import SBIRHead
+from sbir_core.gallery.index import Gallery
+from sbir_core.eval.metrics import map_all
+from sbir_core.models.text import class_text_features
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, data_root: Path, out: Optional[Path] = None, progres
     encoder.head = trainer.head
     encoder.meta = {"retrieval": {"diffusion_k": diffusion_k}}
     scores = {}
-    from sbir_core.evaluate import evaluate_split
+    from sbir_core.eval.evaluate import evaluate_split
 
     for split in benchmarks:
         for diffusion in (True, False):
