@@ -25,18 +25,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sbir_core.data.drawing import MAX_CANVAS_PIXELS, read_stroke_json, stroke_brush  # noqa: E402
 from sbir_core.data.examples import list_examples  # noqa: E402
+from sbir_core.data.images import MAX_UPLOAD_BYTES, open_upload  # noqa: E402
+from sbir_core.errors import InputError  # noqa: E402
+from sbir_core.gallery.store import display_name  # noqa: E402
+from sbir_core.paths import SHIPPED_GALLERIES  # noqa: E402
 from sbir_core.service import (  # noqa: E402
     DEFAULT_K,
-    MAX_CANVAS_PIXELS,
+    EMPTY_SKETCH_MESSAGE,
     MAX_K,
-    MAX_UPLOAD_BYTES,
     Query,
     RetrievalService,
-    ServiceError,
+    SearchOutcome,
     clamp_k,
-    display_name,
-    open_upload,
 )
 
 log = logging.getLogger("sbir_app")
@@ -46,10 +48,6 @@ BRUSH_RADIUS = 3  # ~6 px lines on the 384 px canvas
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # 2 CPU cores: two searches at a time, the rest wait in the queue
-MAX_STROKE_POINTS = 50_000  # a stroke query larger than this is refused (a drawing has a few hundred)
-MAX_STROKES = 2_000
-MAX_STROKE_JSON_CHARS = 40 * MAX_STROKE_POINTS
-MAX_JSON_DEPTH = 4  # {"strokes": [stroke [point [x, y]]]}
 
 TITLE = "Sketch Search"
 INSTRUCTIONS = ("**Draw an object** on the white canvas: matching pictures appear after every stroke. "
@@ -79,16 +77,73 @@ CSS = """
 #classes .chip { background: #eef2ff; border: 1px solid #c7d2fe; border-radius: 999px; padding: 0 8px;
   font-size: 0.8rem; line-height: 1.5; white-space: nowrap; }
 #results img, #examples img { object-fit: contain !important; background: #fff; }
-#results .caption-label, #examples .caption-label {
-  max-width: calc(100% - 8px) !important; white-space: normal; line-height: 1.15; font-size: 0.8rem;
-  font-weight: 600; }
+/* Captions under their thumbnails (Gradio draws them over the bottom of the picture). */
+#results .thumbnail-item, #examples .thumbnail-item { aspect-ratio: auto !important; display: flex !important;
+  flex-direction: column; overflow: hidden; }
+#results .thumbnail-item > img, #examples .thumbnail-item > img { width: 100% !important; height: auto !important;
+  aspect-ratio: 1 / 1; flex: none; }
+#results .caption-label, #examples .caption-label { position: static !important; max-width: 100% !important;
+  border: 0 !important; border-top: 1px solid var(--border-color-primary) !important; border-radius: 0 !important;
+  background: var(--background-fill-secondary); padding: 2px 4px !important; text-align: center;
+  white-space: normal; line-height: 1.15; font-size: 0.8rem; font-weight: 600; }
 #examples .caption-label { font-size: 0.75rem; }
+#results .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important; }
+#examples .grid-container { grid-template-columns: repeat(6, minmax(0, 1fr)) !important; gap: 8px; }
+/* Results take the height they need, scrolling past a limit; no tall box while empty. */
+#results { height: auto !important; }
+#results .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 640px; }
+#results > .empty { min-height: 0 !important; height: 90px !important; }
+/* The examples take the room their pictures need (no tall empty box under them). */
+#examples, #examples .gallery-container, #examples .grid-wrap { height: auto !important; min-height: 0 !important;
+  max-height: none !important; overflow: visible !important; }
+/* Explanation pictures stay collapsed until a result is clicked (#explanation-text says so). */
+#explanation:has(> .empty), #synthesis:has(> .empty), #heatmap:has(> .empty) { display: none !important; }
+/* Pictures fit under their labels instead of being cut off at the bottom. */
+#explanation, #synthesis, #heatmap, #tsne { display: flex !important; flex-direction: column; }
+#explanation > .image-container, #synthesis > .image-container, #heatmap > .image-container,
+#tsne > .image-container { flex: 1 1 0; min-height: 0; height: auto !important; }
+#model-view, #model-view .image-container, #model-view button, #model-view .image-frame { height: auto !important; }
+#model-view img { max-height: 190px; width: 100%; object-fit: contain; }
 #explanation img, #synthesis img, #heatmap img, #tsne img { object-fit: contain !important; }
 footer { display: none !important; }
 /* Panel labels above their pictures, not over the top-left corner of them. */
 #results [data-testid="block-label"], #explanation [data-testid="block-label"],
 #synthesis [data-testid="block-label"], #heatmap [data-testid="block-label"], #tsne [data-testid="block-label"],
 #model-view [data-testid="block-label"] { position: static !important; margin-bottom: 4px; }
+/* From a 768 px tablet up: drawing and results side by side (Gradio wraps the columns). */
+@media (min-width: 700px) {
+  #top-row { flex-wrap: nowrap !important; }
+  #top-row > #query-col, #top-row > #results-col { min-width: 0 !important; }
+}
+/* Tablets: a smaller canvas with a compact toolbar, 3 result columns, explanation above the map. */
+@media (max-width: 1099px) {
+  #sketch { height: 360px; }
+  #sketch .sbir-label { top: auto; bottom: 6px; }
+  #sketch .sbir-tools { gap: 4px; padding: 2px 4px; white-space: nowrap; }
+  #sketch .sbir-tools input[type=range] { width: 56px; }
+  #sketch .sbir-tools button { padding: 1px 6px; font-size: 0.8rem; font-weight: 400; }
+  #k input[type=range] { min-width: 0; width: auto; flex: 1 1 auto; }
+  #results .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+  #examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
+  #under-canvas { flex-wrap: wrap !important; }
+  #under-canvas > * { min-width: 100% !important; }
+  #model-view img { max-height: 140px; }
+  #why-row { flex-direction: column; }
+  #why-row > #why-col, #why-row > #map-col { flex: none !important; width: 100%; }
+}
+@media (min-width: 1100px) and (max-width: 1599px) {
+  #examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
+}
+/* Projectors: a bigger canvas, all 12 results in two rows, larger text and map. */
+@media (min-width: 1600px) {
+  #sketch { height: 520px; }
+  #results .grid-container { grid-template-columns: repeat(6, minmax(0, 1fr)) !important; }
+  #results .grid-wrap { max-height: 760px; }
+  #results .caption-label { font-size: 0.95rem; }
+  #status, #status .prose, #status p { font-size: 1.1rem !important; }
+  #classes .chips { max-height: none; }
+  #tsne { height: 700px !important; }
+}
 """
 
 
@@ -272,101 +327,6 @@ def example_strokes(name_or_index: Any) -> str:
                       separators=(",", ":"))
 
 
-class StrokeError(ValueError):
-    """Stroke JSON that cannot be read as a drawing."""
-
-
-def parse_strokes(value: Any) -> Optional[list]:
-    """Stroke JSON from the canvas (or an API client) -> a stroke list `preprocess_sketch` takes.
-
-    Accepts a list of strokes or {"strokes": [...]}; a stroke is a point list [[x, y], ...]
-    (what the canvas sends) or QuickDraw's [[xs], [ys]] (a 2 x 2 stroke is read as two points,
-    the canvas' form). Points become tuples, so `preprocess_sketch` reads them as point lists
-    too. "" -> None (nothing drawn)."""
-    data = json.loads(value) if isinstance(value, str) else value
-    if isinstance(data, dict):
-        data = data.get("strokes")
-    if data is None:
-        return None
-    if not isinstance(data, list):
-        raise StrokeError("strokes must be a list")
-    out, n = [], 0
-    for st in data:
-        if not isinstance(st, list) or not st:
-            continue
-        if all(isinstance(p, (list, tuple)) and len(p) == 2 for p in st):  # 2x2: read as two points
-            pts = [(float(p[0]), float(p[1])) for p in st]  # a point list
-        elif len(st) == 2 and all(isinstance(v, list) for v in st) and len(st[0]) == len(st[1]):
-            pts = [(float(x), float(y)) for x, y in zip(st[0], st[1])]  # QuickDraw [[xs], [ys]]
-        else:
-            raise StrokeError("a stroke must be [[x, y], ...] or [[xs], [ys]]")
-        if not all(map(lambda p: all(abs(v) < 1e7 for v in p), pts)):
-            raise StrokeError("stroke coordinates must be finite numbers")
-        n += len(pts)
-        if n > MAX_STROKE_POINTS:
-            raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
-        out.append(pts)
-    return out
-
-
-def _json_depth(s: str) -> int:
-    """Deepest bracket nesting of a JSON text, counted without parsing it (a deeply
-    nested payload must be refused before json.loads recurses into it)."""
-    depth = best = 0
-    in_str = esc = False
-    for ch in s:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            best = max(best, depth)
-        elif ch in "]}":
-            depth -= 1
-    return best
-
-
-def sketch_input(value: Any) -> Any:
-    """What the page's canvas or an API client sends to /search_strokes -> a stroke list.
-
-    Only stroke JSON is accepted ("" for nothing drawn); any other text is refused, so no
-    string is ever read as a file name. Size and nesting are checked before parsing."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise StrokeError("strokes must be sent as JSON text")
-    s = value.strip()
-    if not s:
-        return None
-    if s[0] not in "[{":
-        raise StrokeError("strokes must be JSON: [[[x, y], ...], ...]")
-    if len(s) > MAX_STROKE_JSON_CHARS:
-        raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
-    if _json_depth(s) > MAX_JSON_DEPTH:
-        raise StrokeError("the stroke JSON is nested too deeply")
-    strokes = parse_strokes(s)
-    if strokes is not None and len(strokes) > MAX_STROKES:
-        raise StrokeError(f"too many strokes (more than {MAX_STROKES})")
-    return strokes
-
-
-def stroke_brush(value: Any) -> Optional[float]:
-    """The brush width the canvas drew with ({"strokes": ..., "brush": px}), if any."""
-    if not isinstance(value, str) or not value.lstrip().startswith("{"):
-        return None
-    try:
-        b = json.loads(value).get("brush")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return float(b) if isinstance(b, (int, float)) and 0 < b <= 100 else None
-
-
 def _upload_path(value: Any) -> Optional[str]:
     """The server path of an upload as Gradio hands it over (a FileData dict), or None."""
     if isinstance(value, dict):
@@ -380,7 +340,7 @@ def editor_input(value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ServiceError("Send the drawing as an image upload or as strokes.")
+        raise InputError("Send the drawing as an image upload or as strokes.")
     comp = _upload_path(value.get("composite"))
     paths = [comp] if comp else [p for p in [_upload_path(value.get("background")),
                                              *(_upload_path(v) for v in (value.get("layers") or []))] if p]
@@ -393,6 +353,21 @@ def editor_input(value: Any) -> Any:
     return base
 
 
+def status_markdown(out: SearchOutcome) -> str:
+    """The service's plain status line, formatted for the page: the best match in bold,
+    a thinking face on the "not sure" notice, a pencil on the empty-canvas hint."""
+    msg = out.message.replace("*", "\\*").replace("_", "\\_")
+    if not out.ok:
+        return ("✏️ " + msg) if out.message == EMPTY_SKETCH_MESSAGE else msg
+    if out.hits:
+        top = out.hits[0].label.replace("_", " ") if out.hits[0].label else "?"
+        top_md = top.replace("*", "\\*").replace("_", "\\_")
+        msg = msg.replace(f": {top_md} (", f": **{top_md}** (", 1)
+    if out.unsure:
+        msg = "🤔 " + msg.replace("Not sure:", "**Not sure:**", 1)
+    return msg
+
+
 # ----------------------------------------------------------------------------- callbacks
 class Callbacks:
     """The page's event handlers as plain methods (the tests call them directly)."""
@@ -403,27 +378,27 @@ class Callbacks:
     # ---- searching
     def _sketch(self, value: Any, k: Any, gallery: Optional[str], brush: Optional[float] = None):
         out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery), brush=brush)
-        return out.gallery_items(), out.message, out.query
+        return out.gallery_items(), status_markdown(out), out.query
 
     def search_sketch(self, canvas: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         """/search_sketch: a drawn image from an API client (an image-editor value of uploads)."""
         try:
             value = editor_input(canvas)
-        except ServiceError as exc:
+        except InputError as exc:
             return [], str(exc), None
         return self._sketch(value, k, gallery)
 
     def search_strokes(self, strokes: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         """/search_strokes, the page's per-stroke search: stroke JSON from the canvas."""
         try:
-            value = sketch_input(strokes)
-        except (ValueError, TypeError) as exc:  # StrokeError, bad JSON
+            value = read_stroke_json(strokes)
+        except (InputError, ValueError, TypeError) as exc:  # StrokeError, bad JSON
             return [], f"The drawing could not be read: {exc}.", None
         return self._sketch(value, k, gallery, brush=stroke_brush(strokes))
 
     def search_text(self, text: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         out = self.service.search_text(text if isinstance(text, str) else "", clamp_k(k), gallery=_gallery(gallery))
-        return out.gallery_items(), out.message, out.query
+        return out.gallery_items(), status_markdown(out), out.query
 
     def search_photo(self, photo: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         """/search_photo: an uploaded photo (Gradio's FileData, decoded here with limits)."""
@@ -432,10 +407,10 @@ class Callbacks:
             return [], "Upload a photo first.", None
         try:
             image = open_upload(path, self.service.max_upload_bytes, self.service.max_upload_pixels, what="That file")
-        except ServiceError as exc:
+        except InputError as exc:
             return [], str(exc), None
         out = self.service.search_photo(image, clamp_k(k), gallery=_gallery(gallery))
-        return out.gallery_items(), out.message, out.query
+        return out.gallery_items(), status_markdown(out), out.query
 
     def rerun(self, query: Optional[Query], strokes: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
         """k or gallery changed: repeat the last kind of search."""
@@ -504,9 +479,9 @@ class Callbacks:
     # ---- galleries (each visitor's choice lives in their page session, never in the process)
     def choose_gallery(self, name: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)):
         try:
-            msg = self.service.select_gallery(_gallery(name) or self.service.default_gallery,
-                                              progress=lambda f, d: progress(f, desc=d))
-        except ServiceError as exc:
+            msg = self.service.describe_gallery(_gallery(name) or self.service.default_gallery,
+                                                progress=lambda f, d: progress(f, desc=d))
+        except InputError as exc:
             return f"⚠️ {exc}", [], None, None
         except Exception:  # anything unexpected: a message, not a crash
             log.exception("selecting gallery %s failed", name)
@@ -536,7 +511,7 @@ class Callbacks:
 
         try:
             info = self.service.gallery_info(_gallery(name))
-        except ServiceError:
+        except InputError:
             return ""
         labels = [c.replace("_", " ") for c in info["classes"] if c]
         if not labels:
@@ -575,9 +550,9 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{INSTRUCTIONS}", elem_id="title")
         gr.Markdown(notices, elem_id="notice", visible=bool(notices))
 
-        with gr.Row(equal_height=False):
+        with gr.Row(equal_height=False, elem_id="top-row"):
             # ---- left: the query
-            with gr.Column(scale=5, min_width=340):
+            with gr.Column(scale=5, min_width=340, elem_id="query-col"):
                 with gr.Tabs():
                     with gr.Tab("Draw", id="draw"):
                         # A plain canvas (SKETCH_HTML + SKETCH_JS): each stroke sends its points,
@@ -587,18 +562,21 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                         strokes = gr.Textbox(value="", visible="hidden", elem_id="strokes", show_label=False,
                                              container=False)
                         clear_trigger = gr.Button("Clear", visible="hidden", elem_id="clear-trigger")
-                        with gr.Row(equal_height=False):
-                            search_btn = gr.Button("Search", variant="primary", elem_id="search-button", scale=3)
+                        with gr.Row(equal_height=False, elem_id="under-canvas"):
+                            # Search button and examples beside the model's view (no empty
+                            # box next to the button on wide screens; they wrap on narrow ones).
+                            with gr.Column(scale=3, min_width=200):
+                                search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
+                                gr.Markdown("**Or start from an example** (click one):", elem_id="examples-heading")
+                                example_gallery = gr.Gallery(
+                                    value=[(e.render(size=112, line_width=3), e.label) for e in examples],
+                                    columns=6, height="auto", allow_preview=False, show_label=False,
+                                    elem_id="examples", object_fit="contain", interactive=False, buttons=[],
+                                )
                             # What the encoder is given: cropped, padded, at the line width it gets.
                             model_view = gr.Image(label="What the model sees", elem_id="model-view", type="pil",
                                                   interactive=False, height=230, visible=False,
                                                   show_label=True, buttons=[], scale=1, min_width=150)
-                        gr.Markdown("**Or start from an example** (click one):")
-                        example_gallery = gr.Gallery(
-                            value=[(e.render(size=112, line_width=3), e.label) for e in examples],
-                            columns=6, height="auto", allow_preview=False, show_label=False,
-                            elem_id="examples", object_fit="contain", interactive=False,
-                        )
                     with gr.Tab("Type a word", id="text"):
                         text = gr.Textbox(label="Class name", placeholder="e.g. cat, bicycle, guitar…",
                                           elem_id="text-query", max_length=200)
@@ -611,7 +589,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                         photo_btn = gr.Button("Search with this photo", variant="primary", elem_id="photo-button")
 
             # ---- right: the results
-            with gr.Column(scale=6, min_width=360):
+            with gr.Column(scale=6, min_width=360, elem_id="results-col"):
                 with gr.Row():
                     gallery_dd = gr.Dropdown(choices=galleries, value=service.default_gallery, label="Gallery",
                                              elem_id="gallery-select", scale=3)
@@ -622,8 +600,8 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                                      allow_preview=False, object_fit="contain", elem_id="results",
                                      show_label=True, interactive=False)
 
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=7):
+        with gr.Row(equal_height=False, elem_id="why-row"):
+            with gr.Column(scale=7, elem_id="why-col"):
                 gr.Markdown("### Why did it match?")
                 expl_msg = gr.Markdown("Click a result to see why it matched.", elem_id="explanation-text")
                 expl = gr.Image(label="Token correspondences: your drawing ↔ the match", elem_id="explanation",
@@ -633,7 +611,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                                      type="pil", interactive=False, height=330, buttons=["download", "fullscreen"])
                     heat = gr.Image(label="Where it agrees (heatmap)", elem_id="heatmap",
                                     type="pil", interactive=False, height=330, buttons=["download", "fullscreen"])
-            with gr.Column(scale=5):
+            with gr.Column(scale=5, elem_id="map-col"):
                 map_heading = gr.Markdown("### Where does your drawing land?", elem_id="map-heading")
                 tsne = gr.Image(value=cb.tsne(None), label="t-SNE map of the gallery (★ = your query)",
                                 elem_id="tsne", type="pil", interactive=False, height=520)
@@ -768,9 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    from sbir_core.service import DEFAULT_GALLERIES
-
-    root = Path(args.galleries) if args.galleries else DEFAULT_GALLERIES
+    root = Path(args.galleries) if args.galleries else SHIPPED_GALLERIES
     service = RetrievalService(root, gallery=None if args.gallery else args.default_gallery,
                                checkpoint=args.checkpoint, uploads_dir=args.uploads_dir,
                                progress=lambda f, d: print(d, file=sys.stderr))
@@ -779,7 +755,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = service.build_gallery_from_folder(args.gallery, args.name,
                                                 modality="sketch" if args.sketch_gallery else "photo",
                                                 progress=lambda f, d: print(d, file=sys.stderr))
-        print(out.message.replace("**", ""), file=sys.stderr)
+        print(out.message, file=sys.stderr)
         if not out.ok:
             return 2
     if service.default_gallery and not args.no_warmup:

@@ -25,14 +25,19 @@ _EXPORTS = {
     "SearchResult": "sbir_core.gallery.index",
     "GalleryError": "sbir_core.gallery.index",
     "StaleGalleryError": "sbir_core.gallery.index",
-    "build_gallery": "sbir_core.gallery.index",
+    "build_gallery": "sbir_core.gallery.build",
+    "encode_query": "sbir_core.gallery.query",
     "explain_pair": "sbir_core.explain.correspondence",
     "Explanation": "sbir_core.explain.correspondence",
+    "gallery_map": "sbir_core.explain.embedding_map",
     "preprocess_sketch": "sbir_core.data.preprocess",
     "BlankSketchError": "sbir_core.data.preprocess",
+    "load_stroke_file": "sbir_core.data.drawing",
     "list_checkpoints": "sbir_core.paths",
     "checkpoint_path": "sbir_core.paths",
     "retrieval_report": "sbir_core.eval.metrics",
+    "SBIRError": "sbir_core.errors",
+    "InputError": "sbir_core.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

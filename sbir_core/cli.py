@@ -76,7 +76,8 @@ def format_results_table(results: Sequence[Any]) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from sbir_core.gallery.index import GalleryError, build_gallery
+    from sbir_core.gallery.index import GalleryError
+    from sbir_core.gallery.build import build_gallery
 
     source = Path(args.photo_dir)
     if not source.is_dir():
@@ -109,7 +110,9 @@ def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from sbir_core.gallery.index import Gallery, GalleryError, check_encoder, encode_query
+    from sbir_core.gallery.index import Gallery, GalleryError
+    from sbir_core.gallery.identity import check_encoder
+    from sbir_core.gallery.query import encode_query
 
     try:
         gallery = Gallery.load(args.gallery, ef_search=args.ef_search, nprobe=args.nprobe)
@@ -410,7 +413,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
     from sbir_core.explain.embedding_map import EmbeddingMap, fit_map
-    from sbir_core.gallery.index import Gallery, GalleryError, check_encoder, encode_query
+    from sbir_core.gallery.index import Gallery, GalleryError
+    from sbir_core.gallery.identity import check_encoder
+    from sbir_core.gallery.query import encode_query
 
     try:
         gallery = Gallery.load(args.gallery)

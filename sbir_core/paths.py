@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from sbir_core.errors import InputError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
@@ -54,12 +56,16 @@ def list_checkpoints() -> list[str]:
 
 def checkpoint_path(name: str = "default") -> Path:
     """A named checkpoint's file (the first place it exists; the checkout's path if none).
-    An unknown name raises ValueError listing the valid ones."""
+    An unknown name raises InputError listing the valid ones."""
     if name not in CHECKPOINTS:
-        raise ValueError(f"unknown checkpoint {name!r}; available: {', '.join(list_checkpoints())} "
+        raise InputError(f"unknown checkpoint {name!r}; available: {', '.join(list_checkpoints())} "
                          "(or give a path to a .safetensors file)")
     for d in checkpoint_dirs():
         p = d / CHECKPOINTS[name]
         if p.is_file():
             return p
     return PACKAGE_DIR.parent / "checkpoints" / CHECKPOINTS[name]
+
+
+# The galleries of a source checkout (the default clip-art gallery ships there).
+SHIPPED_GALLERIES = PACKAGE_DIR.parent / "galleries"

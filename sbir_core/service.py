@@ -1,70 +1,67 @@
-"""`RetrievalService`: everything the browser app does, as plain Python.
+"""`RetrievalService`: everything the browser app does, as plain Python orchestration.
 
-The app (`app.py`) is a thin Gradio layer over this class, and the tests drive it
-directly. It loads the encoder and the galleries once, caches what can be cached
-(gallery arrays, thumbnails, the t-SNE map, query embeddings, explanations) and
-turns every failure a user can cause into a friendly message instead of a
-traceback. All retrieval work goes through the library the command line uses:
+The app (`app.py`) is a thin Gradio layer over this class (it formats the plain-text
+messages), and `python -m sbir_core` reaches the same library. The service holds one
+encoder, a `GalleryStore` of named galleries (each call names its gallery: a visitor's
+choice lives in the visitor's session, never here), bounded caches of query encodings
+and explanations, and turns every failure a user can cause into a plain message:
 
-- `encoders.create_encoder`                 (the model; raw backbone if the checkpoint is missing)
-- `index.Gallery.load / build_gallery / check_encoder / encode_query / Gallery.search`
-- `preprocess.preprocess_sketch` (via the encoder) and `BlankSketchError`
-- `explain.explain_pair` (+ `relation.load_relation` / `rerank` when a relation model exists)
-- `embedding_map.EmbeddingMap / fit_map`   (the t-SNE panel)
-
-Data flows one way: canvas -> preprocessing -> encoder -> index -> results ->
-explanations / map.
+    canvas / photo / text -> data.drawing -> gallery.query (encoder) -> gallery.index
+        -> results (Hit) -> explain.correspondence / explain.embedding_map
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-import shutil
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
+from cachetools import LRUCache
 from PIL import Image
 
-from sbir_core.paths import cache_dir, home
-from sbir_core.data.preprocess import BlankSketchError
+from sbir_core.data.drawing import canvas_image, compact_sketch, input_fingerprint
+from sbir_core.data.images import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
+from sbir_core.data.preprocess import BlankSketchError, photo_to_edges, preprocess_photo
+from sbir_core.errors import InputError, SBIRError
+from sbir_core.explain.correspondence import explain_pair
+from sbir_core.explain.embedding_map import gallery_map
+from sbir_core.gallery.identity import checkpoint_spec
+from sbir_core.gallery.query import encode_query, encode_sketch_query
+from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
+from sbir_core.models.encoders import create_encoder
+from sbir_core.models.relation import DEFAULT_RELATION, DEFAULT_TOPK, ink_cells, load_relation, rerank
+from sbir_core.paths import SHIPPED_GALLERIES
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_GALLERIES = ROOT / "galleries"
-DEFAULT_CACHE = cache_dir() / "app"
-# Galleries visitors upload live outside the repository, in the user's data folder.
-DEFAULT_UPLOADS = home() / "uploaded-galleries"
 DEFAULT_K = 12
 MAX_K = 48  # k is clamped to [1, MAX_K]
-MAX_UPLOADED_GALLERIES = 32  # on disk; the oldest is deleted when a new one would exceed this
-MAX_LOADED_GALLERIES = 8  # uploaded galleries kept in memory at once (shipped ones always stay)
-UPLOAD_PREFIX = "upload:"  # gallery ids of uploaded galleries: upload:<session token>/<name>
+QUERY_CACHE_ENTRIES = 256
+EXPLANATION_CACHE_ENTRIES = 32
 
-# Uploads (query photos and gallery images): refuse anything bigger before decoding it.
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 40_000_000
-MAX_UPLOAD_FILES = 2000
-# Drawings sent as images (API clients; the page sends strokes): a canvas is at most a few
-# megapixels, so anything bigger is refused from its header, before decoding.
-MAX_CANVAS_PIXELS = 4_000_000
-THUMB_SIZE = 256
-GALLERY_NAME_RE = re.compile(r"[^a-z0-9_-]+")
-
-EMPTY_SKETCH_MESSAGE = "✏️ Draw something first: the canvas is empty."
+EMPTY_SKETCH_MESSAGE = "Draw something first: the canvas is empty."
 ProgressFn = Callable[[float, str], None]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class ServiceError(Exception):
-    """A problem the user can fix; its message is shown in the page as is."""
+class _Cache:
+    """A bounded LRU cache shared by the server's threads."""
+
+    def __init__(self, size: int) -> None:
+        self._c: LRUCache = LRUCache(size)
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            return self._c.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._c[key] = value
 
 
 # ----------------------------------------------------------------------------- results
@@ -135,58 +132,6 @@ class MapImage:
     plot_data: Optional[dict] = None
 
 
-@dataclass
-class BuildOutcome:
-    ok: bool
-    message: str
-    name: Optional[str] = None
-    report: Any = None  # index.BuildReport
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    gallery: Any = None  # the built index.Gallery, internal hand-over only
-
-
-# ----------------------------------------------------------------------------- small helpers
-class _LRU:
-    """A tiny thread-safe LRU cache."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                return self._d[key]
-        return None
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
-
-    def pop(self, key: Any) -> Any:
-        with self._lock:
-            return self._d.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
-
-def _thumb_prefix(gallery_id: str) -> str:
-    return sanitize_gallery_name(gallery_id.replace(UPLOAD_PREFIX, "upload-").replace("/", "_"))
-
-
-def sanitize_gallery_name(name: str) -> str:
-    """User text -> a safe folder name (lowercase letters, digits, '_' and '-')."""
-    s = GALLERY_NAME_RE.sub("_", str(name or "").strip().lower()).strip("_-")
-    return s[:40]
-
-
 def clamp_k(k: Any) -> int:
     """Number of results: any value is clamped to [1, MAX_K]; what is not a number gives DEFAULT_K."""
     try:
@@ -196,161 +141,7 @@ def clamp_k(k: Any) -> int:
     return max(1, min(k, MAX_K))
 
 
-def display_name(gallery_id: str) -> str:
-    """How a gallery is named in the page: uploaded ones by the name their builder chose."""
-    if gallery_id and gallery_id.startswith(UPLOAD_PREFIX):
-        return gallery_id.rsplit("/", 1)[-1] + " (yours)"
-    return gallery_id
-
-
-def label_from_filename(filename: str) -> str:
-    """'red_car_03.jpg' -> 'red_car', 'Cat (2).png' -> 'cat': the class of an uploaded image."""
-    stem = Path(filename).stem.lower()
-    stem = re.sub(r"\(\d+\)$", "", stem).strip()
-    stem = re.sub(r"[\s_\-.]*\d+$", "", stem)
-    stem = GALLERY_NAME_RE.sub("_", stem).strip("_-")
-    return stem or "uploaded"
-
-
-def open_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS,
-                what: str = "") -> Image.Image:
-    """An uploaded file (a path the web framework wrote, never one a client named) ->
-    the decoded image; ServiceError with one plain sentence otherwise.
-
-    Only the header is read before the pixel check, so a decompression bomb is
-    refused before it is decoded.
-    """
-    p = Path(path)
-    name = what or p.name
-    if not p.is_file():
-        raise ServiceError(f"“{name}” was not received; please upload it again.")
-    size = p.stat().st_size
-    if size == 0:
-        raise ServiceError(f"“{name}” is empty.")
-    if size > max_bytes:
-        raise ServiceError(f"“{name}” is too large ({size / 2**20:.1f} MB); the limit is {max_bytes / 2**20:.0f} MB.")
-    try:
-        with Image.open(p) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ServiceError(f"“{name}” is too large ({w}×{h} = {w * h / 1e6:.0f} megapixels); "
-                                   f"the limit is {max_pixels / 1e6:.0f} megapixels.")
-            im.load()
-            return im.copy()
-    except ServiceError:
-        raise
-    except Exception as exc:  # PIL raises many kinds for files that are not images
-        raise ServiceError(f"“{name}” is not an image that can be read (PNG, JPEG, WebP, GIF or BMP).") from exc
-
-
-def check_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
-    """Raise ServiceError unless `path` is a readable image within the size limits."""
-    open_upload(path, max_bytes, max_pixels)
-
-
-def _canvas_image(value: Any) -> Any:
-    """A drawing as data -> something `preprocess_sketch` takes.
-
-    Accepted: a stroke list, a PIL image, an array, or an editor dict
-    {"background", "layers", "composite"} of those (the composite is what the user
-    sees). File names are refused: the service never opens a path a client names.
-    """
-    if value is None:
-        raise BlankSketchError()
-    if isinstance(value, dict):
-        if "path" in value or "url" in value:
-            _as_image(value)  # a file reference: refused
-        comp = value.get("composite")
-        if comp is not None:
-            return _as_image(comp)
-        parts = [value.get("background"), *(value.get("layers") or [])]
-        parts = [_to_pil(_as_image(p)).convert("RGBA") for p in parts if p is not None]
-        if not parts:
-            raise BlankSketchError()
-        base = Image.new("RGBA", parts[0].size, (255, 255, 255, 0))
-        for p in parts:
-            if p.size != base.size:
-                p = p.resize(base.size)
-            base.alpha_composite(p)
-        return base
-    return _as_image(value)
-
-
-def _as_image(x: Any) -> Any:
-    """Images, arrays and stroke lists pass; anything else (a path, a file dict) is refused."""
-    if isinstance(x, (str, os.PathLike, dict, bytes)):
-        raise ServiceError("A drawing must be sent as strokes or as image data, not as a file name.")
-    if isinstance(x, np.ndarray):
-        if x.ndim not in (2, 3) or x.size == 0:
-            raise ServiceError("That drawing is not an image.")
-        if x.shape[0] * x.shape[1] > MAX_CANVAS_PIXELS:
-            raise ServiceError(f"That drawing is too large ({x.shape[1]}×{x.shape[0]}); the limit is "
-                               f"{MAX_CANVAS_PIXELS / 1e6:.0f} megapixels.")
-    if isinstance(x, Image.Image) and x.width * x.height > MAX_CANVAS_PIXELS:
-        raise ServiceError(f"That drawing is too large ({x.width}×{x.height}); the limit is "
-                           f"{MAX_CANVAS_PIXELS / 1e6:.0f} megapixels.")
-    return x
-
-
-def _to_pil(x: Any) -> Image.Image:
-    if isinstance(x, Image.Image):
-        return x
-    a = np.asarray(x)
-    if a.dtype != np.uint8:
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return Image.fromarray(a)
-
-
-def _compact_sketch(x: Any) -> Any:
-    """A drawing as a small grey image to keep with the query (page state holds one
-    per visitor): transparent canvases are flattened onto white first."""
-    if not isinstance(x, (Image.Image, np.ndarray)):
-        return x  # strokes are small already
-    im = _to_pil(x)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        if np.asarray(rgba)[..., 3].min() < 250:
-            return im  # real transparency: the alpha is the ink, keep it
-        im = rgba
-    return im.convert("L")
-
-
-def _fingerprint(x: Any) -> str:
-    """A cache key for a query input (exact: any changed pixel or point changes it)."""
-    h = hashlib.blake2b(digest_size=16)
-    if isinstance(x, Image.Image):
-        h.update(f"{x.mode}{x.size}".encode())
-        h.update(x.tobytes())
-    elif isinstance(x, np.ndarray):
-        h.update(f"{x.dtype}{x.shape}".encode())
-        h.update(np.ascontiguousarray(x).tobytes())
-    else:
-        h.update(repr(x).encode())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- loaded gallery
-@dataclass
-class LoadedGallery:
-    name: str
-    directory: Path
-    gallery: Any  # index.Gallery
-    paths: list[str]  # image paths that exist on this machine
-    thumbs_dir: Path
-    notice: str = ""  # shown in the page (e.g. "rebuilt with the current model")
-    emap: Any = None  # EmbeddingMap, fitted lazily
-    _thumbs: dict = field(default_factory=dict)
-
-    @property
-    def modality(self) -> str:
-        return self.gallery.modality
-
-    @property
-    def labels(self) -> list[str]:
-        return self.gallery.labels
-
-    def __len__(self) -> int:
-        return len(self.gallery)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -359,7 +150,7 @@ class RetrievalService:
 
     def __init__(
         self,
-        galleries_root: PathLike = DEFAULT_GALLERIES,
+        galleries_root: PathLike = SHIPPED_GALLERIES,
         gallery: Optional[str] = "default",
         checkpoint: Union[str, PathLike, None] = "default",
         *,
@@ -372,53 +163,84 @@ class RetrievalService:
         auto_rebuild: bool = True,
         progress: Optional[ProgressFn] = None,
     ) -> None:
-        self.root = Path(galleries_root).resolve()
-        self.cache_dir = Path(cache_dir).resolve() if cache_dir else DEFAULT_CACHE.resolve()
-        self.uploads_dir = Path(uploads_dir).resolve() if uploads_dir else DEFAULT_UPLOADS.resolve()
-        self.thumbs_dir = self.cache_dir / "thumbs"  # the only files the app serves from disk
-        self.max_upload_bytes = int(max_upload_bytes)
-        self.max_upload_pixels = int(max_upload_pixels)
-        self.auto_rebuild = auto_rebuild
         self.notices: list[str] = []  # page-level warnings (missing checkpoint, ...)
-        self._lock = threading.RLock()
-        self._build_lock = threading.Lock()
-        self._galleries: dict[str, LoadedGallery] = {}  # shipped galleries, loaded once
-        self._uploaded = _LRU(MAX_LOADED_GALLERIES)  # visitors' galleries, bounded
-        self._queries = _LRU(256)
-        self._explanations = _LRU(32)
-        # The gallery a search without one uses. Fixed at start: visitors choose their
-        # gallery per call (the page keeps it in the visitor's session), never for others.
-        self.default_gallery: Optional[str] = None
         self.encoder, self.checkpoint = self._load_encoder(encoder, checkpoint)
         self.relation = self._load_relation(relation)
-        candidates = ([gallery] if gallery else []) + [n for n in self.list_galleries() if n != gallery]
+        self.store = GalleryStore(self.encoder, self.checkpoint, galleries_root, cache=cache_dir, uploads=uploads_dir,
+                                  max_upload_bytes=max_upload_bytes, max_upload_pixels=max_upload_pixels,
+                                  auto_rebuild=auto_rebuild)
+        self._map_lock = threading.Lock()
+        self._queries = _Cache(QUERY_CACHE_ENTRIES)
+        self._explanations = _Cache(EXPLANATION_CACHE_ENTRIES)
+        # The gallery a call without one uses, fixed at start: visitors name their gallery
+        # with each call (the page keeps it in the visitor's session).
+        self.default_gallery: Optional[str] = None
+        candidates = ([gallery] if gallery else []) + [n for n in self.store.list_galleries() if n != gallery]
         for name in candidates:
             try:
-                self._get_gallery(name, progress=progress)
-            except ServiceError as exc:
+                self.store.get(name, progress=progress)
+            except InputError as exc:
                 self.notices.append(str(exc))
                 continue
             self.default_gallery = name
             break
 
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.store.thumbs_dir
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.store.max_upload_bytes
+
+    @property
+    def max_upload_pixels(self) -> int:
+        return self.store.max_upload_pixels
+
+    def gallery(self, name: Optional[str] = None, progress: Optional[ProgressFn] = None) -> LoadedGallery:
+        """The named gallery (the default one when None), loaded once."""
+        return self.store.get(name or self.default_gallery, progress=progress)
+
+    def list_galleries(self) -> list[str]:
+        return self.store.list_galleries()
+
+    def describe_gallery(self, name: str, progress: Optional[ProgressFn] = None) -> str:
+        return self.store.describe(name, progress=progress)
+
+    def gallery_info(self, name: Optional[str] = None) -> dict[str, Any]:
+        return self.store.info(name or self.default_gallery)
+
+    def thumbnail(self, lg: LoadedGallery, row: int) -> str:
+        return self.store.thumbnail(lg, row)
+
+    def build_gallery_from_uploads(self, files: Any, name: str, owner: str, progress: Optional[ProgressFn] = None,
+                                   modality: str = "photo") -> BuildOutcome:
+        """Uploaded files -> a gallery only its builder can name (see GalleryStore)."""
+        return self.store.build_from_uploads(files, name, owner, progress=progress, modality=modality)
+
+    def build_gallery_from_folder(self, folder: PathLike, name: Optional[str] = None,
+                                  progress: Optional[ProgressFn] = None, modality: str = "photo",
+                                  make_default: bool = True) -> BuildOutcome:
+        """The operator's `--gallery PATH`: a public gallery under the galleries root."""
+        out = self.store.build_from_folder(folder, name, progress=progress, modality=modality)
+        if out.ok and make_default:
+            self.default_gallery = out.name
+        return out
+
     # ------------------------------------------------------------------ model
     def _load_encoder(self, encoder: Any, checkpoint: Any) -> tuple[Any, str]:
-        from sbir_core.models.encoders import create_encoder
-
         if encoder is not None:
-            from sbir_core.gallery.index import checkpoint_spec
-
             spec = checkpoint_spec(encoder)  # "none", "default", a path, or "<checkpoint id>" if unknown
             return encoder, (None if spec.startswith("<") else spec)
         spec = "none" if checkpoint is None else str(checkpoint)
         try:
             return create_encoder(checkpoint=spec), spec
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, SBIRError) as exc:
             if spec.lower() == "none":
                 raise
             what = ("the trained model (checkpoints/default.safetensors) is missing" if isinstance(exc, FileNotFoundError)
                     else f"the trained model could not be loaded ({exc})")
-            msg = (f"⚠️ Heads up: {what}, so the app runs on the raw backbone. Drawing and photo search "
+            msg = (f"Heads up: {what}, so the app runs on the raw backbone. Drawing and photo search "
                    "still work, but matches are weaker and text search is off.")
             log.warning("%s (%s)", msg, exc)
             self.notices.append(msg)
@@ -429,10 +251,6 @@ class RetrievalService:
             return None
         if not isinstance(relation, (str, os.PathLike)):
             return relation  # an already-loaded RelationModel
-        try:
-            from sbir_core.models.relation import DEFAULT_RELATION, load_relation
-        except ImportError:
-            return None
         path = DEFAULT_RELATION if relation == "auto" else Path(relation)
         if relation == "auto" and not Path(path).is_file():
             return None
@@ -471,239 +289,20 @@ class RetrievalService:
     def can_rerank(self) -> bool:
         return self.relation is not None
 
-    # ------------------------------------------------------------------ galleries
-    def list_galleries(self) -> list[str]:
-        """Names of the built galleries under the galleries root (folders holding a
-        gallery.json, at most two levels deep), 'default' first."""
-        from sbir_core.gallery.index import GALLERY_FILE
-
-        names = set()
-        if self.root.is_dir():
-            nested: dict[str, list[str]] = {}
-            for meta in list(self.root.glob(f"*/{GALLERY_FILE}")) + list(self.root.glob(f"*/*/{GALLERY_FILE}")):
-                rel = meta.parent.relative_to(self.root)
-                if any(part.startswith(".") for part in rel.parts) or "images" in rel.parts:
-                    continue
-                if len(rel.parts) == 2 and not (self.root / rel.parts[0] / GALLERY_FILE).is_file():
-                    nested.setdefault(rel.parts[0], []).append(rel.as_posix())
-                else:
-                    names.add(rel.as_posix())
-            for parent, inner in nested.items():
-                # one index inside a folder (galleries/x/index/) is listed as the folder, x
-                names |= {parent} if len(inner) == 1 else set(inner)
-        names |= {n for n in self._galleries}
-        return sorted(names, key=lambda n: (n != "default", n))
-
-    def gallery_dir(self, name: str) -> Path:
-        d = (self.root / name).resolve()
-        if self.root not in d.parents and d != self.root:
-            raise ServiceError(f"“{name}” is not a gallery name.")
-        return d
-
-    def _rebuilt_dir(self, name: str) -> Path:
-        return self.cache_dir / "rebuilt" / sanitize_gallery_name(name.replace("/", "_"))
-
-    def select_gallery(self, name: str, progress: Optional[ProgressFn] = None) -> str:
-        """Load `name` (once) and describe it in one status line. Changes nothing for
-        anyone else: the caller passes the gallery with each search.
-
-        A gallery built with another encoder is rebuilt from its source images when
-        they are available; otherwise a ServiceError says how to rebuild it.
-        """
-        lg = self._get_gallery(name, progress=progress)
-        kind = "sketches" if lg.modality == "sketch" else "images"
-        n_cls = len(set(lg.labels))
-        msg = f"Gallery {display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
-        return msg + (f" {lg.notice}" if lg.notice else "")
-
-    def _get_gallery(self, name: Optional[str], progress: Optional[ProgressFn] = None) -> LoadedGallery:
-        name = name or self.default_gallery
-        if not name:
-            raise ServiceError("No gallery yet: upload some images below to build one, or run "
-                               "`python app.py --gallery PATH/TO/IMAGES`.")
-        if name.startswith(UPLOAD_PREFIX):
-            return self._get_uploaded(name, progress)
-        lg = self._galleries.get(name)
-        if lg is not None:
-            return lg
-        with self._lock:
-            lg = self._galleries.get(name)
-            if lg is None:
-                lg = self._load_gallery(name, progress)
-                self._galleries[name] = lg
-            return lg
-
-    def _get_uploaded(self, gid: str, progress: Optional[ProgressFn]) -> LoadedGallery:
-        lg = self._uploaded.get(gid)
-        if lg is not None:
-            return lg
-        from sbir_core.gallery.index import Gallery, GalleryError, check_encoder
-
-        d = self._upload_dir(gid)
-        try:
-            g = Gallery.load(d / "index")
-            check_encoder(g, self.encoder)
-        except GalleryError as exc:
-            raise ServiceError(f"No gallery named “{display_name(gid)}”: build it again by uploading its images.") \
-                from exc
-        lg = self._wrap(gid, d / "index", g)
-        self._uploaded.put(gid, lg)
-        return lg
-
-    def _upload_dir(self, gid: str) -> Path:
-        """upload:<32 hex token>/<clean name> -> its folder under the uploads root."""
-        m = re.fullmatch(re.escape(UPLOAD_PREFIX) + r"([0-9a-f]{32})/([a-z0-9_-]{1,40})", gid or "")
-        if not m:
-            raise ServiceError(f"“{display_name(gid)}” is not a gallery name.")
-        return self.uploads_dir / m.group(1) / m.group(2)
-
-    def _load_gallery(self, name: str, progress: Optional[ProgressFn]) -> LoadedGallery:
-        from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError, check_encoder
-
-        d = self.gallery_dir(name)
-        # A gallery whose sources live inside its own folder is rebuilt into the cache
-        # (a rebuild swaps the whole gallery folder, which must never take the images along).
-        cached = self._rebuilt_dir(name)
-
-        def cached_copy() -> Optional[LoadedGallery]:
-            """An earlier re-index in the cache, if it fits the current model."""
-            if (cached / GALLERY_FILE).is_file():
-                try:
-                    g = Gallery.load(cached)
-                    check_encoder(g, self.encoder)
-                    return self._wrap(name, cached, g, notice="(re-indexed for the current model)")
-                except GalleryError:
-                    pass
-            return None
-
-        if not (d / GALLERY_FILE).is_file():
-            nested = sorted(p.parent for p in d.glob(f"*/{GALLERY_FILE}") if not p.parent.name.startswith("."))
-            if len(nested) == 1:  # e.g. galleries/default/index/ next to galleries/default/images/
-                d = nested[0]
-        if not (d / GALLERY_FILE).is_file():
-            images = d / "images"
-            if (lg := cached_copy()) is not None:
-                return lg
-            if images.is_dir() and self.auto_rebuild:
-                # Images shipped without an index: index them once into the cache.
-                return self._rebuild(name, images, cached, "photo", progress,
-                                     why="it has images but no index yet")
-            raise ServiceError(f"No gallery named “{name}” (no {GALLERY_FILE} in {d}). "
-                               "Build one by uploading images, or with "
-                               f"`python -m sbir_core index PHOTO_DIR --out {d}`.")
-        try:
-            g = Gallery.load(d)
-        except GalleryError as exc:
-            raise ServiceError(f"Gallery “{name}” cannot be loaded: {exc}") from exc
-        try:
-            check_encoder(g, self.encoder)
-        except StaleGalleryError as exc:
-            if (lg := cached_copy()) is not None:
-                return lg
-            src = self._source_dir(d, g)
-            if src is None or not self.auto_rebuild:
-                raise ServiceError(
-                    f"Gallery “{name}” was built with another model ({g.encoder_id}) and its source images "
-                    f"are not available to re-index it. {exc}") from exc
-            inside = d == src or d in src.parents
-            out = cached if inside else d
-            return self._rebuild(name, src, out, g.modality, progress,
-                                 why=f"it was built with {g.encoder_id}, the app runs {self.encoder_id}")
-        return self._wrap(name, d, g)
-
-    @staticmethod
-    def _source_dir(d: Path, g: Any) -> Optional[Path]:
-        src = Path(g.source_dir) if g.source_dir else None
-        if src is not None and src.is_dir():
-            return src.resolve()
-        if (d / "images").is_dir():
-            return (d / "images").resolve()
-        return None
-
-    def _rebuild(self, name: str, src: Path, out: Path, modality: str, progress: Optional[ProgressFn],
-                 why: str) -> LoadedGallery:
-        from sbir_core.gallery.index import GalleryError, build_gallery
-
-        log.warning("indexing gallery %s from %s into %s (%s)", name, src, out, why)
-        if progress:
-            progress(0.0, f"Indexing gallery {name} ({why})…")
-        t0 = time.perf_counter()
-        try:
-            with self._build_lock:
-                g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
-                                          progress=True)
-        except (GalleryError, FileNotFoundError, ValueError) as exc:
-            raise ServiceError(f"Gallery “{name}” could not be re-indexed: {exc}") from exc
-        self._save_map(g, out)
-        notice = (f"(indexed for the current model in {time.perf_counter() - t0:.0f} s because {why}"
-                  + (f"; {len(report.skipped)} unreadable files skipped" if report.skipped else "") + ")")
-        return self._wrap(name, out, g, notice=notice)
-
-    def _wrap(self, name: str, d: Path, g: Any, notice: str = "") -> LoadedGallery:
-        # Item paths are stored relative to the source folder; if the gallery was built
-        # elsewhere (another checkout), fall back to the images next to it.
-        paths = list(g.paths)
-        if paths and not Path(paths[0]).is_file() and (d / "images").is_dir():
-            alt = [str(d / "images" / it["path"]) for it in g.items]
-            if Path(alt[0]).is_file():
-                paths = alt
-        sig = hashlib.sha1(f"{d}|{g.encoder_id}|{g.meta.get('updated')}|{len(g)}".encode()).hexdigest()[:10]
-        thumbs = self.thumbs_dir / f"{_thumb_prefix(name)}-{sig}"
-        return LoadedGallery(name=name, directory=d, gallery=g, paths=paths, thumbs_dir=thumbs, notice=notice)
-
-    def gallery_info(self, name: Optional[str] = None) -> dict[str, Any]:
-        lg = self._get_gallery(name)
-        return {"name": lg.name, "count": len(lg), "modality": lg.modality, "classes": sorted(set(lg.labels)),
-                "encoder": lg.gallery.encoder_id, "directory": str(lg.directory)}
-
-    # ------------------------------------------------------------------ thumbnails
-    def thumbnail(self, lg: LoadedGallery, row: int) -> str:
-        """A small JPEG of gallery row `row` (made once, then reused)."""
-        t = lg._thumbs.get(row)
-        if t is not None:
-            return t
-        src = lg.paths[row]
-        out = lg.thumbs_dir / f"{row}.jpg"
-        if not out.is_file():
-            try:
-                from sbir_core.gallery.index import load_image
-
-                im = load_image(src)
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                white.alpha_composite(rgba)
-                im = white.convert("RGB")
-                im.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-                lg.thumbs_dir.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                im.save(tmp, "JPEG", quality=88)
-                os.replace(tmp, out)
-            except Exception as exc:  # missing/corrupt source: a grey tile, never the source path
-                log.warning("no thumbnail for %s: %s", src, exc)
-                lg.thumbs_dir.mkdir(parents=True, exist_ok=True)
-                missing = lg.thumbs_dir / "missing.png"
-                if not missing.is_file():
-                    Image.new("RGB", (64, 64), (225, 225, 225)).save(missing)
-                return str(missing)
-        lg._thumbs[row] = str(out)
-        return str(out)
-
     def warm_up(self, name: Optional[str] = None, explain: bool = True) -> None:
         """Do the one-time work before the first user does: every thumbnail, the
         t-SNE map, the text encoder and the explanation code path."""
-        lg = self._get_gallery(name)
+        lg = self.gallery(name)
         for i in range(len(lg)):
             self.thumbnail(lg, i)
         self._map(lg)
         if self.has_text:
             try:
-                from sbir_core.gallery.index import encode_query
-
                 encode_query(self.encoder, text="cat")
             except Exception as exc:
                 log.warning("text encoder warm-up failed: %s", exc)
         if explain and len(lg):
-            from sbir_core.data.examples import list_examples
+            from sbir_core.data.examples import list_examples  # only here: reads the example files
 
             ex = list_examples()
             if ex:
@@ -719,8 +318,6 @@ class RetrievalService:
                     score=h.score, label=h.label) for r, h in enumerate(res)]
 
     def _rerank_hits(self, lg: LoadedGallery, q: np.ndarray, query_tokens: Any, ink: Any, k: int) -> list[Hit]:
-        from sbir_core.models.relation import DEFAULT_TOPK, rerank
-
         g = lg.gallery
         cands = g.search(q, max(DEFAULT_TOPK, k))
         idx = np.array([c.index for c in cands])
@@ -739,45 +336,36 @@ class RetrievalService:
         """
         t0 = time.perf_counter()
         try:
-            lg = self._get_gallery(gallery)
-            img = _canvas_image(canvas_value)
-            key = "sketch:" + _fingerprint(img) + (f":{brush:.1f}" if brush else "")
+            lg = self.gallery(gallery)
+            img = canvas_image(canvas_value)
+            key = "sketch:" + input_fingerprint(img) + (f":{brush:.1f}" if brush else "")
             cached = self._queries.get(key)
             if cached is None:
-                from sbir_core.data.preprocess import preprocess_sketch
-
-                # Exactly SBIREncoder.encode_sketches([img]) (what index.encode_query runs),
-                # keeping the preprocessed view for re-ranking.
-                sk = preprocess_sketch(img, self.encoder.image_size, brush=brush)  # BlankSketchError when empty
-                out = self.encoder.encode(self.encoder.to_tensor(sk)[None], "sketch")
-                emb = np.ascontiguousarray(out.normalized()[0], dtype=np.float32)
-                cached = (emb, sk, out.tokens[0])
+                cached = encode_sketch_query(self.encoder, img, brush=brush)  # BlankSketchError when empty
                 self._queries.put(key, cached)
-            emb, sk, tokens = cached
+            emb, sk, tokens = cached.embedding, cached.model_input, cached.tokens
             use_rerank = rerank and self.relation is not None and lg.gallery.tokens is not None \
                 and lg.modality == "photo"
             if use_rerank:
-                from sbir_core.models.relation import ink_cells
-
                 hits = self._rerank_hits(lg, emb, tokens, ink_cells(sk, lg.gallery.grid).reshape(-1), k)
             else:
                 hits = self._hits(lg, emb, k)
         except BlankSketchError:
             return SearchOutcome(False, EMPTY_SKETCH_MESSAGE, seconds=time.perf_counter() - t0)
-        except ServiceError as exc:
+        except InputError as exc:
             return SearchOutcome(False, str(exc), seconds=time.perf_counter() - t0)
         except Exception:  # never let one bad drawing take the page down
             log.exception("sketch search failed")
             return SearchOutcome(False, "Sorry, that drawing could not be searched. Try drawing it again.",
                                  seconds=time.perf_counter() - t0)
         mode = "sketch → sketch" if lg.modality == "sketch" else "sketch → photo"
-        q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=_compact_sketch(img), key=key,
+        q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=compact_sketch(img), key=key,
                   model_input=sk)
         dt = time.perf_counter() - t0
         unsure = lg.modality == "photo" and not use_rerank and self._unsure(hits)
         msg = self._summary(hits, mode, dt, rerank=use_rerank)
         if unsure:
-            msg = "🤔 **Not sure:** this gallery may not contain what you drew. " + msg.replace("Best match", "Closest")
+            msg = "Not sure: this gallery may not contain what you drew. " + msg.replace("Best match", "Closest")
         return SearchOutcome(True, msg, hits, q, dt, unsure=unsure)
 
     @property
@@ -803,16 +391,14 @@ class RetrievalService:
             return SearchOutcome(False, "Text search needs the trained model (checkpoints/default.safetensors), "
                                         "which is not loaded; drawing and photo search still work.")
         try:
-            from sbir_core.gallery.index import encode_query
-
-            lg = self._get_gallery(gallery)
+            lg = self.gallery(gallery)
             key = "text:" + text.lower()
             emb = self._queries.get(key)
             if emb is None:
                 emb = encode_query(self.encoder, text=text)
                 self._queries.put(key, emb)
             hits = self._hits(lg, emb, k)
-        except ServiceError as exc:
+        except InputError as exc:
             return SearchOutcome(False, str(exc))
         except Exception:
             log.exception("text search failed")
@@ -827,32 +413,29 @@ class RetrievalService:
         if image is None or (isinstance(image, str) and not image):
             return SearchOutcome(False, "Upload a photo first.")
         try:
-            from sbir_core.gallery.index import encode_query
-            from sbir_core.data.preprocess import preprocess_photo
-
             if isinstance(image, (str, os.PathLike, dict, bytes)):
-                raise ServiceError("A photo must be sent as an upload or as image data, not as a file name.")
+                raise InputError("A photo must be sent as an upload or as image data, not as a file name.")
             if isinstance(image, np.ndarray):
                 if image.ndim not in (2, 3) or image.size == 0:
-                    raise ServiceError("That upload is not an image.")
+                    raise InputError("That upload is not an image.")
                 if image.shape[0] * image.shape[1] > self.max_upload_pixels:
-                    raise ServiceError(f"That photo is too large ({image.shape[1]}×{image.shape[0]}); "
+                    raise InputError(f"That photo is too large ({image.shape[1]}×{image.shape[0]}); "
                                        f"the limit is {self.max_upload_pixels / 1e6:.0f} megapixels.")
                 image = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
             if not isinstance(image, Image.Image):
-                raise ServiceError("That upload is not an image.")
+                raise InputError("That upload is not an image.")
             if image.width * image.height > self.max_upload_pixels:
-                raise ServiceError(f"That photo is too large ({image.width}×{image.height}); "
+                raise InputError(f"That photo is too large ({image.width}×{image.height}); "
                                    f"the limit is {self.max_upload_pixels / 1e6:.0f} megapixels.")
-            lg = self._get_gallery(gallery)
-            key = "photo:" + _fingerprint(image)
+            lg = self.gallery(gallery)
+            key = "photo:" + input_fingerprint(image)
             cached = self._queries.get(key)
             if cached is None:
                 cached = (encode_query(self.encoder, photo=image), preprocess_photo(image, self.encoder.image_size))
                 self._queries.put(key, cached)
             emb, shown = cached
             hits = self._hits(lg, emb, k)
-        except ServiceError as exc:
+        except InputError as exc:
             return SearchOutcome(False, str(exc))
         except Exception:
             log.exception("photo search failed")
@@ -867,7 +450,7 @@ class RetrievalService:
             return f"No results ({mode})."
         top = hits[0].label.replace("_", " ") if hits[0].label else "?"
         extra = ", re-ranked" if rerank else ""
-        return (f"Best match: **{top}** ({hits[0].score:.2f}) · {len(hits)} results · {mode}{extra} · "
+        return (f"Best match: {top} ({hits[0].score:.2f}) · {len(hits)} results · {mode}{extra} · "
                 f"{seconds * 1000:.0f} ms")
 
     # ------------------------------------------------------------------ explanations
@@ -901,12 +484,8 @@ class RetrievalService:
         if cached is not None:
             return cached
         try:
-            from sbir_core.explain.correspondence import explain_pair
-
             sketch = query.image
             if query.kind == "photo":
-                from sbir_core.data.preprocess import photo_to_edges
-
                 sketch = photo_to_edges(query.image, self.encoder.image_size)  # the photo's outline
             ex = explain_pair(self.encoder, sketch, hit.path, relation=self.relation)
             label = hit.label.replace("_", " ") or "this image"
@@ -929,8 +508,8 @@ class RetrievalService:
             if h.index == row:
                 return h
         try:
-            lg = self._get_gallery(query.gallery)
-        except ServiceError:
+            lg = self.gallery(query.gallery)
+        except InputError:
             return None
         if not 0 <= row < len(lg):
             return None
@@ -946,8 +525,8 @@ class RetrievalService:
         if not stem.isdigit():
             return None
         try:
-            lg = self._get_gallery(gallery)
-        except ServiceError:
+            lg = self.gallery(gallery)
+        except InputError:
             return None
         row = int(stem)
         if not 0 <= row < len(lg):
@@ -963,43 +542,11 @@ class RetrievalService:
         return lg.thumbs_dir.parent.parent / "maps" / lg.thumbs_dir.name
 
     def _map(self, lg: LoadedGallery) -> Any:
-        if lg.emap is not None:
-            return lg.emap
-        from sbir_core.explain.embedding_map import EmbeddingMap, fit_map
-
-        with self._lock:
-            if lg.emap is not None:
-                return lg.emap
-            m = None
-            for d in (lg.gallery.root or lg.directory, lg.directory, self._map_cache_dir(lg)):
-                if EmbeddingMap.exists(d):
-                    try:
-                        cand = EmbeddingMap.load(d)
-                        if len(cand) == len(lg) and cand.dim == lg.gallery.embeddings.shape[1] and np.allclose(
-                                cand.reference[: min(5, len(cand))], lg.gallery.raw_embeddings[: min(5, len(cand))],
-                                atol=1e-4):
-                            m = cand
-                            break
-                    except (ValueError, OSError) as exc:
-                        log.warning("ignoring the map in %s: %s", d, exc)
-            if m is None:
-                log.info("fitting the t-SNE map of gallery %s (%d points)", lg.name, len(lg))
-                m = fit_map(lg.gallery.raw_embeddings, lg.labels if any(lg.labels) else None)
-                try:
-                    m.save(self._map_cache_dir(lg))
-                except OSError as exc:
-                    log.warning("could not cache the map: %s", exc)
-            lg.emap = m
-            return m
-
-    @staticmethod
-    def _save_map(g: Any, d: Path) -> None:
-        try:
-            from sbir_core.explain.embedding_map import fit_map
-
-            fit_map(g.raw_embeddings, g.labels if any(g.labels) else None).save(d)
-        except Exception as exc:  # the map is optional: the app fits one lazily
-            log.warning("no t-SNE map saved for %s: %s", d, exc)
+        if lg.emap is None:
+            with self._map_lock:  # fitted once, even when two visitors ask at once
+                if lg.emap is None:
+                    lg.emap = gallery_map(lg.gallery, cache=self._map_cache_dir(lg), search=(lg.directory,))
+        return lg.emap
 
     def tsne(self, query_embedding: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
              gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
@@ -1007,7 +554,7 @@ class RetrievalService:
         """The gallery's t-SNE map (thumbnails, class names) with the query placed in it
         (a star) and `highlight` (the top-k rows) framed."""
         try:
-            lg = self._get_gallery(gallery)
+            lg = self.gallery(gallery)
             m = self._map(lg)
             xy = None
             if query_embedding is not None:
@@ -1019,7 +566,7 @@ class RetrievalService:
             img = m.render(query_xy=xy, highlight=hl, size=size, title=title, query_label=query_label,
                            thumbnails=lambda row: self.thumbnail(lg, row))
             return MapImage(True, "", img, m.to_plot_data(query_xy=xy, highlight=hl))
-        except ServiceError as exc:
+        except InputError as exc:
             return MapImage(False, str(exc))
         except Exception:
             log.exception("t-SNE map failed")
@@ -1033,133 +580,6 @@ class RetrievalService:
         return self.tsne(query.embedding, query.highlight, gallery=query.gallery, size=size, query_label=label)
 
     # ------------------------------------------------------------------ building galleries
-    def build_gallery_from_uploads(self, files: Optional[Iterable[Any]], name: str, owner: str,
-                                   progress: Optional[ProgressFn] = None, modality: str = "photo") -> BuildOutcome:
-        """Uploaded image files -> a gallery only its builder can name (`upload:<owner>/<name>`,
-        `owner` being a 32-hex-digit session token). The class of an image is its file
-        name without the number (cat_01.jpg -> cat). Every usable file is kept: identical
-        files are stored once, different files with the same name are renamed; the
-        outcome reports both, and every file that was skipped and why."""
-        files = [f for f in (files or []) if f is not None]
-        clean = sanitize_gallery_name(name)
-        if not clean:
-            return BuildOutcome(False, "Give the new gallery a name (letters, digits, _ or -).")
-        if not re.fullmatch(r"[0-9a-f]{32}", owner or ""):
-            return BuildOutcome(False, "This page session has expired; reload the page and upload again.")
-        if not files:
-            return BuildOutcome(False, "Choose some images to upload first.")
-        if len(files) > MAX_UPLOAD_FILES:
-            return BuildOutcome(False, f"Too many files ({len(files)}); the limit is {MAX_UPLOAD_FILES}.")
-        gid = f"{UPLOAD_PREFIX}{owner}/{clean}"
-        home = self._upload_dir(gid)
-        src = home / "images"
-        shutil.rmtree(src, ignore_errors=True)  # a rebuild under the same name starts afresh
-        skipped: list[tuple[str, str]] = []
-        notes: list[str] = []
-        seen: dict[str, str] = {}  # content hash -> stored relative path
-        copied = 0
-        for n, f in enumerate(files):
-            path = Path(f["path"] if isinstance(f, dict) else getattr(f, "name", f))
-            orig = Path(f.get("orig_name") or path.name) if isinstance(f, dict) else path
-            if progress:
-                progress(0.1 * n / len(files), f"Checking {orig.name}")
-            try:
-                check_upload(path, self.max_upload_bytes, self.max_upload_pixels)
-            except ServiceError as exc:
-                skipped.append((orig.name, str(exc)))
-                continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest in seen:
-                notes.append(f"{orig.name} is identical to {seen[digest]} (kept once)")
-                continue
-            label = label_from_filename(orig.name)
-            stem = GALLERY_NAME_RE.sub("_", orig.stem.lower()).strip("_") or "image"
-            suffix = path.suffix.lower() if path.suffix else ".png"
-            dest = src / label / f"{stem}{suffix}"
-            k = 2
-            while dest.exists():
-                dest = src / label / f"{stem}-{k}{suffix}"
-                k += 1
-            if k > 2:
-                notes.append(f"{orig.name} was renamed {dest.name} (another file had its name)")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
-            seen[digest] = f"{label}/{dest.name}"
-            copied += 1
-        if not copied:
-            return BuildOutcome(False, "None of the uploaded files could be used: "
-                                + "; ".join(f"{n}: {why}" for n, why in skipped[:5]), skipped=skipped)
-        outcome = self._index_folder(src, home / "index", gid, progress, modality)
-        outcome.skipped = skipped + outcome.skipped
-        if outcome.ok:
-            with self._lock:
-                self._uploaded.put(gid, self._wrap(gid, home / "index", outcome.gallery))
-            outcome.gallery = None
-            self._evict_uploads(keep=home)
-            if notes:
-                outcome.message += f"\n\nKept all {copied} distinct file(s): " + "; ".join(notes[:10]) + (
-                    " …" if len(notes) > 10 else "")
-            if skipped:
-                outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
-                    f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
-        return outcome
 
-    def _evict_uploads(self, keep: Path) -> None:
-        """Keep at most MAX_UPLOADED_GALLERIES uploaded galleries on disk (oldest go first)."""
-        homes = sorted((p for p in self.uploads_dir.glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for old in homes[: max(0, len(homes) - MAX_UPLOADED_GALLERIES)]:
-            if old != keep:
-                gid = f"{UPLOAD_PREFIX}{old.parent.name}/{old.name}"
-                self._uploaded.pop(gid)
-                shutil.rmtree(old, ignore_errors=True)
-                for t in self.thumbs_dir.glob(f"{_thumb_prefix(gid)}-*"):
-                    shutil.rmtree(t, ignore_errors=True)
 
-    def _index_folder(self, src: Path, out: Path, name: str, progress: Optional[ProgressFn],
-                      modality: str) -> BuildOutcome:
-        from sbir_core.gallery.index import GalleryError, build_gallery
 
-        if modality not in ("photo", "sketch"):
-            return BuildOutcome(False, f"A gallery holds photos or sketches, not {modality!r}.")
-        if progress:
-            progress(0.1, f"Indexing {display_name(name)}…")
-        try:
-            with self._build_lock:
-                g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
-                                          progress=True)
-        except (GalleryError, FileNotFoundError, ValueError, OSError) as exc:
-            return BuildOutcome(False, f"The gallery could not be built: {exc}")
-        skipped = [(Path(p).name, why) for p, why in report.skipped]
-        n_cls = len(set(g.labels))
-        msg = (f"✅ Gallery {display_name(name)} is ready: {report.total} "
-               f"{'sketches' if modality == 'sketch' else 'images'} in {n_cls} {'class' if n_cls == 1 else 'classes'}"
-               f" ({report.seconds:.0f} s).")
-        if skipped:
-            msg += f" Skipped {len(skipped)} file(s): " + "; ".join(f"{n} ({why})" for n, why in skipped[:10])
-        out_ = BuildOutcome(True, msg, name, report, skipped)
-        out_.gallery = g
-        return out_
-
-    def build_gallery_from_folder(self, folder: PathLike, name: Optional[str] = None,
-                                  progress: Optional[ProgressFn] = None, modality: str = "photo",
-                                  make_default: bool = True) -> BuildOutcome:
-        """The operator's `--gallery PATH`: index a folder (class = first-level subfolder)
-        into galleries/<name>, public to every visitor."""
-        src = Path(folder).expanduser().resolve()
-        if not src.is_dir():
-            return BuildOutcome(False, f"Not a folder: {src}")
-        clean = sanitize_gallery_name(name or src.name)
-        if not clean:
-            return BuildOutcome(False, "Give the gallery a name (letters, digits, _ or -).")
-        out = self.gallery_dir(clean)
-        if out == src or out in src.parents:
-            return BuildOutcome(False, f"The images ({src}) cannot live inside the gallery folder ({out}); "
-                                       "choose another name.")
-        outcome = self._index_folder(src, out, clean, progress, modality)
-        if outcome.ok:
-            with self._lock:
-                self._galleries[clean] = self._wrap(clean, out, outcome.gallery)
-                if make_default:
-                    self.default_gallery = clean
-            outcome.gallery = None
-        return outcome

@@ -126,7 +126,7 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
         t_cached.append(1000 * (t5 - t4))
     res = {"callback": summary(t_cb), "encoder_only": summary(t_enc), "forward_only": summary(t_fwd),
            "cached_callback": summary(t_cached), "stroke_callback": summary(t_strokes), "torch_threads": torch.get_num_threads(),
-           "gallery_size": len(service._get_gallery(None))}
+           "gallery_size": len(service.gallery(None))}
     res["app_overhead_p50_ms"] = round(res["callback"]["p50_ms"] - res["encoder_only"]["p50_ms"], 2)
     return res
 
@@ -173,7 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sbir_core.service import DEFAULT_GALLERIES, RetrievalService
+    from sbir_core.paths import SHIPPED_GALLERIES as DEFAULT_GALLERIES
+    from sbir_core.service import RetrievalService
 
     t0 = time.time()
     service = RetrievalService(args.galleries or DEFAULT_GALLERIES, gallery=args.gallery, checkpoint=args.checkpoint)
@@ -181,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("no gallery to search:", *service.notices, file=sys.stderr)
         return 2
     service.warm_up()
-    print(f"loaded {service.encoder_id}, gallery {service.default_gallery} ({len(service._get_gallery(None))} items) "
+    print(f"loaded {service.encoder_id}, gallery {service.default_gallery} ({len(service.gallery(None))} items) "
           f"in {time.time() - t0:.1f} s; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     out = {"loadavg_before": os.getloadavg()[0], "encoder": service.encoder_id}
     out["callback"] = cb = bench_callback(service, args.calls)

@@ -55,7 +55,7 @@ def make_shape_image(kind: str, seed: int, size: int = 96):
 def app_galleries(tmp_path_factory, raw_encoder):
     """A galleries root holding one built gallery, `default` (12 shape images, raw
     backbone), with its source images outside the galleries root."""
-    from sbir_core.gallery.index import build_gallery
+    from sbir_core.gallery.build import build_gallery
 
     base = tmp_path_factory.mktemp("app")
     src = base / "shapes"

@@ -19,15 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sbir_core.service import (  # noqa: E402
-    EMPTY_SKETCH_MESSAGE,
-    MAX_K,
-    RetrievalService,
-    ServiceError,
-    check_upload,
-    label_from_filename,
-    sanitize_gallery_name,
-)
+from sbir_core.service import EMPTY_SKETCH_MESSAGE, MAX_K, RetrievalService  # noqa: E402
+from sbir_core.errors import InputError  # noqa: E402
+from sbir_core.data.images import check_upload  # noqa: E402
+from sbir_core.gallery.store import label_from_filename, sanitize_gallery_name  # noqa: E402
 
 OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's session token
 
@@ -88,11 +83,11 @@ def test_search_with_drawn_canvas_returns_k_captioned_results(cb, app_service):
 
 def test_search_matches_library_search(app_service):
     """The service adds nothing to the ranking: same order as index.Gallery.search."""
-    from sbir_core.index import encode_query
+    from sbir_core.gallery.query import encode_query
 
     canvas = drawn_canvas("square")
     out = app_service.search_sketch(canvas, 12)
-    g = app_service._get_gallery("default").gallery
+    g = app_service.gallery("default").gallery
     ref = g.search(encode_query(app_service.encoder, sketch=canvas["composite"]), 12)
     assert [h.index for h in out.hits] == [r.index for r in ref]
     assert np.allclose([h.score for h in out.hits], [r.score for r in ref], atol=1e-5)
@@ -150,7 +145,7 @@ def test_search_with_stroke_json_matches_the_stroke_list(cb, app_service):
 @pytest.mark.parametrize("value", ["", "  ", "[]", "[[]]", '{"strokes": []}', None])
 def test_empty_stroke_json_gives_friendly_message(cb, value):
     items, msg, query = cb.search_strokes(value, 12, "default")
-    assert items == [] and query is None and msg == EMPTY_SKETCH_MESSAGE
+    assert items == [] and query is None and EMPTY_SKETCH_MESSAGE in msg
 
 
 @pytest.mark.parametrize("value", ["[[[1, 2, 3]]]", '[[[1, "a"]]]', "[[[NaN, 1]]]", "[1, 2", '{"strokes": 5}',
@@ -171,7 +166,7 @@ def test_example_click_loads_strokes_and_searches(cb):
     strokes, items, msg, query = cb.load_example(4, "default", evt)
     data = json.loads(strokes)
     assert data["canvas"] == [256, 256] and len(data["strokes"]) >= 1
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     assert len(data["strokes"]) == len(list_examples()[1].strokes)
     assert len(items) == 4 and "Best match" in msg and query.kind == "sketch"
@@ -243,10 +238,10 @@ def test_text_search_without_text_head_explains_itself(cb):
 def test_text_search_with_a_text_encoder(app_galleries, raw_encoder, tmp_path, monkeypatch):
     """With a text-capable encoder the text query goes through index.encode_query."""
     svc = RetrievalService(app_galleries, encoder=raw_encoder, relation=None, cache_dir=tmp_path)
-    g = svc._get_gallery("default").gallery
+    g = svc.gallery("default").gallery
     target = g.embeddings[g.labels.index("star")]
     monkeypatch.setattr(RetrievalService, "has_text", property(lambda self: True))
-    import sbir_core.index as index_mod
+    import sbir_core.service as index_mod  # the service calls gallery.query.encode_query
 
     calls = []
 
@@ -299,7 +294,7 @@ def test_bad_uploads_give_clear_messages(app_galleries, raw_encoder, tmp_path):
 def test_check_upload_refuses_before_decoding(tmp_path):
     p = tmp_path / "bomb.png"
     Image.new("L", (5000, 5000)).save(p)  # tiny file, 25 MP
-    with pytest.raises(ServiceError, match="megapixels"):
+    with pytest.raises(InputError, match="megapixels"):
         check_upload(p, max_pixels=1_000_000)
     check_upload(p)  # within the default limits
 
@@ -383,8 +378,8 @@ def test_build_gallery_from_uploads_reports_skipped_files(app_galleries, raw_enc
     assert progress and progress == sorted(progress)
     # private: not listed for other visitors, and stored in the uploads folder, not the repository
     assert svc.list_galleries() == ["default"]
-    assert not any(svc.root.rglob("*my_shapes*"))
-    assert (svc.uploads_dir / OWNER / "my_shapes" / "images").is_dir()
+    assert not any(svc.store.root.rglob("*my_shapes*"))
+    assert (svc.store.uploads_dir / OWNER / "my_shapes" / "images").is_dir()
     res = svc.search_sketch(drawn_canvas(), 10, gallery=out.name)
     assert res.ok and {h.label for h in res.hits} == {"circle", "square", "star"}
     # another token cannot name it
@@ -425,7 +420,7 @@ def test_build_gallery_refusals(app_galleries, raw_encoder, tmp_path):
     Image.new("RGB", (50, 50), "red").save(good)
     out = svc.build_gallery_from_uploads([str(good)], "default", OWNER)
     assert out.ok and out.name != "default"
-    assert len(svc._get_gallery("default")) == 12
+    assert len(svc.gallery("default")) == 12
 
 
 def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tmp_path):
@@ -454,7 +449,7 @@ def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tm
 
 
 def test_sketch_gallery_searches_sketch_to_sketch(app_galleries, raw_encoder, tmp_path):
-    from sbir_core.examples import list_examples
+    from sbir_core.data.examples import list_examples
 
     src = tmp_path / "doodles"
     for e in list_examples()[:4]:
@@ -470,13 +465,13 @@ def test_sketch_gallery_searches_sketch_to_sketch(app_galleries, raw_encoder, tm
 
 def test_stale_gallery_is_rebuilt_from_its_sources(app_galleries, raw_encoder, tmp_path):
     svc0 = _svc(app_galleries, raw_encoder, tmp_path)
-    meta_path = svc0.root / "default" / "gallery.json"
+    meta_path = svc0.store.root / "default" / "gallery.json"
     meta = json.loads(meta_path.read_text())
     meta["encoder_id"] = "some-other-model@123"
     meta_path.write_text(json.dumps(meta))
-    svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
+    svc = RetrievalService(svc0.store.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
     assert svc.default_gallery == "default"
-    msg = svc.select_gallery("default")
+    msg = svc.describe_gallery("default")
     assert "indexed for the current model" in msg and "some-other-model@123" in msg
     assert json.loads(meta_path.read_text())["encoder_id"] == raw_encoder.encoder_id
     assert svc.search_sketch(drawn_canvas(), 3).ok
@@ -484,12 +479,12 @@ def test_stale_gallery_is_rebuilt_from_its_sources(app_galleries, raw_encoder, t
 
 def test_stale_gallery_without_sources_gives_a_message(app_galleries, raw_encoder, tmp_path):
     svc0 = _svc(app_galleries, raw_encoder, tmp_path)
-    meta_path = svc0.root / "default" / "gallery.json"
+    meta_path = svc0.store.root / "default" / "gallery.json"
     meta = json.loads(meta_path.read_text())
     meta["encoder_id"] = "some-other-model@123"
     meta["source_dir"] = str(tmp_path / "gone")
     meta_path.write_text(json.dumps(meta))
-    svc = RetrievalService(svc0.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
+    svc = RetrievalService(svc0.store.root, encoder=raw_encoder, relation=None, cache_dir=tmp_path / "cache2")
     assert svc.default_gallery is None
     assert any("built with another model" in n for n in svc.notices)
     out = svc.search_sketch(drawn_canvas(), 3)
@@ -511,7 +506,7 @@ def test_images_inside_gallery_folder_are_never_deleted_by_a_rebuild(raw_encoder
 
 
 def test_missing_checkpoint_falls_back_with_a_warning(app_galleries, raw_encoder, tmp_path, monkeypatch):
-    import sbir_core.encoders as enc
+    import sbir_core.service as enc  # the service calls models.encoders.create_encoder
 
     def fake_create(name=None, checkpoint="default", device="cpu"):
         if str(checkpoint).lower() != "none":
@@ -530,8 +525,8 @@ def test_missing_checkpoint_falls_back_with_a_warning(app_galleries, raw_encoder
 
 def test_list_galleries(app_galleries, raw_encoder, tmp_path):
     svc = _svc(app_galleries, raw_encoder, tmp_path)
-    (svc.root / "empty_dir").mkdir()
-    (svc.root / ".hidden" / "x").mkdir(parents=True)
+    (svc.store.root / "empty_dir").mkdir()
+    (svc.store.root / ".hidden" / "x").mkdir(parents=True)
     assert svc.list_galleries() == ["default"]
 
 
@@ -551,7 +546,7 @@ def test_sanitize_gallery_name():
 
 
 def test_examples_are_authored_stroke_lists():
-    from sbir_core.examples import EXAMPLES_DIR, example_names, render_example
+    from sbir_core.data.examples import EXAMPLES_DIR, example_names, render_example
 
     names = example_names()
     assert {"cat", "house", "bicycle", "fish", "tree", "car", "cup", "star", "sun", "flower", "guitar"} <= set(names)
@@ -576,7 +571,7 @@ def test_click_explains_the_clicked_image_even_if_results_moved_on(cb, app_servi
     corr, synth, heat, msg = cb.on_select(query, evt)
     assert corr is not None and msg.startswith("Result 3:")
     # a gallery row that is not among the hits is still explained, with its own rank and score
-    g = app_service._get_gallery("default").gallery
+    g = app_service.gallery("default").gallery
     outside = next(i for i in range(len(g)) if i not in query.highlight)
     ex = app_service.explain(query, 0, gallery_row=outside)
     assert ex.ok and ex.hit.index == outside and ex.hit.rank >= 3
@@ -599,7 +594,7 @@ def test_gallery_index_in_a_subfolder_is_found(app_galleries, raw_encoder, tmp_p
 def test_brush_size_reaches_the_model_within_the_trained_range(app_service):
     """A thicker brush draws thicker lines in what the model sees, clamped to the widths
     the encoder was trained with."""
-    from sbir_core.preprocess import LINE_WIDTH_RANGE, brush_line_width, preprocess_sketch
+    from sbir_core.data.preprocess import LINE_WIDTH_RANGE, brush_line_width, preprocess_sketch
 
     square = [[(0, 0), (300, 0), (300, 300), (0, 300), (0, 0)]]
     size = app_service.encoder.image_size

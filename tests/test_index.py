@@ -17,7 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from sbir_core import cli
+from sbir_core.gallery import build as B
+from sbir_core.gallery import identity as ID
 from sbir_core.gallery import index as I
+from sbir_core.gallery import query as Q
 from sbir_core.cli import main
 from sbir_core.data.preprocess import BlankSketchError
 
@@ -83,7 +86,7 @@ def built(tmp_path_factory, raw_encoder):
     root = tmp_path_factory.mktemp("base")
     src = make_source(root / "photos")
     enc = CountingEncoder(raw_encoder)
-    gallery, report = I.build_gallery(src, root / "gallery", enc, progress=False, batch_size=4)
+    gallery, report = B.build_gallery(src, root / "gallery", enc, progress=False, batch_size=4)
     assert enc.encoded == len(SPEC)
     return src, root / "gallery", gallery, report
 
@@ -139,7 +142,7 @@ def test_search_sorted_and_self_first(built, raw_encoder) -> None:
     src, out, gallery, _ = built
     g = I.Gallery.load(out)
     target = 4
-    q = I.encode_query(raw_encoder, photo=g.paths[target])
+    q = Q.encode_query(raw_encoder, photo=g.paths[target])
     assert q.dtype == np.float32 and q.shape == (g.embeddings.shape[1],)
     np.testing.assert_allclose(q, g.embeddings[target], atol=1e-4)  # same pixels, same vector
 
@@ -181,7 +184,7 @@ def test_incremental_rebuild_encodes_only_new_and_changed(built, tmp_path, raw_e
     os.utime(changed, ns=(1_000_000_000, 1_000_000_000))  # a different mtime for sure
 
     enc = CountingEncoder(raw_encoder)
-    g, report = I.build_gallery(src, out, enc, progress=False)
+    g, report = B.build_gallery(src, out, enc, progress=False)
     assert (report.added, report.updated, report.removed) == (1, 1, 1)
     assert report.reused == len(SPEC) - 2
     assert enc.encoded == 2  # never called on the reused files
@@ -200,7 +203,7 @@ def test_incremental_rebuild_encodes_only_new_and_changed(built, tmp_path, raw_e
 
     # Nothing changed now: nothing encoded, nothing rewritten.
     before = (out / "gallery.json").stat().st_mtime_ns
-    _, again = I.build_gallery(src, out, enc, progress=False)
+    _, again = B.build_gallery(src, out, enc, progress=False)
     assert enc.encoded == 2 and again.written is False and again.reused == len(SPEC)
     assert (out / "gallery.json").stat().st_mtime_ns == before
 
@@ -215,9 +218,9 @@ def test_interrupted_swap_keeps_previous_gallery(built, tmp_path, raw_encoder, m
             raise OSError("simulated crash during the final swap")
         return real_replace(a, b)
 
-    monkeypatch.setattr(I.os, "replace", crash_on_swap)
+    monkeypatch.setattr(B.os, "replace", crash_on_swap)
     with pytest.raises(OSError, match="simulated"):
-        I.build_gallery(src, out, CountingEncoder(raw_encoder), progress=False)
+        B.build_gallery(src, out, CountingEncoder(raw_encoder), progress=False)
     monkeypatch.undo()
 
     assert (out / "gallery.json").is_file()  # rolled back at once, not only repaired on load
@@ -229,9 +232,9 @@ def test_interrupted_swap_keeps_previous_gallery(built, tmp_path, raw_encoder, m
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(I, "build_index", boom)
+    monkeypatch.setattr(B, "build_index", boom)
     with pytest.raises(RuntimeError):
-        I.build_gallery(src, out, CountingEncoder(raw_encoder), progress=False)
+        B.build_gallery(src, out, CountingEncoder(raw_encoder), progress=False)
     assert len(I.Gallery.load(out)) == len(SPEC)
     assert not list(tmp_path.glob(".gallery.*"))
 
@@ -265,7 +268,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_gallery(built, tmp_path, ra
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "thesis.tex").write_text("precious")
     with pytest.raises(I.GalleryError, match="refusing"):
-        I.build_gallery(built[0], tmp_path / "docs", raw_encoder, progress=False)
+        B.build_gallery(built[0], tmp_path / "docs", raw_encoder, progress=False)
     assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
 
 
@@ -274,9 +277,9 @@ def test_stale_encoder(built, tmp_path, raw_encoder, caplog) -> None:
     src, out = copy_built(built, tmp_path)
     g = I.Gallery.load(out)
     other = CountingEncoder(raw_encoder, encoder_id="efficientnet-lite0@0123456789ab")
-    I.check_encoder(g, raw_encoder)  # the same encoder passes
+    ID.check_encoder(g, raw_encoder)  # the same encoder passes
     with pytest.raises(I.StaleGalleryError) as err:
-        I.check_encoder(g, other, checkpoint="/models/new.safetensors")
+        ID.check_encoder(g, other, checkpoint="/models/new.safetensors")
     msg = str(err.value)
     assert "efficientnet-lite0@none" in msg and "efficientnet-lite0@0123456789ab" in msg
     # The rebuild command names where the images are now (the gallery moved with them)
@@ -288,7 +291,7 @@ def test_stale_encoder(built, tmp_path, raw_encoder, caplog) -> None:
     for p in list((src / "circle").glob("*.png")) + list((src / "triangle").glob("*.png")):
         p.unlink()
     with caplog.at_level(logging.WARNING, logger="sbir_core.gallery.index"):
-        g2, report = I.build_gallery(src, out, other, progress=False)
+        g2, report = B.build_gallery(src, out, other, progress=False)
     assert report.reused == 0 and report.added == 2 and other.encoded == 2
     assert "efficientnet-lite0@none" in report.rebuilt_reason
     assert any("re-encoding everything" in r.message for r in caplog.records)
@@ -322,7 +325,7 @@ def test_ivf_falls_back_to_flat_when_tiny(caplog) -> None:
 def test_hnsw_gallery_saved_and_loaded(built, tmp_path, raw_encoder) -> None:
     src, out = copy_built(built, tmp_path)
     enc = CountingEncoder(raw_encoder)
-    _, report = I.build_gallery(src, out, enc, index_type="hnsw", progress=False)
+    _, report = B.build_gallery(src, out, enc, index_type="hnsw", progress=False)
     assert enc.encoded == 0 and report.written and report.index_type == "hnsw"
     g = I.Gallery.load(out, ef_search=16)
     assert g.index_type == "hnsw" and (out / "index.faiss").is_file() and g.index.hnsw.efSearch == 16
@@ -332,14 +335,14 @@ def test_hnsw_gallery_saved_and_loaded(built, tmp_path, raw_encoder) -> None:
 # ----------------------------------------------------------------------------- queries
 def test_encode_query_arguments(raw_encoder, tmp_path) -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        I.encode_query(raw_encoder)
+        Q.encode_query(raw_encoder)
     with pytest.raises(ValueError, match="exactly one"):
-        I.encode_query(raw_encoder, sketch=[[[0, 1], [0, 1]]], text="a cat")
+        Q.encode_query(raw_encoder, sketch=[[[0, 1], [0, 1]]], text="a cat")
     Image.new("RGB", (64, 64), "white").save(tmp_path / "blank.png")
     with pytest.raises(BlankSketchError):
-        I.encode_query(raw_encoder, sketch=tmp_path / "blank.png")
+        Q.encode_query(raw_encoder, sketch=tmp_path / "blank.png")
     with pytest.raises(FileNotFoundError):
-        I.encode_query(raw_encoder, photo=tmp_path / "missing.png")
+        Q.encode_query(raw_encoder, photo=tmp_path / "missing.png")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -391,7 +394,7 @@ def test_sketch_gallery_skips_blank_sketches(tmp_path, raw_encoder) -> None:
     im.save(src / "drawn.png")
     Image.new("L", (64, 64), 255).save(src / "blank.png")  # no ink: fails the whole batch
     enc = CountingEncoder(raw_encoder)
-    g, report = I.build_gallery(src.parent, tmp_path / "g", enc, modality="sketch", store_tokens=False, progress=False)
+    g, report = B.build_gallery(src.parent, tmp_path / "g", enc, modality="sketch", store_tokens=False, progress=False)
     assert len(g) == 1 and g.labels == ["cat"] and g.tokens is None and g.modality == "sketch"
     assert [(Path(p).name, "empty" in why) for p, why in report.skipped] == [("blank.png", True)]
     assert I.Gallery.load(tmp_path / "g").tokens is None and not (tmp_path / "g" / "tokens.npy").exists()
@@ -423,14 +426,14 @@ def test_a_gallery_naming_another_model_is_caught_by_its_probe(built, tmp_path, 
     (its stored probe does not match): searching it would rank garbage, so it is refused."""
     _, out = copy_built(built, tmp_path)
     g = I.Gallery.load(out)
-    I.check_encoder(g, raw_encoder)  # the genuine gallery passes
+    ID.check_encoder(g, raw_encoder)  # the genuine gallery passes
     meta = json.loads((out / "gallery.json").read_text())
     rng = np.random.default_rng(0)
     fake = rng.standard_normal(len(meta["probe"]))
     meta["probe"] = (fake / np.linalg.norm(fake)).tolist()
     (out / "gallery.json").write_text(json.dumps(meta))
     with pytest.raises(I.StaleGalleryError, match="probe"):
-        I.check_encoder(I.Gallery.load(out), raw_encoder)
+        ID.check_encoder(I.Gallery.load(out), raw_encoder)
 
 
 def test_index_skips_and_counts_oversized_images_before_decoding(tmp_path, raw_encoder) -> None:
@@ -438,7 +441,7 @@ def test_index_skips_and_counts_oversized_images_before_decoding(tmp_path, raw_e
     (src / "cat").mkdir(parents=True)
     draw("ellipse", (200, 30, 30), 1).save(src / "cat" / "ok.png")
     Image.new("1", (10_001, 10_001)).save(src / "cat" / "huge.png")  # tiny file, 100 megapixels
-    _, report = I.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
+    _, report = B.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
     skipped = {Path(p).name: why for p, why in report.skipped}
     assert report.total == 1 and "huge.png" in skipped and "too large" in skipped["huge.png"]
 
@@ -456,7 +459,7 @@ def test_symlinks_out_of_the_folder_are_not_followed(tmp_path, raw_encoder) -> N
     (src / "cat" / "escape.png").symlink_to(outside / "secret.png")
     (src / "cat" / "dangling.png").symlink_to(tmp_path / "nothing.png")
     (src / "linked_dir").symlink_to(outside, target_is_directory=True)
-    g, report = I.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
+    g, report = B.build_gallery(src, tmp_path / "g", raw_encoder, progress=False)
     skipped = {Path(p).name: why for p, why in report.skipped}
     assert sorted(Path(p).name for p in g.paths) == ["inside.png", "real.png"]
     assert "outside the folder" in skipped["escape.png"]

@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from sbir_core.errors import InputError, SBIRError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -46,11 +48,11 @@ class Item:
             return im
 
 
-class ExcludedClassError(RuntimeError):
+class ExcludedClassError(SBIRError):
     """A class that a benchmark split reserves for testing reached training data."""
 
 
-class UnknownSplitError(ValueError):
+class UnknownSplitError(InputError):
     pass
 
 

@@ -19,6 +19,8 @@ import zipfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from sbir_core.errors import SBIRError
 from typing import IO, Iterator
 
 from tqdm import tqdm
@@ -58,7 +60,7 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SBIRError):
     """A download or extraction failed; the message is one line meant for the user."""
 
 

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from sbir_core.errors import InputError
+
 # A stroke is ([x0, x1, ...], [y0, y1, ...]) (QuickDraw) or [(x, y), ...] (canvas points).
 Stroke = Union[Sequence[Sequence[float]], Sequence[tuple[float, float]]]
 Strokes = Sequence[Stroke]
@@ -33,7 +35,7 @@ TARGET_LINE_WIDTH = 3.0
 LINE_WIDTH_RANGE = (2.0, 5.0)
 
 
-class BlankSketchError(ValueError):
+class BlankSketchError(InputError):
     """The sketch has no ink: nothing to search with."""
 
     def __init__(self, detail: str = "") -> None:

@@ -962,3 +962,37 @@ def _draw_caption(img: Image.Image, spot: tuple[str, tuple[float, float], Sequen
     d.rounded_rectangle(tuple(box), radius=max(3, round(4 * lay.unit)), fill=BACKGROUND, outline=INK,
                         width=max(1, round(1.5 * lay.unit)))
     d.text((x, y), text, fill=INK, font=_font(lay.label_px), anchor="mm")
+
+
+def _fits(m: "EmbeddingMap", gallery: Any) -> bool:
+    n = min(5, len(m))
+    return (len(m) == len(gallery) and m.dim == gallery.raw_embeddings.shape[1]
+            and np.allclose(m.reference[:n], gallery.raw_embeddings[:n], atol=1e-4))
+
+
+def gallery_map(gallery: Any, cache: Optional[Union[str, Path]] = None,
+                search: Sequence[Union[str, Path]] = ()) -> "EmbeddingMap":
+    """The one map pipeline (app and command line): a gallery's t-SNE map, read from the
+    gallery folder, `search` or `cache` when one there was fitted on these embeddings,
+    else fitted once (on the raw, undiffused embeddings) and saved to `cache`, or to
+    the gallery folder when no cache is given."""
+    places = [p for p in (gallery.root, *search, cache) if p is not None]
+    for d in places:
+        if EmbeddingMap.exists(d):
+            try:
+                m = EmbeddingMap.load(d)
+            except (ValueError, OSError) as exc:
+                log.warning("ignoring the map in %s: %s", d, exc)
+                continue
+            if _fits(m, gallery):
+                return m
+    log.info("fitting the t-SNE map of %s (%d points)", gallery.root or "a gallery", len(gallery))
+    labels = gallery.labels
+    m = fit_map(gallery.raw_embeddings, labels if any(labels) else None)
+    target = cache if cache is not None else gallery.root
+    if target is not None:
+        try:
+            m.save(target)
+        except OSError as exc:
+            log.warning("could not save the map in %s: %s", target, exc)
+    return m

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from sbir_core.errors import SBIRError
 from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
 from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
 
@@ -103,7 +104,7 @@ _LITE_PACKAGES = {
 }
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(SBIRError):
     """Pretrained weights did not match the architecture; never fall back to random init."""
 
 

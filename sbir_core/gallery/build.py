@@ -1,0 +1,411 @@
+"""Building a gallery folder from a folder of images (see `gallery.index` for the format).
+
+Builds are incremental (files are identified by relative path + size + mtime, so
+unchanged files are never re-encoded, even after the folder is moved) and atomic
+(everything is written to a hidden sibling folder that is then swapped in with
+renames), so an interrupted build leaves the previous gallery as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from sbir_core.data.datasets import image_folder
+from sbir_core.data.images import load_image
+from sbir_core.gallery.identity import _encoder_name, _normalize_checkpoint_arg, checkpoint_spec, encoder_probe
+from sbir_core.gallery.index import (EMBEDDINGS_FILE, FORMAT_VERSION, GALLERY_FILE, GALLERY_MODALITIES, INDEX_FILE,
+                                     FLOAT16_MAX, INDEX_TYPES, TOKENS_FILE, Gallery, GalleryError, _faiss,
+                                     _recover, build_index)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class BuildReport:
+    out_dir: str
+    total: int = 0  # items in the gallery after the build
+    added: int = 0  # new files, encoded
+    updated: int = 0  # files whose size or mtime changed, re-encoded
+    reused: int = 0  # unchanged files, embeddings copied from the previous gallery
+    removed: int = 0  # items of the previous gallery that are gone (deleted or now unreadable)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    rebuilt_reason: Optional[str] = None  # why nothing could be reused, if so
+    index_type: str = "flat"  # the index actually built (ivf falls back to flat when tiny)
+    written: bool = True  # False when nothing changed and the gallery was left untouched
+    seconds: float = 0.0
+
+
+@dataclass
+class _Candidate:
+    rel: str  # POSIX path relative to the source folder
+    path: Path
+    label: str
+    size: int
+    mtime_ns: int
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.rel, "label": self.label, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+def _scan(source: Path, out: Path, modality: str) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """Image candidates (sorted by relative path) and skipped non-image files.
+
+    Hidden files and folders (.DS_Store, .git, our own temporary folders) are
+    ignored silently, as is the output folder when it lies inside the source.
+    """
+    def ignored(p: Path) -> bool:
+        rel = p.relative_to(source)
+        return any(part.startswith(".") for part in rel.parts) or p == out or out in p.parents
+
+    candidates: list[_Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    images = set()
+    # Symbolic links are followed only when they stay inside the folder: a link to
+    # /etc/... or to another user's pictures is skipped and counted, as is a dangling one.
+    # (Linked folders are never walked into.)
+    for p in sorted(source.rglob("*")):
+        if p.is_symlink() and not ignored(p):
+            target = p.resolve()
+            if not target.exists():
+                why = "dangling symbolic link"
+            elif target != source and source not in target.parents:
+                why = "symbolic link to outside the folder (not followed)"
+            elif target.is_dir():
+                why = "symbolic link to a folder (not followed)"
+            else:
+                continue
+            images.add(p)
+            skipped.append((str(p), why))
+    for it in image_folder(source, modality=modality):
+        p = Path(it.path)
+        if p in images or ignored(p):
+            continue
+        images.add(p)
+        try:
+            st = p.stat()
+        except OSError as exc:  # e.g. a dangling symlink
+            skipped.append((str(p), f"cannot read: {exc.strerror or exc}"))
+            continue
+        candidates.append(_Candidate(p.relative_to(source).as_posix(), p, it.label, st.st_size, st.st_mtime_ns))
+    for p in sorted(source.rglob("*")):
+        if p not in images and not ignored(p) and p.is_file():
+            skipped.append((str(p), "not an image"))
+    candidates.sort(key=lambda c: c.rel)
+    return candidates, skipped
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Make `tmp` the gallery at `out`. Two renames, rolled back if the second fails;
+    a crash between them is repaired by `_recover` on the next load or build."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _previous_gallery(out: Path, encoder_id: str, modality: str, store_tokens: bool) -> tuple[Optional[Gallery], Optional[str]]:
+    """The gallery already at `out` if its vectors can be reused, else (None, why not)."""
+    if not out.exists():
+        return None, None
+    if not out.is_dir():
+        raise GalleryError(f"{out} exists and is not a folder")
+    if not (out / GALLERY_FILE).exists():
+        if any(out.iterdir()):
+            # The swap replaces the whole folder: never do that to someone's files.
+            raise GalleryError(f"{out} is not empty and holds no gallery; refusing to overwrite it (choose another --out)")
+        return None, None
+    try:
+        old = Gallery.load(out)
+    except GalleryError as exc:
+        return None, f"the existing gallery is unreadable ({exc})"
+    if old.encoder_id != encoder_id:
+        return None, f"the existing gallery was built with {old.encoder_id}, the encoder is {encoder_id}"
+    if old.modality != modality:
+        return None, f"the existing gallery holds {old.modality} embeddings, {modality} were asked for"
+    if store_tokens and old.tokens is None:
+        return None, "the existing gallery has no tokens"
+    return old, None
+
+
+def _encode_batch(encoder: Any, modality: str, images: list) -> Any:
+    if modality == "photo":
+        return encoder.encode_photos(images, batch_size=len(images))
+    return encoder.encode_sketches(images, batch_size=len(images))
+
+
+def build_gallery(
+    source_dir: PathLike,
+    out_dir: PathLike,
+    encoder: Any,
+    *,
+    modality: str = "photo",
+    index_type: str = "flat",
+    store_tokens: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+    checkpoint: Optional[PathLike] = None,
+    index_params: Optional[Mapping[str, Any]] = None,
+) -> tuple[Gallery, BuildReport]:
+    """Index the images under `source_dir` into the gallery folder `out_dir`.
+
+    Re-running updates the gallery: only new and changed files are encoded.
+    `checkpoint` is what the encoder was created with ("default", "none" or a path);
+    it is recorded so `search` can recreate the encoder (inferred when not given).
+    """
+    t0 = time.perf_counter()
+    if modality not in GALLERY_MODALITIES:
+        raise ValueError(f"gallery modality must be one of {', '.join(GALLERY_MODALITIES)}, not {modality!r}")
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    source = Path(source_dir).resolve()
+    out = Path(out_dir).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"not a folder: {source}")
+    encoder_id = str(encoder.encoder_id)
+    ckpt = _normalize_checkpoint_arg(checkpoint) or checkpoint_spec(encoder)
+    report = BuildReport(out_dir=str(out))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out)
+    old, reason = _previous_gallery(out, encoder_id, modality, store_tokens)
+    if reason:
+        log.warning("re-encoding everything: %s", reason)
+        report.rebuilt_reason = reason
+
+    candidates, skipped = _scan(source, out, modality)
+    old_rows: dict[str, int] = {}
+    if old is not None:
+        old_rows = {it["path"]: r for r, it in enumerate(old.items)}
+    reuse: dict[str, int] = {}
+    to_encode: list[_Candidate] = []
+    for c in candidates:
+        r = old_rows.get(c.rel)
+        it = old.items[r] if r is not None else None
+        if it is not None and it.get("size") == c.size and it.get("mtime_ns") == c.mtime_ns:
+            reuse[c.rel] = r
+        else:
+            to_encode.append(c)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        new_rows, new_emb, grid, token_shape = _encode_all(
+            encoder, modality, to_encode, tmp, store_tokens, batch_size, progress, skipped)
+        kept = sorted([c for c in candidates if c.rel in reuse or c.rel in new_rows], key=lambda c: c.rel)
+        report.skipped = skipped
+        for path, why in skipped:
+            log.warning("skipped %s: %s", path, why)
+        report.reused = len(reuse)
+        report.added = sum(1 for c in to_encode if c.rel in new_rows and c.rel not in old_rows)
+        report.updated = sum(1 for c in to_encode if c.rel in new_rows and c.rel in old_rows)
+        kept_rel = {c.rel for c in kept}
+        report.removed = sum(1 for rel in old_rows if rel not in kept_rel)
+        report.total = len(kept)
+        if not kept:
+            raise GalleryError(
+                f"no readable images in {source} ({len(skipped)} files skipped); nothing to index"
+            )
+        if old is not None and grid is None:
+            grid = old.grid
+            if old.tokens is not None:
+                token_shape = tuple(old.tokens.shape[1:])
+
+        unchanged = (
+            old is not None and not new_rows and report.removed == 0
+            and old.meta.get("requested_index_type") == index_type
+            and old.meta.get("has_tokens") == store_tokens
+            and old.meta.get("source_dir") == str(source)
+            and old.meta.get("checkpoint") == ckpt
+            and not index_params
+        )
+        if unchanged:
+            # Nothing to do: leave the folder (and its possibly large token file) alone.
+            shutil.rmtree(tmp, ignore_errors=True)
+            report.written = False
+            report.index_type = old.index_type
+            report.seconds = time.perf_counter() - t0
+            return old, report
+
+        # Assemble rows in the final (sorted) order from the old gallery and the new encodings.
+        n = len(kept)
+        src_old = np.array([reuse.get(c.rel, -1) for c in kept], dtype=np.int64)
+        src_new = np.array([new_rows.get(c.rel, -1) for c in kept], dtype=np.int64)
+        is_old = src_old >= 0
+        d = old.embeddings.shape[1] if old is not None else new_emb.shape[1]
+        emb = np.empty((n, d), dtype=np.float32)
+        if is_old.any():
+            emb[is_old] = old.embeddings[src_old[is_old]]
+        if (~is_old).any():
+            emb[~is_old] = new_emb[src_new[~is_old]]
+        np.save(tmp / EMBEDDINGS_FILE, emb)
+        if store_tokens:
+            _assemble_tokens(tmp, n, token_shape, old, src_old, src_new, is_old)
+
+        index, kind, params = build_index(emb, index_type, **dict(index_params or {}))
+        if index is not None:
+            _faiss().write_index(index, str(tmp / INDEX_FILE))
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "encoder_id": encoder_id,
+            "encoder_name": _encoder_name(encoder),
+            "checkpoint": ckpt,
+            "modality": modality,
+            "index_type": kind,
+            "requested_index_type": index_type,
+            "index_params": params,
+            "source_dir": str(source),
+            "source_dir_rel": os.path.relpath(source, out),
+            "created": old.meta.get("created", now) if old is not None else now,
+            "updated": now,
+            "count": n,
+            "dims": {"embedding": int(d), "token": int(token_shape[1]) if store_tokens and token_shape else None},
+            "grid": list(grid) if grid else None,
+            "has_tokens": bool(store_tokens),
+            # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
+            "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
+            # The encoder's fingerprint by content (see check_encoder).
+            "probe": [round(float(v), 6) for v in encoder_probe(encoder, modality)],
+            "items": [c.record() for c in kept],
+        }
+        with open(tmp / GALLERY_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data
+        del old  # release the previous gallery's memory maps before its folder moves
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.index_type = kind
+    report.seconds = time.perf_counter() - t0
+    gallery = Gallery(emb, meta, index=index, root=out,
+                      tokens=np.load(out / TOKENS_FILE, mmap_mode="r") if store_tokens else None)
+    return gallery, report
+
+
+def _encode_all(
+    encoder: Any,
+    modality: str,
+    todo: list[_Candidate],
+    tmp: Path,
+    store_tokens: bool,
+    batch_size: int,
+    progress: bool,
+    skipped: list[tuple[str, str]],
+) -> tuple[dict[str, int], Optional[np.ndarray], Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    """Encode `todo` -> (rel -> row in the new arrays, embeddings, grid, (T, C)).
+
+    Tokens are streamed to a scratch file instead of kept in memory: at 196 x 112
+    float16 values per image they outgrow RAM long before the embeddings do.
+    """
+    from tqdm import tqdm
+
+    rows: dict[str, int] = {}
+    embs: list[np.ndarray] = []
+    grid: Optional[tuple[int, int]] = None
+    token_shape: Optional[tuple[int, int]] = None
+    scratch = open(tmp / "tokens.partial", "wb") if store_tokens else None
+
+    def emit(batch: list[_Candidate], output: Any) -> None:
+        nonlocal grid, token_shape
+        embs.append(output.normalized())
+        grid = tuple(int(v) for v in output.grid)
+        if scratch is not None:
+            t = output.tokens.float().cpu().numpy()
+            token_shape = (int(t.shape[1]), int(t.shape[2]))
+            np.clip(t, -FLOAT16_MAX, FLOAT16_MAX, out=t)  # float16 overflow would store inf
+            scratch.write(np.ascontiguousarray(t.astype(np.float16)).tobytes())
+        for c in batch:
+            rows[c.rel] = len(rows)
+
+    def flush(batch: list[_Candidate], images: list) -> None:
+        if not batch:
+            return
+        try:
+            output = _encode_batch(encoder, modality, images)
+        except (ValueError, OSError) as exc:  # e.g. a blank sketch: find it, keep the rest
+            if len(batch) == 1:
+                skipped.append((str(batch[0].path), f"cannot encode: {exc}"))
+            else:
+                for c, img in zip(batch, images):
+                    flush([c], [img])
+            return
+        emit(batch, output)
+
+    try:
+        batch: list[_Candidate] = []
+        images: list = []
+        for c in tqdm(todo, desc="encoding", unit="img", disable=not progress or not todo, file=sys.stderr):
+            try:
+                img = load_image(c.path)
+            except Exception as exc:  # corrupt, truncated, not really an image, too large...
+                skipped.append((str(c.path), f"unreadable image: {exc}"))
+                continue
+            batch.append(c)
+            images.append(img)
+            if len(batch) >= batch_size:
+                flush(batch, images)
+                batch, images = [], []
+        flush(batch, images)
+    finally:
+        if scratch is not None:
+            scratch.close()
+    emb = np.concatenate(embs) if embs else None
+    return rows, emb, grid, token_shape
+
+
+def _assemble_tokens(
+    tmp: Path,
+    n: int,
+    token_shape: Optional[tuple[int, int]],
+    old: Optional[Gallery],
+    src_old: np.ndarray,
+    src_new: np.ndarray,
+    is_old: np.ndarray,
+    chunk: int = 1024,
+) -> None:
+    """Write tokens.npy row by row from the old gallery's file and the scratch file."""
+    if token_shape is None:
+        raise GalleryError("no token shape known (internal error)")
+    scratch_path = tmp / "tokens.partial"
+    n_new = int((src_new >= 0).sum())
+    new = None
+    if n_new:
+        new = np.memmap(scratch_path, dtype=np.float16, mode="r", shape=(n_new, *token_shape))
+    out = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode="w+", dtype=np.float16, shape=(n, *token_shape))
+    for s in range(0, n, chunk):
+        sl = slice(s, min(n, s + chunk))
+        o, so, sn = is_old[sl], src_old[sl], src_new[sl]
+        block = np.empty((sl.stop - sl.start, *token_shape), dtype=np.float16)
+        if o.any():
+            block[o] = old.tokens[so[o]]
+        if (~o).any():
+            block[~o] = new[sn[~o]]
+        out[sl] = block
+    out.flush()
+    del out, new
+    scratch_path.unlink(missing_ok=True)

@@ -1,0 +1,77 @@
+"""Encoding a query: the one path the app, the command line and evaluation share.
+
+`encode_query` turns a drawing (strokes, image), a photo or a text into the normalised
+embedding a gallery is searched with; `encode_sketch_query` also returns what the
+model was given (the cropped, padded, line-width-normalised drawing) and its token
+grid, for the "what the model sees" panel, re-ranking and explanations.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from sbir_core.data.images import load_image
+from sbir_core.data.preprocess import preprocess_sketch
+from sbir_core.errors import InputError
+from sbir_core.gallery.index import _normalize_rows
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class SketchQuery:
+    embedding: np.ndarray  # (D,) float32, L2-normalised
+    model_input: Image.Image  # the drawing as the encoder saw it
+    tokens: Any  # (T, C) token grid of that view
+
+
+def encode_sketch_query(encoder: Any, sketch: Any, brush: Optional[float] = None) -> SketchQuery:
+    """A drawing (strokes, image or array) -> embedding, model input and tokens.
+    The embedding is exactly `encode_query(encoder, sketch=...)`'s (with the same brush).
+    BlankSketchError when there is no ink."""
+    sk = preprocess_sketch(sketch, encoder.image_size, brush=brush)
+    out = encoder.encode(encoder.to_tensor(sk)[None], "sketch")
+    return SketchQuery(np.ascontiguousarray(out.normalized()[0], dtype=np.float32), sk, out.tokens[0])
+
+
+def encode_query(
+    encoder: Any,
+    *,
+    sketch: Any = None,
+    photo: Any = None,
+    text: Optional[str] = None,
+) -> np.ndarray:
+    """One query -> normalised float32 (D,). Give exactly one of sketch, photo, text.
+
+    sketch: image path, PIL image, array or stroke list (BlankSketchError if no ink);
+    photo: image path, PIL image or array; text: a phrase (needs a text head).
+    """
+    given = [name for name, v in (("sketch", sketch), ("photo", photo), ("text", text)) if v is not None]
+    if len(given) != 1:
+        raise InputError(f"give exactly one of sketch=, photo=, text= (got {', '.join(given) or 'none'})")
+    if text is not None:
+        if not str(text).strip():
+            raise InputError("the text query is empty")
+        emb = np.asarray(encoder.encode_text([str(text).strip()]).float().cpu().numpy(), dtype=np.float32)
+        return _normalize_rows(emb.reshape(1, -1))[0]
+    if sketch is not None:
+        img = _query_image(sketch) if isinstance(sketch, (str, os.PathLike)) else sketch
+        out = encoder.encode_sketches([img])
+    else:
+        img = _query_image(photo) if isinstance(photo, (str, os.PathLike)) else photo
+        out = encoder.encode_photos([img])
+    return np.ascontiguousarray(out.normalized()[0], dtype=np.float32)
+
+
+def _query_image(path: PathLike) -> Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"query image not found: {path}")
+    try:
+        return load_image(path)
+    except Exception as exc:  # PIL raises many types for bad files
+        raise InputError(f"cannot read query image {path}: {exc}") from exc

@@ -1,0 +1,484 @@
+"""Named galleries: where they live, loading them once, keeping them fit for the model.
+
+- shipped/operator galleries: folders under a galleries root (`galleries/` of a checkout),
+  found by name; a gallery built with another model is re-indexed from its images (into
+  the cache when the images live inside the gallery folder);
+- visitors' galleries: built from uploads under `$SBIR_HOME/uploaded-galleries`, named
+  `upload:<owner token>/<name>` so that only the visitor holding the token can name
+  them; at most MAX_UPLOADED_GALLERIES on disk and MAX_LOADED_GALLERIES in memory;
+- thumbnails: small JPEGs the app may serve (the only files it serves from disk).
+
+Messages are plain text (GalleryStoreError); the app formats them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+from cachetools import LRUCache
+from PIL import Image
+
+from sbir_core.data.images import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_upload, load_image
+from sbir_core.errors import InputError
+from sbir_core.gallery.build import build_gallery
+from sbir_core.gallery.identity import check_encoder
+from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError
+from sbir_core.paths import SHIPPED_GALLERIES, cache_dir, home
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+
+
+# Galleries visitors upload live outside the repository, in the user's data folder.
+
+
+MAX_UPLOADED_GALLERIES = 32  # on disk; the oldest is deleted when a new one would exceed this
+
+
+MAX_LOADED_GALLERIES = 8  # uploaded galleries kept in memory at once (shipped ones always stay)
+
+
+UPLOAD_PREFIX = "upload:"  # gallery ids of uploaded galleries: upload:<session token>/<name>
+
+
+MAX_UPLOAD_FILES = 2000
+
+
+THUMB_SIZE = 256
+
+
+GALLERY_NAME_RE = re.compile(r"[^a-z0-9_-]+")
+
+
+def _thumb_prefix(gallery_id: str) -> str:
+    return sanitize_gallery_name(gallery_id.replace(UPLOAD_PREFIX, "upload-").replace("/", "_"))
+
+
+def sanitize_gallery_name(name: str) -> str:
+    """User text -> a safe folder name (lowercase letters, digits, '_' and '-')."""
+    s = GALLERY_NAME_RE.sub("_", str(name or "").strip().lower()).strip("_-")
+    return s[:40]
+
+
+def display_name(gallery_id: str) -> str:
+    """How a gallery is named in the page: uploaded ones by the name their builder chose."""
+    if gallery_id and gallery_id.startswith(UPLOAD_PREFIX):
+        return gallery_id.rsplit("/", 1)[-1] + " (yours)"
+    return gallery_id
+
+
+def label_from_filename(filename: str) -> str:
+    """'red_car_03.jpg' -> 'red_car', 'Cat (2).png' -> 'cat': the class of an uploaded image."""
+    stem = Path(filename).stem.lower()
+    stem = re.sub(r"\(\d+\)$", "", stem).strip()
+    stem = re.sub(r"[\s_\-.]*\d+$", "", stem)
+    stem = GALLERY_NAME_RE.sub("_", stem).strip("_-")
+    return stem or "uploaded"
+
+
+@dataclass
+class LoadedGallery:
+    name: str
+    directory: Path
+    gallery: Any  # index.Gallery
+    paths: list[str]  # image paths that exist on this machine
+    thumbs_dir: Path
+    notice: str = ""  # shown in the page (e.g. "rebuilt with the current model")
+    emap: Any = None  # EmbeddingMap, fitted lazily
+    _thumbs: dict = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        return self.gallery.modality
+
+    @property
+    def labels(self) -> list[str]:
+        return self.gallery.labels
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+
+class GalleryStoreError(InputError):
+    """A gallery that cannot be named, found, loaded, re-indexed or built (plain text)."""
+
+
+@dataclass
+class BuildOutcome:
+    ok: bool
+    message: str
+    name: Optional[str] = None
+    report: Any = None  # build.BuildReport
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    gallery: Any = None  # the built Gallery, internal hand-over only
+
+
+class GalleryStore:
+    """Named galleries for one encoder, loaded once and bounded in memory."""
+
+    def __init__(self, encoder: Any, checkpoint: Optional[str], root: PathLike = SHIPPED_GALLERIES, *,
+                 cache: Optional[PathLike] = None, uploads: Optional[PathLike] = None,
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels: int = MAX_UPLOAD_PIXELS,
+                 auto_rebuild: bool = True) -> None:
+        self.encoder, self.checkpoint = encoder, checkpoint
+        self.root = Path(root).resolve()
+        self.cache_dir = Path(cache).resolve() if cache else (cache_dir() / "app").resolve()
+        self.uploads_dir = Path(uploads).resolve() if uploads else (home() / "uploaded-galleries").resolve()
+        self.thumbs_dir = self.cache_dir / "thumbs"  # the only files the app serves from disk
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.max_upload_pixels = int(max_upload_pixels)
+        self.auto_rebuild = auto_rebuild
+        self._lock = threading.RLock()
+        self._build_lock = threading.Lock()
+        self._galleries: dict[str, LoadedGallery] = {}  # shipped galleries, loaded once
+        self._uploaded: LRUCache = LRUCache(MAX_LOADED_GALLERIES)  # visitors' galleries, bounded
+        self._uploaded_lock = threading.Lock()
+
+    @property
+    def encoder_id(self) -> str:
+        return str(self.encoder.encoder_id)
+
+    def list_galleries(self) -> list[str]:
+        """Names of the built galleries under the galleries root (folders holding a
+        gallery.json, at most two levels deep), 'default' first."""
+        names = set()
+        if self.root.is_dir():
+            nested: dict[str, list[str]] = {}
+            for meta in list(self.root.glob(f"*/{GALLERY_FILE}")) + list(self.root.glob(f"*/*/{GALLERY_FILE}")):
+                rel = meta.parent.relative_to(self.root)
+                if any(part.startswith(".") for part in rel.parts) or "images" in rel.parts:
+                    continue
+                if len(rel.parts) == 2 and not (self.root / rel.parts[0] / GALLERY_FILE).is_file():
+                    nested.setdefault(rel.parts[0], []).append(rel.as_posix())
+                else:
+                    names.add(rel.as_posix())
+            for parent, inner in nested.items():
+                # one index inside a folder (galleries/x/index/) is listed as the folder, x
+                names |= {parent} if len(inner) == 1 else set(inner)
+        names |= {n for n in self._galleries}
+        return sorted(names, key=lambda n: (n != "default", n))
+
+    def gallery_dir(self, name: str) -> Path:
+        d = (self.root / name).resolve()
+        if self.root not in d.parents and d != self.root:
+            raise GalleryStoreError(f"“{name}” is not a gallery name.")
+        return d
+
+    def _rebuilt_dir(self, name: str) -> Path:
+        return self.cache_dir / "rebuilt" / sanitize_gallery_name(name.replace("/", "_"))
+
+    def describe(self, name: str, progress: Optional[ProgressFn] = None) -> str:
+        """Load `name` (once) and describe it in one status line. Changes nothing for
+        anyone else: the caller passes the gallery with each search.
+
+        A gallery built with another encoder is rebuilt from its source images when
+        they are available; otherwise a GalleryStoreError says how to rebuild it.
+        """
+        lg = self.get(name, progress=progress)
+        kind = "sketches" if lg.modality == "sketch" else "images"
+        n_cls = len(set(lg.labels))
+        msg = f"Gallery {display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
+        return msg + (f" {lg.notice}" if lg.notice else "")
+
+    def get(self, name: str, progress: Optional[ProgressFn] = None) -> LoadedGallery:
+        """The gallery called `name`, loaded (and re-indexed if needed) once."""
+        if not name:
+            raise GalleryStoreError("No gallery yet: upload some images to build one, or start the app "
+                                    "with --gallery PATH/TO/IMAGES.")
+        if name.startswith(UPLOAD_PREFIX):
+            return self._get_uploaded(name, progress)
+        lg = self._galleries.get(name)
+        if lg is not None:
+            return lg
+        with self._lock:
+            lg = self._galleries.get(name)
+            if lg is None:
+                lg = self._load_gallery(name, progress)
+                self._galleries[name] = lg
+            return lg
+
+    def _get_uploaded(self, gid: str, progress: Optional[ProgressFn]) -> LoadedGallery:
+        with self._uploaded_lock:
+            lg = self._uploaded.get(gid)
+        if lg is not None:
+            return lg
+        d = self._upload_dir(gid)
+        try:
+            g = Gallery.load(d / "index")
+            check_encoder(g, self.encoder)
+        except GalleryError as exc:
+            raise GalleryStoreError(f"No gallery named “{display_name(gid)}”: build it again by uploading its images.") \
+                from exc
+        lg = self._wrap(gid, d / "index", g)
+        with self._uploaded_lock:
+            self._uploaded[gid] = lg
+        return lg
+
+    def _upload_dir(self, gid: str) -> Path:
+        """upload:<32 hex token>/<clean name> -> its folder under the uploads root."""
+        m = re.fullmatch(re.escape(UPLOAD_PREFIX) + r"([0-9a-f]{32})/([a-z0-9_-]{1,40})", gid or "")
+        if not m:
+            raise GalleryStoreError(f"“{display_name(gid)}” is not a gallery name.")
+        return self.uploads_dir / m.group(1) / m.group(2)
+
+    def _load_gallery(self, name: str, progress: Optional[ProgressFn]) -> LoadedGallery:
+        d = self.gallery_dir(name)
+        # A gallery whose sources live inside its own folder is rebuilt into the cache
+        # (a rebuild swaps the whole gallery folder, which must never take the images along).
+        cached = self._rebuilt_dir(name)
+
+        def cached_copy() -> Optional[LoadedGallery]:
+            """An earlier re-index in the cache, if it fits the current model."""
+            if (cached / GALLERY_FILE).is_file():
+                try:
+                    g = Gallery.load(cached)
+                    check_encoder(g, self.encoder)
+                    return self._wrap(name, cached, g, notice="(re-indexed for the current model)")
+                except GalleryError:
+                    pass
+            return None
+
+        if not (d / GALLERY_FILE).is_file():
+            nested = sorted(p.parent for p in d.glob(f"*/{GALLERY_FILE}") if not p.parent.name.startswith("."))
+            if len(nested) == 1:  # e.g. galleries/default/index/ next to galleries/default/images/
+                d = nested[0]
+        if not (d / GALLERY_FILE).is_file():
+            images = d / "images"
+            if (lg := cached_copy()) is not None:
+                return lg
+            if images.is_dir() and self.auto_rebuild:
+                # Images shipped without an index: index them once into the cache.
+                return self._rebuild(name, images, cached, "photo", progress,
+                                     why="it has images but no index yet")
+            raise GalleryStoreError(f"No gallery named “{name}” (no {GALLERY_FILE} in {d}). "
+                               "Build one by uploading images, or with "
+                               f"`python -m sbir_core index PHOTO_DIR --out {d}`.")
+        try:
+            g = Gallery.load(d)
+        except GalleryError as exc:
+            raise GalleryStoreError(f"Gallery “{name}” cannot be loaded: {exc}") from exc
+        try:
+            check_encoder(g, self.encoder)
+        except StaleGalleryError as exc:
+            if (lg := cached_copy()) is not None:
+                return lg
+            src = self._source_dir(d, g)
+            if src is None or not self.auto_rebuild:
+                raise GalleryStoreError(
+                    f"Gallery “{name}” was built with another model ({g.encoder_id}) and its source images "
+                    f"are not available to re-index it. {exc}") from exc
+            inside = d == src or d in src.parents
+            out = cached if inside else d
+            return self._rebuild(name, src, out, g.modality, progress,
+                                 why=f"it was built with {g.encoder_id}, the app runs {self.encoder_id}")
+        return self._wrap(name, d, g)
+
+    @staticmethod
+    def _source_dir(d: Path, g: Any) -> Optional[Path]:
+        src = Path(g.source_dir) if g.source_dir else None
+        if src is not None and src.is_dir():
+            return src.resolve()
+        if (d / "images").is_dir():
+            return (d / "images").resolve()
+        return None
+
+    def _rebuild(self, name: str, src: Path, out: Path, modality: str, progress: Optional[ProgressFn],
+                 why: str) -> LoadedGallery:
+        log.warning("indexing gallery %s from %s into %s (%s)", name, src, out, why)
+        if progress:
+            progress(0.0, f"Indexing gallery {name} ({why})…")
+        t0 = time.perf_counter()
+        try:
+            with self._build_lock:
+                g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
+                                          progress=True)
+        except (GalleryError, FileNotFoundError, ValueError) as exc:
+            raise GalleryStoreError(f"Gallery “{name}” could not be re-indexed: {exc}") from exc
+        notice = (f"(indexed for the current model in {time.perf_counter() - t0:.0f} s because {why}"
+                  + (f"; {len(report.skipped)} unreadable files skipped" if report.skipped else "") + ")")
+        return self._wrap(name, out, g, notice=notice)
+
+    def _wrap(self, name: str, d: Path, g: Any, notice: str = "") -> LoadedGallery:
+        # Item paths are stored relative to the source folder; if the gallery was built
+        # elsewhere (another checkout), fall back to the images next to it.
+        paths = list(g.paths)
+        if paths and not Path(paths[0]).is_file() and (d / "images").is_dir():
+            alt = [str(d / "images" / it["path"]) for it in g.items]
+            if Path(alt[0]).is_file():
+                paths = alt
+        sig = hashlib.sha1(f"{d}|{g.encoder_id}|{g.meta.get('updated')}|{len(g)}".encode()).hexdigest()[:10]
+        thumbs = self.thumbs_dir / f"{_thumb_prefix(name)}-{sig}"
+        return LoadedGallery(name=name, directory=d, gallery=g, paths=paths, thumbs_dir=thumbs, notice=notice)
+
+    def info(self, name: Optional[str] = None) -> dict[str, Any]:
+        lg = self.get(name)
+        return {"name": lg.name, "count": len(lg), "modality": lg.modality, "classes": sorted(set(lg.labels)),
+                "encoder": lg.gallery.encoder_id, "directory": str(lg.directory)}
+
+    def thumbnail(self, lg: LoadedGallery, row: int) -> str:
+        """A small JPEG of gallery row `row` (made once, then reused)."""
+        t = lg._thumbs.get(row)
+        if t is not None:
+            return t
+        src = lg.paths[row]
+        out = lg.thumbs_dir / f"{row}.jpg"
+        if not out.is_file():
+            try:
+                im = load_image(src)
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                white.alpha_composite(rgba)
+                im = white.convert("RGB")
+                im.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+                lg.thumbs_dir.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                im.save(tmp, "JPEG", quality=88)
+                os.replace(tmp, out)
+            except Exception as exc:  # missing/corrupt source: a grey tile, never the source path
+                log.warning("no thumbnail for %s: %s", src, exc)
+                lg.thumbs_dir.mkdir(parents=True, exist_ok=True)
+                missing = lg.thumbs_dir / "missing.png"
+                if not missing.is_file():
+                    Image.new("RGB", (64, 64), (225, 225, 225)).save(missing)
+                return str(missing)
+        lg._thumbs[row] = str(out)
+        return str(out)
+
+    def build_from_uploads(self, files: Optional[Iterable[Any]], name: str, owner: str,
+                           progress: Optional[ProgressFn] = None, modality: str = "photo") -> BuildOutcome:
+        """Uploaded image files -> a gallery only its builder can name (`upload:<owner>/<name>`,
+        `owner` being a 32-hex-digit session token). The class of an image is its file
+        name without the number (cat_01.jpg -> cat). Every usable file is kept: identical
+        files are stored once, different files with the same name are renamed; the
+        outcome reports both, and every file that was skipped and why."""
+        files = [f for f in (files or []) if f is not None]
+        clean = sanitize_gallery_name(name)
+        if not clean:
+            return BuildOutcome(False, "Give the new gallery a name (letters, digits, _ or -).")
+        if not re.fullmatch(r"[0-9a-f]{32}", owner or ""):
+            return BuildOutcome(False, "This page session has expired; reload the page and upload again.")
+        if not files:
+            return BuildOutcome(False, "Choose some images to upload first.")
+        if len(files) > MAX_UPLOAD_FILES:
+            return BuildOutcome(False, f"Too many files ({len(files)}); the limit is {MAX_UPLOAD_FILES}.")
+        gid = f"{UPLOAD_PREFIX}{owner}/{clean}"
+        folder = self._upload_dir(gid)
+        src = folder / "images"
+        shutil.rmtree(src, ignore_errors=True)  # a rebuild under the same name starts afresh
+        skipped: list[tuple[str, str]] = []
+        notes: list[str] = []
+        seen: dict[str, str] = {}  # content hash -> stored relative path
+        copied = 0
+        for n, f in enumerate(files):
+            path = Path(f["path"] if isinstance(f, dict) else getattr(f, "name", f))
+            orig = Path(f.get("orig_name") or path.name) if isinstance(f, dict) else path
+            if progress:
+                progress(0.1 * n / len(files), f"Checking {orig.name}")
+            try:
+                check_upload(path, self.max_upload_bytes, self.max_upload_pixels)
+            except InputError as exc:
+                skipped.append((orig.name, str(exc)))
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in seen:
+                notes.append(f"{orig.name} is identical to {seen[digest]} (kept once)")
+                continue
+            label = label_from_filename(orig.name)
+            stem = GALLERY_NAME_RE.sub("_", orig.stem.lower()).strip("_") or "image"
+            suffix = path.suffix.lower() if path.suffix else ".png"
+            dest = src / label / f"{stem}{suffix}"
+            k = 2
+            while dest.exists():
+                dest = src / label / f"{stem}-{k}{suffix}"
+                k += 1
+            if k > 2:
+                notes.append(f"{orig.name} was renamed {dest.name} (another file had its name)")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            seen[digest] = f"{label}/{dest.name}"
+            copied += 1
+        if not copied:
+            return BuildOutcome(False, "None of the uploaded files could be used: "
+                                + "; ".join(f"{n}: {why}" for n, why in skipped[:5]), skipped=skipped)
+        outcome = self._index_folder(src, folder / "index", gid, progress, modality)
+        outcome.skipped = skipped + outcome.skipped
+        if outcome.ok:
+            with self._uploaded_lock:
+                self._uploaded[gid] = self._wrap(gid, folder / "index", outcome.gallery)
+            outcome.gallery = None
+            self._evict_uploads(keep=folder)
+            if notes:
+                outcome.message += f"\n\nKept all {copied} distinct file(s): " + "; ".join(notes[:10]) + (
+                    " …" if len(notes) > 10 else "")
+            if skipped:
+                outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
+                    f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
+        return outcome
+
+    def _evict_uploads(self, keep: Path) -> None:
+        """Keep at most MAX_UPLOADED_GALLERIES uploaded galleries on disk (oldest go first)."""
+        homes = sorted((p for p in self.uploads_dir.glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for old in homes[: max(0, len(homes) - MAX_UPLOADED_GALLERIES)]:
+            if old != keep:
+                gid = f"{UPLOAD_PREFIX}{old.parent.name}/{old.name}"
+                with self._uploaded_lock:
+                    self._uploaded.pop(gid, None)
+                shutil.rmtree(old, ignore_errors=True)
+                for t in self.thumbs_dir.glob(f"{_thumb_prefix(gid)}-*"):
+                    shutil.rmtree(t, ignore_errors=True)
+
+    def _index_folder(self, src: Path, out: Path, name: str, progress: Optional[ProgressFn],
+                      modality: str) -> BuildOutcome:
+        if modality not in ("photo", "sketch"):
+            return BuildOutcome(False, f"A gallery holds photos or sketches, not {modality!r}.")
+        if progress:
+            progress(0.1, f"Indexing {display_name(name)}…")
+        try:
+            with self._build_lock:
+                g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
+                                          progress=True)
+        except (GalleryError, FileNotFoundError, ValueError, OSError) as exc:
+            return BuildOutcome(False, f"The gallery could not be built: {exc}")
+        skipped = [(Path(p).name, why) for p, why in report.skipped]
+        n_cls = len(set(g.labels))
+        msg = (f"Gallery {display_name(name)} is ready: {report.total} "
+               f"{'sketches' if modality == 'sketch' else 'images'} in {n_cls} {'class' if n_cls == 1 else 'classes'}"
+               f" ({report.seconds:.0f} s).")
+        if skipped:
+            msg += f" Skipped {len(skipped)} file(s): " + "; ".join(f"{n} ({why})" for n, why in skipped[:10])
+        out_ = BuildOutcome(True, msg, name, report, skipped)
+        out_.gallery = g
+        return out_
+
+    def build_from_folder(self, folder: PathLike, name: Optional[str] = None,
+                          progress: Optional[ProgressFn] = None, modality: str = "photo") -> BuildOutcome:
+        """The operator's `--gallery PATH`: index a folder (class = first-level subfolder)
+        into galleries/<name>, public to every visitor."""
+        src = Path(folder).expanduser().resolve()
+        if not src.is_dir():
+            return BuildOutcome(False, f"Not a folder: {src}")
+        clean = sanitize_gallery_name(name or src.name)
+        if not clean:
+            return BuildOutcome(False, "Give the gallery a name (letters, digits, _ or -).")
+        out = self.gallery_dir(clean)
+        if out == src or out in src.parents:
+            return BuildOutcome(False, f"The images ({src}) cannot live inside the gallery folder ({out}); "
+                                       "choose another name.")
+        outcome = self._index_folder(src, out, clean, progress, modality)
+        if outcome.ok:
+            with self._lock:
+                self._galleries[clean] = self._wrap(clean, out, outcome.gallery)
+            outcome.gallery = None
+        return outcome
