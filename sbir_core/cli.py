@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sbir_core.errors import SBIRError
 from sbir_core.paths import cache_dir, checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,17 @@ def format_results_table(results: Sequence[Any]) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from sbir_core.gallery.index import GalleryError
     from sbir_core.gallery.build import build_gallery
 
     source = Path(args.photo_dir)
     if not source.is_dir():
         raise CLIError(f"not a folder: {source}")
     encoder = _load_encoder(args.encoder, args.checkpoint)
-    try:
-        _, report = build_gallery(
-            source, args.out, encoder, modality=args.modality, index_type=args.index_type,
-            store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
-            checkpoint=args.checkpoint,
-        )
-    except GalleryError as exc:
-        raise CLIError(str(exc)) from exc
+    _, report = build_gallery(
+        source, args.out, encoder, modality=args.modality, index_type=args.index_type,
+        store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
+        checkpoint=args.checkpoint,
+    )
     print(format_build_report(report))
     return 0
 
@@ -109,20 +106,69 @@ def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional
     return name, ckpt  # a checkpoint names its own backbone
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from sbir_core.gallery.index import Gallery, GalleryError
-    from sbir_core.gallery.identity import check_encoder
-    from sbir_core.gallery.query import encode_query
+def _gallery_roots(extra: Optional[str] = None) -> list[Path]:
+    """Where named galleries live: --galleries, the checkout's galleries/, $SBIR_HOME/galleries."""
+    from sbir_core.paths import SHIPPED_GALLERIES, galleries_dir
 
-    try:
-        gallery = Gallery.load(args.gallery, ef_search=args.ef_search, nprobe=args.nprobe)
-        name, ckpt = _search_encoder_spec(gallery, args.encoder, args.checkpoint)
+    return [Path(r) for r in ([extra] if extra else []) + [str(SHIPPED_GALLERIES), str(galleries_dir())]]
+
+
+def _open_gallery(arg: str, encoder_name: Optional[str], checkpoint: Optional[str], roots: Optional[str] = None,
+                  ef_search: Optional[int] = None, nprobe: Optional[int] = None) -> tuple[Any, Any, str]:
+    """--gallery as a folder (queried with the encoder that built it) or as a name (as the
+    app opens it: with the shipped model unless --checkpoint says otherwise, re-indexed
+    into the cache if it was built with another model). -> (gallery, encoder, checkpoint)."""
+    from sbir_core.gallery.identity import check_encoder
+    from sbir_core.gallery.index import GALLERY_FILE, Gallery
+
+    folder = Path(arg)
+    if folder.is_dir():
+        nested = sorted(folder.glob(f"*/{GALLERY_FILE}"))
+        if not (folder / GALLERY_FILE).is_file() and len(nested) == 1:  # galleries/x/index/ beside x/images/
+            folder = nested[0].parent
+        gallery = Gallery.load(folder, ef_search=ef_search, nprobe=nprobe)
+        name, ckpt = _search_encoder_spec(gallery, encoder_name, checkpoint)
         encoder = _load_encoder(name, ckpt)
         check_encoder(gallery, encoder, checkpoint=ckpt)
-        query = encode_query(encoder, sketch=args.sketch, photo=args.photo, text=args.text)
-    except GalleryError as exc:
-        raise CLIError(str(exc)) from exc
-    results = gallery.search(query, args.k)
+        return gallery, encoder, ckpt
+    from sbir_core.gallery.store import GalleryStore
+
+    ckpt = checkpoint or "default"
+    encoder = _load_encoder(encoder_name, ckpt)
+    known = []
+    for root in _gallery_roots(roots):
+        store = GalleryStore(encoder, ckpt, root)
+        names = store.list_galleries()
+        known += names
+        if arg in names:
+            gallery = store.get(arg).gallery
+            gallery.set_search_params(ef_search=ef_search, nprobe=nprobe)
+            return gallery, encoder, ckpt
+    raise CLIError(f"no gallery folder or name {arg!r}; named galleries: {', '.join(sorted(set(known))) or 'none'} "
+                   "(see `gallery list`)")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from sbir_core.data.drawing import load_stroke_file
+    from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
+
+    gallery, encoder, _ = _open_gallery(args.gallery, args.encoder, args.checkpoint, args.galleries,
+                                        args.ef_search, args.nprobe)
+    sketch = load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch
+    if args.rerank and sketch is None:
+        raise CLIError("--rerank re-ranks sketch queries (--sketch or --strokes)")
+    if sketch is not None and (args.rerank or args.brush is not None):
+        from sbir_core.data.images import load_image
+
+        sq = encode_sketch_query(encoder, load_image(sketch) if isinstance(sketch, str) else sketch, brush=args.brush)
+        if args.rerank:
+            from sbir_core.models.relation import load_relation
+
+            results = search_reranked(gallery, load_relation(), sq, args.k)
+        else:
+            results = gallery.search(sq.embedding, args.k)
+    else:
+        results = gallery.search(encode_query(encoder, sketch=sketch, photo=args.photo, text=args.text), args.k)
     if args.json:
         print(json.dumps([{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results], indent=2))
     else:
@@ -154,12 +200,21 @@ def _add_index(sub: Any) -> None:
         "search", help="search a gallery with a sketch, a photo or text",
         description="Query a gallery; the encoder defaults to the one the gallery was built with.",
     )
-    s.add_argument("--gallery", required=True, metavar="GALLERY_DIR")
+    s.add_argument("--gallery", required=True, metavar="DIR|NAME",
+                   help="a gallery folder, or a gallery's name (see `gallery list`), as the app names it")
+    s.add_argument("--galleries", default=None, metavar="DIR", help="also look for named galleries here")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--sketch", metavar="IMAGE", help="sketch image (dark ink on light, or transparent canvas)")
+    q.add_argument("--strokes", metavar="FILE", help="strokes: the page's JSON ({\"strokes\": [[[x, y], ...], ...]}) "
+                                                      "or QuickDraw .ndjson (see --line)")
     q.add_argument("--photo", metavar="IMAGE", help="photo query")
     q.add_argument("--text", metavar="TEXT", help='text query, e.g. "a cat" (needs a checkpoint with a text head)')
     s.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--line", type=int, default=0, help="--strokes .ndjson: which drawing (0-based, default 0)")
+    s.add_argument("--brush", type=float, default=None, metavar="PX",
+                   help="the brush width the strokes were drawn with on a 384 px canvas (as the page sends it)")
+    s.add_argument("--rerank", action="store_true",
+                   help="re-rank the top candidates with the relation network (sketch queries; needs token grids)")
     s.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score", "label"}')
     s.add_argument("--encoder", default=None, metavar="NAME", help="override the gallery's backbone")
     s.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
@@ -390,6 +445,7 @@ def _explain_encoder(checkpoint: str) -> Any:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from sbir_core.data.drawing import load_stroke_file
     from sbir_core.explain.correspondence import explain_pair, load_relation
     from sbir_core.models.relation import DEFAULT_RELATION
 
@@ -399,10 +455,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     elif args.relation != "none":
         relation = load_relation(args.relation)
     enc = _explain_encoder(args.checkpoint)
-    try:
-        ex = explain_pair(enc, args.sketch, args.photo, relation=relation)
-    except (OSError, SyntaxError) as exc:  # unreadable image
-        raise CLIError(f"cannot read an input image: {exc}") from exc
+    if args.query_photo:
+        query, kind = args.query_photo, "photo"
+    else:
+        query, kind = (load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch), "sketch"
+    ex = explain_pair(enc, query, args.photo, relation=relation, query_kind=kind)
     paths = ex.save(args.out)
     score = f", relation score {ex.relation_score:.3f}" if ex.relation_score is not None else ""
     print(f"{len(ex.matches)} matches ({int(ex.mutual.sum())} mutual){score}")
@@ -412,47 +469,34 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
-    from sbir_core.explain.embedding_map import EmbeddingMap, fit_map
-    from sbir_core.gallery.index import Gallery, GalleryError
-    from sbir_core.gallery.identity import check_encoder
+    from sbir_core.data.drawing import load_stroke_file
+    from sbir_core.explain.embedding_map import gallery_map
     from sbir_core.gallery.query import encode_query
 
-    try:
-        gallery = Gallery.load(args.gallery)
-    except GalleryError as exc:
-        raise CLIError(str(exc)) from exc
-    root = Path(args.gallery)
-    if EmbeddingMap.exists(root):
-        m = EmbeddingMap.load(root)
-        if len(m) != len(gallery):
-            log.info("stored map has %d points, gallery %d: refitting", len(m), len(gallery))
-            m = None
-    else:
-        m = None
-    if m is None:
-        m = fit_map(gallery.raw_embeddings, gallery.labels if any(gallery.labels) else None)
-        if args.save_map:
-            m.save(root)
+    gallery, enc, _ = _open_gallery(args.gallery, None, args.checkpoint, args.galleries)
+    m = gallery_map(gallery)  # the one map pipeline (the app's): stored with the gallery once fitted
     query_xy = highlight = None
-    if args.sketch:
-        name, ckpt = _search_encoder_spec(gallery, None, None)
-        enc = _load_encoder(name, ckpt)
-        check_encoder(gallery, enc, checkpoint=ckpt)
-        q = encode_query(enc, sketch=args.sketch)
+    sketch = load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch
+    if sketch is not None:
+        q = encode_query(enc, sketch=sketch)
         query_xy = m.place(q[None])[0]
         highlight = [r.index for r in gallery.search(q, args.k)]  # ranked as `search` and the app rank
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    m.render(query_xy=query_xy, highlight=highlight, title=f"{root.name}: {len(m)} images",
-             thumbnails=gallery.paths).save(out)
+    title = f"{Path(gallery.root).name if gallery.root else 'gallery'}: {len(m)} images"
+    m.render(query_xy=query_xy, highlight=highlight, title=title, thumbnails=gallery.paths).save(out)
     print(out)
     return 0
 
 
 def _add_explain(sub: Any) -> None:
     p = sub.add_parser("explain", help="explain a sketch-photo match: correspondences, heatmap, synthesis")
-    p.add_argument("--sketch", required=True, help="sketch image")
-    p.add_argument("--photo", required=True, help="photo image")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--sketch", help="the query drawing (an image)")
+    q.add_argument("--strokes", metavar="FILE", help="the query drawing as strokes (.json or QuickDraw .ndjson)")
+    q.add_argument("--query-photo", metavar="IMAGE", help="a photo query (explained through its outline)")
+    p.add_argument("--line", type=int, default=0, help="--strokes .ndjson: which drawing (0-based)")
+    p.add_argument("--photo", required=True, help="the result to explain (an image)")
     p.add_argument("--out", required=True, help="folder for correspondences.png, heatmap.png, synthesis.png")
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
                    help="encoder checkpoint (the tokens come from its backbone; default: the shipped one, "
@@ -462,23 +506,25 @@ def _add_explain(sub: Any) -> None:
     p.set_defaults(func=_cmd_explain)
 
     t = sub.add_parser("tsne", help="draw a gallery's t-SNE map (optionally with a sketch placed in it)")
-    t.add_argument("--gallery", required=True, help="gallery folder (python -m sbir_core index ...)")
-    t.add_argument("--sketch", default=None, help="sketch to place on the map (its top results are ringed)")
+    t.add_argument("--gallery", required=True, metavar="DIR|NAME", help="gallery folder or name")
+    t.add_argument("--galleries", default=None, metavar="DIR", help="also look for named galleries here")
+    t.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
+                   help="model for a named gallery (default: the shipped one)")
+    tq = t.add_mutually_exclusive_group()
+    tq.add_argument("--sketch", default=None, help="sketch to place on the map (its top results are framed)")
+    tq.add_argument("--strokes", metavar="FILE", help="the same, as strokes (.json or QuickDraw .ndjson)")
+    t.add_argument("--line", type=int, default=0, help="--strokes .ndjson: which drawing (0-based)")
     t.add_argument("--out", required=True, help="output PNG")
     t.add_argument("--k", type=int, default=10, help="results to highlight with --sketch")
-    t.add_argument("--save-map", action="store_true", help="store the fitted map in the gallery folder")
     t.set_defaults(func=_cmd_tsne)
 
 
 # ----------------------------------------------------------------------------- gallery download
 def _cmd_gallery_download(args: argparse.Namespace) -> int:
-    from sbir_core.data.download import DownloadError, fetch_dataset
+    from sbir_core.data.download import fetch_dataset
 
-    try:
-        counts = fetch_dataset(args.name, args.out, url=args.url, md5=args.md5, sha256=args.sha256,
-                               keep_archive=args.keep_archive)
-    except DownloadError as exc:
-        raise CLIError(str(exc)) from exc
+    counts = fetch_dataset(args.name, args.out, url=args.url, md5=args.md5, sha256=args.sha256,
+                           keep_archive=args.keep_archive)
     out = args.out or Path("galleries") / args.name / "images"
     print(f"{args.name}: {len(counts)} classes, {sum(counts.values())} images in {out}")
     return 0
@@ -503,6 +549,60 @@ def _add_gallery(sub: Any) -> None:
     p.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive after extracting")
     p.set_defaults(func=_cmd_gallery_download)
 
+    ls = actions.add_parser("list", help="list the named galleries (what `search --gallery NAME` and the app open)")
+    ls.add_argument("--galleries", default=None, metavar="DIR", help="also list the galleries here")
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    ls.set_defaults(func=_cmd_gallery_list)
+
+
+def _cmd_gallery_list(args: argparse.Namespace) -> int:
+    """Reads only each gallery's gallery.json: no model is loaded."""
+    from sbir_core.gallery.index import GALLERY_FILE
+    from sbir_core.gallery.store import list_gallery_names
+
+    rows, seen = [], set()
+    for root in _gallery_roots(args.galleries):
+        for name in list_gallery_names(root):
+            if name in seen:  # the first root holding a name is the one `search --gallery NAME` opens
+                continue
+            seen.add(name)
+            d = root / name
+            meta_file = d / GALLERY_FILE if (d / GALLERY_FILE).is_file() else next(d.glob(f"*/{GALLERY_FILE}"), None)
+            meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file else {}
+            items = meta.get("items", [])
+            rows.append({"name": name, "folder": str(d), "count": len(items), "modality": meta.get("modality", "?"),
+                         "classes": len({it.get("label") for it in items}), "encoder": meta.get("encoder_id", "?")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no named galleries (build one with `index PHOTO_DIR --out GALLERIES_DIR/NAME`)")
+    else:
+        for r in rows:
+            print(f"{r['name']:<20} {r['count']:>6} {r['modality']}s  {r['classes']:>4} classes  {r['folder']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Start the browser app (app.py of the source checkout; `serve -- --help` lists its options)."""
+    import runpy
+
+    from sbir_core.paths import PACKAGE_DIR
+
+    app = PACKAGE_DIR.parent / "app.py"
+    if not app.is_file():
+        raise CLIError(f"the browser app (app.py) is not next to this installation ({app}); run it from a source "
+                       "checkout: python app.py")
+    module = runpy.run_path(str(app), run_name="sbir_app")
+    return int(module["main"]([a for a in args.app_args if a != "--"]) or 0)
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="start the browser app (the page you draw on)",
+                       description="Start the Gradio app; arguments after -- go to it (e.g. -- --port 7861).")
+    p.add_argument("app_args", nargs=argparse.REMAINDER, help="options of app.py (see: serve -- --help)")
+    p.set_defaults(func=_cmd_serve)
+
 
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
@@ -513,35 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     # In the order they appear in --help.
-    for add in (_add_index, _add_eval, _add_train, _add_finetune, _add_relation, _add_explain, _add_gallery):
+    for add in (_add_index, _add_eval, _add_train, _add_finetune, _add_relation, _add_explain, _add_gallery,
+                _add_serve):
         add(sub)
     return parser
 
 
-# Library errors that mean "bad input or environment", not a bug: (module, class name).
-# All but WeightLoadError are ValueError subclasses today; naming them keeps them
-# reported as one line even if that changes.
-_LIBRARY_ERRORS = (
-    ("sbir_core.gallery.index", "GalleryError"),
-    ("sbir_core.data.datasets", "UnknownSplitError"),
-    ("sbir_core.data.preprocess", "BlankSketchError"),
-    ("sbir_core.models.encoders", "WeightLoadError"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions reported as one `error:` line with exit code 2.
-
-    ValueError stays: the library's input checks raise it with a clear message.
-    Library classes are looked up only in modules already imported (a module that was
-    never loaded cannot have raised), so reporting an error never imports torch.
-    """
-    errors: list[type[BaseException]] = [CLIError, FileNotFoundError, ValueError]
-    for module, name in _LIBRARY_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            errors.append(cls)
-    return tuple(errors)
+# Exit codes: 0 done, 2 a problem the user can fix (one `error:` line), anything else a
+# bug (Python's traceback, exit code 1).
+EXIT_USER_ERROR = 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -553,9 +633,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        # Known failure modes (bad path, wrong split, stale gallery...) get one line.
+    except (SBIRError, CLIError, FileNotFoundError) as exc:
+        # The library's own errors (bad input, missing or stale gallery, wrong split ...)
+        # and missing files; a ValueError or KeyError from anywhere else is a bug and keeps
+        # its traceback.
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

@@ -25,15 +25,15 @@ from PIL import Image
 
 from sbir_core.data.drawing import canvas_image, compact_sketch, input_fingerprint
 from sbir_core.data.images import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
-from sbir_core.data.preprocess import BlankSketchError, photo_to_edges, preprocess_photo
+from sbir_core.data.preprocess import BlankSketchError, preprocess_photo
 from sbir_core.errors import InputError, SBIRError
 from sbir_core.explain.correspondence import explain_pair
 from sbir_core.explain.embedding_map import gallery_map
 from sbir_core.gallery.identity import checkpoint_spec
-from sbir_core.gallery.query import encode_query, encode_sketch_query
+from sbir_core.gallery.query import SketchQuery, encode_query, encode_sketch_query, search_reranked
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
-from sbir_core.models.relation import DEFAULT_RELATION, DEFAULT_TOPK, ink_cells, load_relation, rerank
+from sbir_core.models.relation import DEFAULT_RELATION, load_relation
 from sbir_core.paths import SHIPPED_GALLERIES
 
 log = logging.getLogger(__name__)
@@ -317,16 +317,10 @@ class RetrievalService:
         return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
                     score=h.score, label=h.label) for r, h in enumerate(res)]
 
-    def _rerank_hits(self, lg: LoadedGallery, q: np.ndarray, query_tokens: Any, ink: Any, k: int) -> list[Hit]:
-        g = lg.gallery
-        cands = g.search(q, max(DEFAULT_TOPK, k))
-        idx = np.array([c.index for c in cands])
-        order = np.argsort(idx)
-        toks = np.asarray(g.tokens[idx[order]], dtype=np.float32)[np.argsort(order)]
-        scores = rerank(self.relation, query_tokens, ink, toks, np.array([c.score for c in cands]))
-        best = np.argsort(-scores, kind="stable")[:k]
-        return [Hit(rank=r, index=int(idx[j]), path=lg.paths[int(idx[j])], thumb=self.thumbnail(lg, int(idx[j])),
-                    score=float(scores[j]), label=cands[j].label) for r, j in enumerate(best)]
+    def _rerank_hits(self, lg: LoadedGallery, sq: SketchQuery, k: int) -> list[Hit]:
+        res = search_reranked(lg.gallery, self.relation, sq, clamp_k(k))
+        return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
+                    score=h.score, label=h.label) for r, h in enumerate(res)]
 
     def search_sketch(self, canvas_value: Any, k: int = DEFAULT_K, gallery: Optional[str] = None,
                       rerank: bool = False, brush: Optional[float] = None) -> SearchOutcome:
@@ -343,11 +337,11 @@ class RetrievalService:
             if cached is None:
                 cached = encode_sketch_query(self.encoder, img, brush=brush)  # BlankSketchError when empty
                 self._queries.put(key, cached)
-            emb, sk, tokens = cached.embedding, cached.model_input, cached.tokens
+            emb, sk = cached.embedding, cached.model_input
             use_rerank = rerank and self.relation is not None and lg.gallery.tokens is not None \
                 and lg.modality == "photo"
             if use_rerank:
-                hits = self._rerank_hits(lg, emb, tokens, ink_cells(sk, lg.gallery.grid).reshape(-1), k)
+                hits = self._rerank_hits(lg, cached, k)
             else:
                 hits = self._hits(lg, emb, k)
         except BlankSketchError:
@@ -484,10 +478,7 @@ class RetrievalService:
         if cached is not None:
             return cached
         try:
-            sketch = query.image
-            if query.kind == "photo":
-                sketch = photo_to_edges(query.image, self.encoder.image_size)  # the photo's outline
-            ex = explain_pair(self.encoder, sketch, hit.path, relation=self.relation)
+            ex = explain_pair(self.encoder, query.image, hit.path, relation=self.relation, query_kind=query.kind)
             label = hit.label.replace("_", " ") or "this image"
             score = f", relation score {ex.relation_score:.2f}" if ex.relation_score is not None else ""
             msg = (f"Result {i + 1}: **{label}** (similarity {hit.score:.2f}{score}). "

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sbir_core.errors import SBIRError
+from sbir_core.errors import InputError, SBIRError
 from typing import IO, Iterator
 
 from tqdm import tqdm
@@ -93,7 +93,7 @@ def _check_hex(value: str | None, algorithm: str) -> str | None:
     value = value.strip().lower()
     length = {"md5": 32, "sha256": 64}[algorithm]
     if not re.fullmatch(rf"[0-9a-f]{{{length}}}", value):
-        raise ValueError(f"--{algorithm} must be {length} hex digits, got {value!r}")
+        raise InputError(f"--{algorithm} must be {length} hex digits, got {value!r}")
     return value
 
 

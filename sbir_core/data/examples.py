@@ -17,6 +17,7 @@ from typing import Optional
 
 from PIL import Image
 
+from sbir_core.errors import InputError
 from sbir_core.data.preprocess import render_strokes
 
 from sbir_core.paths import EXAMPLES_DIR  # noqa: E402
@@ -49,10 +50,10 @@ class ExampleSketch:
 def _load(path: Path) -> ExampleSketch:
     data = json.loads(path.read_text())
     if data.get("format", "points") != "points":
-        raise ValueError(f"{path}: only the 'points' stroke format is supported")
+        raise InputError(f"{path}: only the 'points' stroke format is supported")
     strokes = tuple(tuple((float(x), float(y)) for x, y in stroke) for stroke in data["strokes"] if stroke)
     if not strokes:
-        raise ValueError(f"{path}: no strokes")
+        raise InputError(f"{path}: no strokes")
     canvas = tuple(int(v) for v in data.get("canvas", (256, 256)))
     return ExampleSketch(name=path.stem, label=str(data.get("label", path.stem)), strokes=strokes, canvas=canvas)
 

@@ -56,7 +56,7 @@ def normalize_strokes(strokes: Strokes) -> list[np.ndarray]:
         if arr.shape[0] == 2 and not (arr.shape[1] == 2 and isinstance(stroke[0], tuple)):
             arr = arr.T
         if arr.shape[1] != 2:
-            raise ValueError(f"a stroke must be [[xs],[ys]] or [(x, y), ...], got shape {arr.shape}")
+            raise InputError(f"a stroke must be [[xs],[ys]] or [(x, y), ...], got shape {arr.shape}")
         out.append(arr)
     return out
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sbir_core.errors import InputError
 from sbir_core.data.datasets import Item, benchmark, training_items
 from sbir_core.models.encoders import SBIREncoder
 from sbir_core.eval.features import extract_features
@@ -60,7 +61,7 @@ def evaluate(
 
     `diffusion` applies the gallery diffusion the checkpoint prescribes (as searches do)."""
     if not queries or not gallery:
-        raise ValueError(f"nothing to evaluate: {len(queries)} queries, {len(gallery)} gallery items")
+        raise InputError(f"nothing to evaluate: {len(queries)} queries, {len(gallery)} gallery items")
     q, qok = embed_items(encoder, queries, queries[0].modality, cache_dir)
     g, gok = embed_items(encoder, gallery, gallery[0].modality, cache_dir)
     if not qok.all() or not gok.all():

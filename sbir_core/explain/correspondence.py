@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from sbir_core.data.images import ImageTooLargeError, load_image
+from sbir_core.errors import InputError
 from sbir_core.models.relation import RelationModel, ink_cells
 from sbir_core.models.relation import load_relation as _load_relation
 
@@ -1032,17 +1034,26 @@ def _open_image(x: Any, what: str) -> Any:
         p = Path(x)
         if not p.is_file():
             raise FileNotFoundError(f"{what} not found: {p}")
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
+        try:
+            return load_image(p)
+        except ImageTooLargeError:
+            raise
+        except Exception as exc:  # PIL raises many types for files that are not images
+            raise InputError(f"cannot read the {what} {p}: {exc}") from exc
     return x
 
 
-def prepare_pair(encoder, sketch: Any, photo: Any) -> tuple[Image.Image, Image.Image]:
-    """User inputs -> the preprocessed (sketch, photo) model inputs as PIL images."""
-    from sbir_core.data.preprocess import preprocess_photo, preprocess_sketch
+def prepare_pair(encoder, query: Any, photo: Any, query_kind: str = "sketch") -> tuple[Image.Image, Image.Image]:
+    """User inputs -> the preprocessed (query outline, photo) model inputs as PIL images.
+    A photo query is compared through its outline (its edge map), as a drawing would be."""
+    from sbir_core.data.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
 
-    sk = preprocess_sketch(_open_image(sketch, "sketch"), encoder.image_size)
+    if query_kind not in ("sketch", "photo"):
+        raise InputError(f"a query to explain is a sketch or a photo, not {query_kind!r}")
+    q = _open_image(query, query_kind)
+    if query_kind == "photo":
+        q = photo_to_edges(q, encoder.image_size)
+    sk = preprocess_sketch(q, encoder.image_size)
     ph = preprocess_photo(_open_image(photo, "photo"), encoder.image_size)
     return sk, ph
 
@@ -1068,12 +1079,13 @@ def explain_images(encoder, sketch_image: Image.Image, photo_image: Image.Image,
 
 
 def explain_pair(encoder, sketch: Any, photo: Any, relation: Optional[RelationModel] = None,
-                 **kwargs: Any) -> Explanation:
-    """Explain why `photo` matches `sketch`.
+                 query_kind: str = "sketch", **kwargs: Any) -> Explanation:
+    """Explain why `photo` matches the query `sketch`.
 
-    sketch: image, path or stroke list (preprocessed like a query); photo: image or
-    path. relation: a RelationModel (its cross-attended similarity is mixed in and its
-    score reported), or None. Extra kwargs go to `explain_tokens`.
+    sketch: image, path or stroke list (preprocessed like a query), or a photo when
+    query_kind="photo" (explained through its outline); photo: image or path.
+    relation: a RelationModel (its cross-attended similarity is mixed in and its score
+    reported), or None. Extra kwargs go to `explain_tokens`.
     """
-    sk, ph = prepare_pair(encoder, sketch, photo)
+    sk, ph = prepare_pair(encoder, sketch, photo, query_kind)
     return explain_images(encoder, sk, ph, relation=relation, **kwargs)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from sbir_core.errors import InputError
 from sbir_core.data.datasets import image_folder
 from sbir_core.data.images import load_image
 from sbir_core.gallery.identity import _encoder_name, _normalize_checkpoint_arg, checkpoint_spec, encoder_probe
@@ -175,11 +176,11 @@ def build_gallery(
     """
     t0 = time.perf_counter()
     if modality not in GALLERY_MODALITIES:
-        raise ValueError(f"gallery modality must be one of {', '.join(GALLERY_MODALITIES)}, not {modality!r}")
+        raise InputError(f"gallery modality must be one of {', '.join(GALLERY_MODALITIES)}, not {modality!r}")
     if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
+        raise InputError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise InputError("batch_size must be at least 1")
     source = Path(source_dir).resolve()
     out = Path(out_dir).resolve()
     if not source.is_dir():

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from sbir_core.errors import SBIRError
+from sbir_core.errors import InputError, SBIRError
 from sbir_core.gallery.diffusion import diffuse_gallery, expand_queries
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def build_index(
     so the vectors are not held twice.
     """
     if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
+        raise InputError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, d = x.shape
     if index_type == "flat":
@@ -389,14 +389,14 @@ class Gallery:
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"query vectors have shape {tuple(np.shape(queries))}, the gallery's dimension is "
                 f"{self.embeddings.shape[1]}: were they embedded with the gallery's encoder?"
             )
         if not np.isfinite(q).all():
-            raise ValueError("query vectors contain NaN or infinity")
+            raise InputError("query vectors contain NaN or infinity")
         if int(k) < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InputError(f"k must be at least 1, got {k}")
         return _normalize_rows(q)  # cosine scores whatever the caller passed
 
     def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -75,3 +75,23 @@ def _query_image(path: PathLike) -> Image.Image:
         return load_image(path)
     except Exception as exc:  # PIL raises many types for bad files
         raise InputError(f"cannot read query image {path}: {exc}") from exc
+
+
+def search_reranked(gallery: Any, relation: Any, query: SketchQuery, k: int = 10) -> list:
+    """The top k of a sketch search, re-ranked by the relation network (ZSE-SBIR): the
+    embedding's top max(k, DEFAULT_TOPK) candidates are re-scored from their token grids
+    (the gallery must store tokens) and the first k returned as `SearchResult`s."""
+    from sbir_core.gallery.index import SearchResult
+    from sbir_core.models.relation import DEFAULT_TOPK, ink_cells, rerank
+
+    if gallery.tokens is None:
+        raise InputError("re-ranking needs a gallery built with token grids (index without --no-tokens)")
+    cands = gallery.search(query.embedding, max(DEFAULT_TOPK, k))
+    idx = np.array([c.index for c in cands])
+    order = np.argsort(idx)  # read the memory-mapped tokens in file order
+    toks = np.asarray(gallery.tokens[idx[order]], dtype=np.float32)[np.argsort(order)]
+    ink = ink_cells(query.model_input, gallery.grid).reshape(-1)
+    scores = rerank(relation, query.tokens, ink, toks, np.array([c.score for c in cands]))
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [SearchResult(index=int(idx[j]), path=cands[j].path, score=float(scores[j]), label=cands[j].label)
+            for j in best]

@@ -111,6 +111,27 @@ class LoadedGallery:
         return len(self.gallery)
 
 
+def list_gallery_names(root: PathLike) -> list[str]:
+    """Names of the built galleries under `root`: folders holding a gallery.json, at most
+    two levels deep (one index inside a folder, galleries/x/index/, is named x); 'default'
+    first. Reads the file system only."""
+    root = Path(root)
+    names: set[str] = set()
+    if root.is_dir():
+        nested: dict[str, list[str]] = {}
+        for meta in list(root.glob(f"*/{GALLERY_FILE}")) + list(root.glob(f"*/*/{GALLERY_FILE}")):
+            rel = meta.parent.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or "images" in rel.parts:
+                continue
+            if len(rel.parts) == 2 and not (root / rel.parts[0] / GALLERY_FILE).is_file():
+                nested.setdefault(rel.parts[0], []).append(rel.as_posix())
+            else:
+                names.add(rel.as_posix())
+        for parent, inner in nested.items():
+            names |= {parent} if len(inner) == 1 else set(inner)
+    return sorted(names, key=lambda n: (n != "default", n))
+
+
 class GalleryStoreError(InputError):
     """A gallery that cannot be named, found, loaded, re-indexed or built (plain text)."""
 
@@ -151,23 +172,9 @@ class GalleryStore:
         return str(self.encoder.encoder_id)
 
     def list_galleries(self) -> list[str]:
-        """Names of the built galleries under the galleries root (folders holding a
-        gallery.json, at most two levels deep), 'default' first."""
-        names = set()
-        if self.root.is_dir():
-            nested: dict[str, list[str]] = {}
-            for meta in list(self.root.glob(f"*/{GALLERY_FILE}")) + list(self.root.glob(f"*/*/{GALLERY_FILE}")):
-                rel = meta.parent.relative_to(self.root)
-                if any(part.startswith(".") for part in rel.parts) or "images" in rel.parts:
-                    continue
-                if len(rel.parts) == 2 and not (self.root / rel.parts[0] / GALLERY_FILE).is_file():
-                    nested.setdefault(rel.parts[0], []).append(rel.as_posix())
-                else:
-                    names.add(rel.as_posix())
-            for parent, inner in nested.items():
-                # one index inside a folder (galleries/x/index/) is listed as the folder, x
-                names |= {parent} if len(inner) == 1 else set(inner)
-        names |= {n for n in self._galleries}
+        """Names of the built galleries under the root (see `list_gallery_names`), plus
+        those built in this process; 'default' first."""
+        names = set(list_gallery_names(self.root)) | set(self._galleries)
         return sorted(names, key=lambda n: (n != "default", n))
 
     def gallery_dir(self, name: str) -> Path:

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sbir_core.errors import InputError
 from sbir_core.models.heads import build_head
 
 FORMAT_VERSION = 1
@@ -28,7 +29,7 @@ def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[st
     """Atomically write `head`, optionally a fine-tuned `backbone` (fp16), and `meta`
     (JSON-able; must name 'encoder')."""
     if "encoder" not in meta:
-        raise ValueError("checkpoint metadata must name the backbone ('encoder')")
+        raise InputError("checkpoint metadata must name the backbone ('encoder')")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "format_version": FORMAT_VERSION, "head_type": getattr(head, "kind", "sbir_head"),
@@ -48,7 +49,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("sbir")
     if raw is None:
-        raise ValueError(f"{path} is not an sbir_core checkpoint (no 'sbir' metadata)")
+        raise InputError(f"{path} is not an sbir_core checkpoint (no 'sbir' metadata)")
     return json.loads(raw)
 
 
@@ -63,7 +64,7 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[torch.nn.Module, dict[str, 
     except (OSError, json.JSONDecodeError, Exception) as exc:  # safetensors raises its own types
         if isinstance(exc, ValueError) and "sbir_core" in str(exc):
             raise
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
     bb = {k[len(BACKBONE_PREFIX):]: v.float() if v.is_floating_point() else v
           for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}

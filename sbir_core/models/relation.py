@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from sbir_core.errors import InputError
 from sbir_core.paths import checkpoint_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ def read_relation_metadata(path: Union[str, Path]) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
     if raw is None:
-        raise ValueError(f"{path} is not a relation model (no '{METADATA_KEY}' metadata)")
+        raise InputError(f"{path} is not a relation model (no '{METADATA_KEY}' metadata)")
     return json.loads(raw)
 
 
@@ -356,9 +357,9 @@ def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
         )
     meta = read_relation_metadata(path)
     if meta.get("kind") != RelationModel.kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a relation model")
+        raise InputError(f"{path} holds a {meta.get('kind')!r}, not a relation model")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has relation format {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+        raise InputError(f"{path} has relation format {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
     model = RelationModel(**meta["config"])
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}

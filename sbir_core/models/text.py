@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from sbir_core.errors import InputError
+
 PROMPTS = ("a photo of a {}", "a drawing of a {}", "a sketch of a {}", "{}")
 
 
@@ -40,12 +42,12 @@ def text_features(texts: Sequence[str], source: str, backbone=None) -> torch.Ten
     """Raw text features from `source` ('minilm' or 'clip'), before any trained head."""
     if source == "clip":
         if backbone is None or backbone.text_features(["x"]) is None:
-            raise ValueError("this checkpoint uses CLIP's text tower but the backbone is not open_clip")
+            raise InputError("this checkpoint uses CLIP's text tower but the backbone is not open_clip")
         with torch.inference_mode():
             return torch.nn.functional.normalize(backbone.text_features(texts).float(), dim=-1)
     if source == "minilm":
         return minilm_features(texts)
-    raise ValueError(f"unknown text source {source!r}")
+    raise InputError(f"unknown text source {source!r}")
 
 
 def class_text_features(names: Sequence[str], source: str = "minilm", backbone=None) -> torch.Tensor:
