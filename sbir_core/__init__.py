@@ -28,7 +28,7 @@ _EXPORTS = {
     "build_gallery": "sbir_core.gallery.build",
     "encode_query": "sbir_core.gallery.query",
     "explain_pair": "sbir_core.explain.correspondence",
-    "Explanation": "sbir_core.explain.correspondence",
+    "Explanation": "sbir_core.explain.explanation",
     "gallery_map": "sbir_core.explain.embedding_map",
     "preprocess_sketch": "sbir_core.data.preprocess",
     "BlankSketchError": "sbir_core.data.preprocess",

@@ -446,7 +446,8 @@ def _explain_encoder(checkpoint: str) -> Any:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from sbir_core.data.drawing import load_stroke_file
-    from sbir_core.explain.correspondence import explain_pair, load_relation
+    from sbir_core.explain.correspondence import explain_pair
+    from sbir_core.models.relation import load_relation
     from sbir_core.models.relation import DEFAULT_RELATION
 
     relation = None

@@ -210,16 +210,16 @@ def other_edges(photo, size: int, rng: np.random.Generator) -> Image.Image:
     fit-and-pad geometry as `preprocess_photo`."""
     import cv2
 
-    from sbir_core.data.preprocess import _fit_photo, _pad_square
+    from sbir_core.data.preprocess import fit_photo, pad_square
 
-    g = cv2.GaussianBlur(np.asarray(_fit_photo(photo, size).convert("L")), (0, 0), 2.0)
+    g = cv2.GaussianBlur(np.asarray(fit_photo(photo, size).convert("L")), (0, 0), 2.0)
     med = float(np.median(g))
     e = cv2.Canny(g, int(0.5 * med), int(1.5 * med) or 100)
     n, lab, stats, _ = cv2.connectedComponentsWithStats((e > 0).astype(np.uint8), connectivity=8)
     keep = np.zeros(n, bool)
     keep[1:] = (stats[1:, cv2.CC_STAT_AREA] >= 25) & (rng.random(n - 1) > 0.25)
     e = cv2.dilate((keep[lab] * 255).astype(np.uint8), np.ones((3, 3), np.uint8))
-    return _pad_square(Image.fromarray(255 - e).convert("RGB"), size)
+    return pad_square(Image.fromarray(255 - e).convert("RGB"), size)
 
 
 def make_pair(photo, size: int, rng: np.random.Generator, hard: bool = False):
@@ -244,6 +244,7 @@ def make_pair(photo, size: int, rng: np.random.Generator, hard: bool = False):
 def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=None) -> list[dict]:
     """One record per usable pair: truth, ink, line candidates (no threshold), the
     method's similarity and assignment, and the plain token similarity."""
+    from sbir_core.explain import appearance as A
     from sbir_core.explain import correspondence as E
     from sbir_core.models.relation import ink_cells
 
@@ -257,7 +258,7 @@ def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=
         except Exception:  # an unreadable file: skip it, like indexing does
             continue
         sk, ph, M, params = make_pair(photo, size, rng, hard)
-        feats = E.encode_pair_features(encoder, sk, ph)
+        feats = A.encode_pair_features(encoder, sk, ph)
         grid = feats.grid
         ink = ink_cells(sk, grid).reshape(-1)
         truth = true_cells(M, grid, sk.size)
@@ -266,7 +267,7 @@ def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=
         ex = E.explain_tokens(sk, ph, feats.sketch[0], feats.photo[0], grid, sketch_ink=ink, features=feats,
                               relation=relation, min_strength=float("-inf"))
         # The plain baseline: cosine of the encoder's own tokens (mean-centred, as always).
-        plain = E.pair_similarity([feats.sketch[0]], [feats.photo[0]], None, ink, E.content_cells(ph, grid))
+        plain = A.pair_similarity([feats.sketch[0]], [feats.photo[0]], None, ink, A.content_cells(ph, grid))
         records.append({"key": item.key, "grid": tuple(grid), "truth": truth, "ink": ink, "params": params,
                         "candidates": list(ex.candidates), "similarity": ex.similarity, "plain": plain,
                         "assignment": ex.assignment})
@@ -319,6 +320,7 @@ def score(records: Sequence[dict], threshold: float) -> dict:
 
 
 def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=None) -> dict:
+    from sbir_core.explain import appearance as A
     from sbir_core.explain import correspondence as E
 
     t0 = time.perf_counter()
@@ -360,7 +362,7 @@ def main(argv=None) -> int:
     import torch
 
     from sbir_core.models.encoders import create_encoder
-    from sbir_core.explain.correspondence import load_relation
+    from sbir_core.models.relation import load_relation
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sbir_core.explain import correspondence as E  # noqa: E402
+from sbir_core.data.images import load_image  # noqa: E402
 from sbir_core.models import relation as R  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
 
@@ -78,12 +79,12 @@ def main(argv=None) -> int:
 
     enc = create_encoder(checkpoint="none")
     if args.sketch and args.photo:
-        sketch, photo = E._open_image(args.sketch, "sketch"), E._open_image(args.photo, "photo")
+        sketch, photo = load_image(args.sketch), load_image(args.photo)
     else:
         sketch, photo = synthetic_pair()
     rel_path = Path(args.relation) if args.relation else R.DEFAULT_RELATION
     if rel_path.is_file():
-        relation, rel_name = E.load_relation(rel_path), str(rel_path)
+        relation, rel_name = R.load_relation(rel_path), str(rel_path)
     else:
         relation, rel_name = R.RelationModel(enc.backbone.token_dim, grid=(14, 14)).eval(), "untrained (same cost)"
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from sbir_core.explain import correspondence as E
 from sbir_core.models import relation as R
 from sbir_core.training import relation as RT
+from sbir_core.explain import explanation as EXP
 from sbir_core.data.preprocess import preprocess_sketch
 
 torch.set_num_threads(1)
@@ -270,7 +271,7 @@ def test_rerank_only_touches_the_top_k(model) -> None:
 def test_relation_save_load_round_trip(model, tmp_path) -> None:
     model.alpha.fill_(0.3)
     path = R.save_relation(tmp_path / "rel.safetensors", model, {"encoder": "test", "val_mAP_all": 0.5})
-    loaded = E.load_relation(path)
+    loaded = R.load_relation(path)
     assert loaded.config == model.config
     assert float(loaded.alpha) == pytest.approx(0.3)
     assert loaded.meta["encoder"] == "test" and loaded.meta["val_mAP_all"] == 0.5
@@ -278,7 +279,7 @@ def test_relation_save_load_round_trip(model, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(s, p), model(s, p))
     with pytest.raises(FileNotFoundError, match="train-relation"):
-        E.load_relation(tmp_path / "missing.safetensors")
+        R.load_relation(tmp_path / "missing.safetensors")
 
 
 def test_evaluate_rerank_reports_both(model) -> None:
@@ -464,7 +465,7 @@ def test_legend_text_is_large_and_below_the_images(pair_explanation, scale) -> N
     assert len(rows), "the legend has text"
     # Glyphs from ascender to descender ("weak", "strong", "matching parts") span at
     # least MIN_TEXT_PX pixels at the rendered resolution.
-    assert rows.max() - rows.min() + 1 >= E.MIN_TEXT_PX >= 13
+    assert rows.max() - rows.min() + 1 >= EXP.MIN_TEXT_PX >= 13
     # ... and on the page, which shows the correspondences 360 px tall, at scale 2 still >= 13 px.
     if scale == 2:
         assert (rows.max() - rows.min() + 1) * 360 / img.height >= 13

@@ -201,7 +201,7 @@ def _stroke_width(on: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- photos
-def _fit_photo(photo: Union[Image.Image, np.ndarray], size: int) -> Image.Image:
+def fit_photo(photo: Union[Image.Image, np.ndarray], size: int) -> Image.Image:
     """RGB (alpha composited on white), longer side resized to `size`."""
     if isinstance(photo, np.ndarray):
         photo = Image.fromarray(photo)
@@ -215,7 +215,7 @@ def _fit_photo(photo: Union[Image.Image, np.ndarray], size: int) -> Image.Image:
     return photo.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
 
 
-def _pad_square(img: Image.Image, size: int) -> Image.Image:
+def pad_square(img: Image.Image, size: int) -> Image.Image:
     out = Image.new("RGB", (size, size), (255, 255, 255))
     out.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
     return out
@@ -226,7 +226,7 @@ def preprocess_photo(photo: Union[Image.Image, np.ndarray], size: int = 224) -> 
 
     Padding (rather than a centre crop) keeps the whole object, as a sketch does.
     """
-    return _pad_square(_fit_photo(photo, size), size)
+    return pad_square(fit_photo(photo, size), size)
 
 
 def edges_as_sketch(photo: Union[Image.Image, np.ndarray], size: int = 224) -> Image.Image:
@@ -248,7 +248,7 @@ def photo_to_edges(photo: Union[Image.Image, np.ndarray], size: int = 224) -> Im
     """
     import cv2  # only needed on the photo-edge path
 
-    img = np.asarray(_fit_photo(photo, size).convert("L"))
+    img = np.asarray(fit_photo(photo, size).convert("L"))
     img = cv2.GaussianBlur(img, (5, 5), 1.2)
     med = float(np.median(img))
     lo, hi = int(max(0, 0.66 * med)), int(min(255, 1.33 * med))
@@ -256,4 +256,4 @@ def photo_to_edges(photo: Union[Image.Image, np.ndarray], size: int = 224) -> Im
         lo, hi = 50, 150
     edges = cv2.Canny(img, lo, hi)
     edges = cv2.dilate(edges, np.ones((2, 2), np.uint8))
-    return _pad_square(Image.fromarray(255 - edges).convert("RGB"), size)
+    return pad_square(Image.fromarray(255 - edges).convert("RGB"), size)

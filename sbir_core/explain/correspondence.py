@@ -38,30 +38,30 @@ a known random affine map, so every line can be checked):
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sbir_core.data.images import ImageTooLargeError, load_image
 from sbir_core.errors import InputError
+from sbir_core.explain.appearance import (EDGE_WEIGHT, RELATION_WEIGHT, PairFeatures, cell_xy, _centered_cosine,
+                                          content_cells, encode_pair_features, pair_similarity, photo_edge_view,
+                                          photo_structure)
+from sbir_core.explain.explanation import Explanation
 from sbir_core.models.relation import RelationModel, ink_cells
-from sbir_core.models.relation import load_relation as _load_relation
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 MIN_MATCHES = 8  # match_cells' fill-up when too few mutual matches remain
 MAX_MATCHES = 30
-CMAP = "turbo"
 # Line strength (appearance only: how many standard deviations a cell's match stands
 # above that cell's similarity to every photo cell) below which no line is drawn.
 # Calibrated with `python scripts/bench_correspondence.py --data ../shared/data` (shipped
@@ -73,486 +73,26 @@ CMAP = "turbo"
 # Re-run it when the shipped encoder changes: it prints its calibrated value next to
 # this one ("threshold_calibrated").
 MATCH_THRESHOLD = 3.24
-EDGE_WEIGHT = 0.5  # share of the photo's edge-map view in the appearance similarity
-RELATION_WEIGHT = 0.25  # share of the relation model's similarity when one is given
 BACKGROUND_WEIGHT = 0.15  # appearance penalty for a photo cell without any outline
-STRUCTURE_FULL = 0.06  # outline-pixel fraction at which a photo cell counts as full outline
-STRUCTURE_GRADIENT = 60.0  # colour gradient (Sobel, 0-255 images) of an outline pixel: a step of ~15 levels
-SYNTHESIS_MIN_SCALE = 0.5  # synthesis: photo patches enlarged at most 2x (and never shrunk)
-SYNTHESIS_EDGE = 1.25  # synthesis: opacity fades with patch coverage x this (clipped) past the ink
-SYNTHESIS_STROKE = 0.6  # synthesis: strokes widened to this many cells, so the texture shows
-SKETCH_SCALES = (1.0, 0.6, 0.36)  # drawing sizes tried against the photo (object scale search)
 LINE_WEIGHT = 1.5  # placement score: weight of the drawing-to-outline (chamfer) distance
 DRAW_RADIUS = 1.5  # a line's photo end must lie this close (cells) to the placement's
-LEGEND_HEIGHT = 34  # legend strip under the correspondences at scale <= 2 (pixels)
-MIN_TEXT_PX = 13  # no rendered label is smaller (pixel height of its glyphs)
-
-
-def load_relation(path: Optional[PathLike] = None) -> RelationModel:
-    """The trained relation model (default `checkpoints/relation.safetensors`).
-
-    Raises FileNotFoundError with how to train one when the file is missing.
-    """
-    return _load_relation(path)
-
-
-@functools.lru_cache(maxsize=16)
-def label_font(px: int) -> ImageFont.ImageFont:
-    """A TrueType sans-serif font `px` pixels in size (DejaVu Sans: the system's or
-    matplotlib's copy), else Pillow's scalable default."""
-    import matplotlib
-
-    for cand in ("DejaVuSans.ttf", os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf",
-                                                "DejaVuSans.ttf")):
-        try:
-            return ImageFont.truetype(cand, px)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=px)
 
 
 # ----------------------------------------------------------------------------- the result
-@dataclass
-class Explanation:
-    """Raw arrays of one sketch-photo explanation (cells are row-major over `grid`)."""
-
-    sketch_image: Image.Image  # the preprocessed sketch the encoder saw
-    photo_image: Image.Image  # the preprocessed photo the encoder saw
-    grid: tuple[int, int]  # (h, w) token cells
-    image_size: tuple[int, int]  # (width, height) of both images in pixels
-    similarity: np.ndarray  # (Ns, Np) float32 appearance similarity (no placement, no background penalty)
-    sketch_ink: np.ndarray  # (Ns,) bool: sketch cells with ink
-    matches: list[tuple[int, int, float]]  # drawn lines (sketch cell, photo cell, strength), strongest first
-    heatmap: np.ndarray  # (h, w) float32 in [0, 1]: photo regions the sketch matched
-    assignment: np.ndarray  # (Ns,) int: best photo cell per inked sketch cell, -1 for blank cells
-    relation_score: Optional[float] = None  # P(same class) from the relation model, if given
-    relation_logit: Optional[float] = None
-    token_source: str = "backbone"  # "backbone" or "relation" (relation similarity mixed in)
-    mutual: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per match: mutual NN?
-    transform: Optional[dict] = None  # fitted sketch->photo placement (cells), None if none found
-    candidates: list = field(default_factory=list)  # every line candidate before the threshold
-    threshold: float = MATCH_THRESHOLD  # strength threshold the drawn lines passed
-
-    # ---- geometry
-    @property
-    def cell_size(self) -> tuple[float, float]:
-        """(width, height) of one cell in pixels; cell_size * grid == image size."""
-        return self.image_size[0] / self.grid[1], self.image_size[1] / self.grid[0]
-
-    def cell_box(self, cell: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) pixel box of a cell (row-major index)."""
-        h, w = self.grid
-        r, c = divmod(int(cell), w)
-        xs = np.linspace(0, self.image_size[0], w + 1).round().astype(int)
-        ys = np.linspace(0, self.image_size[1], h + 1).round().astype(int)
-        return int(xs[c]), int(ys[r]), int(xs[c + 1]), int(ys[r + 1])
-
-    def cell_center(self, cell: int) -> tuple[float, float]:
-        r, c = divmod(int(cell), self.grid[1])
-        cw, ch = self.cell_size
-        return (c + 0.5) * cw, (r + 0.5) * ch
-
-    # ---- rendering
-    @staticmethod
-    def legend_height(scale: int = 2) -> int:
-        """Height of the legend strip under `render_correspondences(scale)`."""
-        return LEGEND_HEIGHT if scale <= 2 else int(round(LEGEND_HEIGHT * scale / 2))
-
-    def render_correspondences(self, scale: int = 2, max_lines: Optional[int] = None, gap: int = 16,
-                               legend: bool = True) -> Image.Image:
-        """Sketch (left) and photo (right) side by side, matched cell centres joined by
-        lines coloured by appearance strength (legend strip below, no text over the
-        images). Size: (2*W*scale + gap, H*scale + legend_height(scale) if legend else H*scale)."""
-        import matplotlib
-
-        cmap = matplotlib.colormaps[CMAP]
-        W, H = self.image_size
-        sw, sh = W * scale, H * scale
-        bar = self.legend_height(scale) if legend else 0
-        canvas = Image.new("RGB", (2 * sw + gap, sh + bar), (255, 255, 255))
-        sk = self.sketch_image.convert("RGB").resize((sw, sh), Image.Resampling.BICUBIC)
-        canvas.paste(sk, (0, 0))
-        canvas.paste(self.photo_image.convert("RGB").resize((sw, sh), Image.Resampling.BICUBIC), (sw + gap, 0))
-        draw = ImageDraw.Draw(canvas)
-        ms = self.matches[:max_lines] if max_lines else self.matches
-        lo, hi = self._strength_range()
-        lw = max(2, scale + 1)
-        r = 2 * scale + 1
-        # Weakest first so the strongest lines are drawn on top; a white halo keeps
-        # them visible over dark photos.
-        for s, p, v in sorted(ms, key=lambda m: m[2]):
-            col = self._colour(cmap, v, lo, hi)
-            xs, ys = self.cell_center(s)
-            xp, yp = self.cell_center(p)
-            a = (xs * scale, ys * scale)
-            b = (xp * scale + sw + gap, yp * scale)
-            draw.line([a, b], fill=(255, 255, 255), width=lw + 2)
-            draw.line([a, b], fill=col, width=lw)
-            for x, y in (a, b):
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=col, outline=(0, 0, 0), width=max(1, scale // 2))
-        if legend:
-            self._draw_legend(canvas, draw, cmap, sh, bar)
-        return canvas
-
-    def _strength_range(self) -> tuple[float, float]:
-        """Colour scale of the lines: from the threshold (weakest drawable) to a fixed
-        span above it, so colours mean the same in every explanation."""
-        lo = float(self.threshold) if np.isfinite(self.threshold) else 0.0
-        return lo, lo + 2.5
-
-    @staticmethod
-    def _colour(cmap, v: float, lo: float, hi: float) -> tuple[int, int, int]:
-        t = (v - lo) / (hi - lo) if hi > lo else 1.0
-        return tuple(int(255 * x) for x in cmap(0.15 + 0.85 * float(np.clip(t, 0, 1)))[:3])
-
-    def _draw_legend(self, canvas: Image.Image, draw: ImageDraw.ImageDraw, cmap, y0: int, height: int) -> None:
-        """One row under the images: "weak [colour bar] strong   N matching parts ...",
-        the largest font (>= MIN_TEXT_PX) that fits the width."""
-        W = canvas.width
-        n = len(self.matches)
-        if n:
-            long = f"{n} matching part{'s' if n != 1 else ''} · colour: how alike they look"
-            short = f"{n} matching part{'s' if n != 1 else ''}"
-        else:
-            long = short = "no confident matching parts"
-        pad, gap = 8, 10
-        px = max(MIN_TEXT_PX, int(round(0.62 * height)))
-        while True:
-            font = label_font(px)
-            tw = lambda s: draw.textlength(s, font=font)  # noqa: E731
-            bar_w = max(60, int(0.22 * W))
-            for summary in (long, short):
-                need = (tw("weak") + tw("strong") + bar_w + 2 * gap if n else 0) + tw(summary) + 2 * pad + 2 * gap
-                if need <= W:
-                    break
-            else:
-                summary = None
-            if summary is not None or px <= MIN_TEXT_PX:
-                break
-            px -= 1
-        cy = y0 + height / 2
-        x = pad
-        if n:
-            draw.text((x, cy), "weak", fill=(0, 0, 0), font=font, anchor="lm")
-            x += tw("weak") + gap
-            bh = max(8, int(0.4 * height))
-            grad = np.linspace(0.15, 1.0, bar_w)
-            rgb = (np.array([cmap(g)[:3] for g in grad]) * 255).astype(np.uint8)
-            canvas.paste(Image.fromarray(np.repeat(rgb[None], bh, axis=0)), (int(x), int(cy - bh / 2)))
-            x += bar_w + gap
-            draw.text((x, cy), "strong", fill=(0, 0, 0), font=font, anchor="lm")
-            x += tw("strong") + 2 * gap
-        if summary is not None:
-            sx = max(x, W - pad - tw(summary)) if n else (W - tw(summary)) / 2
-            draw.text((sx, cy), summary, fill=(40, 40, 40), font=font, anchor="lm")
-
-    def render_heatmap(self, alpha: float = 0.55, scale: int = 2) -> Image.Image:
-        """The photo with a translucent heatmap of the regions the sketch matched
-        (size: W*scale x H*scale)."""
-        import matplotlib
-
-        W, H = self.image_size
-        photo = self.photo_image.convert("RGB").resize((W * scale, H * scale), Image.Resampling.BICUBIC)
-        hm = Image.fromarray((np.clip(self.heatmap, 0, 1) * 255).astype(np.uint8))
-        hm = np.asarray(hm.resize(photo.size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        rgb = matplotlib.colormaps["jet"](hm)[..., :3]
-        a = (alpha * np.clip(hm * 1.2, 0.15, 1.0))[..., None]
-        base = np.asarray(photo, dtype=np.float32) / 255.0
-        # Unmatched regions greyed a little so the matched ones stand out.
-        grey = base.mean(-1, keepdims=True) * 0.5 + base * 0.5
-        out = (1 - a) * grey + a * rgb
-        return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8))
-
-    def synthesis_field(self, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The photo texture each inked sketch cell matched, blended: every inked cell
-        pastes the photo patch around its assigned cell, two cells wide, with a raised-
-        cosine (Hann) weight centred on the sketch cell; overlapping weights of a full
-        neighbourhood sum to one, so neighbouring patches cross-fade instead of meeting
-        at hard block edges. Each patch is read through the placement's scale, rotation
-        and mirroring (a drawing placed small on the photo shows that region enlarged,
-        not the same small patch over and over). Returns ((H, W, 3) float RGB in
-        [0, 255], (H, W) coverage weight) at `scale`."""
-        import cv2
-
-        W, H = self.image_size[0] * scale, self.image_size[1] * scale
-        photo = np.asarray(self.photo_image.convert("RGB").resize((W, H), Image.Resampling.BICUBIC), np.float32)
-        cw, ch = self.cell_size[0] * scale, self.cell_size[1] * scale
-        acc = np.zeros((H, W, 3), np.float32)
-        wsum = np.zeros((H, W), np.float32)
-        t = self.transform or {}
-        lin = complex(*t["a"]) if "a" in t else 1 + 0j  # sketch -> photo, in cells
-        # At most 2x enlarged: a drawing placed very small on the photo would otherwise
-        # show a few photo pixels blown up to a blur.
-        lin = lin / abs(lin) * float(np.clip(abs(lin), SYNTHESIS_MIN_SCALE, 1.0)) if abs(lin) > 0 else 1 + 0j
-        flip = -1.0 if t.get("mirrored") else 1.0
-        for s in np.flatnonzero(self.sketch_ink):
-            p = int(self.assignment[s])
-            if p < 0:
-                continue
-            sx, sy = self.cell_center(s)
-            px, py = self.cell_center(p)
-            sx, sy, px, py = sx * scale, sy * scale, px * scale, py * scale
-            xs = np.arange(max(int(np.floor(sx - cw)), 0), min(int(np.ceil(sx + cw)), W))
-            ys = np.arange(max(int(np.floor(sy - ch)), 0), min(int(np.ceil(sy + ch)), H))
-            if not len(xs) or not len(ys):
-                continue
-            dx, dy = xs + 0.5 - sx, ys + 0.5 - sy
-            wx = np.where(np.abs(dx) < cw, np.cos(np.pi * dx / (2 * cw)) ** 2, 0.0)
-            wy = np.where(np.abs(dy) < ch, np.cos(np.pi * dy / (2 * ch)) ** 2, 0.0)
-            wgt = (wy[:, None] * wx[None, :]).astype(np.float32)
-            off = lin * (flip * dx[None, :] / cw + 1j * dy[:, None] / ch)  # offsets in photo cells
-            map_x = (px + off.real * cw - 0.5).astype(np.float32)
-            map_y = (py + off.imag * ch - 0.5).astype(np.float32)
-            patch = cv2.remap(photo, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            acc[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] += wgt[..., None] * patch
-            wsum[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] += wgt
-        field_ = np.where(wsum[..., None] > 1e-6, acc / np.maximum(wsum, 1e-6)[..., None], 255.0)
-        return field_, wsum
-
-    def render_synthesis(self, scale: int = 2) -> Image.Image:
-        """The drawing redrawn with the photo's texture: its strokes, widened to about
-        0.6 of a cell with soft edges, painted with the blended photo patches their cells
-        matched (`synthesis_field`); white elsewhere, and always white in cells with no
-        inked neighbour (size W*scale x H*scale)."""
-        import cv2
-
-        from sbir_core.data.preprocess import INK_THRESHOLD, ink_mask
-
-        field_, cover = self.synthesis_field(scale)
-        H, W = cover.shape
-        ink = cv2.resize(ink_mask(self.sketch_image), (W, H), interpolation=cv2.INTER_LINEAR) > INK_THRESHOLD
-        cell = min(self.cell_size) * scale
-        k = max(3, int(round(SYNTHESIS_STROKE * cell)) | 1)
-        brush = cv2.dilate(ink.astype(np.float32), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-        brush = cv2.GaussianBlur(brush, (0, 0), max(0.8, 0.12 * cell))
-        alpha = (np.clip(brush, 0, 1) * np.clip(SYNTHESIS_EDGE * cover, 0.0, 1.0))[..., None]
-        out = 255.0 * (1 - alpha) + field_ * alpha
-        return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
-
-    def save(self, directory: PathLike) -> dict[str, Path]:
-        """Write correspondences.png, heatmap.png, synthesis.png (+ explanation.json)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = {"correspondences": d / "correspondences.png", "heatmap": d / "heatmap.png",
-                 "synthesis": d / "synthesis.png"}
-        self.render_correspondences().save(paths["correspondences"])
-        self.render_heatmap().save(paths["heatmap"])
-        self.render_synthesis().save(paths["synthesis"])
-        paths["json"] = d / "explanation.json"
-        paths["json"].write_text(json.dumps(self.to_dict()), encoding="utf-8")
-        return paths
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary for the app (no images, no similarity matrix)."""
-        return {
-            "grid": list(self.grid),
-            "image_size": list(self.image_size),
-            "cell_size": list(self.cell_size),
-            "token_source": self.token_source,
-            "relation_score": self.relation_score,
-            "threshold": self.threshold,
-            "placement": None if self.transform is None else {
-                k: self.transform[k] for k in ("scale", "angle", "mirrored", "inlier_cells")},
-            "matches": [{"sketch_cell": int(s), "photo_cell": int(p), "strength": round(float(v), 4),
-                         "sketch_xy": [round(c, 1) for c in self.cell_center(s)],
-                         "photo_xy": [round(c, 1) for c in self.cell_center(p)]} for s, p, v in self.matches],
-            "heatmap": np.round(self.heatmap, 3).tolist(),
-            "sketch_ink": np.asarray(self.sketch_ink, bool).reshape(self.grid).astype(int).tolist(),
-            "assignment": [int(a) for a in self.assignment],
-        }
 
 
 # ----------------------------------------------------------------------------- features
-@dataclass
-class PairFeatures:
-    """Token levels of one preprocessed sketch/photo pair (see `encode_pair_features`).
-
-    Each list holds (N, C) tensors on the same (h, w) grid: the backbone's token level
-    first (what `encode_pair_tokens` returns), then coarser levels resampled to the
-    grid. `photo_edges` are the tokens of the photo's own edge map (`photo_edge_view`),
-    the photo seen in the sketch domain; `edge_image` is that edge map.
-    `sketch_scaled[s]` are the tokens of the drawing shrunk by s (centred on white), read
-    back at each original cell's shrunk position: what a sketch cell looks like when the
-    object is s times smaller in the photo (CNN tokens are not scale invariant)."""
-
-    sketch: list
-    photo: list
-    photo_edges: Optional[list]
-    grid: tuple[int, int]
-    edge_image: Optional[Image.Image] = None
-    sketch_scaled: dict = field(default_factory=dict)
-
-
-def _token_levels(encoder, x: torch.Tensor) -> tuple[list, tuple[int, int]]:
-    """[(B, N, C) tokens per level], grid: the backbone's token block and, for
-    EfficientNet-Lite backbones, the next (coarser, stride 32) block upsampled to the
-    same grid. Other backbones give their one token level."""
-    bb = encoder.backbone
-    net, tb = getattr(bb, "net", None), getattr(bb, "TOKEN_BLOCK", None)
-    if net is None or tb is None or not hasattr(net, "blocks"):
-        f = encoder.backbone_features(x)
-        return [f.tokens], (int(f.grid[0]), int(f.grid[1]))
-    h = (x - encoder._mean) / encoder._std
-    h = net.bn1(net.conv_stem(h.contiguous(memory_format=torch.channels_last)))
-    maps = []
-    for i, blk in enumerate(net.blocks):
-        h = blk(h)
-        maps.append(h)
-        if i >= tb + 1:
-            break
-    grid = (int(maps[tb].shape[2]), int(maps[tb].shape[3]))
-    levels = [maps[tb]]
-    if len(maps) > tb + 1:
-        levels.append(F.interpolate(maps[tb + 1], size=grid, mode="bilinear", align_corners=False))
-    return [m.flatten(2).transpose(1, 2).contiguous() for m in levels], grid
-
-
-def photo_edge_view(photo_image: Image.Image) -> Image.Image:
-    """The preprocessed photo's edge map (black on white, same geometry): the edges
-    `preprocess.photo_to_edges` draws, computed inside the photo's area only, so the
-    white padding around a non-square photo draws no frame."""
-    import cv2
-
-    rgb = np.asarray(photo_image.convert("RGB"))
-    g = np.asarray(photo_image.convert("L"))
-    pad = (rgb >= 254).all(-1)
-    rows, cols = np.flatnonzero(~pad.all(1)), np.flatnonzero(~pad.all(0))
-    out = np.full(g.shape, 255, np.uint8)
-    if len(rows) == 0 or len(cols) == 0:
-        return Image.fromarray(out).convert("RGB")
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = cv2.GaussianBlur(np.ascontiguousarray(g[y0:y1, x0:x1]), (5, 5), 1.2)
-    med = float(np.median(crop))
-    lo, hi = int(max(0, 0.66 * med)), int(min(255, 1.33 * med))
-    if hi <= lo:
-        lo, hi = 50, 150
-    edges = cv2.dilate(cv2.Canny(crop, lo, hi), np.ones((2, 2), np.uint8))
-    out[y0:y1, x0:x1] = 255 - edges
-    return Image.fromarray(out).convert("RGB")
-
-
-def shrink_sketch(sketch_image: Image.Image, factor: float) -> Image.Image:
-    """The drawing shrunk by `factor` about the image centre, on white."""
-    W, H = sketch_image.size
-    w, h = max(1, int(round(W * factor))), max(1, int(round(H * factor)))
-    out = Image.new("RGB", (W, H), (255, 255, 255))
-    out.paste(sketch_image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS), ((W - w) // 2, (H - h) // 2))
-    return out
-
-
-def _sample_shrunk(tokens: torch.Tensor, grid: tuple[int, int], factor: float) -> torch.Tensor:
-    """(N, C) tokens of a shrunk drawing read at each original cell's shrunk position."""
-    h, w = grid
-    z = _cell_xy(grid)
-    x = (factor * (z.real - w / 2) + w / 2) / w * 2 - 1
-    y = (factor * (z.imag - h / 2) + h / 2) / h * 2 - 1
-    g = torch.from_numpy(np.stack([x, y], -1).astype(np.float32)).view(1, h, w, 2)
-    m = tokens.T.reshape(1, -1, h, w).float()
-    return F.grid_sample(m, g, mode="bilinear", align_corners=False)[0].flatten(1).T.contiguous()
-
-
-@torch.inference_mode()
-def encode_pair_features(encoder, sketch_image: Image.Image, photo_image: Image.Image,
-                         edge_view: bool = True, sketch_scales: Optional[Sequence[float]] = None) -> PairFeatures:
-    """Token levels of the sketch (also shrunk by each of `sketch_scales` < 1, default
-    SKETCH_SCALES), the photo and (edge_view) the photo's edge map, in one backbone batch."""
-    scales = [float(f) for f in (SKETCH_SCALES if sketch_scales is None else sketch_scales) if f < 1]
-    edge = photo_edge_view(photo_image) if edge_view else None
-    imgs = [sketch_image, photo_image] + ([edge] if edge is not None else [])
-    imgs += [shrink_sketch(sketch_image, f) for f in scales]
-    levels, grid = _token_levels(encoder, torch.stack([encoder.to_tensor(im) for im in imgs]))
-    n0 = 3 if edge is not None else 2
-    scaled = {f: [_sample_shrunk(lv[n0 + i], grid, f) for lv in levels] for i, f in enumerate(scales)}
-    return PairFeatures(sketch=[lv[0] for lv in levels], photo=[lv[1] for lv in levels],
-                        photo_edges=[lv[2] for lv in levels] if edge is not None else None, grid=grid,
-                        edge_image=edge, sketch_scaled=scaled)
 
 
 # ----------------------------------------------------------------------------- similarity
-def content_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
-    """(h*w,) bool: cells that are not (near-)white, by the same rule as sketch ink
-    (`relation.ink_cells` on a white background): white padding and blank paper are
-    not content. For a sketch image this equals its ink cells."""
-    from sbir_core.data.preprocess import INK_THRESHOLD
-    from sbir_core.models.relation import INK_CELL_FRACTION
-
-    g = np.asarray(image.convert("L"), dtype=np.float32)
-    return _cell_fraction(g < 255.0 - INK_THRESHOLD, grid) >= INK_CELL_FRACTION
-
-
-def _cell_fraction(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """(h*w,) fraction of True pixels per cell (any cell geometry)."""
-    H, W = mask.shape
-    h, w = grid
-    ys = np.linspace(0, H, h + 1).round().astype(int)
-    xs = np.linspace(0, W, w + 1).round().astype(int)
-    sat = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    counts = sat[ys[1:, None], xs[None, 1:]] - sat[ys[:-1, None], xs[None, 1:]] \
-        - sat[ys[1:, None], xs[None, :-1]] + sat[ys[:-1, None], xs[None, :-1]]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    return (counts / np.maximum(area, 1)).reshape(-1)
-
-
-def photo_structure(photo_image: Image.Image, grid: tuple[int, int],
-                    edge_image: Optional[Image.Image] = None) -> np.ndarray:
-    """(h*w,) in [0, 1]: how much outline a photo cell holds: the share of its pixels on
-    a colour boundary (any channel's gradient after a light blur, so a red-green border
-    of equal brightness counts) or on the photo's edge map, saturating at
-    STRUCTURE_FULL. Sketch lines are outlines: a cell of flat colour or white background
-    has nothing a line could correspond to."""
-    import cv2
-
-    rgb = cv2.GaussianBlur(np.asarray(photo_image.convert("RGB"), np.float32), (5, 5), 1.2)
-    gx = cv2.Sobel(rgb, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(rgb, cv2.CV_32F, 0, 1, ksize=3)
-    mag = np.sqrt(gx ** 2 + gy ** 2).max(-1)
-    outline = mag >= STRUCTURE_GRADIENT
-    if edge_image is not None:
-        outline |= np.asarray(edge_image.convert("L")) < 128
-    return np.clip(_cell_fraction(outline, grid) / STRUCTURE_FULL, 0.0, 1.0).astype(np.float32)
-
-
-def _centered_cosine(a: torch.Tensor, b: torch.Tensor, a_mask: Optional[torch.Tensor] = None,
-                     b_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cosine similarity of mean-centred tokens: each image's mean token (over its
-    inked / content cells) removed, since it mostly encodes the domain."""
-    def centre(x, m):
-        x = x.float()
-        mu = x[m].mean(0, keepdim=True) if m is not None and m.any() else x.mean(0, keepdim=True)
-        return F.normalize(x - mu, dim=-1)
-
-    return centre(a, a_mask) @ centre(b, b_mask).T
-
-
-def pair_similarity(sketch: Sequence[torch.Tensor], photo: Sequence[torch.Tensor],
-                    photo_edges: Optional[Sequence[torch.Tensor]], sketch_ink: np.ndarray,
-                    photo_content: np.ndarray, edge_weight: float = 0.5) -> np.ndarray:
-    """(Ns, Np) appearance similarity: the mean-centred cosine of sketch and photo tokens,
-    averaged over the token levels, and mixed (`edge_weight`) with the same against the
-    photo's edge-map tokens (line drawing against line drawing)."""
-    ink_t = torch.from_numpy(np.asarray(sketch_ink, bool))
-    cont_t = torch.from_numpy(np.asarray(photo_content, bool))
-
-    def view(ps):
-        return sum(_centered_cosine(s, p, ink_t, cont_t) for s, p in zip(sketch, ps)) / len(ps)
-
-    sim = view(photo)
-    if photo_edges is not None and edge_weight > 0:
-        sim = (1 - edge_weight) * sim + edge_weight * view(photo_edges)
-    return sim.numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- placement
-def _cell_xy(grid: tuple[int, int]) -> np.ndarray:
-    """(h*w,) complex cell centres x + iy in cell units."""
-    h, w = grid
-    r, c = np.divmod(np.arange(h * w), w)
-    return (c + 0.5) + 1j * (r + 0.5)
 
 
 def apply_placement(placement: dict, grid: tuple[int, int]) -> np.ndarray:
     """(h*w,) complex: where the placement sends each sketch cell centre (cell units)."""
-    z = _cell_xy(grid)
+    z = cell_xy(grid)
     if placement["mirrored"]:
         z = grid[1] - z.real + 1j * z.imag
     return complex(*placement["a"]) * z + complex(*placement["b"])
@@ -692,7 +232,7 @@ def fit_placement(sim: np.ndarray, sketch_ink: np.ndarray, grid: tuple[int, int]
     k = min(top, S.shape[1])
     cand = np.argsort(-S, axis=1)[:, :k]  # (n, k)
     cw = np.take_along_axis(conf, cand, 1)  # (n, k)
-    zall = _cell_xy(grid)
+    zall = cell_xy(grid)
     zs = zall[rows][:, None].repeat(k, 1)  # (n, k) sketch centres
     zm = (w - zs.real) + 1j * zs.imag  # mirrored
     zp = zall[cand]  # (n, k) photo centres
@@ -779,7 +319,7 @@ def placement_distance(placement: Optional[dict], grid: tuple[int, int]) -> Opti
     if placement is None:
         return None
     pred = apply_placement(placement, grid)
-    return np.abs(pred[:, None] - _cell_xy(grid)[None]).astype(np.float32)
+    return np.abs(pred[:, None] - cell_xy(grid)[None]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- matching

@@ -1,4 +1,9 @@
-"""Checkpoints: the trained heads as safetensors, with their metadata in the header.
+"""Checkpoints: trained models as safetensors, with their metadata (JSON) in the header.
+
+The one checkpoint I/O of every model kind: `write_tensors` / `read_tensors` (atomic
+write, metadata under a key that names the kind: "sbir" for the retrieval model,
+"sbir_relation" for the relation network), used by `save_checkpoint`/`load_checkpoint`
+here and by `models.relation`.
 
 A checkpoint holds the heads and, when the backbone was fine-tuned, the backbone's
 weights too (keys `backbone.*`, stored as fp16: the embeddings they give match fp32
@@ -19,9 +24,46 @@ from sbir_core.errors import InputError
 from sbir_core.models.heads import build_head
 
 FORMAT_VERSION = 1
+METADATA_KEY = "sbir"
 
 
 BACKBONE_PREFIX = "backbone."
+
+
+def write_tensors(path: Union[str, Path], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  key: str = METADATA_KEY) -> Path:
+    """Atomically write `tensors` with `meta` (JSON-able) under the header key `key`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={key: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: Union[str, Path], key: str = METADATA_KEY) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(key)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own types for files that are not safetensors
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+    if raw is None:
+        raise InputError(f"{path} is not an sbir_core {'checkpoint' if key == METADATA_KEY else key} file "
+                         f"(no '{key}' metadata)")
+    return json.loads(raw)
+
+
+def read_tensors(path: Union[str, Path], key: str = METADATA_KEY) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (tensors, metadata) of a file written by `write_tensors`."""
+    meta = read_metadata(path, key)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
 def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[str, Any],
@@ -30,41 +72,19 @@ def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[st
     (JSON-able; must name 'encoder')."""
     if "encoder" not in meta:
         raise InputError("checkpoint metadata must name the backbone ('encoder')")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "format_version": FORMAT_VERSION, "head_type": getattr(head, "kind", "sbir_head"),
             "head_config": head.config}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = dict(head.state_dict())
     if backbone is not None:
         for k, v in backbone.state_dict().items():
-            v = v.detach().cpu()
-            tensors[BACKBONE_PREFIX + k] = (v.half() if v.is_floating_point() else v).contiguous()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"sbir": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
-
-
-def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("sbir")
-    if raw is None:
-        raise InputError(f"{path} is not an sbir_core checkpoint (no 'sbir' metadata)")
-    return json.loads(raw)
+            tensors[BACKBONE_PREFIX + k] = v.half() if v.is_floating_point() else v
+    return write_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (head in eval mode, metadata). Strict: every tensor must match. A fine-tuned
     backbone's weights come back as float32 in `meta["backbone_state"]`."""
-    path = Path(path)
-    try:
-        meta = read_metadata(path)
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, json.JSONDecodeError, Exception) as exc:  # safetensors raises its own types
-        if isinstance(exc, ValueError) and "sbir_core" in str(exc):
-            raise
-        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+    state, meta = read_tensors(path)
     bb = {k[len(BACKBONE_PREFIX):]: v.float() if v.is_floating_point() else v
           for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sbir_core.errors import InputError
+from sbir_core.models.checkpoint import read_metadata, read_tensors, write_tensors
 from sbir_core.paths import checkpoint_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -317,27 +318,13 @@ def _as_tensor(x: ArrayLike) -> torch.Tensor:
 # ----------------------------------------------------------------------------- save / load
 def save_relation(path: Union[str, Path], model: RelationModel, meta: dict[str, Any]) -> Path:
     """Atomically write the model's tensors with JSON metadata (config, alpha, ...)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "format_version": FORMAT_VERSION, "kind": RelationModel.kind, "config": model.config,
             "alpha": float(model.alpha)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return write_tensors(path, dict(model.state_dict()), meta, key=METADATA_KEY)
 
 
 def read_relation_metadata(path: Union[str, Path]) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
-    if raw is None:
-        raise InputError(f"{path} is not a relation model (no '{METADATA_KEY}' metadata)")
-    return json.loads(raw)
+    return read_metadata(path, key=METADATA_KEY)
 
 
 def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
@@ -346,8 +333,6 @@ def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
     Raises FileNotFoundError (with how to get one) when the file is missing, and
     ValueError when it is not a relation checkpoint. Metadata is on `model.meta`.
     """
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else DEFAULT_RELATION
     if not path.is_file():
         raise FileNotFoundError(
@@ -360,9 +345,8 @@ def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
         raise InputError(f"{path} holds a {meta.get('kind')!r}, not a relation model")
     if meta.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path} has relation format {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    state, _ = read_tensors(path, key=METADATA_KEY)
     model = RelationModel(**meta["config"])
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=True)
     model.meta = meta
     return model.eval()
