@@ -309,31 +309,43 @@ def test_cli_explain_writes_three_pngs(raw_encoder, tmp_path, monkeypatch, capsy
     assert "not found" in capsys.readouterr().err
 
 
-def test_cached_features_found_under_another_spelling_of_the_data_root(tmp_path, monkeypatch) -> None:
-    """A cache written for items listed under `../x/data` is found from `/abs/x/data`."""
-    from types import SimpleNamespace
+def test_feature_cache_is_per_item_and_ignores_the_data_root_spelling(tmp_path, monkeypatch, raw_encoder) -> None:
+    """Features extracted for items listed under `../x/data` are found from `/abs/x/data`,
+    and a new selection extracts only the items not seen before."""
+    from conftest import make_shape_image
 
     from sbir_core.data.datasets import Item
-    from sbir_core.eval.features import cache_path
+    from sbir_core.eval.features import extract_features
 
     root = tmp_path / "shared" / "data"
     (root / "caltech101" / "cat").mkdir(parents=True)
+    for i in range(4):
+        make_shape_image("circle", seed=i).save(root / "caltech101" / "cat" / f"{i}.png")
     work = tmp_path / "main"
     work.mkdir()
     monkeypatch.chdir(work)
     rel = "../shared/data"
-    items_rel = [Item("cat", "photo", path=f"{rel}/caltech101/cat/{i}.jpg", key=f"{rel}/caltech101/cat/{i}.jpg")
-                 for i in range(3)]
-    enc = SimpleNamespace(backbone=SimpleNamespace(name="fake-net"))
-    p = cache_path(tmp_path / "cache", "fake-net", "photo", items_rel, 0, True)
-    p.parent.mkdir(parents=True)
-    np.savez(p, raw=np.arange(3.0), ok=np.ones(3, bool))
-    items_abs = [Item(it.label, it.modality, path=str(root) + it.path[len(rel):], key=str(root) + it.key[len(rel):])
-                 for it in items_rel]
-    out = RT.cached_features(enc, items_abs, "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
-    np.testing.assert_array_equal(out["raw"], np.arange(3.0))
-    with pytest.raises(FileNotFoundError):
-        RT.cached_features(enc, items_abs[:2], "photo", str(root), cache_dir=tmp_path / "cache", allow_extract=False)
+
+    def items(base: str, ids) -> list:
+        return [Item("cat", "photo", path=f"{base}/caltech101/cat/{i}.png", key=f"{base}/caltech101/cat/{i}.png")
+                for i in ids]
+
+    first = RT.cached_features(raw_encoder, items(rel, range(3)), "photo", cache_dir=tmp_path / "cache")
+    again = RT.cached_features(raw_encoder, items(str(root), range(3)), "photo", cache_dir=tmp_path / "cache",
+                               allow_extract=False)
+    np.testing.assert_array_equal(first["raw"], again["raw"])
+    np.testing.assert_array_equal(first["tokens"], again["tokens"])
+    with pytest.raises(FileNotFoundError, match="1 of 4"):
+        RT.cached_features(raw_encoder, items(str(root), range(4)), "photo", cache_dir=tmp_path / "cache",
+                           allow_extract=False)
+
+    calls = []
+    real = raw_encoder.backbone_features
+    monkeypatch.setattr(raw_encoder, "backbone_features", lambda x: calls.append(len(x)) or real(x))
+    mixed = extract_features(raw_encoder, items(rel, [3, 1, 0]), "photo", cache_dir=tmp_path / "cache")
+    assert calls == [1]  # only the new item went through the backbone
+    np.testing.assert_array_equal(mixed["raw"][1:], first["raw"][[1, 0]])
+    assert mixed["ok"].all() and np.abs(mixed["raw"][0]).sum() > 0
 
 
 # ----------------------------------------------------------------------------- correspondence benchmark

@@ -72,70 +72,12 @@ def _perplexity(n: int, wanted: float) -> float:
     return float(max(2.0, min(wanted, (n - 1) / 3.0)))
 
 
-# ----------------------------------------------------------------------------- openTSNE glue
-def _reference_affinities(reference: np.ndarray, perplexity: float, metric: str = "cosine"):
-    """An openTSNE `Affinities` whose `to_new` does exact kNN against `reference`
-    (cosine on normalised embeddings, or euclidean on their PCA projection).
-
-    It is all `TSNEEmbedding.transform` needs; building it costs nothing (no kNN graph
-    of the reference set is recomputed, unlike constructing `PerplexityBasedNN`).
-    """
-    import scipy.sparse as sp
-    from openTSNE.affinity import Affinities, joint_probabilities_nn
-    from openTSNE.nearest_neighbors import KNNIndex
-
-    class _Brute(KNNIndex):
-        VALID_METRICS = ["cosine", "euclidean"]
-
-        def build(self):  # pragma: no cover - never needed for placement
-            raise NotImplementedError
-
-        def query(self, query, k):
-            q = np.asarray(query, dtype=np.float32)
-            if self.metric == "cosine":
-                d = 1.0 - q @ self.data.T  # rows are unit vectors (like openTSNE's metric="cosine")
-            else:
-                d = np.sqrt(np.maximum((q * q).sum(1, keepdims=True) - 2 * q @ self.data.T
-                                       + (self.data * self.data).sum(1)[None], 0))
-            k = min(k, self.n_samples)
-            idx = np.argpartition(d, k - 1, axis=1)[:, :k] if k < self.n_samples else np.tile(
-                np.arange(self.n_samples), (len(q), 1))
-            dk = np.take_along_axis(d, idx, axis=1)
-            order = np.argsort(dk, axis=1, kind="stable")
-            idx = np.take_along_axis(idx, order, axis=1)
-            dk = np.maximum(np.take_along_axis(dk, order, axis=1), 0.0)
-            return idx.astype(np.int64), dk.astype(np.float64)
-
-    class _Reference(Affinities):
-        def __init__(self) -> None:
-            super().__init__()
-            self.knn_index = _Brute(reference, k=min(len(reference), int(3 * perplexity)), metric=metric)
-            self.perplexity = perplexity
-            self.n_jobs = 1
-            # TSNEEmbedding only checks P's shape; the reference points never move.
-            self.P = sp.csr_matrix((len(reference), len(reference)))
-
-        def to_new(self, data, perplexity=None, return_distances=False, k_neighbors="auto"):
-            perplexity = self.perplexity if perplexity is None else perplexity
-            k = min(self.n_samples, int(3 * perplexity)) if k_neighbors == "auto" else int(k_neighbors)
-            perplexity = min(perplexity, k / 3.0)
-            neighbors, distances = self.knn_index.query(data, k)
-            P = joint_probabilities_nn(neighbors, distances, [perplexity], symmetrize=False,
-                                       normalization="point-wise", n_reference_samples=self.n_samples,
-                                       n_jobs=1)
-            return (P, neighbors, distances) if return_distances else P
-
-    return _Reference()
-
-
 def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), components (k, D)) of x, via the D x D covariance (fast for N >> D)."""
-    mean = x.mean(0)
-    c = x - mean
-    cov = (c.T @ c) / max(len(x) - 1, 1)
-    w, v = np.linalg.eigh(cov.astype(np.float64))
-    comp = v[:, ::-1][:, :k].T.astype(np.float32)
-    return mean.astype(np.float32), comp
+    """(mean (D,), components (k, D)) of x (scikit-learn's PCA)."""
+    from sklearn.decomposition import PCA
+
+    p = PCA(n_components=min(k, *x.shape), random_state=0).fit(x)
+    return p.mean_.astype(np.float32), p.components_.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the map
@@ -199,8 +141,12 @@ class EmbeddingMap:
         so each placement gets its own copy (construction is free)."""
         from openTSNE import TSNEEmbedding
 
-        if self._affinities is None:
-            self._affinities = _reference_affinities(self.reference, self.perplexity, self.metric)
+        if self._affinities is None:  # the reference points' kNN graph, built once per map
+            from openTSNE.affinity import PerplexityBasedNN
+
+            self._affinities = PerplexityBasedNN(self.reference, perplexity=self.perplexity, metric=self.metric,
+                                                 method="exact" if len(self) <= 5000 else "auto", n_jobs=1,
+                                                 random_state=self.seed, verbose=False)
         return TSNEEmbedding(self.coords.astype(np.float64), self._affinities, random_state=self.seed,
                              negative_gradient_method="bh", n_jobs=1)
 
@@ -583,14 +529,13 @@ def fit_map(embeddings: np.ndarray, labels: Optional[Sequence[str]] = None, seed
 
 
 def _pca2(x: np.ndarray) -> np.ndarray:
+    """A 2-d PCA layout for maps too small for t-SNE."""
     c = x - x.mean(0, keepdims=True)
     if len(x) < 2 or not np.any(c):
         return np.zeros((len(x), 2), np.float32)
-    _, _, vt = np.linalg.svd(c, full_matrices=False)
-    out = c @ vt[:2].T
-    if out.shape[1] < 2:
-        out = np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
-    return out.astype(np.float32)
+    mean, comp = _pca(x, 2)
+    out = (x - mean) @ comp.T
+    return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- drawing helpers

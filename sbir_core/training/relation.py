@@ -24,12 +24,8 @@ import torch.nn.functional as F
 from sbir_core.data.preprocess import preprocess_sketch
 from sbir_core.models.relation import (DEFAULT_RELATION, DEFAULT_TOPK, INK_CELL_FRACTION, RelationModel, ink_cells, load_relation,
                                        mix_scores, save_relation)
-from sbir_core.paths import PACKAGE_DIR
 
 log = logging.getLogger(__name__)
-
-ROOT = PACKAGE_DIR.parent  # a source checkout's root: cache keys may be spelled relative to it
-
 
 def evaluate_rerank(model: Optional[RelationModel], base_scores: np.ndarray, query_tokens: np.ndarray,
                     query_ink: np.ndarray, gallery_tokens: np.ndarray, query_labels: Sequence,
@@ -83,44 +79,13 @@ def evaluate_rerank(model: Optional[RelationModel], base_scores: np.ndarray, que
 
 
 # ----------------------------------------------------------------------------- cached features
-def _rekeyed(items: Sequence, old: str, new: str) -> list:
-    class _K:
-        __slots__ = ("key",)
+def cached_features(encoder, items: Sequence, view: str, tokens: bool = True,
+                    cache_dir: Union[str, Path, None] = None, allow_extract: bool = True) -> dict[str, np.ndarray]:
+    """`features.extract_features` with tokens, from the per-item cache (extracting what
+    is missing unless `allow_extract` is False)."""
+    from sbir_core.eval.features import extract_features
 
-        def __init__(self, key: str) -> None:
-            self.key = key
-
-    return [_K(new + it.key[len(old):] if it.key.startswith(old) else it.key) for it in items]
-
-
-def cached_features(encoder, items: Sequence, view: str, data_root: Union[str, Path, None] = None,
-                    tokens: bool = True, cache_dir: Union[str, Path, None] = None,
-                    allow_extract: bool = True) -> dict[str, np.ndarray]:
-    """`features.extract_features`, but also finding a cache written for the same files
-    listed through another spelling of the data root (absolute vs relative path).
-
-    Item keys are file paths as listed, and the cache is keyed by them: a cache built
-    from `../shared/data` is missed by `/work/shared/data` although the files (and
-    their order) are the same. Only the cache file name is recomputed here.
-    """
-    from sbir_core.eval.features import DEFAULT_CACHE, cache_path, extract_features
-
-    cdir = Path(cache_dir or DEFAULT_CACHE)
-    name = encoder.backbone.name
-    if cache_path(cdir, name, view, items, 0, tokens).is_file() or data_root is None:
-        return extract_features(encoder, items, view, tokens=tokens, cache_dir=cdir)
-    given = str(data_root)
-    absolute = Path(given).resolve()
-    spellings = {str(absolute), os.path.relpath(absolute, Path.cwd()), os.path.relpath(absolute, ROOT)}
-    for alt in sorted(spellings - {given}):
-        p = cache_path(cdir, name, view, _rekeyed(items, given, alt), 0, tokens)
-        if p.is_file():
-            log.info("using cache %s (items listed under %s)", p.name, alt)
-            with np.load(p) as z:
-                return {k: z[k] for k in z.files}
-    if not allow_extract:
-        raise FileNotFoundError(f"no cached {view} features for these {len(items)} items in {cdir}")
-    return extract_features(encoder, items, view, tokens=tokens, cache_dir=cdir)
+    return extract_features(encoder, items, view, tokens=tokens, cache_dir=cache_dir, allow_extract=allow_extract)
 
 
 def sketch_ink_cells(items: Sequence, grid: Sequence[int], size: int = 224,
@@ -212,8 +177,8 @@ def train_relation(
     tr = training_items(data_root, max_photos_per_class=max_photos_per_class)
     P = [i for i in tr if i.modality == "photo"]
     S = [i for i in tr if i.modality == "sketch"]
-    fP = cached_features(enc, P, "photo", data_root, cache_dir=cache_dir, allow_extract=allow_extract)
-    fS = cached_features(enc, S, "sketch", data_root, cache_dir=cache_dir, allow_extract=allow_extract)
+    fP = cached_features(enc, P, "photo", cache_dir=cache_dir, allow_extract=allow_extract)
+    fS = cached_features(enc, S, "sketch", cache_dir=cache_dir, allow_extract=allow_extract)
     grid = tuple(int(g) for g in fS["grid"])
     p_ok, s_ok = fP["ok"], fS["ok"]
     p_lab = np.array([i.label for i in P])
@@ -374,8 +339,8 @@ def benchmark_rerank(data_root: Union[str, Path], split: str = "pacs", relation:
     model = load_relation(relation)
     enc = create_encoder(model.meta.get("encoder"), checkpoint="none")
     q, g = benchmark(data_root, split)
-    fq = cached_features(enc, q, "sketch", data_root, cache_dir=cache_dir)
-    fg = cached_features(enc, g, "photo", data_root, cache_dir=cache_dir)
+    fq = cached_features(enc, q, "sketch", cache_dir=cache_dir)
+    fg = cached_features(enc, g, "photo", cache_dir=cache_dir)
     if embedding == "raw":
         base = _cosine(fq["raw"], fg["raw"])
     else:
