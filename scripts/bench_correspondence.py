@@ -52,7 +52,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 import argparse
 import json
@@ -320,7 +319,6 @@ def score(records: Sequence[dict], threshold: float) -> dict:
 
 
 def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=None) -> dict:
-    from sbir_core.explain import appearance as A
     from sbir_core.explain import correspondence as E
 
     t0 = time.perf_counter()

@@ -7,11 +7,6 @@ so the ratio shows what the trained heads (and photo edge fusion) cost.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
-
 import argparse
 import statistics
 import time

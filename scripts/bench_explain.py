@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sbir_core.explain import correspondence as E  # noqa: E402
 from sbir_core.data.images import load_image  # noqa: E402

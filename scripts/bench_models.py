@@ -9,11 +9,6 @@ Backbone features come from the feature cache, so a rerun costs minutes.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
-
 import argparse
 import copy
 import json

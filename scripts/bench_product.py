@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from sbir_core.data.datasets import excluded_names, heldout_doodles, image_folder, load_splits, quickdraw_folder  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402

@@ -37,9 +37,6 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CANVAS = 384
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from sbir_core.service import EMPTY_SKETCH_MESSAGE, MAX_K, RetrievalService  # noqa: E402
 from sbir_core.errors import InputError  # noqa: E402

@@ -267,7 +267,7 @@ def test_query_and_results_change_the_map_only_near_them(thumbs) -> None:
     for x, y in lay.to_pixels(m.coords[far]):
         assert not diff[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4].any()
     # results in the highlight colour, the star's gold near the query
-    from sbir_core.explain.embedding_map import HIGHLIGHT, STAR_FILL
+    from sbir_core.explain.map_drawing import HIGHLIGHT, STAR_FILL
 
     a = np.asarray(img).astype(int)
     assert (np.abs(a - HIGHLIGHT).sum(2) < 30).sum() > 50
@@ -323,6 +323,6 @@ def test_cached_render_is_fast_and_decodes_each_thumbnail_once(tmp_path) -> None
     # the cache of base layers is bounded
     for w in range(300, 300 + 10 * 20, 20):
         m.render(size=(w, 300), thumbnails=thumb)
-    from sbir_core.explain.embedding_map import RENDER_CACHE_ENTRIES
+    from sbir_core.explain.map_drawing import RENDER_CACHE_ENTRIES
 
     assert len(m._render_cache) <= RENDER_CACHE_ENTRIES

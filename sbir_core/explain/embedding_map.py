@@ -32,18 +32,18 @@ Typical use::
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from sbir_core.explain.map_drawing import (BACKGROUND, HIGHLIGHT, INK, MAX_RANK_NUMBERS, MAX_STRETCH, MapLayout, PALETTE, RENDER_CACHE_ENTRIES, RESULT_ZOOM, THUMB_KEEP, ThumbnailSource, UNLABELLED, badge_spot, canvas_size, caption_spot, choose_thumbnails, draw_caption, fit, map_font, overlap, paste_badge, paste_dot, paste_ring, paste_star, place_labels, small_image, spread)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class EmbeddingMap:
                thumbnails: bool = False) -> "MapLayout":
         """Where `render` puts things at `size`: the map -> pixel transform, the thumbnail
         size, which rows get a thumbnail (the others a dot) and where the class names go."""
-        W, H = _size(size)
+        W, H = canvas_size(size)
         u = min(W / 640.0, H / 560.0)
         title_px = max(12, round(15 * u))
         title_h = int(round(title_px * 1.9)) if title else 0
@@ -294,10 +294,10 @@ class EmbeddingMap:
                         label_px=max(12, round(13 * u)))
         pix = lay.to_pixels(self.coords) if len(self) else np.zeros((0, 2))
         if thumbnails and len(self):
-            lay.shown, lay.dots = _choose_thumbnails(pix, px, (W, H), self.labels)
+            lay.shown, lay.dots = choose_thumbnails(pix, px, (W, H), self.labels)
         else:
             lay.shown, lay.dots = np.zeros(0, int), np.arange(len(self))
-        lay.labels = _place_labels(self.class_centres(), lay, self.labels) if self.labels else []
+        lay.labels = place_labels(self.class_centres(), lay, self.labels) if self.labels else []
         return lay
 
     def clear_render_cache(self) -> None:
@@ -321,7 +321,7 @@ class EmbeddingMap:
         if im is None:
             src = self._thumb_source
             try:
-                im = _small_image(src(row) if callable(src) else src[row])
+                im = small_image(src(row) if callable(src) else src[row])
             except Exception as exc:  # a missing/corrupt file: a grey tile, the map still draws
                 log.warning("no thumbnail for map row %d: %s", row, exc)
                 im = Image.new("RGB", (THUMB_KEEP, THUMB_KEEP), (200, 200, 200))
@@ -344,14 +344,14 @@ class EmbeddingMap:
             pix = lay.to_pixels(self.coords) if len(self) else np.zeros((0, 2))
             colours = self._colours()
             for i in lay.dots:
-                _paste_dot(img, pix[i], lay.dot_r, colours[i])
+                paste_dot(img, pix[i], lay.dot_r, colours[i])
             px = lay.thumb_px
             for i in lay.shown:  # bottom to top
-                t = _fit(self._small_thumb(int(i)), px)
+                t = fit(self._small_thumb(int(i)), px)
                 x0, y0 = int(round(pix[i, 0] - t.width / 2)), int(round(pix[i, 1] - t.height / 2))
                 img.paste(t, (x0, y0))
                 draw.rectangle((x0 - 1, y0 - 1, x0 + t.width, y0 + t.height), outline=colours[i], width=1)
-            font = _font(lay.label_px)
+            font = map_font(lay.label_px)
             sw = max(2, round(lay.label_px / 5))
             for lab in lay.labels:
                 if lab.shown:
@@ -388,7 +388,7 @@ class EmbeddingMap:
         copy plus a few pastes (a few ms). Rows must keep the same images for the life of
         the map object (`clear_render_cache()` otherwise).
         """
-        size = _size(size)
+        size = canvas_size(size)
         if thumbnails is not None:
             with self._render_lock:
                 self._use_thumbnails(thumbnails)
@@ -404,9 +404,9 @@ class EmbeddingMap:
         W, H = lay.size
         if title:
             tpx = lay.title_px
-            while tpx > 9 and _font(tpx, bold=False).getlength(title) > W - 8:
+            while tpx > 9 and map_font(tpx, bold=False).getlength(title) > W - 8:
                 tpx -= 1  # a long title shrinks to fit the width
-            draw.text((W / 2, lay.title_h / 2), title, fill=INK, font=_font(tpx, bold=False), anchor="mm")
+            draw.text((W / 2, lay.title_h / 2), title, fill=INK, font=map_font(tpx, bold=False), anchor="mm")
         # The query marker first (drawn last): the results are arranged around it.
         q = None if query_xy is None else np.asarray(query_xy, dtype=np.float64).reshape(-1, 2)
         qpix = np.zeros((0, 2))
@@ -415,7 +415,7 @@ class EmbeddingMap:
             qpix = np.clip(lay.to_pixels(q), [lay.plot[0], lay.plot[1]], [lay.plot[2], lay.plot[3]])
             qpix = qpix[np.isfinite(qpix).all(1)]
             if query_image is not None:
-                qimg = _fit(_small_image(query_image, 160), max(48, round(1.9 * max(lay.thumb_px, 28 * u))))
+                qimg = fit(small_image(query_image, 160), max(48, round(1.9 * max(lay.thumb_px, 28 * u))))
                 r_q = max(qimg.size) / 2 + max(3, round(3 * u)) + 2
         fixed = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in qpix]
         pix = lay.to_pixels(self.coords[hl]) if hl else np.zeros((0, 2))
@@ -425,14 +425,14 @@ class EmbeddingMap:
             # not to hide each other; a line leads from each moved one to its place.
             fw = max(3, round(3 * u))
             hp = int(round(lay.thumb_px * RESULT_ZOOM))
-            tiles = [_fit(self._small_thumb(r), hp) for r in hl]
+            tiles = [fit(self._small_thumb(r), hp) for r in hl]
             half = hp / 2 + fw + 1
-            cen = _spread(pix, half, fixed, (half, lay.title_h + half, W - half, H - half))
+            cen = spread(pix, half, fixed, (half, lay.title_h + half, W - half, H - half))
             lw = max(2, round(2 * u))
             for p0, p1 in zip(pix, cen):
                 if np.abs(p1 - p0).max() > half * 0.5:
                     draw.line((tuple(p0), tuple(p1)), fill=HIGHLIGHT, width=lw)
-                    _paste_dot(img, p0, max(2.5, 3 * u), HIGHLIGHT)
+                    paste_dot(img, p0, max(2.5, 3 * u), HIGHLIGHT)
             for rank in range(len(hl) - 1, -1, -1):  # best on top
                 t = tiles[rank]
                 x0, y0 = int(round(cen[rank, 0] - t.width / 2)), int(round(cen[rank, 1] - t.height / 2))
@@ -444,11 +444,11 @@ class EmbeddingMap:
         elif hl:
             rr = lay.dot_r + max(3.0, 3 * u)
             for rank in range(len(hl) - 1, -1, -1):
-                _paste_ring(img, pix[rank], rr, max(2.0, 2 * u), HIGHLIGHT)
+                paste_ring(img, pix[rank], rr, max(2.0, 2 * u), HIGHLIGHT)
             boxes = [(p[0] - rr, p[1] - rr, p[0] + rr, p[1] + rr) for p in pix]
         caption = None
         if len(qpix) and query_label:
-            caption = _caption_spot(qpix[0], r_q, lay, boxes + fixed[1:], query_label)
+            caption = caption_spot(qpix[0], r_q, lay, boxes + fixed[1:], query_label)
         taken = list(fixed) + ([caption[2]] if caption else [])
         # Rank numbers 1-5 next to their result: at a corner of the frame if one is free
         # (covering no other result if possible), else a little further out with a line to
@@ -456,14 +456,14 @@ class EmbeddingMap:
         bd = max(15, round(16 * u))
         for rank, box in enumerate(boxes[:MAX_RANK_NUMBERS]):
             others = [o for k, o in enumerate(boxes) if k != rank]
-            spot = _badge_spot(box, bd, (0, lay.title_h, W, H), taken, others)
+            spot = badge_spot(box, bd, (0, lay.title_h, W, H), taken, others)
             if spot is None:
                 continue
-            if not _overlap(spot, box, 1):
+            if not overlap(spot, box, 1):
                 cx, cy = (spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2
                 ex, ey = min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])
                 draw.line(((cx, cy), (ex, ey)), fill=HIGHLIGHT, width=max(1, round(1.5 * u)))
-            _paste_badge(img, ((spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2), bd, str(rank + 1))
+            paste_badge(img, ((spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2), bd, str(rank + 1))
             taken.append(spot)
         draw = ImageDraw.Draw(img)
         for p in qpix:
@@ -474,11 +474,11 @@ class EmbeddingMap:
                                fill=BACKGROUND)
                 draw.rectangle((x0 - fw, y0 - fw, x0 + qimg.width + fw - 1, y0 + qimg.height + fw - 1), fill=INK)
                 img.paste(qimg, (x0, y0))
-                _paste_star(img, (x0 - fw, y0 - fw), max(9, round(10 * u)))
+                paste_star(img, (x0 - fw, y0 - fw), max(9, round(10 * u)))
             else:
-                _paste_star(img, p, r_q)
+                paste_star(img, p, r_q)
         if caption is not None:
-            _draw_caption(img, caption, lay)
+            draw_caption(img, caption, lay)
         return img
 
 
@@ -536,377 +536,6 @@ def _pca2(x: np.ndarray) -> np.ndarray:
     mean, comp = _pca(x, 2)
     out = (x - mean) @ comp.T
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- drawing helpers
-ThumbnailSource = Union[Sequence[Any], Callable[[int], Any]]
-
-BACKGROUND = (255, 255, 255)
-INK = (25, 25, 25)
-UNLABELLED = (68, 119, 170)
-HIGHLIGHT = (222, 0, 122)  # frames, rings and rank numbers of the results
-STAR_FILL = (255, 205, 0)
-# matplotlib's tab20: strong/pale pairs (tab10 = the strong ones).
-PALETTE = [(31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
-           (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
-           (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199), (188, 189, 34), (219, 219, 141),
-           (23, 190, 207), (158, 218, 229)]
-THUMB_KEEP = 96  # decoded thumbnails are kept at most this big (~27 KB each)
-MAX_COVERED = 0.8  # a thumbnail more covered than this by the ones above it becomes a dot
-MAX_RANK_NUMBERS = 5
-MAX_LABELS_TRIED = 400  # only the biggest classes compete for a place (more cannot fit)
-RESULT_ZOOM = 1.25  # the results' thumbnails are drawn this much bigger than the others
-CAPTION_PAD = 4
-MAX_STRETCH = 1.4  # the map fills the canvas, one axis stretched at most this much more than the other
-RENDER_CACHE_ENTRIES = 6  # base layers kept per map (size x title-or-not x thumbnails-or-dots)
-
-
-@dataclass
-class PlacedLabel:
-    name: str  # the class
-    text: str  # as drawn (underscores as spaces)
-    anchor: tuple[float, float]  # pixel position of the class median
-    xy: tuple[float, float]  # where the name's centre went (anchor, or nudged)
-    box: tuple[float, float, float, float]
-    shown: bool
-
-
-@dataclass
-class MapLayout:
-    size: tuple[int, int]
-    plot: tuple[float, float, float, float]  # left, top, right, bottom (pixels)
-    scale: tuple[float, float]  # pixels per map unit along x and y
-    centre: np.ndarray  # map point at the plot's centre
-    thumb_px: int  # thumbnail side (0: dots)
-    dot_r: float
-    unit: float  # 1 at 640x560
-    title_px: int
-    title_h: int
-    label_px: int
-    shown: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # rows drawn as thumbnails, bottom first
-    dots: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # rows drawn as dots
-    labels: list[PlacedLabel] = field(default_factory=list)
-
-    def to_pixels(self, xy: np.ndarray) -> np.ndarray:
-        """(N, 2) map coordinates -> (N, 2) pixel coordinates (y down)."""
-        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        cx, cy = (self.plot[0] + self.plot[2]) / 2, (self.plot[1] + self.plot[3]) / 2
-        return np.stack([cx + (xy[:, 0] - self.centre[0]) * self.scale[0],
-                         cy - (xy[:, 1] - self.centre[1]) * self.scale[1]], axis=1)
-
-
-def _size(size: Any) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        size = (size, size)
-    w, h = int(size[0]), int(size[1])
-    if w < 16 or h < 16:
-        raise ValueError(f"map size {w}x{h} is too small")
-    return w, h
-
-
-@functools.lru_cache(maxsize=32)
-def _font(px: int, bold: bool = True) -> Any:
-    """DejaVu Sans (shipped with matplotlib) at `px` pixels; Pillow's default font otherwise."""
-    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    try:
-        return ImageFont.truetype(name, px)
-    except OSError:
-        pass
-    try:
-        import matplotlib
-
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), px)
-    except Exception:
-        return ImageFont.load_default(px)
-
-
-def _small_image(src: Any, keep: int = THUMB_KEEP) -> Image.Image:
-    """A PIL image / path / array -> an RGB image at most `keep` px (transparency on white)."""
-    if isinstance(src, np.ndarray):
-        src = Image.fromarray(src)
-    if isinstance(src, Image.Image):
-        im = src
-    else:
-        im = Image.open(src)
-        if im.format == "JPEG":
-            im.draft("RGB", (keep, keep))  # decode at 1/2..1/8 scale: much faster
-    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, BACKGROUND)
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        im = out
-    else:
-        im = im.convert("RGB") if im.mode != "RGB" else im.copy()
-    im.thumbnail((keep, keep), Image.Resampling.LANCZOS)
-    return im
-
-
-def _fit(im: Image.Image, side: int) -> Image.Image:
-    w, h = im.size
-    s = side / max(w, h)
-    return im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-
-
-def _overlap(a: Sequence[float], b: Sequence[float], pad: float = 0.0) -> bool:
-    return a[0] < b[2] + pad and b[0] < a[2] + pad and a[1] < b[3] + pad and b[1] < a[3] + pad
-
-
-def _area(a: Sequence[float], b: Sequence[float]) -> float:
-    """Area of the intersection of two (x0, y0, x1, y1) boxes."""
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
-def _choose_thumbnails(pix: np.ndarray, px: int, size: tuple[int, int],
-                       labels: Optional[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """(rows drawn as thumbnails bottom-first, rows drawn as dots). Top of the pile: each
-    class's most central point, then the rest in a fixed random order; a thumbnail that
-    those above it would cover more than MAX_COVERED is left out (a dot instead)."""
-    n = len(pix)
-    order = list(np.random.default_rng(0).permutation(n))
-    if labels:
-        lab = np.asarray(labels)
-        first = []
-        for c in sorted(set(labels)):
-            rows = np.flatnonzero(lab == c)
-            med = np.median(pix[rows], axis=0)
-            first.append(int(rows[np.linalg.norm(pix[rows] - med, axis=1).argmin()]))
-        firsts = set(first)
-        order = first + [i for i in order if i not in firsts]
-    W, H = size
-    covered = np.zeros((H, W), bool)
-    top_first, dots = [], []
-    half = px / 2
-    for i in order:
-        x0, y0 = int(round(pix[i, 0] - half)), int(round(pix[i, 1] - half))
-        box = covered[max(y0, 0):max(y0 + px, 0), max(x0, 0):max(x0 + px, 0)]
-        if box.size and box.mean() > MAX_COVERED:
-            dots.append(i)
-            continue
-        box[...] = True
-        top_first.append(i)
-    return np.asarray(top_first[::-1], dtype=int), np.asarray(dots, dtype=int)
-
-
-def _place_labels(centres: dict[str, tuple[float, float]], lay: MapLayout,
-                  labels: Sequence[str]) -> list[PlacedLabel]:
-    """Class names at their medians, biggest classes first; a name that would overlap one
-    already placed is nudged (up, down, sideways), or left out if no spot is free."""
-    font = _font(lay.label_px)
-    sw = max(2, round(lay.label_px / 5))
-    counts: dict[str, int] = {}
-    for c in labels:
-        counts[c] = counts.get(c, 0) + 1
-    W, H = lay.size
-    placed: list[PlacedLabel] = []
-    boxes: list[tuple[float, float, float, float]] = []
-    for c in sorted(centres, key=lambda c: (-counts.get(c, 0), c))[:MAX_LABELS_TRIED]:
-        ax, ay = lay.to_pixels(np.asarray(centres[c]))[0]
-        text = c.replace("_", " ").strip()
-        if not text:
-            continue
-        l, t, r, b = font.getbbox(text, anchor="mm", stroke_width=sw)
-        w, h = r - l, b - t
-        spot = None
-        for dx, dy in ((0, 0), (0, -0.8 * h), (0, 0.8 * h), (-0.35 * w, 0), (0.35 * w, 0), (0, -1.6 * h),
-                       (0, 1.6 * h), (-0.35 * w, -0.8 * h), (0.35 * w, -0.8 * h), (-0.35 * w, 0.8 * h),
-                       (0.35 * w, 0.8 * h)):
-            x, y = ax + dx, ay + dy
-            # keep the whole name on the canvas (shift it in from the edges)
-            x = min(max(x, -l + 1), W - r - 1)
-            y = min(max(y, lay.title_h - t + 1), H - b - 1)
-            box = (x + l, y + t, x + r, y + b)
-            if not any(_overlap(box, o, 1) for o in boxes):
-                spot = (float(x), float(y)), box
-                break
-        if spot is None:
-            placed.append(PlacedLabel(c, text, (float(ax), float(ay)), (float(ax), float(ay)),
-                                      (ax + l, ay + t, ax + r, ay + b), False))
-        else:
-            boxes.append(spot[1])
-            placed.append(PlacedLabel(c, text, (float(ax), float(ay)), spot[0], spot[1], True))
-    return placed
-
-
-def _aa_patch(w: int, h: int, paint: Callable[[ImageDraw.ImageDraw, int], None], ss: int = 4) -> Image.Image:
-    """An anti-aliased RGBA patch: `paint(draw, ss)` draws at `ss` x scale, then it is shrunk."""
-    big = Image.new("RGBA", (w * ss, h * ss), (0, 0, 0, 0))
-    paint(ImageDraw.Draw(big), ss)
-    return big.resize((w, h), Image.Resampling.LANCZOS)
-
-
-def _paste_patch(img: Image.Image, patch: Image.Image, centre: Sequence[float]) -> None:
-    x0, y0 = int(round(centre[0] - patch.width / 2)), int(round(centre[1] - patch.height / 2))
-    img.paste(patch.convert("RGB"), (x0, y0), patch.getchannel("A"))
-
-
-@functools.lru_cache(maxsize=64)
-def _dot_patch(r: float, colour: tuple[int, int, int]) -> Image.Image:
-    s = int(np.ceil(2 * r + 4))
-
-    def paint(d: ImageDraw.ImageDraw, k: int) -> None:
-        c = s * k / 2
-        d.ellipse((c - (r + 0.8) * k, c - (r + 0.8) * k, c + (r + 0.8) * k, c + (r + 0.8) * k), fill=BACKGROUND)
-        d.ellipse((c - r * k, c - r * k, c + r * k, c + r * k), fill=colour)
-
-    return _aa_patch(s, s, paint)
-
-
-def _paste_dot(img: Image.Image, centre: Sequence[float], r: float, colour: tuple[int, int, int]) -> None:
-    _paste_patch(img, _dot_patch(round(float(r), 1), tuple(colour)), centre)
-
-
-def _paste_ring(img: Image.Image, centre: Sequence[float], r: float, width: float,
-                colour: tuple[int, int, int]) -> None:
-    s = int(np.ceil(2 * (r + width) + 6))
-
-    def paint(d: ImageDraw.ImageDraw, k: int) -> None:
-        c = s * k / 2
-        R = (r + width / 2 + 1) * k
-        d.ellipse((c - R, c - R, c + R, c + R), outline=BACKGROUND, width=int((width + 2) * k))
-        R = (r + width / 2) * k
-        d.ellipse((c - R, c - R, c + R, c + R), outline=colour, width=int(width * k))
-
-    _paste_patch(img, _aa_patch(s, s, paint), centre)
-
-
-def _paste_badge(img: Image.Image, centre: Sequence[float], d: int, text: str) -> None:
-    s = d + 4
-
-    def paint(dr: ImageDraw.ImageDraw, k: int) -> None:
-        c = s * k / 2
-        dr.ellipse((c - (d / 2 + 1.5) * k, c - (d / 2 + 1.5) * k, c + (d / 2 + 1.5) * k, c + (d / 2 + 1.5) * k),
-                   fill=BACKGROUND)
-        dr.ellipse((c - d / 2 * k, c - d / 2 * k, c + d / 2 * k, c + d / 2 * k), fill=HIGHLIGHT)
-
-    patch = _aa_patch(s, s, paint)
-    ImageDraw.Draw(patch).text((s / 2, s / 2 + 0.5), text, fill=(255, 255, 255, 255),
-                               font=_font(max(10, round(d * 0.72))), anchor="mm")
-    _paste_patch(img, patch, centre)
-
-
-def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    a = np.pi / 2 + np.arange(10) * np.pi / 5
-    rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-    return [(float(cx + q * np.cos(t)), float(cy - q * np.sin(t))) for q, t in zip(rad, a)]
-
-
-def _paste_star(img: Image.Image, centre: Sequence[float], r: float) -> None:
-    halo = max(2.0, r / 6)
-    s = int(np.ceil(2 * (r + 2 * halo) + 4))
-
-    def paint(d: ImageDraw.ImageDraw, k: int) -> None:
-        c = s * k / 2
-        d.polygon(_star(c, c, (r + 2 * halo) * k), fill=BACKGROUND)
-        d.polygon(_star(c, c, (r + 0.3 * halo) * k), fill=INK)
-        d.polygon(_star(c, c, (r - 1.2 * halo) * k), fill=STAR_FILL)
-
-    _paste_patch(img, _aa_patch(s, s, paint), centre)
-
-
-def _spread(pts: np.ndarray, half: float, fixed: Sequence[Sequence[float]],
-            bounds: Sequence[float], iters: int = 150) -> np.ndarray:
-    """Centres for squares of half-side `half` at `pts` (best rank first), nudged apart
-    until none overlaps another or a `fixed` box (the query marker), inside `bounds`
-    (x0, y0, x1, y1). Of two overlapping squares the later (worse-ranked) one moves
-    more, so the best results stay closest to where they are."""
-    p = np.asarray(pts, dtype=np.float64).reshape(-1, 2).copy()
-    k = len(p)
-    if k == 0:
-        return p
-    sep = 2 * half + 2
-    lo, hi = np.array(bounds[:2], float), np.array(bounds[2:], float)
-    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    angle = 2 * np.pi * (np.arange(k) / k) + 0.6  # tie-breaking directions
-    ties = np.stack([np.cos(angle), np.sin(angle)], axis=1)
-    fx = np.asarray(fixed, dtype=np.float64).reshape(-1, 4)
-    fc = np.stack([(fx[:, 0] + fx[:, 2]) / 2, (fx[:, 1] + fx[:, 3]) / 2], axis=1)
-    fh = np.stack([(fx[:, 2] - fx[:, 0]) / 2, (fx[:, 3] - fx[:, 1]) / 2], axis=1)
-    upper = np.triu(np.ones((k, k), bool), 1)
-    for _ in range(iters):
-        delta = np.zeros_like(p)
-        d = p[None, :, :] - p[:, None, :]  # d[i, j] = p[j] - p[i]
-        over = sep - np.abs(d)
-        hit = (over > 0).all(-1) & upper
-        if hit.any():
-            i, j = np.nonzero(hit)
-            a = (over[i, j, 1] < over[i, j, 0]).astype(int)
-            sgn = np.sign(d[i, j, a])
-            tie = np.sign(ties[j, a] - ties[i, a])
-            sgn = np.where(sgn != 0, sgn, np.where(tie != 0, tie, 1.0))
-            push = sgn * (over[i, j, a] + 0.5)
-            np.add.at(delta, (i, a), -0.25 * push)
-            np.add.at(delta, (j, a), 0.75 * push)
-        if len(fx):
-            dq = p[:, None, :] - fc[None]  # (k, F, 2)
-            overq = half + fh[None] + 1 - np.abs(dq)
-            hitq = (overq > 0).all(-1)
-            if hitq.any():
-                i, f = np.nonzero(hitq)
-                v = np.where((np.abs(dq[i, f]).max(1) > 1e-6)[:, None], dq[i, f], ties[i])
-                a = (overq[i, f, 1] < overq[i, f, 0]).astype(int)
-                a = np.where(np.abs(v[np.arange(len(i)), a]) < 1e-6, 1 - a, a)
-                np.add.at(delta, (i, a), np.sign(v[np.arange(len(i)), a]) * overq[i, f, a])
-        if not delta.any():
-            break
-        p += delta
-        np.clip(p, lo, hi, out=p)
-    return p
-
-
-def _badge_spot(box: Sequence[float], d: float, canvas: Sequence[float], taken: Sequence[Sequence[float]],
-                others: Sequence[Sequence[float]]) -> Optional[tuple[float, float, float, float]]:
-    """A d x d box for a rank number by `box`: its corners, edge middles, then further out;
-    inside `canvas`, overlapping nothing in `taken`, preferably nothing in `others`."""
-    x0, y0, x1, y1 = box
-    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
-    spots = [(x0, y0), (x1, y0), (x0, y1), (x1, y1), (xm, y0), (xm, y1), (x0, ym), (x1, ym)]
-    for f in (1.0, 2.0):
-        g = f * d
-        spots += [(x0 - g, y0 - g), (x1 + g, y0 - g), (x0 - g, y1 + g), (x1 + g, y1 + g),
-                  (xm, y0 - g), (xm, y1 + g), (x0 - g, ym), (x1 + g, ym)]
-    h = d / 2
-    fallback = None
-    for cx, cy in spots:
-        cx = min(max(cx, canvas[0] + h), canvas[2] - h)
-        cy = min(max(cy, canvas[1] + h), canvas[3] - h)
-        b = (cx - h, cy - h, cx + h, cy + h)
-        if any(_overlap(b, o, 1) for o in taken):
-            continue
-        if not any(_overlap(b, o) for o in others):
-            return b
-        fallback = fallback or b
-    return fallback
-
-
-def _caption_spot(p: Sequence[float], r: float, lay: MapLayout, avoid: Sequence[Sequence[float]],
-                  text: str) -> tuple[str, tuple[float, float], tuple[float, float, float, float]]:
-    """Where the query's caption goes next to its marker: right, left, below or above it,
-    the first that covers no result and no class name (else the one covering least, results
-    weighing 10x), inside the canvas."""
-    font = _font(lay.label_px)
-    l, t, r_, b = font.getbbox(text, anchor="mm")
-    w, h = r_ - l + 2 * CAPTION_PAD, b - t + 2 * CAPTION_PAD
-    W, H = lay.size
-    best, best_cost = None, None
-    for dx, dy in ((r + 4 + w / 2, 0), (-(r + 4 + w / 2), 0), (0, r + 4 + h / 2), (0, -(r + 4 + h / 2))):
-        x = min(max(p[0] + dx, w / 2 + 1), W - w / 2 - 1)
-        y = min(max(p[1] + dy, lay.title_h + h / 2 + 1), H - h / 2 - 1)
-        box = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)
-        cost = 10 * sum(_area(box, o) for o in list(avoid) + [(p[0] - r, p[1] - r, p[0] + r, p[1] + r)]) + sum(
-            _area(box, lab.box) for lab in lay.labels if lab.shown)
-        if best_cost is None or cost < best_cost - 1e-6:
-            best, best_cost = (text, (x, y), box), cost
-        if cost <= 0:
-            break
-    return best
-
-
-def _draw_caption(img: Image.Image, spot: tuple[str, tuple[float, float], Sequence[float]], lay: MapLayout) -> None:
-    text, (x, y), box = spot
-    d = ImageDraw.Draw(img)
-    d.rounded_rectangle(tuple(box), radius=max(3, round(4 * lay.unit)), fill=BACKGROUND, outline=INK,
-                        width=max(1, round(1.5 * lay.unit)))
-    d.text((x, y), text, fill=INK, font=_font(lay.label_px), anchor="mm")
 
 
 def _fits(m: "EmbeddingMap", gallery: Any) -> bool:
