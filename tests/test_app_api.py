@@ -6,15 +6,11 @@ generated gallery from tests/conftest.py.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 gradio_client = pytest.importorskip("gradio_client")
 app = pytest.importorskip("app", reason="app.py needs gradio")
@@ -22,6 +18,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from conftest import running_app  # noqa: E402
 from sbir_core.service import EMPTY_SKETCH_MESSAGE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,17 @@ pictures made here.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from sbir_core.models.encoders import DEFAULT_CHECKPOINT  # noqa: E402
 from sbir_core.data.examples import list_examples  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
 app = pytest.importorskip("app", reason="app.py needs gradio")

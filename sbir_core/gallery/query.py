@@ -86,6 +86,10 @@ def search_reranked(gallery: Any, relation: Any, query: SketchQuery, k: int = 10
 
     if gallery.tokens is None:
         raise InputError("re-ranking needs a gallery built with token grids (index without --no-tokens)")
+    grid = tuple(getattr(relation, "grid", ()) or ())
+    if grid and gallery.grid is not None and grid != tuple(gallery.grid):
+        raise InputError(f"the relation model reads {grid[0]}x{grid[1]} token grids, this gallery's encoder makes "
+                         f"{gallery.grid[0]}x{gallery.grid[1]}; re-rank with the encoder it was trained for")
     cands = gallery.search(query.embedding, max(DEFAULT_TOPK, k))
     idx = np.array([c.index for c in cands])
     order = np.argsort(idx)  # read the memory-mapped tokens in file order
