@@ -93,6 +93,9 @@ CSS = """
 #results { height: auto !important; }
 #results .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 640px; }
 #results > .empty { min-height: 0 !important; height: 90px !important; }
+/* Its download button in the label's row, not over the first row's last picture. */
+#results .gallery-container, #results .grid-wrap { position: static !important; }
+#results .icon-button-wrapper.top-panel { top: 4px !important; right: 6px !important; }
 /* The examples take the room their pictures need (no tall empty box under them). */
 #examples, #examples .gallery-container, #examples .grid-wrap { height: auto !important; min-height: 0 !important;
   max-height: none !important; overflow: visible !important; }
@@ -124,12 +127,14 @@ footer { display: none !important; }
   #sketch .sbir-tools button { padding: 1px 6px; font-size: 0.8rem; font-weight: 400; }
   #k input[type=range] { min-width: 0; width: auto; flex: 1 1 auto; }
   #results .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+  #results .caption-label { font-size: 0.75rem; }
   #examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
   #under-canvas { flex-wrap: wrap !important; }
   #under-canvas > * { min-width: 100% !important; }
   #model-view img { max-height: 140px; }
   #why-row { flex-direction: column; }
   #why-row > #why-col, #why-row > #map-col { flex: none !important; width: 100%; }
+  #tsne { height: 640px !important; }
 }
 @media (min-width: 1100px) and (max-width: 1599px) {
   #examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
@@ -143,6 +148,7 @@ footer { display: none !important; }
   #status, #status .prose, #status p { font-size: 1.1rem !important; }
   #classes .chips { max-height: none; }
   #tsne { height: 700px !important; }
+  #explanation { height: 440px !important; }
 }
 """
 
@@ -368,6 +374,15 @@ def status_markdown(out: SearchOutcome) -> str:
     return msg
 
 
+def explanation_markdown(ex: Any) -> str:
+    """The explanation's plain message with the result's class in bold."""
+    msg = ex.message.replace("*", "\\*").replace("_", "\\_")
+    if ex.ok and ex.hit is not None and ex.hit.label:
+        label = ex.hit.label.replace("_", " ").replace("*", "\\*")
+        msg = msg.replace(f": {label} (", f": **{label}** (", 1)
+    return msg
+
+
 # ----------------------------------------------------------------------------- callbacks
 class Callbacks:
     """The page's event handlers as plain methods (the tests call them directly)."""
@@ -442,7 +457,7 @@ class Callbacks:
         except (TypeError, ValueError, OverflowError):
             rank = -1
         ex = self.service.explain(query, rank)
-        return ex.correspondences, ex.synthesis, ex.heatmap, ex.message
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
 
     def on_select(self, query: Optional[Query], evt: gr.SelectData):
         """A click on a result: explain the image that was clicked (by its gallery row,
@@ -455,7 +470,7 @@ class Callbacks:
         if query is not None and path:
             row = self.service.row_of_thumbnail(query.gallery, str(path), value.get("caption"))
         ex = self.service.explain(query, int(rank or 0), gallery_row=row)
-        return ex.correspondences, ex.synthesis, ex.heatmap, ex.message
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
 
     def tsne(self, query: Optional[Query], gallery: Optional[str] = None):
         m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)

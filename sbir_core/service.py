@@ -481,7 +481,7 @@ class RetrievalService:
             ex = explain_pair(self.encoder, query.image, hit.path, relation=self.relation, query_kind=query.kind)
             label = hit.label.replace("_", " ") or "this image"
             score = f", relation score {ex.relation_score:.2f}" if ex.relation_score is not None else ""
-            msg = (f"Result {i + 1}: **{label}** (similarity {hit.score:.2f}{score}). "
+            msg = (f"Result {i + 1}: {label} (similarity {hit.score:.2f}{score}). "
                    f"Lines join the parts of your {'drawing' if query.kind == 'sketch' else 'photo outline'} "
                    f"to the parts of the image that look most alike.")
             out = ExplanationImages(True, msg, ex.render_correspondences(), ex.render_synthesis(),

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Draw a cat, a house and a bicycle in the app with the mouse and save screenshots.
+"""Draw a cat, a house, a bicycle and an umbrella in the app with the mouse and save screenshots.
 
     python scripts/screenshots.py OUT_DIR                   # starts the app in-process
     python scripts/screenshots.py OUT_DIR --url http://127.0.0.1:7860   # or use a running one
 
 Each drawing is replayed stroke by stroke from the example stroke lists
-(`sbir_core/examples/*.json`) with real mouse events on `#sketch`, then the first
-result is clicked so the explanation and the t-SNE map are in the picture too.
+(`sbir_core/examples/*.json`; the umbrella is drawn in code, CODE_DRAWINGS) with real
+mouse events on `#sketch`, then the first result is clicked so the explanation and the
+t-SNE map are in the picture too.
 Also importable: the browser helpers here are shared by scripts/bench_app.py.
 """
 from __future__ import annotations
@@ -21,13 +22,34 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # app.py lives at the top of a checkout, outside the package
     sys.path.insert(0, str(ROOT))
+
 
 CHROMIUM = os.environ.get("SBIR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-DRAWINGS = ("cat", "house", "bicycle")
+DRAWINGS = ("cat", "house", "bicycle", "umbrella")
+
+
+def _umbrella() -> list[list[tuple[float, float]]]:
+    """An umbrella drawn in code (no example file, no data set): the canopy, its scalloped
+    edge, the shaft and a hooked handle, in a unit square."""
+    import math
+
+    canopy = [(0.5 - 0.44 * math.cos(math.pi * t / 24), 0.45 - 0.34 * math.sin(math.pi * t / 24)) for t in range(25)]
+    edge = []
+    for k in range(4):
+        x0 = 0.06 + 0.22 * k
+        edge += [(x0 + 0.11 - 0.11 * math.cos(math.pi * t / 8), 0.45 - 0.06 * math.sin(math.pi * t / 8))
+                 for t in range(9)][(1 if k else 0):]
+    shaft = [(0.5, 0.45 + 0.4 * t / 10) for t in range(11)]
+    hook = [(0.56 - 0.06 * math.cos(math.pi * t / 8), 0.85 + 0.06 * math.sin(math.pi * t / 8)) for t in range(9)]
+    return [canopy, edge, shaft + hook[1:]]
+
+
+# Drawings made in code, for objects that have no example stroke file.
+CODE_DRAWINGS = {"umbrella": _umbrella}
 
 # Records when the last stroke ended (pointer release) and what the results grid
 # showed when it began, so "new results" and their latency are measured in the page.
@@ -54,7 +76,8 @@ def running_app(galleries: Optional[str] = None, gallery: str = "default", check
                 port: Optional[int] = None) -> Iterator[str]:
     """Start the app in this process on a free loopback port; yields its URL."""
     import app as app_module
-    from sbir_core.service import DEFAULT_GALLERIES, RetrievalService
+    from sbir_core.paths import SHIPPED_GALLERIES as DEFAULT_GALLERIES
+    from sbir_core.service import RetrievalService
 
     service = RetrievalService(galleries or DEFAULT_GALLERIES, gallery=gallery, checkpoint=checkpoint)
     if service.default_gallery:
@@ -98,9 +121,11 @@ def canvas_area(page) -> tuple[float, float, float]:
 
 
 def example_strokes(page, name: str) -> list[list[tuple[float, float]]]:
-    from sbir_core.examples import get_example
+    from sbir_core.data.examples import get_example
 
     x0, y0, side = canvas_area(page)
+    if name in CODE_DRAWINGS:
+        return [[(x0 + x * side, y0 + y * side) for x, y in st] for st in CODE_DRAWINGS[name]()]
     return [[(x0 + x, y0 + y) for x, y in st] for st in get_example(name).scaled_strokes(side, side, margin=0.0)]
 
 

@@ -5,14 +5,10 @@ see the explanation. Skipped when Debian's chromium is not installed
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -25,14 +21,22 @@ app = pytest.importorskip("app", reason="app.py needs gradio")
 
 from conftest import running_app  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 TIMEOUT_MS = 120_000  # the CPU is shared and slow; the page is still expected to get there
 
 
 @pytest.fixture(scope="module")
-def url(app_galleries, raw_encoder, tmp_path_factory):
+def server(app_galleries, raw_encoder, tmp_path_factory):
+    """(address, service) of the app over the tiny shapes gallery (raw backbone)."""
     base = tmp_path_factory.mktemp("browser")
-    with running_app(app_galleries, raw_encoder, base, warm_up=True) as (address, _service):
-        yield address
+    with running_app(app_galleries, raw_encoder, base, warm_up=True) as (address, service):
+        yield address, service
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,14 @@ def test_draw_see_results_click_see_explanation(page):
     assert "Best match" in page.locator("#status").inner_text()
     page.wait_for_timeout(1000)  # let any re-run of the last stroke land
     captions = page.locator("#results .caption-label").all_inner_texts()
+    # No caption over its picture: each sits below its thumbnail
+    img_box = page.locator("#results img").nth(1).bounding_box()
+    cap_box = page.locator("#results .caption-label").nth(1).bounding_box()
+    assert cap_box["y"] >= img_box["y"] + img_box["height"] - 1, (img_box, cap_box)
+    # Until a result is clicked the explanation pictures take no room; a one-line hint says what to do
+    for sel in ("#explanation", "#synthesis", "#heatmap"):
+        assert not page.locator(sel).is_visible(), sel
+    assert "Click a result" in page.locator("#explanation-text").inner_text()
     page.locator("#results img").nth(1).click()  # the second result
     page.wait_for_selector("#explanation img", timeout=TIMEOUT_MS)
     page.wait_for_function("() => { const i = document.querySelector('#explanation img');"
@@ -91,6 +103,8 @@ def test_draw_see_results_click_see_explanation(page):
     label = captions[1].rsplit(" · ", 1)[0]
     assert "Result 2" in text and label in text, (text, captions)
     assert page.locator("#synthesis img").count() == 1 and page.locator("#heatmap img").count() == 1
+    for sel in ("#explanation img", "#synthesis img", "#heatmap img"):
+        assert page.locator(sel).is_visible(), sel
     # works offline: nothing was fetched from outside this machine
     assert page.external_requests == []
 
@@ -157,6 +171,95 @@ def test_strokes_are_sent_as_points_and_undo_works(page):
     assert _ink(page) == 0 and page.locator("#results img").count() == 0
 
 
+def _image_of(page, selector):
+    """The picture an <img> shows, as decoded by the browser, as an RGB numpy array."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = page.evaluate("""(sel) => { const i = document.querySelector(sel);
+        const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+        c.getContext('2d').drawImage(i, 0, 0); return c.toDataURL('image/png'); }""", selector)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB")).astype(int)
+
+
+def _wait_for_picture(page, selector, expected, timeout_s=120.0):
+    """Wait until the <img> shows (nearly: Gradio re-encodes it) the picture `expected`."""
+    import time
+
+    import numpy as np
+
+    want = np.asarray(expected.convert("RGB")).astype(int)
+    t0, got = time.time(), None
+    while time.time() - t0 < timeout_s:
+        if page.evaluate("(s) => { const i = document.querySelector(s); return !!i && i.complete"
+                         " && i.naturalWidth > 0; }", selector):
+            got = _image_of(page, selector)
+            if got.shape == want.shape and np.abs(got - want).mean() < 3:
+                return got
+        page.wait_for_timeout(250)
+    diff = None if got is None or got.shape != want.shape else np.abs(got - want).mean()
+    raise AssertionError(f"{selector} never showed the expected picture (last difference {diff})")
+
+
+def _names_drawn(picture, labels):
+    """The placed class names that are drawn (dark ink in their box) on a map picture."""
+    import numpy as np
+
+    from sbir_core.explain.map_drawing import INK
+
+    out = []
+    for lab in labels:
+        x0, y0, x1, y1 = (int(round(v)) for v in lab.box)
+        crop = picture[max(0, y0):y1, max(0, x0):x1]
+        if crop.size and (np.abs(crop - np.array(INK)).max(axis=2) < 60).mean() > 0.05:
+            out.append(lab.name)
+    return out
+
+
+def test_the_map_places_the_drawing_among_named_classes(page, server):
+    """The map (#tsne) names every class of the gallery; after a drawing it is a newly
+    rendered, loaded, non-blank picture: the service's map for that very drawing."""
+    import numpy as np
+
+    from conftest import APP_SHAPES
+
+    _address, service = server
+    page.locator("#sketch button[aria-label='Clear canvas']").first.click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
+                           timeout=TIMEOUT_MS)
+    # With nothing drawn: the gallery's map, every class name placed on it and drawn
+    before = _wait_for_picture(page, "#tsne img", service.tsne().image)
+    h, w, _ = before.shape
+    emap = service.gallery().emap
+    assert emap is not None
+    placed = [lab for lab in emap.layout((w, h), title="map", thumbnails=True).labels if lab.shown]
+    assert sorted(lab.name for lab in placed) == sorted(APP_SHAPES)
+    assert sorted(_names_drawn(before, placed)) == sorted(APP_SHAPES)
+    before_src = page.locator("#tsne img").get_attribute("src")
+
+    box = page.locator("#sketch canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    r = 0.25 * min(box["width"], box["height"])
+    _stroke(page, [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)])
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Best match')",
+                           timeout=TIMEOUT_MS)
+    page.wait_for_function("(b) => { const i = document.querySelector('#tsne img');"
+                           " return i && i.src !== b && i.complete && i.naturalWidth > 0; }",
+                           arg=before_src, timeout=TIMEOUT_MS)
+    assert page.locator("#tsne img").is_visible()
+    strokes = page.evaluate("() => document.querySelector('#strokes textarea').value")
+    _items, _msg, query = app.Callbacks(service).search_strokes(strokes)
+    shown = _wait_for_picture(page, "#tsne img", service.tsne_for(query, size=(w, h)).image)
+    # a rendered picture, not a blank or broken one, and not the map from before the drawing
+    assert (w, h) == (640, 560) and shown.std() > 20 and (shown < 200).any(axis=2).mean() > 0.01
+    assert np.abs(shown - before).mean() > 0.05
+    hidden = sorted(set(APP_SHAPES) - set(_names_drawn(shown, placed)))
+    assert not hidden, f"class names hidden under the result tiles after a search: {hidden}"
+
+
 @pytest.fixture(scope="module")
 def touch_page(url, page):
     """A tablet-sized page with touch input (real touch events through the DevTools protocol),
@@ -197,7 +300,85 @@ def test_draw_with_touch_without_scrolling_then_undo_with_ctrl_z(touch_page):
     page.wait_for_function("() => window.sbirSketch.strokes.length === 2")
     page.wait_for_function("() => document.querySelectorAll('#results img').length >= 4", timeout=TIMEOUT_MS)
     assert page.locator("#classes .chip").count() == 4  # the tiny gallery's classes, listed
+    # a 768 px tablet: the results sit beside the canvas, their first row on the first screen
+    canvas_box, results_box = canvas.bounding_box(), page.locator("#results").bounding_box()
+    assert results_box["x"] >= canvas_box["x"] + canvas_box["width"], (canvas_box, results_box)
+    first = page.locator("#results img").first.bounding_box()
+    assert 0 <= first["y"] and first["y"] + first["height"] <= 1000, first
     page.keyboard.press("Control+z")
     page.wait_for_function("() => window.sbirSketch.strokes.length === 1")
     page.wait_for_function("() => (JSON.parse(document.querySelector('#strokes textarea').value || '{}').strokes"
                            " || []).length === 1", timeout=TIMEOUT_MS)
+
+
+# ----------------------------------------------------------------------------- the shipped model
+def fence_strokes(x0, y0, side, pickets=7, wobble=0.012):
+    """A garden fence drawn by hand in the square (x0, y0, side): `pickets` upright posts
+    and two rails, each line with a slight wobble. A fence is a real object the default
+    gallery lacks (no fence class)."""
+    def line(a, b, phase, n=16):
+        pts = []
+        for i in range(n + 1):
+            t = i / n
+            w = wobble * side * math.sin(2 * math.pi * t + phase)
+            x, y = a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
+            pts.append((x + w, y) if a[0] == b[0] else (x, y + w))
+        return pts
+
+    posts = [line((x0 + side * (0.1 + 0.8 * i / (pickets - 1)), y0 + side * 0.15),
+                  (x0 + side * (0.1 + 0.8 * i / (pickets - 1)), y0 + side * 0.85), i) for i in range(pickets)]
+    rails = [line((x0 + side * 0.03, y0 + side * f), (x0 + side * 0.97, y0 + side * f), j + 0.5)
+             for j, f in enumerate((0.35, 0.65))]
+    return posts + rails
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory):
+    """The app over a copy of the shipped default gallery with the shipped checkpoint (its
+    calibrated confidence threshold drives the "not sure" notice)."""
+    try:
+        from sbir_core.paths import SHIPPED_GALLERIES as galleries
+    except ImportError:
+        galleries = ROOT / "galleries"
+    if not (Path(galleries) / "default").is_dir() or not (ROOT / "checkpoints" / "default.safetensors").exists():
+        pytest.skip("the shipped gallery or checkpoint is missing")
+    base = tmp_path_factory.mktemp("shipped")
+    with running_app(Path(galleries), None, base) as (address, service):
+        if service.confidence_threshold is None:
+            pytest.skip("the checkpoint has no calibrated confidence threshold")
+        yield address, service
+
+
+def test_a_drawing_of_something_the_gallery_lacks_gets_the_not_sure_notice(page, shipped_server):
+    """Drawn with the mouse: a fence (no fence class in the default gallery). The notice
+    appears when the best match scores below the checkpoint's calibrated threshold (0.4036);
+    this fence scored 0.36 (best match: a book) when measured, sure drawings score 0.5-0.85."""
+    address, service = shipped_server
+    pg = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(address)
+        pg.wait_for_selector("#sketch canvas")
+        pg.wait_for_selector("#strokes textarea", state="attached")
+        pg.wait_for_function("() => document.querySelectorAll('#classes .chip').length > 0")
+        chips = [c.strip().lower() for c in pg.locator("#classes .chip").all_inner_texts()]
+        assert "fence" not in chips and len(chips) > 20
+        box = pg.locator("#sketch canvas").first.bounding_box()
+        side = 0.7 * min(box["width"], box["height"])
+        x0, y0 = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+        strokes = fence_strokes(x0, y0, side)
+        for st in strokes:
+            _stroke(pg, st)
+        pg.wait_for_function(f"() => (JSON.parse(document.querySelector('#strokes textarea').value || '{{}}')"
+                             f".strokes || []).length === {len(strokes)}")
+        pg.wait_for_function("() => /Closest|Best match/.test(document.querySelector('#status').innerText)",
+                             timeout=TIMEOUT_MS)
+        pg.wait_for_timeout(1000)  # let a re-run of the last stroke land
+        status = pg.locator("#status").inner_text()
+        sent = pg.evaluate("() => document.querySelector('#strokes textarea').value")
+        _items, _msg, query = app.Callbacks(service).search_strokes(sent)
+        top1 = query.hits[0].score
+        assert top1 < service.confidence_threshold, (top1, status)
+        assert "not sure" in status.lower(), (top1, status)
+    finally:
+        pg.close()

@@ -351,16 +351,18 @@ class EmbeddingMap:
                 x0, y0 = int(round(pix[i, 0] - t.width / 2)), int(round(pix[i, 1] - t.height / 2))
                 img.paste(t, (x0, y0))
                 draw.rectangle((x0 - 1, y0 - 1, x0 + t.width, y0 + t.height), outline=colours[i], width=1)
-            font = map_font(lay.label_px)
-            sw = max(2, round(lay.label_px / 5))
-            for lab in lay.labels:
-                if lab.shown:
-                    draw.text(lab.xy, lab.text, fill=INK, font=font, anchor="mm", stroke_width=sw,
-                              stroke_fill=BACKGROUND)
+            self._draw_labels(draw, lay, [lab for lab in lay.labels if lab.shown])
             self._render_cache[key] = (lay, img)
             while len(self._render_cache) > RENDER_CACHE_ENTRIES:
                 self._render_cache.popitem(last=False)
             return lay, img
+
+    @staticmethod
+    def _draw_labels(draw: ImageDraw.ImageDraw, lay: "MapLayout", labels: Sequence[Any]) -> None:
+        font = map_font(lay.label_px)
+        sw = max(2, round(lay.label_px / 5))  # a white outline keeps names readable over pictures
+        for lab in labels:
+            draw.text(lab.xy, lab.text, fill=INK, font=font, anchor="mm", stroke_width=sw, stroke_fill=BACKGROUND)
 
     def _colours(self) -> list[tuple[int, int, int]]:
         if not self.labels:
@@ -441,6 +443,9 @@ class EmbeddingMap:
                 img.paste(t, (x0, y0))
                 boxes.append((x0 - fw, y0 - fw, x0 + t.width + fw, y0 + t.height + fw))
             boxes.reverse()
+            # Class names stay readable: those a result tile landed on are drawn again on top.
+            self._draw_labels(draw, lay, [lab for lab in lay.labels if lab.shown
+                                          and any(overlap(lab.box, b) for b in boxes)])
         elif hl:
             rr = lay.dot_r + max(3.0, 3 * u)
             for rank in range(len(hl) - 1, -1, -1):
