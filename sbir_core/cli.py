@@ -608,7 +608,7 @@ def _add_serve(sub: Any) -> None:
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sbir_core",
+        prog="sbir" if Path(sys.argv[0]).name == "sbir" else "python -m sbir_core",
         description="Zero-shot sketch-based image retrieval: index, search, evaluate, train, explain.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
