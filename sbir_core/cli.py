@@ -351,7 +351,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
-                 "sketches_per_step", "photos_per_step", "max_photos_per_class"):
+                 "sketches_per_step", "photos_per_step", "max_photos_per_class", "warmup", "init"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -369,6 +369,8 @@ def _add_finetune(sub: Any) -> None:
                    help="folder for decoded training photos (default $SBIR_HOME/cache/finetune; '' = none)")
     p.add_argument("--steps", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--init", metavar="CHECKPOINT", help="continue from a trained checkpoint (backbone and heads)")
+    p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
     p.add_argument("--lr-backbone", dest="lr_backbone", type=float)
     p.add_argument("--lr-head", dest="lr_head", type=float)
     p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int)

@@ -72,6 +72,7 @@ class FinetuneConfig:
     val_every: int = 250
     seed: int = 0
     exclude: tuple = ("pacs", "doodle")
+    init: Optional[str] = None       # start from this checkpoint (backbone + heads) instead of ImageNet
 
 
 # ----------------------------------------------------------------------------- data
@@ -184,7 +185,10 @@ class Finetuner:
         self.remap[self.train_classes] = torch.arange(len(self.train_classes))
         self.p_idx = np.flatnonzero(~held[td.photo_labels])
         self.s_idx = np.flatnonzero(~held[td.sketch_labels])
-        self._standardize()
+        if cfg.init:
+            self._load_init(cfg.init)
+        else:
+            self._standardize()
         bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
         hd = list(self.model.head.parameters())
         self.opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr_backbone}, {"params": hd, "lr": cfg.lr_head}],
@@ -196,6 +200,19 @@ class Finetuner:
         self.best = {"score": -1.0}
         self.best_state: Optional[dict] = None
         self.history: list = []
+
+    def _load_init(self, path: str) -> None:
+        """Continue from a trained checkpoint (e.g. at another input size): its backbone and
+        heads, feature standardisation included. Its held-out classes must be these."""
+        from sbir_core.models.checkpoint import load_checkpoint
+
+        head, meta = load_checkpoint(path)
+        held = [c for c, h in zip(self.td.classes, self.held) if h]
+        if meta.get("heldout_classes") not in (None, held):
+            raise ValueError(f"{path} was selected on other held-out classes; it cannot be continued here")
+        self.model.backbone.net.load_state_dict(meta["backbone_state"])
+        self.model.head.load_state_dict(head.state_dict())
+        log.info("starting from %s", path)
 
     @torch.no_grad()
     def _standardize(self, n: int = 192) -> None:
