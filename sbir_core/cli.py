@@ -449,15 +449,10 @@ def _explain_encoder(checkpoint: str) -> Any:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from sbir_core.data.drawing import load_stroke_file
     from sbir_core.explain.correspondence import explain_pair
-    from sbir_core.models.relation import load_relation
-    from sbir_core.models.relation import DEFAULT_RELATION
+    from sbir_core.models.relation import relation_for
 
-    relation = None
-    if args.relation == "auto":
-        relation = load_relation() if DEFAULT_RELATION.is_file() else None
-    elif args.relation != "none":
-        relation = load_relation(args.relation)
     enc = _explain_encoder(args.checkpoint)
+    relation = None if args.relation == "none" else relation_for(enc, None if args.relation == "auto" else args.relation)
     if args.query_photo:
         query, kind = args.query_photo, "photo"
     else:

@@ -33,7 +33,7 @@ from sbir_core.gallery.identity import checkpoint_spec
 from sbir_core.gallery.query import SketchQuery, encode_query, encode_sketch_query, search_reranked
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
-from sbir_core.models.relation import DEFAULT_RELATION, load_relation
+from sbir_core.models.relation import relation_for
 from sbir_core.paths import SHIPPED_GALLERIES
 
 log = logging.getLogger(__name__)
@@ -251,30 +251,11 @@ class RetrievalService:
             return None
         if not isinstance(relation, (str, os.PathLike)):
             return relation  # an already-loaded RelationModel
-        path = DEFAULT_RELATION if relation == "auto" else Path(relation)
-        if relation == "auto" and not Path(path).is_file():
-            return None
         try:
-            model = load_relation(path)
+            return relation_for(self.encoder, None if relation == "auto" else relation)
         except Exception as exc:  # explanations fall back to backbone tokens
             log.warning("relation model not loaded: %s", exc)
             return None
-        grid = getattr(model, "grid", None)
-        try:
-            enc_grid = self._token_grid()
-        except Exception:
-            enc_grid = None
-        if grid is not None and enc_grid is not None and tuple(grid) != tuple(enc_grid):
-            log.warning("relation model grid %s does not fit the encoder's %s; not used", grid, enc_grid)
-            return None
-        return model
-
-    def _token_grid(self) -> tuple[int, int]:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.zeros(1, 3, self.encoder.image_size, self.encoder.image_size)
-            return tuple(self.encoder.backbone_features(x).grid)
 
     @property
     def encoder_id(self) -> str:

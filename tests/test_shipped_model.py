@@ -162,3 +162,23 @@ def test_weak_best_matches_get_the_not_sure_notice(shipped):
 def test_an_umbrella_is_flagged_as_unsure(shipped):
     items, msg, query = shipped.search_strokes(_umbrella(), 5, "default")
     assert query is not None and "Not sure" in msg, msg
+
+
+def test_the_command_line_searches_and_explains_as_the_page_does(shipped, tmp_path, capsys):
+    """`search --gallery default --strokes` with the shipped model: the page's first row,
+    scores included; `explain --strokes` writes the three pictures."""
+    from sbir_core import cli
+
+    strokes = json.loads(app.example_strokes("house"))
+    f = tmp_path / "house.json"
+    f.write_text(json.dumps(strokes))
+    assert cli.main(["search", "--gallery", "default", "--galleries", str(ROOT / "galleries"), "--strokes", str(f),
+                     "--k", "5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    _items, _msg, query = shipped.search_strokes(json.dumps(strokes), 5, "default")
+    assert [Path(r["path"]).name for r in got] == [Path(h.path).name for h in query.hits]
+    assert [round(r["score"], 4) for r in got] == [round(h.score, 4) for h in query.hits]
+    assert "house" in [r["label"] for r in got]
+    out = tmp_path / "why"
+    assert cli.main(["explain", "--strokes", str(f), "--photo", got[0]["path"], "--out", str(out)]) == 0
+    assert all((out / n).stat().st_size > 1000 for n in ("correspondences.png", "heatmap.png", "synthesis.png"))

@@ -35,8 +35,8 @@ def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
     with Image.open(path) as im:
         w, h = im.size
         if w * h > max_pixels:
-            raise ImageTooLargeError(f"too large ({w}x{h} = {w * h / 1e6:.0f} megapixels; "
-                                     f"the limit is {max_pixels / 1e6:.0f})")
+            raise ImageTooLargeError(f"too large ({w}×{h} = {w * h / 1e6:.0f} megapixels; "
+                                     f"the limit is {max_pixels / 1e6:.0f} megapixels)")
         im.load()
         out = ImageOps.exif_transpose(im)
         if out is im:  # exif_transpose returns the same object when there is nothing to do
@@ -46,9 +46,7 @@ def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
 
 # Uploads (query photos and gallery images): refuse anything bigger before decoding it.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-
-
-MAX_UPLOAD_PIXELS = 40_000_000
+MAX_UPLOAD_PIXELS = MAX_IMAGE_PIXELS
 
 
 def open_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS,
@@ -69,15 +67,9 @@ def open_upload(path: PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     if size > max_bytes:
         raise InputError(f"“{name}” is too large ({size / 2**20:.1f} MB); the limit is {max_bytes / 2**20:.0f} MB.")
     try:
-        with Image.open(p) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise InputError(f"“{name}” is too large ({w}×{h} = {w * h / 1e6:.0f} megapixels); "
-                                   f"the limit is {max_pixels / 1e6:.0f} megapixels.")
-            im.load()
-            return im.copy()
-    except InputError:
-        raise
+        return load_image(p, max_pixels)
+    except ImageTooLargeError as exc:
+        raise InputError(f"“{name}” is {exc}.") from exc
     except Exception as exc:  # PIL raises many kinds for files that are not images
         raise InputError(f"“{name}” is not an image that can be read (PNG, JPEG, WebP, GIF or BMP).") from exc
 

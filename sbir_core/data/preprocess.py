@@ -99,6 +99,19 @@ def render_strokes(
 
 
 # ----------------------------------------------------------------------------- canvas images
+def cell_counts(mask: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) count of True pixels per token cell and (h, w) cell areas, for any cell
+    geometry (cells split the image as evenly as pixels allow; a summed-area table)."""
+    H, W = mask.shape
+    h, w = int(grid[0]), int(grid[1])
+    ys = np.linspace(0, H, h + 1).round().astype(int)
+    xs = np.linspace(0, W, w + 1).round().astype(int)
+    sat = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = sat[ys[1:, None], xs[None, 1:]] - sat[ys[:-1, None], xs[None, 1:]] \
+        - sat[ys[1:, None], xs[None, :-1]] + sat[ys[:-1, None], xs[None, :-1]]
+    return counts, np.diff(ys)[:, None] * np.diff(xs)[None, :]
+
+
 def ink_mask(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
     """Return ink darkness in [0, 255] (255 = full ink) for a canvas image of any kind.
 

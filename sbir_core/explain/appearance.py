@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sbir_core.data.preprocess import cell_counts
+
 
 
 EDGE_WEIGHT = 0.5  # share of the photo's edge-map view in the appearance similarity
@@ -151,15 +153,8 @@ def content_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
 
 
 def _cell_fraction(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """(h*w,) fraction of True pixels per cell (any cell geometry)."""
-    H, W = mask.shape
-    h, w = grid
-    ys = np.linspace(0, H, h + 1).round().astype(int)
-    xs = np.linspace(0, W, w + 1).round().astype(int)
-    sat = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    counts = sat[ys[1:, None], xs[None, 1:]] - sat[ys[:-1, None], xs[None, 1:]] \
-        - sat[ys[1:, None], xs[None, :-1]] + sat[ys[:-1, None], xs[None, :-1]]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    """(h*w,) fraction of True pixels per cell."""
+    counts, area = cell_counts(mask, grid)
     return (counts / np.maximum(area, 1)).reshape(-1)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 IMAGE_MODALITIES = ("photo", "sketch")
 MODALITY_INDEX = {"photo": 0, "sketch": 1, "text": 2}

@@ -21,10 +21,8 @@ Training and benchmarking live in `sbir_core.training.relation`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -60,18 +58,9 @@ def ink_cells(image: Union[Image.Image, np.ndarray], grid: Sequence[int],
     (`preprocess.ink_mask` darker than `INK_THRESHOLD`). Row-major `.reshape(-1)`
     lines the cells up with the encoder's (N, C) tokens.
     """
-    from sbir_core.data.preprocess import INK_THRESHOLD, ink_mask
+    from sbir_core.data.preprocess import INK_THRESHOLD, cell_counts, ink_mask
 
-    h, w = int(grid[0]), int(grid[1])
-    on = ink_mask(image) > INK_THRESHOLD
-    H, W = on.shape
-    ys = np.linspace(0, H, h + 1).round().astype(int)
-    xs = np.linspace(0, W, w + 1).round().astype(int)
-    # Per-cell ink fraction via a summed-area table (works for any cell geometry).
-    sat = np.pad(on.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    counts = sat[ys[1:, None], xs[None, 1:]] - sat[ys[:-1, None], xs[None, 1:]] \
-        - sat[ys[1:, None], xs[None, :-1]] + sat[ys[:-1, None], xs[None, :-1]]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    counts, area = cell_counts(ink_mask(image) > INK_THRESHOLD, grid)
     return counts >= np.maximum(1, min_fraction * area)
 
 
@@ -350,6 +339,32 @@ def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
     model.load_state_dict(state, strict=True)
     model.meta = meta
     return model.eval()
+
+
+def encoder_grid(encoder: Any) -> tuple[int, int]:
+    """The token grid the encoder makes at its input size (one forward pass of zeros)."""
+    with torch.inference_mode():
+        x = torch.zeros(1, 3, encoder.image_size, encoder.image_size)
+        return tuple(encoder.backbone_features(x).grid)
+
+
+def relation_for(encoder: Any, path: Union[str, Path, None] = None) -> Optional[RelationModel]:
+    """The relation model to use with `encoder`: the one at `path` (default: the shipped
+    one, None when it is missing), or None when it reads another token grid than the
+    encoder makes (the shipped 160 px encoder makes 10x10, the relation model reads
+    14x14): explanations then use the backbone's tokens alone. A named `path` that
+    cannot be used raises InputError instead."""
+    p = Path(path) if path is not None else DEFAULT_RELATION
+    if path is None and not p.is_file():
+        return None
+    model = load_relation(p)
+    grid, mine = tuple(model.grid), encoder_grid(encoder)
+    if grid == mine:
+        return model
+    if path is not None:
+        raise InputError(f"{p} reads {grid[0]}x{grid[1]} token grids; this encoder makes {mine[0]}x{mine[1]}")
+    log.info("the relation model reads %s token grids, the encoder makes %s: not used", grid, mine)
+    return None
 
 
 # ----------------------------------------------------------------------------- re-ranking
