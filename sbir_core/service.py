@@ -30,7 +30,7 @@ from sbir_core.errors import InputError, SBIRError
 from sbir_core.explain.correspondence import explain_pair
 from sbir_core.explain.embedding_map import gallery_map
 from sbir_core.gallery.identity import checkpoint_spec
-from sbir_core.gallery.query import SketchQuery, encode_query, encode_sketch_query, search_reranked
+from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.relation import relation_for
@@ -292,16 +292,10 @@ class RetrievalService:
                     self.explain(out.query, 0)
 
     # ------------------------------------------------------------------ searching
-    def _hits(self, lg: LoadedGallery, q: np.ndarray, k: int) -> list[Hit]:
-        k = clamp_k(k)
-        res = lg.gallery.search(q, k)
+    def _hits(self, lg: LoadedGallery, results: Sequence[Any]) -> list[Hit]:
+        """Gallery search results -> the page's hits (with thumbnails)."""
         return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
-                    score=h.score, label=h.label) for r, h in enumerate(res)]
-
-    def _rerank_hits(self, lg: LoadedGallery, sq: SketchQuery, k: int) -> list[Hit]:
-        res = search_reranked(lg.gallery, self.relation, sq, clamp_k(k))
-        return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
-                    score=h.score, label=h.label) for r, h in enumerate(res)]
+                    score=h.score, label=h.label) for r, h in enumerate(results)]
 
     def search_sketch(self, canvas_value: Any, k: int = DEFAULT_K, gallery: Optional[str] = None,
                       rerank: bool = False, brush: Optional[float] = None) -> SearchOutcome:
@@ -322,9 +316,9 @@ class RetrievalService:
             use_rerank = rerank and self.relation is not None and lg.gallery.tokens is not None \
                 and lg.modality == "photo"
             if use_rerank:
-                hits = self._rerank_hits(lg, cached, k)
+                hits = self._hits(lg, search_reranked(lg.gallery, self.relation, cached, clamp_k(k)))
             else:
-                hits = self._hits(lg, emb, k)
+                hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
         except BlankSketchError:
             return SearchOutcome(False, EMPTY_SKETCH_MESSAGE, seconds=time.perf_counter() - t0)
         except InputError as exc:
@@ -372,7 +366,7 @@ class RetrievalService:
             if emb is None:
                 emb = encode_query(self.encoder, text=text)
                 self._queries.put(key, emb)
-            hits = self._hits(lg, emb, k)
+            hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
         except InputError as exc:
             return SearchOutcome(False, str(exc))
         except Exception:
@@ -409,7 +403,7 @@ class RetrievalService:
                 cached = (encode_query(self.encoder, photo=image), preprocess_photo(image, self.encoder.image_size))
                 self._queries.put(key, cached)
             emb, shown = cached
-            hits = self._hits(lg, emb, k)
+            hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
         except InputError as exc:
             return SearchOutcome(False, str(exc))
         except Exception:
