@@ -351,7 +351,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
-                 "sketches_per_step", "photos_per_step", "max_photos_per_class", "warmup", "init"):
+                 "sketches_per_step", "photos_per_step", "max_photos_per_class", "warmup", "init", "w_preserve"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -378,6 +378,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
     p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
     p.add_argument("--val-every", dest="val_every", type=int)
+    p.add_argument("--w-preserve", dest="w_preserve", type=float,
+                   help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_cmd_finetune)
 

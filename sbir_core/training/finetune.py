@@ -64,6 +64,7 @@ class FinetuneConfig:
     w_text: float = 1.0
     w_triplet: float = 0.5
     w_pair: float = 0.5
+    w_preserve: float = 0.0          # photo-photo relations of the ImageNet backbone kept (0 = off)
     embed_dim: int = 256
     hidden: int = 1024
     dropout: float = 0.1
@@ -189,6 +190,9 @@ class Finetuner:
             self._load_init(cfg.init)
         else:
             self._standardize()
+        # SAKE-style knowledge preservation: the frozen ImageNet backbone knows how photos of
+        # classes it was never fine-tuned on relate; fine-tuning on training classes forgets it.
+        self.teacher = EfficientNetLiteBackbone(cfg.encoder, image_size=cfg.image_size) if cfg.w_preserve else None
         bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
         hd = list(self.model.head.parameters())
         self.opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr_backbone}, {"params": hd, "lr": cfg.lr_head}],
@@ -297,6 +301,9 @@ class Finetuner:
         tgt = torch.arange(len(a))
         losses["pair"] = 0.5 * (F.cross_entropy(pl, tgt) + F.cross_entropy(pl.T, tgt))
         total = cfg.w_text * losses["text"] + cfg.w_triplet * losses["triplet"] + cfg.w_pair * losses["pair"]
+        if self.teacher is not None:
+            losses["preserve"] = _relations_kept(self.teacher, xp[: len(se)], sp[: len(se)], m.mean)
+            total = total + cfg.w_preserve * losses["preserve"]
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
@@ -455,6 +462,20 @@ def _triplets(a: torch.Tensor, ya: torch.Tensor, b: torch.Tensor, yb: torch.Tens
             neg = torch.where(~msk, s, torch.full_like(s, -2.0)).max(1).values
             out.append(F.relu(margin - pos + neg)[has].mean())
     return torch.stack(out).mean() if out else a.sum() * 0
+
+
+def _relations_kept(teacher: EfficientNetLiteBackbone, photos: torch.Tensor, emb: torch.Tensor,
+                    mean: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """KL from the teacher's photo-to-photo similarity distribution (batch-centred ImageNet
+    features) to the student's (retrieval embeddings), each photo against the others."""
+    with torch.no_grad():
+        t = teacher.features((photos - mean) / 0.5).pooled
+        t = F.normalize(t - t.mean(0), dim=-1)
+    s = F.normalize(emb, dim=-1)
+    off = ~torch.eye(len(s), dtype=torch.bool)
+    tl = (t @ t.T / tau)[off].view(len(s), -1)
+    sl = (s @ s.T / tau)[off].view(len(s), -1)
+    return F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean")
 
 
 def retrieval_summary(sim: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray) -> dict:

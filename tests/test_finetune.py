@@ -1,0 +1,129 @@
+"""The end-to-end fine-tuning that produces the shipped encoder, on tiny generated data:
+losses, knowledge preservation, resumable state."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sbir_core.training.finetune import FinetuneConfig, Finetuner, TrainData, _relations_kept, heldout_classes
+
+torch.set_num_threads(1)
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def _shape_strokes(kind: str, rng: np.random.Generator) -> list:
+    """A wobbly doodle of one shape, as [[xs, ys], ...] strokes."""
+    j = lambda v: [float(a + rng.normal(0, 3)) for a in v]  # noqa: E731
+    if kind == "circle":
+        t = np.linspace(0, 2 * np.pi, 24)
+        return [[j(50 + 40 * np.cos(t)), j(50 + 40 * np.sin(t))]]
+    if kind == "square":
+        return [[j([10, 90, 90, 10, 10]), j([10, 10, 90, 90, 10])]]
+    if kind == "triangle":
+        return [[j([50, 90, 10, 50]), j([10, 90, 90, 10])]]
+    return [[j([10, 90]), j([10, 90])], [j([90, 10]), j([10, 90])]]
+
+
+def _photo(kind: str, big: int, rng: np.random.Generator) -> tuple[np.ndarray, Image.Image]:
+    img = Image.new("RGB", (big, big), tuple(int(c) for c in rng.integers(150, 255, 3)))
+    d = ImageDraw.Draw(img)
+    fill = tuple(int(c) for c in rng.integers(0, 120, 3))
+    s = big / 100
+    pts = {"circle": None, "square": [(10, 10), (90, 10), (90, 90), (10, 90)],
+           "triangle": [(50, 10), (90, 90), (10, 90)], "cross": [(40, 5), (60, 5), (60, 95), (40, 95)]}[kind]
+    if pts is None:
+        d.ellipse([10 * s, 10 * s, 90 * s, 90 * s], fill=fill)
+    else:
+        d.polygon([(x * s, y * s) for x, y in pts], fill=fill)
+    edges = Image.new("L", (big, big), 255)
+    ImageDraw.Draw(edges).rectangle([8 * s, 8 * s, 92 * s, 92 * s], outline=0, width=2)
+    return np.asarray(img), edges
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(0)
+    size, big = 64, 70
+    photos, edges, yp, sketches, ys = [], [], [], [], []
+    for c, kind in enumerate(SHAPES * 2):  # 8 classes: each shape twice, told apart by the text only
+        for _ in range(6):
+            a, e = _photo(kind, big, rng)
+            photos.append(a), edges.append(e), yp.append(c)
+        for _ in range(6):
+            sketches.append(_shape_strokes(kind, rng)), ys.append(c)
+    td = TrainData(photos=np.stack(photos), edges=edges, photo_labels=np.array(yp), sketches=sketches,
+                   sketch_labels=np.array(ys), classes=[f"c{i}" for i in range(8)])
+    text = torch.nn.functional.normalize(torch.randn(8, 24, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return td, text, size
+
+
+def _cfg(size: int, **kw) -> FinetuneConfig:
+    return FinetuneConfig(image_size=size, steps=4, photos_per_step=4, sketches_per_step=4, doodle_photos_per_step=2,
+                          embed_dim=16, hidden=32, warmup=1, val_every=2, val_fraction=0.25, **kw)
+
+
+def test_relations_kept_is_zero_only_when_the_photo_structure_is_kept():
+    feats = torch.randn(6, 32, generator=torch.Generator().manual_seed(1)).abs()
+    teacher = SimpleNamespace(features=lambda x: SimpleNamespace(pooled=feats))
+    photos, mean = torch.zeros(6, 3, 8, 8), torch.zeros(1, 3, 1, 1)
+    kept = _relations_kept(teacher, photos, feats - feats.mean(0), mean)
+    shuffled = _relations_kept(teacher, photos, (feats - feats.mean(0))[torch.tensor([3, 0, 5, 1, 4, 2])], mean)
+    assert kept.item() == pytest.approx(0.0, abs=1e-5)
+    assert shuffled.item() > 0.05
+
+
+def test_a_step_computes_every_loss_and_trains_the_backbone(tiny):
+    td, text, size = tiny
+    cfg = _cfg(size, w_preserve=1.0)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    ft = Finetuner(cfg, td, text, held)
+    before = {k: v.clone() for k, v in ft.model.backbone.net.blocks[5].state_dict().items()}
+    frozen = {k: v.clone() for k, v in ft.model.backbone.net.blocks[0].state_dict().items()}
+    logs = ft.step()
+    assert set(logs) == {"text", "triplet", "pair", "preserve"}
+    assert all(np.isfinite(v) for v in logs.values())
+    after = ft.model.backbone.net.blocks[5].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "trainable blocks did not move"
+    assert all(torch.equal(frozen[k], v) for k, v in ft.model.backbone.net.blocks[0].state_dict().items())
+    # the teacher stays the ImageNet backbone
+    assert not any(p.requires_grad for p in ft.teacher.parameters())
+
+
+def test_preservation_off_builds_no_teacher(tiny):
+    td, text, size = tiny
+    cfg = _cfg(size)
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    assert ft.teacher is None and "preserve" not in ft.step()
+
+
+def test_training_resumes_where_it_stopped(tiny, tmp_path):
+    """A run stopped after its first validation and resumed ends exactly as one uninterrupted run."""
+    td, text, size = tiny
+    cfg = _cfg(size, w_preserve=0.5)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    whole = Finetuner(cfg, td, text, held)
+    whole.fit()
+
+    state = tmp_path / "run.state.pt"
+    first = Finetuner(cfg, td, text, held)
+    real_step, calls = first.step, []
+
+    def interrupted() -> dict:  # the machine goes down during step 3, after the state of step 2 was saved
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    first.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(state)
+    resumed = Finetuner(cfg, td, text, held)
+    resumed.fit(state)
+    assert resumed.step_no == whole.step_no == 4
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history]
+    for a, b in zip(resumed.history, whole.history):
+        assert a["mAP@all"] == pytest.approx(b["mAP@all"], abs=1e-5)
+    for (k, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
