@@ -355,6 +355,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if args.interpolate:
+        try:
+            cfg.interpolate = tuple(float(a) for a in args.interpolate.split(","))
+        except ValueError:
+            raise CLIError(f"--interpolate takes weights like 1,0.8,0.6, not {args.interpolate!r}") from None
     res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
     print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
     print(f"saved {args.out}")
@@ -378,6 +383,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
     p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
     p.add_argument("--val-every", dest="val_every", type=int)
+    p.add_argument("--interpolate", metavar="A,B,...",
+                   help="WiSE-FT: backbone weights a*trained + (1-a)*ImageNet, a chosen from these on held-out "
+                        "classes (default 1: off); with --init and --steps 0, applied to a trained checkpoint")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
     p.add_argument("--seed", type=int)

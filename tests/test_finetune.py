@@ -127,3 +127,44 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path):
         assert a["mAP@all"] == pytest.approx(b["mAP@all"], abs=1e-5)
     for (k, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_interpolation_with_imagenet_is_chosen_on_held_out_classes_and_applied(tiny):
+    from sbir_core.models.encoders import EfficientNetLiteBackbone
+
+    td, text, size = tiny
+    cfg = _cfg(size, interpolate=(1.0, 0.5))
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    ft.fit()
+    trained = {k: v.clone() for k, v in ft.model.backbone.net.state_dict().items()}
+    start = EfficientNetLiteBackbone(cfg.encoder, image_size=size).net.state_dict()
+    key = next(k for k in trained if k.startswith("blocks.6") and trained[k].is_floating_point()
+               and not torch.equal(trained[k], start[k]))
+    alpha, rows = ft.choose_interpolation()
+    assert set(rows) == {"1.0", "0.5"}
+    assert alpha == float(max(rows, key=lambda a: (round(rows[a]["score"], 4), float(a))))
+    assert torch.allclose(ft.model.backbone.net.state_dict()[key], alpha * trained[key] + (1 - alpha) * start[key],
+                          atol=1e-6)
+    val = ft.validate()
+    assert rows[str(alpha)]["score"] == pytest.approx(0.5 * (val["hit@5"] + val["mAP@all"]))
+
+    ft.model.backbone.net.load_state_dict(trained)
+    ft.cfg.interpolate = (0.5,)  # one choice: the model is left with that mix
+    assert ft.choose_interpolation()[0] == 0.5
+    assert torch.allclose(ft.model.backbone.net.state_dict()[key], 0.5 * trained[key] + 0.5 * start[key], atol=1e-6)
+
+    ft.cfg.interpolate = (0.0,)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        ft.choose_interpolation()
+
+
+def test_zero_steps_keeps_the_initial_model(tiny, tmp_path):
+    """--steps 0 with --init: select, interpolate and calibrate a trained checkpoint only."""
+    td, text, size = tiny
+    cfg = _cfg(size)
+    cfg.steps = 0
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    before = {k: v.clone() for k, v in ft.model.state_dict().items()}
+    result = ft.fit()
+    assert result["best"]["step"] == 0 and result["history"] == []
+    assert all(torch.equal(before[k], v) for k, v in ft.model.state_dict().items())

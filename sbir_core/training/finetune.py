@@ -74,6 +74,8 @@ class FinetuneConfig:
     seed: int = 0
     exclude: tuple = ("pacs", "doodle")
     init: Optional[str] = None       # start from this checkpoint (backbone + heads) instead of ImageNet
+    # WiSE-FT: the shipped backbone is a*trained + (1-a)*ImageNet, a chosen from these on held-out classes
+    interpolate: tuple = (1.0,)
 
 
 # ----------------------------------------------------------------------------- data
@@ -199,7 +201,7 @@ class Finetuner:
                                      weight_decay=cfg.weight_decay)
         warm, total = cfg.warmup, cfg.steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+            self.opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(total, 1)))))
         self.step_no = 0
         self.best = {"score": -1.0}
         self.best_state: Optional[dict] = None
@@ -446,8 +448,38 @@ class Finetuner:
                     tmp = state_file.with_suffix(".tmp")
                     torch.save(self.state(), tmp)
                     os.replace(tmp, state_file)
+        if self.best_state is None:  # no steps to take (e.g. --steps 0 with --init): the model as it is
+            self.best = {"step": self.step_no, **self.validate()}
+            self.best["score"] = 0.5 * (self.best["hit@5"] + self.best["mAP@all"])
+            self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.best_state)
         return {"best": self.best, "history": self.history}
+
+    @torch.no_grad()
+    def choose_interpolation(self) -> tuple[float, dict]:
+        """WiSE-FT (Wortsman et al. 2022): mix the trained backbone's weights with its ImageNet
+        start, a*trained + (1-a)*ImageNet, which keeps more of what ImageNet knew about classes
+        training never saw. The mix is chosen like a training step (mean of hit@5 and mAP@all on
+        held-out classes); ties go to the larger a. The model is left with the chosen mix.
+        -> (a, every a's validation)."""
+        net = self.model.backbone.net
+        trained = {k: v.clone() for k, v in net.state_dict().items()}
+        start = EfficientNetLiteBackbone(self.cfg.encoder, image_size=self.cfg.image_size).net.state_dict()
+        rows = {}
+        for a in sorted(set(self.cfg.interpolate), reverse=True):
+            if not 0.0 < a <= 1.0:
+                raise ValueError(f"interpolation weights are in (0, 1], got {a}")
+            net.load_state_dict(_mix(trained, start, a))
+            val = self.validate()
+            rows[str(a)] = {**val, "score": 0.5 * (val["hit@5"] + val["mAP@all"])}
+        best = max(rows, key=lambda a: (round(rows[a]["score"], 4), float(a)))
+        net.load_state_dict(_mix(trained, start, float(best)))
+        return float(best), rows
+
+
+def _mix(trained: dict, start: dict, a: float) -> dict:
+    """a*trained + (1-a)*start for float tensors (batch-norm counters stay as trained)."""
+    return {k: a * v + (1 - a) * start[k] if v.is_floating_point() else v for k, v in trained.items()}
 
 
 def _triplets(a: torch.Tensor, ya: torch.Tensor, b: torch.Tensor, yb: torch.Tensor, margin: float) -> torch.Tensor:
@@ -502,6 +534,9 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",
              len(ft.p_idx), len(ft.s_idx), len(td.classes), int(held.sum()))
     result = ft.fit(out.with_suffix(".state.pt"))
+    alpha, by_alpha = ft.choose_interpolation()
+    log.info("backbone interpolation %s chosen on held-out classes from %s", alpha,
+             json.dumps({a: round(v["score"], 4) for a, v in by_alpha.items()}))
     chosen, by_setting = ft.choose_retrieval()
     ft.model.head.photo_edge_weight = chosen["edge_weight"]
     ft.model.head.config["photo_edge_weight"] = chosen["edge_weight"]
@@ -522,6 +557,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
         "data_fingerprint": fingerprint(items),
         "selection": result["best"],
+        "interpolation": {"chosen": alpha, "validation": by_alpha},
         "retrieval": {**chosen, "validation": by_setting, "confidence": confidence},
         "fp16_check": fp16,
     }
