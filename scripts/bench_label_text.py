@@ -1,0 +1,56 @@
+"""Would a labelled gallery rank better with its class names? (tried, not shipped)
+
+The default gallery's folders name their classes. A sketch could be scored against each
+picture's class name through the checkpoint's text head, and that score mixed into the
+picture's: (1 - lam) * sketch.picture + lam * sketch.text(class). This script measures it
+on the product benchmark (scripts/bench_product.py's queries and gallery), and how often the
+text head alone names the drawn class among the gallery's class names.
+
+    python scripts/bench_label_text.py --data ../shared/data [--checkpoint default]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_product import GALLERY, KEYS, product_queries
+from sbir_core.data.datasets import image_folder
+from sbir_core.eval.metrics import retrieval_report
+from sbir_core.models.encoders import create_encoder
+from sbir_core.models.text import class_text_features
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--checkpoint", default="default")
+    ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
+    args = ap.parse_args()
+    enc = create_encoder(checkpoint=args.checkpoint)
+    photos = image_folder(GALLERY)
+    g_labels = [it.label for it in photos]
+    g = enc.encode_photos([it.load() for it in photos]).normalized()
+    names = sorted(set(g_labels))
+    with torch.no_grad():  # the training prompts, as the text loss saw class names
+        t = torch.nn.functional.normalize(enc.head.embed_text(class_text_features(names)).float(), dim=-1).numpy()
+    col = np.array([names.index(c) for c in g_labels])
+    for group, items in product_queries(args.data).items():
+        q = enc.encode_sketches([it.load() for it in items]).normalized()
+        ql = [it.label for it in items]
+        st = q @ t.T
+        truth = np.array([names.index(c) for c in ql])
+        rank = (st > st[np.arange(len(ql)), truth][:, None]).sum(1)
+        print(json.dumps({"group": group, "n_queries": len(ql), "text names the class: top-1": round(float((rank == 0).mean()), 3),
+                          "top-5": round(float((rank < 5).mean()), 3)}))
+        for lam in (float(x) for x in args.weights.split(",")):
+            rep = retrieval_report((1 - lam) * (q @ g.T) + lam * st[:, col], ql, g_labels)
+            print(json.dumps({"group": group, "lam": lam, **{k: round(rep[k], 3) for k in KEYS}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
