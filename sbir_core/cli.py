@@ -359,7 +359,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         try:
             cfg.interpolate = tuple(float(a) for a in args.interpolate.split(","))
         except ValueError:
-            raise CLIError(f"--interpolate takes weights like 1,0.8,0.6, not {args.interpolate!r}") from None
+            cfg.interpolate = ()
+        if not cfg.interpolate or not all(0.0 < a <= 1.0 for a in cfg.interpolate):
+            raise CLIError(f"--interpolate takes weights in (0, 1] like 1,0.8,0.6, not {args.interpolate!r}")
     res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
     print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
     print(f"saved {args.out}")

@@ -61,6 +61,15 @@ def test_unknown_split_is_one_error_line(tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: unknown split 'nope'"), res.stderr
 
 
+@pytest.mark.parametrize("value", ["0.8,x", "0.5,1.5"])
+def test_bad_interpolation_weights_are_one_error_line(tmp_path, value: str) -> None:
+    """Refused before any data is read or any model built."""
+    res = _python("-m", "sbir_core", "finetune", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
+                  "--interpolate", value, check=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --interpolate takes weights in (0, 1]"), res.stderr
+
+
 # The parser mirrors a few library constants so that it imports no library module;
 # read the originals from the source (importing those modules would load torch).
 @pytest.mark.parametrize("module, name, mirror", [
