@@ -351,8 +351,10 @@ def shipped_server(tmp_path_factory):
 
 def test_a_drawing_of_something_the_gallery_lacks_gets_the_not_sure_notice(page, shipped_server):
     """Drawn with the mouse: a fence (no fence class in the default gallery). The notice
-    appears when the best match scores below the checkpoint's calibrated threshold (0.4036);
-    this fence scored 0.36 (best match: a book) when measured, sure drawings score 0.5-0.85."""
+    appears when the best match scores below the checkpoint's calibrated threshold (0.3896);
+    this fence (8 wobbly pickets) scored 0.355 (best match: a car) when measured, sure
+    drawings score 0.5-0.85. The notice catches few absent classes (docs/BENCHMARKS.md §4):
+    a straighter fence scores 0.40-0.47 and gets none."""
     address, service = shipped_server
     pg = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
     try:
@@ -366,7 +368,7 @@ def test_a_drawing_of_something_the_gallery_lacks_gets_the_not_sure_notice(page,
         box = pg.locator("#sketch canvas").first.bounding_box()
         side = 0.7 * min(box["width"], box["height"])
         x0, y0 = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
-        strokes = fence_strokes(x0, y0, side)
+        strokes = fence_strokes(x0, y0, side, pickets=8, wobble=0.03)
         for st in strokes:
             _stroke(pg, st)
         pg.wait_for_function(f"() => (JSON.parse(document.querySelector('#strokes textarea').value || '{{}}')"
