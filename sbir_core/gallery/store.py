@@ -1,8 +1,8 @@
 """Named galleries: where they live, loading them once, keeping them fit for the model.
 
 - shipped/operator galleries: folders under a galleries root (`galleries/` of a checkout),
-  found by name; a gallery built with another model is re-indexed from its images (into
-  the cache when the images live inside the gallery folder);
+  found by name; a gallery built with another model is re-indexed from its images into
+  the cache (the galleries folder itself is never rewritten);
 - visitors' galleries: built from uploads under `$SBIR_HOME/uploaded-galleries`, named
   `upload:<owner token>/<name>` so that only the visitor holding the token can name
   them; at most MAX_UPLOADED_GALLERIES on disk and MAX_LOADED_GALLERIES in memory;
@@ -287,7 +287,9 @@ class GalleryStore:
                     f"Gallery “{name}” was built with another model ({g.encoder_id}) and its source images "
                     f"are not available to re-index it. {exc}") from exc
             inside = d == src or d in src.parents
-            out = cached if inside else d
+            # The galleries folder (the shipped one included) is never rewritten: running
+            # another checkpoint must not replace the index and map the default model ships.
+            out = cached if inside or self.root in d.parents else d
             return self._rebuild(name, src, out, g.modality, progress,
                                  why=f"it was built with {g.encoder_id}, the app runs {self.encoder_id}")
         return self._wrap(name, d, g)
