@@ -153,6 +153,11 @@ def test_interpolation_with_imagenet_is_chosen_on_held_out_classes_and_applied(t
     assert ft.choose_interpolation()[0] == 0.5
     assert torch.allclose(ft.model.backbone.net.state_dict()[key], 0.5 * trained[key] + 0.5 * start[key], atol=1e-6)
 
+    before = {k: v.clone() for k, v in ft.model.backbone.net.state_dict().items()}
+    ft.cfg.interpolate = (1.0,)  # off: nothing mixed, the selected step's validation reported
+    assert ft.choose_interpolation() == (1.0, {"1.0": ft.best})
+    assert all(torch.equal(before[k], v) for k, v in ft.model.backbone.net.state_dict().items())
+
     ft.cfg.interpolate = (0.0,)
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         ft.choose_interpolation()

@@ -462,9 +462,12 @@ class Finetuner:
         training never saw. The mix is chosen like a training step (mean of hit@5 and mAP@all on
         held-out classes); ties go to the larger a. The model is left with the chosen mix.
         -> (a, every a's validation)."""
+        if set(self.cfg.interpolate) == {1.0}:  # off (the default): the selected model as it is
+            return 1.0, {"1.0": dict(self.best)}
         net = self.model.backbone.net
         trained = {k: v.clone() for k, v in net.state_dict().items()}
-        start = EfficientNetLiteBackbone(self.cfg.encoder, image_size=self.cfg.image_size).net.state_dict()
+        teacher = self.teacher or EfficientNetLiteBackbone(self.cfg.encoder, image_size=self.cfg.image_size)
+        start = teacher.net.state_dict()  # the ImageNet weights (the preservation teacher's, if any)
         rows = {}
         for a in sorted(set(self.cfg.interpolate), reverse=True):
             if not 0.0 < a <= 1.0:
