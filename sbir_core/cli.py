@@ -351,7 +351,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
-                 "sketches_per_step", "photos_per_step", "max_photos_per_class", "warmup", "init", "w_preserve"):
+                 "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
+                 "warmup", "init", "w_preserve", "select"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -383,6 +384,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int)
     p.add_argument("--sketches-per-step", dest="sketches_per_step", type=int)
     p.add_argument("--photos-per-step", dest="photos_per_step", type=int)
+    p.add_argument("--doodle-photos-per-step", dest="doodle_photos_per_step", type=int,
+                   help="doodles coloured like clip-art, on the photo side, per step")
     p.add_argument("--max-photos-per-class", dest="max_photos_per_class", type=int)
     p.add_argument("--val-every", dest="val_every", type=int)
     p.add_argument("--interpolate", metavar="A,B,...",
@@ -390,6 +393,9 @@ def _add_finetune(sub: Any) -> None:
                         "classes (default 1: off); with --init and --steps 0, applied to a trained checkpoint")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
+    p.add_argument("--select", choices=("zero-shot", "zero-shot+seen"),
+                   help="what picks the step: held-out classes only, or also held-out doodles of training "
+                        "classes (default; the runs before encoder v3 used zero-shot)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_cmd_finetune)
 

@@ -24,36 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from sbir_core.data.datasets import excluded_names, heldout_doodles, image_folder, load_splits, quickdraw_folder  # noqa: E402
+from sbir_core.data.datasets import image_folder  # noqa: E402
+from sbir_core.eval.product import DEFAULT_GALLERY, product_queries  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
 from sbir_core.gallery.index import Gallery  # noqa: E402
 from sbir_core.eval.metrics import retrieval_report  # noqa: E402
 
-GALLERY = ROOT / "galleries" / "default" / "images"
-# Gallery folders whose QuickDraw class is spelled differently.
-QUICKDRAW_NAME = {"mobile_phone": "cell phone", "smiley": "smiley face", "teddy_bear": "teddy-bear"}
+GALLERY = DEFAULT_GALLERY
 KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
-
-
-def quickdraw_name(folder: str, available: set[str]) -> str | None:
-    name = QUICKDRAW_NAME.get(folder, folder.replace("_", " "))
-    return name if name in available else None
-
-
-def product_queries(data: Path) -> dict[str, list]:
-    """{'zero-shot': [...], 'seen': [...]} doodle items, labelled with gallery folder names."""
-    splits = load_splits(data)
-    reserved = excluded_names(splits, ("pacs", "doodle"))["quickdraw"]
-    available = {p.stem for p in (data / "quickdraw").glob("*.ndjson")}
-    folders = sorted(p.name for p in GALLERY.iterdir() if p.is_dir())
-    to_folder = {quickdraw_name(f, available): f for f in folders if quickdraw_name(f, available)}
-    zs = [c for c in to_folder if c in reserved]
-    seen = [c for c in to_folder if c not in reserved]
-    out = {"zero-shot": quickdraw_folder(data / "quickdraw", classes=zs), "seen": heldout_doodles(data, classes=seen)}
-    for items in out.values():
-        for it in items:
-            it.label = to_folder[it.label]
-    return out
 
 
 def run(data: Path, checkpoint: str) -> dict:

@@ -1,5 +1,6 @@
 """The end-to-end fine-tuning that produces the shipped encoder, on tiny generated data:
 losses, knowledge preservation, resumable state."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,3 +174,64 @@ def test_zero_steps_keeps_the_initial_model(tiny, tmp_path):
     result = ft.fit()
     assert result["best"]["step"] == 0 and result["history"] == []
     assert all(torch.equal(before[k], v) for k, v in ft.model.state_dict().items())
+
+
+def test_selection_also_scores_seen_classes_on_held_out_doodles(tiny):
+    """With held-out doodles of training classes, selection averages the zero-shot score with a
+    seen-class one (doodles against clip-art-coloured doodles of their class); without, it is
+    the zero-shot score alone."""
+    td, text, size = tiny
+    cfg = _cfg(size)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    plain = Finetuner(cfg, td, text, held).validate()
+    assert not any(k.startswith("seen_") for k in plain)
+    assert plain["score"] == pytest.approx(0.5 * (plain["hit@5"] + plain["mAP@all"]))
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(8), 5)
+    with_seen = TrainData(**{**td.__dict__, "val_doodles": [_shape_strokes(SHAPES[c % 4], rng) for c in labels],
+                             "val_doodle_labels": labels})
+    ft = Finetuner(cfg, with_seen, text, held)
+    val = ft.validate()
+    qs, ql, gs, gl = ft._seen_split()
+    train_classes = np.flatnonzero(~held)
+    # held-out classes stay out; per class 2 gallery pictures and 3 queries
+    assert sorted(set(ql)) == sorted(set(gl)) == list(train_classes)
+    assert len(qs) == 3 * len(train_classes) and len(gs) == 2 * len(train_classes)
+    assert val["seen_n_queries"] == len(qs)
+    seen = 0.5 * (val["seen_hit@5"] + val["seen_mAP@all"])
+    assert val["score"] == pytest.approx(0.5 * (0.5 * (val["hit@5"] + val["mAP@all"]) + seen))
+    assert ft.validate()["score"] == pytest.approx(val["score"])  # the same split every time
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "splits.json").is_file(),
+                    reason="shared data not found at ../shared/data (real-data test skipped)")
+def test_selection_doodles_are_held_out_and_outside_the_product_benchmark():
+    from sbir_core.data.datasets import training_items
+    from sbir_core.eval.product import product_classes, product_queries
+    from sbir_core.training.finetune import selection_doodles
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    items = training_items(data)
+    classes = sorted({i.label for i in items})
+    val = selection_doodles(data, classes)
+    assert len(val) > 1000
+    assert not {i.label for i in val} & product_classes(data)
+    assert not {i.key for i in val} & {i.key for i in items}  # never trained on
+    bench = {i.key for group in product_queries(data).values() for i in group}
+    assert not {i.key for i in val} & bench
+
+
+def test_zero_shot_selection_ignores_the_seen_doodles(tiny):
+    """--select zero-shot (how the earlier runs selected) scores held-out classes only."""
+    td, text, size = tiny
+    labels = np.repeat(np.arange(8), 5)
+    rng = np.random.default_rng(5)
+    with_seen = TrainData(**{**td.__dict__, "val_doodles": [_shape_strokes(SHAPES[c % 4], rng) for c in labels],
+                             "val_doodle_labels": labels})
+    cfg = _cfg(size, select="zero-shot")
+    val = Finetuner(cfg, with_seen, text, heldout_classes(td, cfg.val_fraction, cfg.seed)).validate()
+    assert not any(k.startswith("seen_") for k in val)
+    assert val["score"] == pytest.approx(0.5 * (val["hit@5"] + val["mAP@all"]))
+    with pytest.raises(ValueError, match="select is one of"):
+        Finetuner(_cfg(size, select="benchmark"), with_seen, text, heldout_classes(td, 0.25, 0)).validate()
