@@ -30,6 +30,8 @@ GALLERY_MODALITIES = ("photo", "sketch")  # index.GALLERY_MODALITIES
 TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder", "cls", "pair",
                 "xclass")  # train.LOSSES
 RELATION_TOPK = 50  # relation.DEFAULT_TOPK
+FINETUNE_SELECT = ("zero-shot", "zero-shot+seen")  # finetune.SELECT
+LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders._LITE_PACKAGES
 
 # What `eval` prints, in this order.
 SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
@@ -352,7 +354,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_preserve", "select"):
+                 "warmup", "init", "w_preserve", "select", "encoder"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -376,6 +378,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--cache", default=str(cache_dir() / "finetune"),
                    help="folder for decoded training photos (default $SBIR_HOME/cache/finetune; '' = none)")
     p.add_argument("--steps", type=int)
+    p.add_argument("--encoder", choices=LITE_BACKBONES, help="backbone to fine-tune (default efficientnet-lite0)")
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--init", metavar="CHECKPOINT", help="continue from a trained checkpoint (backbone and heads)")
     p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
@@ -393,7 +396,7 @@ def _add_finetune(sub: Any) -> None:
                         "classes (default 1: off); with --init and --steps 0, applied to a trained checkpoint")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
-    p.add_argument("--select", choices=("zero-shot", "zero-shot+seen"),
+    p.add_argument("--select", choices=FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
                         "classes (default; the runs before encoder v3 used zero-shot)")
     p.add_argument("--seed", type=int)

@@ -77,12 +77,20 @@ def test_bad_interpolation_weights_are_one_error_line(tmp_path, value: str) -> N
     ("gallery/index", "GALLERY_MODALITIES", "GALLERY_MODALITIES"),
     ("training/train", "LOSSES", "TRAIN_LOSSES"),
     ("models/relation", "DEFAULT_TOPK", "RELATION_TOPK"),
+    ("training/finetune", "SELECT", "FINETUNE_SELECT"),
 ])
 def test_mirrored_constants_match_the_library(module: str, name: str, mirror: str) -> None:
     tree = ast.parse((ROOT / "sbir_core" / f"{module}.py").read_text(encoding="utf-8"))
     values = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
               and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)]
     assert values == [getattr(cli, mirror)], f"sbir_core.{module}.{name} changed: update cli.{mirror}"
+
+
+def test_finetune_offers_the_backbones_the_library_loads() -> None:
+    tree = ast.parse((ROOT / "sbir_core" / "models" / "encoders.py").read_text(encoding="utf-8"))
+    packages = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "_LITE_PACKAGES" for t in node.targets)]
+    assert tuple(packages[0]) == cli.LITE_BACKBONES
 
 
 def test_only_the_cli_module_uses_argparse() -> None:
