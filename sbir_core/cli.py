@@ -354,7 +354,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_preserve", "select", "encoder"):
+                 "warmup", "init", "w_preserve", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -399,6 +399,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--select", choices=FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
                         "classes (default; the runs before encoder v3 used zero-shot)")
+    p.add_argument("--device", help="torch device to train on (default: cuda when there is one, else cpu)")
+    p.add_argument("--workers", type=int,
+                   help="processes that make the batches (default 0; on a GPU machine, its CPU cores)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_cmd_finetune)
 

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,28 @@ def test_real_training_pool_excludes_both_benchmarks():
     for name in ("pacs", "doodle"):
         assert not labels & set(splits[name]["unseen_classes"])
     assert not {Path(i.path).parent.name for i in items if i.path} & {"dalmatian", "electric_guitar", "flamingo_head"}
+
+
+def test_packed_training_data_selects_what_the_full_data_does(tiny_root, tmp_path):
+    """scripts/pack_training_data.py: what travels to a GPU machine trains on the same items."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pack", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "pack_training_data.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    big = tiny_root / "caltech101" / "chair"
+    Image.new("RGB", (400, 300), "blue").save(big / "b.jpg")
+    (big / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "packed"
+    summary = pack.pack(tiny_root, out, max_side=64, exclude=("pacs",))
+
+    def selection(root):
+        return sorted((os.path.relpath(i.key, root), i.label)  # keys are paths (doodles: path#n)
+                      for i in training_items(root, exclude=("pacs",), max_photos_per_class=60))
+
+    assert selection(out) == [s for s in selection(tiny_root) if "broken" not in s[0]]
+    assert max(Image.open(out / "caltech101" / "chair" / "b.jpg").size) == 64
+    assert len(summary["skipped"]) == 1 and "broken.jpg" in summary["skipped"][0]
+    assert (out / "splits.json").read_text() == (tiny_root / "splits.json").read_text()
+    assert not (out / "pacs").exists()  # benchmark data stays behind

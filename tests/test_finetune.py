@@ -111,11 +111,11 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path):
     first = Finetuner(cfg, td, text, held)
     real_step, calls = first.step, []
 
-    def interrupted() -> dict:  # the machine goes down during step 3, after the state of step 2 was saved
+    def interrupted(batch=None) -> dict:  # the machine goes down during step 3, after the state of step 2 was saved
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_step()
+        return real_step(batch)
 
     first.step = interrupted
     with pytest.raises(KeyboardInterrupt):
@@ -235,3 +235,20 @@ def test_zero_shot_selection_ignores_the_seen_doodles(tiny):
     assert val["score"] == pytest.approx(0.5 * (val["hit@5"] + val["mAP@all"]))
     with pytest.raises(ValueError, match="select is one of"):
         Finetuner(_cfg(size, select="benchmark"), with_seen, text, heldout_classes(td, 0.25, 0)).validate()
+
+
+def test_batches_made_by_worker_processes_train_the_same_model(tiny):
+    """A step's batch depends on its step only: two DataLoader workers give the very run of none."""
+    td, text, size = tiny
+    held = heldout_classes(td, 0.25, 0)
+    runs = []
+    for workers in (0, 2):
+        ft = Finetuner(_cfg(size, workers=workers, device="cpu"), td, text, held)
+        ft.fit()
+        runs.append(ft)
+    for (k, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b), k
+    first = runs[0].batches[1]
+    again = runs[1].batches[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], runs[0].batches[2][0])  # and steps differ

@@ -11,8 +11,11 @@ but the image encoder itself learns what sketches and photos share:
   edge-map instance term.
 
 Benchmark classes never reach training (`data.training_items`), nor do the held-out
-doodles. The best step is chosen on held-out *training* classes by hit@5 and mAP@all.
-Training resumes from `<out>.state.pt` after an interruption.
+doodles. The best step is chosen on held-out *training* data by hit@5 and mAP@all: the
+doodles of held-out classes and (`select`) held-out doodles of training classes outside
+the product benchmark. Training resumes from `<out>.state.pt` after an interruption; a
+step's batch depends on its step only (`StepBatches`), so `workers` processes can make
+them ahead (what keeps a GPU busy) without changing the run.
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ class FinetuneConfig:
     # What step selection maximises: "zero-shot" (held-out classes only; the runs before
     # encoder v3 used it) or "zero-shot+seen" (also held-out doodles of training classes).
     select: str = "zero-shot+seen"
+    device: str = "auto"             # "auto": cuda when there is one
+    workers: int = 0                 # DataLoader processes making batches (0: in the training process)
 
 
 # ----------------------------------------------------------------------------- data
@@ -196,18 +201,85 @@ def _to_tensor(imgs: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """The training batch of step s, a pure function of (seed, s): the same in the main
+    process or a DataLoader worker, and after a resume. Also the image views validation uses."""
+
+    def __init__(self, cfg: FinetuneConfig, td: TrainData, p_idx: np.ndarray, s_idx: np.ndarray) -> None:
+        self.cfg, self.td, self.p_idx, self.s_idx = cfg, td, p_idx, s_idx
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int):
+        cfg, td = self.cfg, self.td
+        rng = np.random.default_rng([cfg.seed, int(step)])
+        bp = rng.choice(self.p_idx, cfg.photos_per_step, replace=False)
+        bs = rng.choice(self.s_idx, cfg.sketches_per_step, replace=False)
+        xp = self.photo_batch(bp, rng)
+        xe = _to_tensor([self.edge_view(i, rng) for i in bp])
+        xs = _to_tensor([self.sketch_view(i, rng) for i in bs])
+        yp = torch.from_numpy(td.photo_labels[bp])
+        ys = torch.from_numpy(td.sketch_labels[bs])
+        if cfg.doodle_photos_per_step:
+            bc = rng.choice(self.s_idx, cfg.doodle_photos_per_step, replace=False)
+            xc = _to_tensor([self.colored_view(i, rng) for i in bc])
+            xp = torch.cat([xp, xc])
+            yp = torch.cat([yp, torch.from_numpy(td.sketch_labels[bc])])
+        return xp, xe, xs, yp, ys
+
+    def photo_batch(self, idx, rng, train: bool = True) -> torch.Tensor:
+        S, big = self.cfg.image_size, self.td.photos.shape[1]
+        out = []
+        for i in idx:
+            a = self.td.photos[i]
+            if train:
+                c = int(rng.integers(int(big * 0.8), big + 1))
+                y, x = rng.integers(0, big - c + 1, size=2)
+                img = Image.fromarray(a[y:y + c, x:x + c]).resize((S, S), Image.Resampling.BILINEAR)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            else:
+                img = Image.fromarray(a).resize((S, S), Image.Resampling.BILINEAR)
+            out.append(img)
+        return _to_tensor(out)
+
+    def edge_view(self, i: int, rng) -> Image.Image:
+        try:
+            return augment_edges(self.td.edges[i], self.cfg.image_size, rng)
+        except ValueError:  # a photo without edges (flat image): a blank pseudo-sketch
+            return Image.new("RGB", (self.cfg.image_size,) * 2, (255, 255, 255))
+
+    def sketch_view(self, i: int, rng) -> Image.Image:
+        try:
+            return augment_sketch(self.td.sketches[i], self.cfg.image_size, rng)
+        except ValueError:  # augmentation left nothing to draw: use the doodle as drawn
+            return preprocess_sketch(self.td.sketches[i], self.cfg.image_size)
+
+    def colored_view(self, i: int, rng, sketches: Optional[list] = None) -> Image.Image:
+        strokes = (self.td.sketches if sketches is None else sketches)[i]
+        try:
+            return colorize_doodle(strokes, self.cfg.image_size, rng)
+        except ValueError:
+            return preprocess_sketch(strokes, self.cfg.image_size)
+
+
+
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
         self.cfg, self.td, self.held = cfg, td, held
         torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.model = FinetuneModel(cfg, text.shape[1])
-        self.text = text.float()
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        self.model = FinetuneModel(cfg, text.shape[1]).to(self.device)
+        self.text = text.float().to(self.device)
         self.train_classes = torch.from_numpy(np.flatnonzero(~held))
         self.remap = torch.full((len(td.classes),), -1, dtype=torch.long)
         self.remap[self.train_classes] = torch.arange(len(self.train_classes))
+        self.remap = self.remap.to(self.device)
         self.p_idx = np.flatnonzero(~held[td.photo_labels])
         self.s_idx = np.flatnonzero(~held[td.sketch_labels])
+        self.batches = StepBatches(cfg, td, self.p_idx, self.s_idx)
         if cfg.init:
             self._load_init(cfg.init)
         else:
@@ -215,6 +287,8 @@ class Finetuner:
         # SAKE-style knowledge preservation: the frozen ImageNet backbone knows how photos of
         # classes it was never fine-tuned on relate; fine-tuning on training classes forgets it.
         self.teacher = EfficientNetLiteBackbone(cfg.encoder, image_size=cfg.image_size) if cfg.w_preserve else None
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
         hd = list(self.model.head.parameters())
         self.opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr_backbone}, {"params": hd, "lr": cfg.lr_head}],
@@ -227,6 +301,10 @@ class Finetuner:
         self.best_state: Optional[dict] = None
         self.history: list = []
         self._seen: Optional[tuple] = None
+
+    def _embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Embeddings of a CPU batch, computed on the training device, returned on the CPU."""
+        return self.model.embed(x.to(self.device), modality).float().cpu()
 
     def _load_init(self, path: str) -> None:
         """Continue from a trained checkpoint (e.g. at another input size): its backbone and
@@ -248,69 +326,20 @@ class Finetuner:
         rng = np.random.default_rng(self.cfg.seed + 7)
         bp = rng.choice(self.p_idx, min(n, len(self.p_idx)), replace=False)
         bs = rng.choice(self.s_idx, min(n, len(self.s_idx)), replace=False)
-        xp = self._photo_batch(bp, rng, train=False)
+        xp = self.batches.photo_batch(bp, rng, train=False)
         xs = _to_tensor([preprocess_sketch(self.td.sketches[i], self.cfg.image_size) for i in bs])
         for k, x in enumerate((xp, xs)):
-            f = torch.cat([m.backbone.features((c - m.mean) / 0.5).pooled for c in x.split(64)])
+            f = torch.cat([m.backbone.features((c.to(self.device) - m.mean) / 0.5).pooled for c in x.split(64)])
             m.head.feat_mean[k] = f.mean(0)
             m.head.feat_std[k] = f.std(0) + 1e-3
 
-    def _photo_batch(self, idx, rng, train: bool = True) -> torch.Tensor:
-        S, big = self.cfg.image_size, self.td.photos.shape[1]
-        out = []
-        for i in idx:
-            a = self.td.photos[i]
-            if train:
-                c = int(rng.integers(int(big * 0.8), big + 1))
-                y, x = rng.integers(0, big - c + 1, size=2)
-                img = Image.fromarray(a[y:y + c, x:x + c]).resize((S, S), Image.Resampling.BILINEAR)
-                if rng.random() < 0.5:
-                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            else:
-                img = Image.fromarray(a).resize((S, S), Image.Resampling.BILINEAR)
-            out.append(img)
-        return _to_tensor(out)
-
-    def _edge_view(self, i: int, rng) -> Image.Image:
-        try:
-            return augment_edges(self.td.edges[i], self.cfg.image_size, rng)
-        except ValueError:  # a photo without edges (flat image): a blank pseudo-sketch
-            return Image.new("RGB", (self.cfg.image_size,) * 2, (255, 255, 255))
-
-    def _sketch_view(self, i: int, rng) -> Image.Image:
-        try:
-            return augment_sketch(self.td.sketches[i], self.cfg.image_size, rng)
-        except ValueError:  # augmentation left nothing to draw: use the doodle as drawn
-            return preprocess_sketch(self.td.sketches[i], self.cfg.image_size)
-
-    def _batch(self):
-        cfg, td, rng = self.cfg, self.td, self.rng
-        bp = rng.choice(self.p_idx, cfg.photos_per_step, replace=False)
-        bs = rng.choice(self.s_idx, cfg.sketches_per_step, replace=False)
-        xp = self._photo_batch(bp, rng)
-        xe = _to_tensor([self._edge_view(i, rng) for i in bp])
-        xs = _to_tensor([self._sketch_view(i, rng) for i in bs])
-        yp = torch.from_numpy(td.photo_labels[bp])
-        ys = torch.from_numpy(td.sketch_labels[bs])
-        if cfg.doodle_photos_per_step:
-            bc = rng.choice(self.s_idx, cfg.doodle_photos_per_step, replace=False)
-            xc = _to_tensor([self._colored_view(i, rng) for i in bc])
-            xp = torch.cat([xp, xc])
-            yp = torch.cat([yp, torch.from_numpy(td.sketch_labels[bc])])
-        return xp, xe, xs, yp, ys
-
-    def _colored_view(self, i: int, rng, sketches: Optional[list] = None) -> Image.Image:
-        strokes = (self.td.sketches if sketches is None else sketches)[i]
-        try:
-            return colorize_doodle(strokes, self.cfg.image_size, rng)
-        except ValueError:
-            return preprocess_sketch(strokes, self.cfg.image_size)
-
-    def step(self) -> dict:
+    def step(self, batch: Optional[tuple] = None) -> dict:
+        """One optimiser step on `batch` (default: this step's, made here)."""
         cfg, m = self.cfg, self.model
         m.train()
         m.backbone.net.eval()  # frozen batch-norm statistics: small mixed-modality batches
-        xp, xe, xs, yp, ys = self._batch()
+        batch = batch if batch is not None else self.batches[self.step_no]
+        xp, xe, xs, yp, ys = (t.to(self.device, non_blocking=True) for t in batch)
         sp = m.embed(xp, "photo")  # photos, then doodles coloured like clip-art
         sk = m.embed(torch.cat([xe, xs]), "sketch")
         se = sk[: len(xe)]  # the edge maps; the doodles follow
@@ -322,7 +351,7 @@ class Finetuner:
         losses["triplet"] = _triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
         a, b = F.normalize(sp[: len(se)], dim=-1), F.normalize(se, dim=-1)
         pl = a @ b.T / cfg.temperature
-        tgt = torch.arange(len(a))
+        tgt = torch.arange(len(a), device=a.device)
         losses["pair"] = 0.5 * (F.cross_entropy(pl, tgt) + F.cross_entropy(pl.T, tgt))
         total = cfg.w_text * losses["text"] + cfg.w_triplet * losses["triplet"] + cfg.w_pair * losses["pair"]
         if self.teacher is not None:
@@ -341,20 +370,20 @@ class Finetuner:
         """Held-out training classes: their doodles (queries) and their photos, mixed (as in
         every real gallery) with a few photos of each training photo class.
         -> (queries, query labels, gallery, gallery labels), L2-normalised numpy."""
-        m, td, S = self.model.eval(), self.td, self.cfg.image_size
+        td, S = self.td, self.cfg.image_size
+        self.model.eval()
         hp = [i for c in np.flatnonzero(self.held) for i in np.flatnonzero(td.photo_labels == c)[:max_photos]]
         seen = np.unique(td.photo_labels[self.p_idx])
         hp += [i for c in seen for i in np.flatnonzero(td.photo_labels == c)[:distractors]]
         hs = np.flatnonzero(self.held[td.sketch_labels])
-        g = torch.cat([m.embed(self._photo_batch(hp[i:i + 64], None, train=False), "photo")
+        g = torch.cat([self._embed(self.batches.photo_batch(hp[i:i + 64], None, train=False), "photo")
                        for i in range(0, len(hp), 64)])
-        q = torch.cat([m.embed(_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]), "sketch")
-                       for i in range(0, len(hs), 64)])
+        drawn = [_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]) for i in range(0, len(hs), 64)]
+        q = torch.cat([self._embed(x, "sketch") for x in drawn])
         if edges:  # the photos' edge maps seen as sketches (the inference-time view), mirrored queries
-            e = torch.cat([m.embed(_to_tensor([self._edge_sketch(j) for j in hp[i:i + 64]]), "sketch")
+            e = torch.cat([self._embed(_to_tensor([self._edge_sketch(j) for j in hp[i:i + 64]]), "sketch")
                            for i in range(0, len(hp), 64)])
-            qf = torch.cat([m.embed(_to_tensor([preprocess_sketch(td.sketches[j], S) for j in hs[i:i + 64]]).flip(-1),
-                                    "sketch") for i in range(0, len(hs), 64)])
+            qf = torch.cat([self._embed(x.flip(-1), "sketch") for x in drawn])
             return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
                     td.photo_labels[np.array(hp)], F.normalize(e, dim=-1).numpy(), F.normalize(qf, dim=-1).numpy())
         return (F.normalize(q, dim=-1).numpy(), td.sketch_labels[hs], F.normalize(g, dim=-1).numpy(),
@@ -383,7 +412,7 @@ class Finetuner:
                 if len(idx) <= SEEN_GALLERY:
                     continue
                 for j in idx[:SEEN_GALLERY]:
-                    gs.append(self._colored_view(j, rng, td.val_doodles)), gl.append(c)
+                    gs.append(self.batches.colored_view(j, rng, td.val_doodles)), gl.append(c)
                 for j in idx[SEEN_GALLERY:]:
                     qs.append(td.val_doodles[j]), ql.append(c)
             self._seen = (qs, np.array(ql, np.int64), gs, np.array(gl, np.int64))
@@ -405,9 +434,9 @@ class Finetuner:
         if len(qs):
             m, S = self.model.eval(), self.cfg.image_size
             with torch.no_grad():
-                eq = torch.cat([m.embed(_to_tensor([preprocess_sketch(x, S) for x in qs[i:i + 64]]), "sketch")
+                eq = torch.cat([self._embed(_to_tensor([preprocess_sketch(x, S) for x in qs[i:i + 64]]), "sketch")
                                 for i in range(0, len(qs), 64)])
-                eg = torch.cat([m.embed(_to_tensor(gs[i:i + 64]), "photo") for i in range(0, len(gs), 64)])
+                eg = torch.cat([self._embed(_to_tensor(gs[i:i + 64]), "photo") for i in range(0, len(gs), 64)])
             eq, eg = F.normalize(eq, dim=-1).numpy(), F.normalize(eg, dim=-1).numpy()
             seen = retrieval_summary(eq @ np.concatenate([eg, g]).T, qsl, np.concatenate([gsl, gl]))
             val.update({f"seen_{k}": v for k, v in seen.items()})
@@ -477,15 +506,17 @@ class Finetuner:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                 "step": self.step_no, "best": self.best, "best_state": self.best_state,
-                "history": self.history, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+                "history": self.history, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step_no, self.best, self.best_state, self.history = st["step"], st["best"], st["best_state"], st["history"]
-        self.rng.bit_generator.state = st["rng"]
         torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout's RNG on the GPU
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
 
     def fit(self, state_file: Optional[Path] = None) -> dict:
         cfg = self.cfg
@@ -493,8 +524,14 @@ class Finetuner:
             self.load_state(torch.load(state_file, map_location="cpu", weights_only=False))
             log.info("resumed at step %d", self.step_no)
         t0, run = time.time(), {}
+        # Batches are made ahead by `workers` processes; each is a function of its step only,
+        # so the run is the same with any number of workers.
+        batches = iter(torch.utils.data.DataLoader(
+            self.batches, batch_size=None, sampler=range(self.step_no, cfg.steps), num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed)))  # its seed draw leaves dropout's RNG alone
         while self.step_no < cfg.steps:
-            logs = self.step()
+            logs = self.step(next(batches))
             for k, v in logs.items():
                 run[k] = 0.9 * run.get(k, v) + 0.1 * v
             if self.step_no % 25 == 0:
@@ -530,7 +567,8 @@ class Finetuner:
         net = self.model.backbone.net
         trained = {k: v.clone() for k, v in net.state_dict().items()}
         teacher = self.teacher or EfficientNetLiteBackbone(self.cfg.encoder, image_size=self.cfg.image_size)
-        start = teacher.net.state_dict()  # the ImageNet weights (the preservation teacher's, if any)
+        # the ImageNet weights (the preservation teacher's, if any), where the model is
+        start = {k: v.to(self.device) for k, v in teacher.net.state_dict().items()}
         rows = {}
         for a in sorted(set(self.cfg.interpolate), reverse=True):
             if not 0.0 < a <= 1.0:
@@ -626,6 +664,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "retrieval": {**chosen, "validation": by_setting, "confidence": confidence},
         "fp16_check": fp16,
     }
+    ft.model.cpu()
     save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)
     result["seconds"] = round(time.time() - t0, 1)
     return result
