@@ -398,7 +398,7 @@ def _add_finetune(sub: Any) -> None:
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
     p.add_argument("--select", choices=FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
-                        "classes (default; the runs before encoder v3 used zero-shot)")
+                        "classes (default; the shipped model's runs used zero-shot)")
     p.add_argument("--device", help="torch device to train on (default: cuda when there is one, else cpu)")
     p.add_argument("--workers", type=int,
                    help="processes that make the batches (default 0; on a GPU machine, its CPU cores)")

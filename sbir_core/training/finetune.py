@@ -82,8 +82,8 @@ class FinetuneConfig:
     init: Optional[str] = None       # start from this checkpoint (backbone + heads) instead of ImageNet
     # WiSE-FT: the shipped backbone is a*trained + (1-a)*ImageNet, a chosen from these on held-out classes
     interpolate: tuple = (1.0,)
-    # What step selection maximises: "zero-shot" (held-out classes only; the runs before
-    # encoder v3 used it) or "zero-shot+seen" (also held-out doodles of training classes).
+    # What step selection maximises: "zero-shot" (held-out classes only; the shipped model's
+    # runs used it) or "zero-shot+seen" (also held-out doodles of training classes).
     select: str = "zero-shot+seen"
     device: str = "auto"             # "auto": cuda when there is one
     workers: int = 0                 # DataLoader processes making batches (0: in the training process)
@@ -264,7 +264,6 @@ class StepBatches(torch.utils.data.Dataset):
             return preprocess_sketch(strokes, self.cfg.image_size)
 
 
-
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
         self.cfg, self.td, self.held = cfg, td, held
@@ -402,7 +401,7 @@ class Finetuner:
         gallery picture of that class that no step trained on), the rest as queries.
         -> (query strokes, labels, gallery images, labels)."""
         if self._seen is None:
-            td, S = self.td, self.cfg.image_size
+            td = self.td
             rng = np.random.default_rng(self.cfg.seed + 11)
             qs, ql, gs, gl = [], [], [], []
             for c in np.unique(td.val_doodle_labels):
@@ -432,7 +431,8 @@ class Finetuner:
             raise ValueError(f"select is one of {SELECT}, not {self.cfg.select!r}")
         qs, qsl, gs, gsl = self._seen_split() if self.cfg.select == "zero-shot+seen" else ([], None, None, None)
         if len(qs):
-            m, S = self.model.eval(), self.cfg.image_size
+            S = self.cfg.image_size
+            self.model.eval()
             with torch.no_grad():
                 eq = torch.cat([self._embed(_to_tensor([preprocess_sketch(x, S) for x in qs[i:i + 64]]), "sketch")
                                 for i in range(0, len(qs), 64)])
