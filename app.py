@@ -48,6 +48,7 @@ BRUSH_RADIUS = 3  # ~6 px lines on the 384 px canvas
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # 2 CPU cores: two searches at a time, the rest wait in the queue
+NO_EXPLANATION = "Click a result to see why it matched."
 
 TITLE = "Sketch Search"
 INSTRUCTIONS = ("**Draw an object** on the white canvas: matching pictures appear after every stroke. "
@@ -255,7 +256,10 @@ SKETCH_JS = r"""
   document.addEventListener('pointercancel', end);
   S.clear = () => {
     S.strokes = []; S.cur = null; sync(); redraw();
-    const b = document.querySelector('#clear-trigger');  // server side: no results, no explanation
+    // The empty drawing goes the way every stroke goes, so its answer (no results, the
+    // plain map) cannot be overtaken by a search still running for an earlier stroke.
+    send();
+    const b = document.querySelector('#clear-trigger');  // and the explanation panels empty
     if (b) b.click();
   };
   S.undo = () => { S.strokes.pop(); sync(); redraw(); if (S.strokes.length) send(); else S.clear(); };
@@ -484,12 +488,7 @@ class Callbacks:
         return self.tsne(query), f"### Where does {what} land?", gr.update(value=seen, visible=seen is not None)
 
     def clear_explanation(self):
-        return None, None, None, "Click a result to see why it matched."
-
-    def on_clear(self):
-        """The canvas' clear button (the page wipes the canvas itself): no strokes, no
-        results, no explanation."""
-        return ("", [], "Draw something on the canvas to start.", None) + self.clear_explanation()
+        return None, None, None, NO_EXPLANATION
 
     # ---- galleries (each visitor's choice lives in their page session, never in the process)
     def choose_gallery(self, name: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)):
@@ -618,7 +617,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         with gr.Row(equal_height=False, elem_id="why-row"):
             with gr.Column(scale=7, elem_id="why-col"):
                 gr.Markdown("### Why did it match?")
-                expl_msg = gr.Markdown("Click a result to see why it matched.", elem_id="explanation-text")
+                expl_msg = gr.Markdown(NO_EXPLANATION, elem_id="explanation-text")
                 expl = gr.Image(label="Token correspondences: your drawing ↔ the match", elem_id="explanation",
                                 type="pil", interactive=False, height=360, buttons=["download", "fullscreen"])
                 with gr.Row():
@@ -657,8 +656,11 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=CONCURRENCY)
 
         def then_map(ev):
+            # always_last: a map asked for while the previous one is still drawing runs after
+            # it (the default, "once", would drop it and leave the map of an older query).
             ev.then(cb.map_panel, [query_state], [tsne, map_heading, model_view], show_progress="hidden",
-                    concurrency_id="map", concurrency_limit=1, api_visibility="private")
+                    trigger_mode="always_last", concurrency_id="map", concurrency_limit=1,
+                    api_visibility="private")
 
         # Every finished stroke (the canvas script fires #strokes' input event), only the
         # latest when strokes pile up.
@@ -692,8 +694,10 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                        show_progress="minimal", concurrency_id="explain", concurrency_limit=CONCURRENCY)
         explain_btn.click(cb.explain, [query_state, rank], expl_outputs, api_name="explain",
                           concurrency_id="explain", concurrency_limit=CONCURRENCY)
-        then_map(clear_trigger.click(cb.on_clear, None, [strokes, *search_outputs, *expl_outputs],
-                                     api_visibility="private", show_progress="hidden"))
+        # The canvas' Clear (and Undo of the only stroke) searches with no strokes through
+        # #strokes, above; this only empties the explanation panels, in the browser.
+        clear_trigger.click(None, None, expl_outputs, js=f"() => [null, null, null, {json.dumps(NO_EXPLANATION)}]",
+                            api_visibility="private", show_progress="hidden")
 
         gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(

@@ -221,6 +221,56 @@ def _names_drawn(picture, labels):
     return out
 
 
+def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, monkeypatch):
+    """Clear (and Undo of the only stroke) pressed while the last stroke's search is still
+    running: that search's answer must not come back over the emptied page afterwards,
+    neither as results nor as its map. (Both happened: Clear was answered by its own event,
+    which overtook the search; and the map of the empty canvas was dropped while the
+    search's map was still drawing.)"""
+    import time
+
+    _address, service = server
+    box = page.locator("#sketch canvas").first.bounding_box()
+    x, y, w = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3, box["height"] * 0.4
+    # an explanation on the page; Clear empties it too
+    _stroke(page, [(x, y), (x + w, y + w), (x, y + w), (x, y)])
+    page.wait_for_function("() => document.querySelectorAll('#results img').length >= 2", timeout=TIMEOUT_MS)
+    page.locator("#results img").first.click()
+    page.wait_for_function("() => !!document.querySelector('#explanation img')", timeout=TIMEOUT_MS)
+    page.locator("#sketch button[aria-label='Clear canvas']").first.click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
+                           timeout=TIMEOUT_MS)
+    page.wait_for_function("(t) => !document.querySelector('#explanation img')"
+                           " && document.querySelector('#explanation-text').innerText.includes(t)",
+                           arg=app.NO_EXPLANATION, timeout=TIMEOUT_MS)
+    plain_map = service.tsne().image
+    fast = service.search_sketch
+    running = []
+
+    def slow(value, *args, **kwargs):  # a busy server: each drawing takes a while
+        if value:
+            running.append(time.time())
+            time.sleep(1.5)
+        return fast(value, *args, **kwargs)
+
+    monkeypatch.setattr(service, "search_sketch", slow)
+    for how in ("clear", "undo"):
+        n = len(running)
+        _stroke(page, [(x, y), (x + w, y), (x + w, y + w), (x, y + w)])
+        t0 = time.time()
+        while len(running) == n and time.time() - t0 < 60:  # the stroke's search has started
+            page.wait_for_timeout(20)
+        assert len(running) == n + 1, "the stroke's search never started"
+        label = "Clear canvas" if how == "clear" else "Undo"
+        page.locator(f"#sketch button[aria-label='{label}']").first.click()
+        # long after the slow search has finished: still the empty page
+        page.wait_for_timeout(3000)
+        page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')"
+                               " && document.querySelectorAll('#results img').length === 0", timeout=TIMEOUT_MS)
+        _wait_for_picture(page, "#tsne img", plain_map, timeout_s=30)
+        assert _ink(page) == 0, how
+
+
 def test_the_map_places_the_drawing_among_named_classes(page, server):
     """The map (#tsne) names every class of the gallery; after a drawing it is a newly
     rendered, loaded, non-blank picture: the service's map for that very drawing."""

@@ -166,9 +166,9 @@ def test_example_click_loads_strokes_and_searches(cb):
 
     assert len(data["strokes"]) == len(list_examples()[1].strokes)
     assert len(items) == 4 and "Best match" in msg and query.kind == "sketch"
-    # the canvas' clear: no strokes, no results, no explanation
-    out = cb.on_clear()
-    assert out[0] == "" and out[1] == [] and "Draw something" in out[2] and out[3] is None
+    # the canvas' Clear sends an empty stroke list the way strokes go: no results, no query
+    items, msg, query_after = cb.search_strokes(json.dumps({"strokes": [], "brush": 6}), 4, "default")
+    assert items == [] and "Draw something" in msg and query_after is None
     # k changed: the last sketch search runs again with the strokes
     items, msg, _ = cb.rerun(query, strokes, "", None, 2, "default")
     assert len(items) == 2
