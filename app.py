@@ -211,16 +211,21 @@ SKETCH_JS = r"""
     if (S.cur) drawStroke(g, S.cur);
   }
   function box() { return document.querySelector('#strokes textarea, #strokes input'); }
-  function send() {  // the full stroke list -> #strokes, then its input event (a search)
+  // Stroke JSON -> #strokes, then its input event: a search. Every search from the canvas
+  // (a stroke, Undo, Clear, an example) goes this one way, so their answers arrive in order.
+  S.search = (value) => {
     const t = box();
     if (!t) return;
-    // The brush the person chose travels with the strokes: the server draws the lines
-    // that wide (scaled like the drawing, within the widths the model was trained on).
-    const brush = S.strokes.length ? S.strokes.reduce((a, s) => a + s.size, 0) / S.strokes.length : S.size;
-    t.value = JSON.stringify({strokes: S.strokes.map(s => s.points), brush: Math.round(brush * 10) / 10});
+    t.value = value;
     t.dispatchEvent(new Event('input', {bubbles: true}));  // updates the textbox' value
     // Gradio 6's textbox fires its `input` event from keypress (after the value settles)
     t.dispatchEvent(new KeyboardEvent('keypress', {bubbles: true, key: 'Unidentified'}));
+  };
+  function send() {  // the full stroke list
+    // The brush the person chose travels with the strokes: the server draws the lines
+    // that wide (scaled like the drawing, within the widths the model was trained on).
+    const brush = S.strokes.length ? S.strokes.reduce((a, s) => a + s.size, 0) / S.strokes.length : S.size;
+    S.search(JSON.stringify({strokes: S.strokes.map(s => s.points), brush: Math.round(brush * 10) / 10}));
   }
   function pt(e) {
     const r = S.canvas.getBoundingClientRect();
@@ -440,12 +445,10 @@ class Callbacks:
             return self.search_photo(photo, k, gallery)
         return self.search_strokes(strokes, k, gallery)
 
-    def load_example(self, k: float, gallery: Optional[str], evt: gr.SelectData):
-        """A click on an example: its strokes for the canvas (the page draws them) and a
-        search with them."""
-        strokes = example_strokes(int(evt.index))
-        items, msg, query = self.search_strokes(strokes, k, gallery)
-        return strokes, items, msg, query
+    def load_example(self, evt: gr.SelectData) -> str:
+        """A click on an example: its stroke JSON. The page draws it on the canvas and
+        searches with it the way strokes are searched (`search_strokes`)."""
+        return example_strokes(int(evt.index))
 
     def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
         """API: search with one of the built-in example drawings by name."""
@@ -673,11 +676,10 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
                                       api_name="search_sketch", preprocess=False, **fast))
         then_map(search_btn.click(cb.search_strokes, [strokes, k, gallery_dd], search_outputs,
                                   api_visibility="private", **fast))
-        ex_ev = example_gallery.select(cb.load_example, [k, gallery_dd], [strokes, *search_outputs],
-                                       api_visibility="private", **fast)
-        ex_ev.then(None, [strokes], None, js="(s) => { if (window.sbirSketch) window.sbirSketch.load(s); }",
-                   api_visibility="private", show_progress="hidden")
-        then_map(ex_ev)
+        example_gallery.select(cb.load_example, None, [strokes], api_visibility="private",
+                               show_progress="hidden").then(
+            None, [strokes], None, api_visibility="private", show_progress="hidden",
+            js="(s) => { if (window.sbirSketch) { window.sbirSketch.load(s); window.sbirSketch.search(s); } }")
         then_map(example_btn.click(cb.search_example, [example_name, k, gallery_dd], search_outputs,
                                    api_name="search_example", **fast))
         then_map(text.submit(cb.search_text, [text, k, gallery_dd], search_outputs, api_name="search_text", **fast))

@@ -226,7 +226,7 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
     running: that search's answer must not come back over the emptied page afterwards,
     neither as results nor as its map. (Both happened: Clear was answered by its own event,
     which overtook the search; and the map of the empty canvas was dropped while the
-    search's map was still drawing.)"""
+    search's map was still drawing.) The same for an example clicked meanwhile."""
     import time
 
     _address, service = server
@@ -247,10 +247,10 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
     fast = service.search_sketch
     running = []
 
-    def slow(value, *args, **kwargs):  # a busy server: each drawing takes a while
+    def slow(value, *args, **kwargs):  # a busy server: a drawn stroke takes a while, an example less
         if value:
             running.append(time.time())
-            time.sleep(1.5)
+            time.sleep(1.5 if kwargs.get("brush") else 0.3)
         return fast(value, *args, **kwargs)
 
     monkeypatch.setattr(service, "search_sketch", slow)
@@ -269,6 +269,18 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
                                " && document.querySelectorAll('#results img').length === 0", timeout=TIMEOUT_MS)
         _wait_for_picture(page, "#tsne img", plain_map, timeout_s=30)
         assert _ink(page) == 0, how
+    # an example clicked while a stroke's search runs: the example's results stay
+    n, t0 = len(running), time.time()
+    _stroke(page, [(x, y), (x + w, y), (x + w, y + w), (x, y + w)])
+    while len(running) == n and time.time() - t0 < 60:
+        page.wait_for_timeout(20)
+    page.locator("#examples img").nth(2).click()
+    _items, _msg, _query = app.Callbacks(service).search_strokes(app.example_strokes(2))
+    want = [caption for _thumb, caption in _items]
+    page.wait_for_timeout(4500)  # both slow searches are over
+    page.wait_for_function("(w) => { const c = [...document.querySelectorAll('#results .caption-label')]"
+                           ".map(e => e.innerText); return JSON.stringify(c) === JSON.stringify(w); }",
+                           arg=want, timeout=TIMEOUT_MS)
 
 
 def test_the_map_places_the_drawing_among_named_classes(page, server):

@@ -159,7 +159,8 @@ def test_example_click_loads_strokes_and_searches(cb):
     import gradio as gr
 
     evt = gr.SelectData(None, {"index": 1, "value": None, "selected": True})
-    strokes, items, msg, query = cb.load_example(4, "default", evt)
+    strokes = cb.load_example(evt)  # the page draws it, then searches with it as with strokes
+    items, msg, query = cb.search_strokes(strokes, 4, "default")
     data = json.loads(strokes)
     assert data["canvas"] == [256, 256] and len(data["strokes"]) >= 1
     from sbir_core.data.examples import list_examples
