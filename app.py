@@ -447,8 +447,12 @@ class Callbacks:
 
     def load_example(self, evt: gr.SelectData) -> str:
         """A click on an example: its stroke JSON. The page draws it on the canvas and
-        searches with it the way strokes are searched (`search_strokes`)."""
-        return example_strokes(int(evt.index))
+        searches with it the way strokes are searched (`search_strokes`). Any client can send
+        any index: one that names no example gives no drawing."""
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
+        if not isinstance(index, int) or not 0 <= index < len(list_examples()):
+            return ""
+        return example_strokes(index)
 
     def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
         """API: search with one of the built-in example drawings by name."""

@@ -173,6 +173,9 @@ def test_example_click_loads_strokes_and_searches(cb):
     # k changed: the last sketch search runs again with the strokes
     items, msg, _ = cb.rerun(query, strokes, "", None, 2, "default")
     assert len(items) == 2
+    # an index that names no example (any client can send one): no drawing, no error
+    for bad in (99, -1, "x", None, [], [1.5]):
+        assert cb.load_example(gr.SelectData(None, {"index": bad, "value": None, "selected": True})) == ""
 
 
 def test_same_drawing_is_answered_from_cache(app_service):
