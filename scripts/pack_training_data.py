@@ -26,12 +26,14 @@ from pathlib import Path
 from PIL import Image
 
 from sbir_core.data.datasets import training_items
+from sbir_core.training.finetune import FinetuneConfig
 
 MAX_BYTES = 60 * 2**20  # what the device tool carries, with room for the code
+DEFAULTS = FinetuneConfig()  # pack exactly what a default run selects
 
 
-def pack(data: Path, out: Path, max_side: int = 192, max_photos_per_class: int = 60, quality: int = 90,
-         exclude: tuple = ("pacs", "doodle")) -> dict:
+def pack(data: Path, out: Path, max_side: int = 192, max_photos_per_class: int = DEFAULTS.max_photos_per_class,
+         quality: int = 90, exclude: tuple = DEFAULTS.exclude) -> dict:
     """Write the packed data root; -> a summary (counts, bytes)."""
     data, out = Path(data), Path(out)
     if not (data / "splits.json").is_file():
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "packed"))
     ap.add_argument("--max-side", type=int, default=192)
-    ap.add_argument("--max-photos-per-class", type=int, default=60, help="as finetune's (default 60)")
+    ap.add_argument("--max-photos-per-class", type=int, default=DEFAULTS.max_photos_per_class,
+                    help=f"as finetune's (default {DEFAULTS.max_photos_per_class})")
     ap.add_argument("--quality", type=int, default=90)
     args = ap.parse_args(argv)
     s = pack(Path(args.data), Path(args.out), args.max_side, args.max_photos_per_class, args.quality)
