@@ -448,3 +448,26 @@ def test_a_drawing_of_something_the_gallery_lacks_gets_the_not_sure_notice(page,
         assert "not sure" in status.lower(), (top1, status)
     finally:
         pg.close()
+
+
+def test_an_example_click_finds_its_class_with_the_shipped_model(page, shipped_server):
+    """An example click on the real page (drawn on the canvas, then searched as strokes are)
+    with the shipped checkpoint and gallery: the house finds houses in the first row, and the
+    page shows what the callback gives for that stroke JSON."""
+    address, service = shipped_server
+    pg = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(address)
+        pg.wait_for_selector("#examples img")
+        pg.wait_for_selector("#strokes textarea", state="attached")
+        house = [e.name for e in app.list_examples()].index("house")
+        pg.locator("#examples img").nth(house).click()
+        pg.wait_for_function("() => document.querySelector('#status').innerText.includes('Best match')")
+        want = [c for _thumb, c in app.Callbacks(service).search_strokes(app.example_strokes(house))[0]]
+        pg.wait_for_function("(w) => JSON.stringify([...document.querySelectorAll('#results .caption-label')]"
+                             ".map(e => e.innerText)) === JSON.stringify(w)", arg=want)
+        assert any(c.startswith("house ·") for c in want[:5]), want
+        assert pg.evaluate("() => window.sbirSketch.strokes.length") >= 2
+    finally:
+        pg.close()
