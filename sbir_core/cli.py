@@ -229,8 +229,11 @@ def _add_index(sub: Any) -> None:
 # ----------------------------------------------------------------------------- eval
 def format_eval_report(r: dict) -> str:
     """An `evaluate.evaluate` report as the text `eval` prints."""
+    from sbir_core.gallery.index import PLAIN_HEAD
+
     lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
-             f"gallery diffusion k={r.get('diffusion_k', 0)}"]
+             f"gallery diffusion k={r.get('diffusion_k', 0)}"
+             + (f" after the first {PLAIN_HEAD} results" if r.get("diffusion_k") else "")]
     lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
     lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
     lines.append("")

@@ -479,8 +479,8 @@ class RetrievalService:
             return None
         if not 0 <= row < len(lg):
             return None
-        score = float(lg.gallery.embeddings[row] @ query.embedding)
-        rank = int((lg.gallery.embeddings @ query.embedding > score).sum())
+        score = float(lg.gallery.raw_embeddings[row] @ query.embedding)
+        rank = lg.gallery.rank_of(query.embedding, row)
         return Hit(rank=rank, index=row, path=lg.paths[row], thumb=self.thumbnail(lg, row), score=score,
                    label=lg.labels[row])
 

@@ -252,3 +252,39 @@ def test_batches_made_by_worker_processes_train_the_same_model(tiny):
     again = runs[1].batches[1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], runs[0].batches[2][0])  # and steps differ
+
+
+def test_retrieval_choice_keeps_the_first_row_and_decides_by_what_follows(tiny):
+    """Diffusion only reorders what follows the first five results, so on the held-out
+    classes every k has plain search's hit@5 and P@5; P@10 then decides, ties to the cheaper."""
+    td, text, size = tiny
+    cfg = _cfg(size)
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    chosen, rows = ft.choose_retrieval(edge_weights=(0.0, 0.5), diffusion=(0, 3, 10))
+    assert len(rows) == 2 * 3 * 2
+    for r in rows.values():
+        plain = rows[f"w={r['edge_weight']},k=0,flip={int(r['flip_sketch'])}"]
+        assert (r["hit@5"], r["P@5"]) == (plain["hit@5"], plain["P@5"])
+    key = lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), round(r["P@10"], 3))  # noqa: E731
+    top = max(key(r) for r in rows.values())
+    winners = [r for r in rows.values() if key(r) == top]
+    assert key(rows[f"w={chosen['edge_weight']},k={chosen['diffusion_k']},flip={int(chosen['flip_sketch'])}"]) == top
+    assert chosen["diffusion_k"] == min(r["diffusion_k"] for r in winners)
+
+
+def test_a_continued_model_keeps_how_its_start_was_made(tiny, tmp_path):
+    """--init: the new checkpoint's lineage names the start and its training config."""
+    from sbir_core.models.checkpoint import save_checkpoint
+
+    td, text, size = tiny
+    cfg = _cfg(size)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    first = Finetuner(cfg, td, text, held)
+    assert first.lineage == []
+    path = save_checkpoint(tmp_path / "first.safetensors", first.model.head,
+                           {"encoder": cfg.encoder, "config": {"steps": 4, "lr_backbone": 3e-4},
+                            "selection": {"step": 2}, "heldout_classes": [c for c, h in zip(td.classes, held) if h]},
+                           backbone=first.model.backbone.net)
+    again = Finetuner(_cfg(size, init=str(path)), td, text, held)
+    assert again.lineage == [{"checkpoint": "first.safetensors", "config": {"steps": 4, "lr_backbone": 3e-4},
+                              "selection": {"step": 2}}]

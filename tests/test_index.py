@@ -208,6 +208,26 @@ def test_incremental_rebuild_encodes_only_new_and_changed(built, tmp_path, raw_e
     assert (out / "gallery.json").stat().st_mtime_ns == before
 
 
+def test_rebuild_of_a_diffused_gallery_keeps_the_vectors_as_encoded(built, tmp_path, raw_encoder) -> None:
+    """A gallery searched with diffusion holds diffused vectors in memory; a rebuild must
+    reuse the encoded ones, or every rebuild would diffuse them once more."""
+    class Diffusing(CountingEncoder):
+        diffusion_k = 3
+
+    src, _ = copy_built(built, tmp_path)
+    out = tmp_path / "diffused"
+    first, _ = B.build_gallery(src, out, Diffusing(raw_encoder), progress=False)
+    assert first.diffusion_k == 3 and not np.allclose(first.embeddings, first.raw_embeddings)
+    encoded = dict(zip(first.paths, np.load(out / I.EMBEDDINGS_FILE)))
+    draw("ellipse", (90, 90, 0), 8).save(src / "circle" / "new.png")
+    enc = Diffusing(raw_encoder)
+    g, report = B.build_gallery(src, out, enc, progress=False)
+    assert enc.encoded == 1 and report.reused == len(SPEC)
+    for path, vec in zip(g.paths, np.load(out / I.EMBEDDINGS_FILE)):
+        if path in encoded:
+            np.testing.assert_array_equal(vec, encoded[path])
+
+
 def test_interrupted_swap_keeps_previous_gallery(built, tmp_path, raw_encoder, monkeypatch) -> None:
     src, out = copy_built(built, tmp_path)
     (src / "square" / "square_4.png").unlink()  # a change that needs no encoding

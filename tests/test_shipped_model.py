@@ -56,6 +56,24 @@ def test_every_example_finds_its_class_in_the_first_five(shipped, name):
     assert name in top_labels(query), (name, top_labels(query, 12))
 
 
+@pytest.mark.parametrize("name", ["cat", "bicycle"])
+def test_the_first_five_are_the_nearest_pictures_and_diffusion_orders_the_rest(shipped, name):
+    """The first row is the sketch's own nearest pictures whatever the diffusion setting;
+    the shipped checkpoint's diffusion (chosen on held-out classes) orders the rest. Each
+    caption's score is the sketch's cosine similarity to that picture."""
+    svc = shipped.service
+    items, msg, query = shipped.search_example(name, 12, "default")
+    g = svc.gallery("default").gallery
+    assert g.diffusion_k == svc.encoder.diffusion_k  # the shipped index follows the shipped checkpoint
+    sims = g.raw_embeddings @ query.embedding
+    plain = [int(i) for i in np.argsort(-sims, kind="stable")]
+    idx = [h.index for h in query.hits]
+    assert len(idx) == 12 and idx[:5] == plain[:5]
+    assert np.allclose([h.score for h in query.hits], sims[idx], atol=1e-5)
+    if g.diffusion_k:
+        assert idx[5:] != plain[5:12]
+
+
 def test_strokes_as_the_canvas_sends_them(shipped):
     strokes = json.loads(app.example_strokes("bicycle"))
     items, msg, query = shipped.search_strokes(json.dumps(strokes), 5, "default")

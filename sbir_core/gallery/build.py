@@ -255,10 +255,10 @@ def build_gallery(
         src_old = np.array([reuse.get(c.rel, -1) for c in kept], dtype=np.int64)
         src_new = np.array([new_rows.get(c.rel, -1) for c in kept], dtype=np.int64)
         is_old = src_old >= 0
-        d = old.embeddings.shape[1] if old is not None else new_emb.shape[1]
+        d = old.raw_embeddings.shape[1] if old is not None else new_emb.shape[1]
         emb = np.empty((n, d), dtype=np.float32)
         if is_old.any():
-            emb[is_old] = old.embeddings[src_old[is_old]]
+            emb[is_old] = old.raw_embeddings[src_old[is_old]]  # as encoded, not diffused
         if (~is_old).any():
             emb[~is_old] = new_emb[src_new[~is_old]]
         np.save(tmp / EMBEDDINGS_FILE, emb)

@@ -7,7 +7,9 @@ sketch->photo retrieval this matters more than usual: after one expansion the
 query is partly made of *photo* embeddings, which bridges the modality gap.
 
 The number of neighbours is a property of the trained model, chosen on held-out
-training classes (never on benchmark classes) and stored in the checkpoint.
+training classes (never on benchmark classes) and stored in the checkpoint. Searches
+keep the first results plain (`gallery.index.PLAIN_HEAD`): diffusion raises precision
+down the list but can push a query's one correct match out of the first row.
 """
 from __future__ import annotations
 

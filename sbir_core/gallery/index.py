@@ -51,6 +51,10 @@ IVF_MIN_LISTS = 8
 # with a fixed seed keeps builds reproducible.
 IVF_MAX_POINTS_PER_LIST = 256
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# With gallery diffusion on, the first results stay the query's nearest pictures.
+# Diffusion raises precision further down the list but can push a lone correct match
+# out of the first row (hit@5 falls), and the first row is what a person looks at.
+PLAIN_HEAD = 5
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -149,6 +153,21 @@ def _apply_search_params(index: Any, index_type: str, ef_search: Optional[int], 
         index.nprobe = min(int(nprobe), index.nlist)
 
 
+def _ordered(s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic order: score descending, then index ascending."""
+    order = np.lexsort((i, -s), axis=-1)
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1).astype(np.int64)
+
+
+def _exact_knn(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product k-NN of q among the rows of x, in deterministic order."""
+    if k < 1 or len(x) == 0:
+        return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+    faiss = _faiss()
+    s, i = faiss.knn(q, x, min(int(k), len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+    return _ordered(s, i)
+
+
 # ----------------------------------------------------------------------------- the gallery
 class Gallery:
     """Embeddings (+ tokens) of a set of images, searchable by cosine similarity."""
@@ -170,6 +189,7 @@ class Gallery:
         self.embeddings = self.raw_embeddings
         self.index = index
         self.diffusion_k = int(meta.get("diffusion_k") or 0)
+        self.plain_head = PLAIN_HEAD
         if self.diffusion_k and len(self.raw_embeddings) > 1:
             self._diffuse()
         items = meta["items"]
@@ -367,22 +387,48 @@ class Gallery:
 
     # ---- search
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (scores, indices), both (Q, min(k, N)), best first, ties by ascending index.
+        """-> (cosine similarities, indices), both (Q, min(k, N)), best first, ties by ascending index.
 
-        With diffusion on, queries are first expanded with their top results (aQE)."""
+        With diffusion on, the first `plain_head` results are still the query's nearest
+        pictures; diffusion orders the ones after them (queries expanded with their top
+        results, aQE). The scores are always the query's cosine similarity to each result,
+        so past the head they need not decrease."""
         q = self._check_queries(queries, k)
-        if self.diffusion_k:
-            s, i = self._knn(q, min(self.diffusion_k, len(self)))
-            q = expand_queries(q, self.embeddings, s, i)
-        return self._knn(q, k)
+        if not self.diffusion_k:
+            return self._knn(q, k)
+        k = min(int(k), len(self))
+        head = min(self.plain_head, k)
+        # The head is searched exactly: an hnsw/ivf index holds the diffused vectors. It is a
+        # few results over galleries this app can hold, so the exact pass stays cheap.
+        _, hi = _exact_knn(q, self.raw_embeddings, head)
+        _, ti = self._knn(self._expand(q), min(k + head, len(self)))
+        idx = np.stack([np.concatenate([h, t[~np.isin(t, h)][: k - head]]) for h, t in zip(hi, ti)])
+        sims = np.einsum("qd,qkd->qk", q, self.raw_embeddings[idx])
+        return sims.astype(np.float32), idx.astype(np.int64)
 
     def score_all(self, queries: np.ndarray) -> np.ndarray:
-        """(Q, N) cosine scores against every item, as `knn` ranks them (for evaluation)."""
+        """(Q, N) scores whose descending order is the order `knn` returns (for evaluation).
+        Without diffusion they are the cosine similarities."""
         q = self._check_queries(queries, 1)
-        if self.diffusion_k:
-            s, i = self._knn(q, min(self.diffusion_k, len(self)))
-            q = expand_queries(q, self.embeddings, s, i)
-        return q @ self.embeddings.T
+        if not self.diffusion_k:
+            return q @ self.embeddings.T
+        scores = self._expand(q) @ self.embeddings.T
+        raw = q @ self.raw_embeddings.T
+        head = min(self.plain_head, len(self))
+        if head:
+            top = np.argsort(-raw, axis=1, kind="stable")[:, :head]
+            # Above every diffused score (cosines lie in [-1, 1]), in their own order.
+            np.put_along_axis(scores, top, np.take_along_axis(raw, top, 1) + 4.0, 1)
+        return scores
+
+    def rank_of(self, query: np.ndarray, row: int) -> int:
+        """0-based position of gallery row `row` in this gallery's ranking for one query."""
+        s = self.score_all(query)[0]
+        return int((s > s[row]).sum() + (s[:row] == s[row]).sum())
+
+    def _expand(self, q: np.ndarray) -> np.ndarray:
+        s, i = self._knn(q, min(self.diffusion_k, len(self)))
+        return expand_queries(q, self.embeddings, s, i)
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
@@ -400,25 +446,20 @@ class Gallery:
         return _normalize_rows(q)  # cosine scores whatever the caller passed
 
     def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest of the searchable (possibly diffused) embeddings, through the index."""
         n = len(self)
         k = min(int(k), n)
         if n == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        faiss = _faiss()
         if self.index is None:
-            s, i = faiss.knn(q, self.embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            s, i = self.index.search(q, k)
-            # Approximate indexes can come back short (-1): an IVF probe that saw fewer
-            # than k vectors. Those rows are answered exactly, so k results always come.
-            short = (i < 0).any(axis=1)
-            if short.any():
-                s[short], i[short] = faiss.knn(q[short], self.embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
-        # Deterministic order: score descending, then index ascending.
-        order = np.lexsort((i, -s), axis=-1)
-        s = np.take_along_axis(s, order, axis=1)
-        i = np.take_along_axis(i, order, axis=1).astype(np.int64)
-        return s, i
+            return _exact_knn(q, self.embeddings, k)
+        s, i = self.index.search(q, k)
+        # Approximate indexes can come back short (-1): an IVF probe that saw fewer
+        # than k vectors. Those rows are answered exactly, so k results always come.
+        short = (i < 0).any(axis=1)
+        if short.any():
+            s[short], i[short] = _exact_knn(q[short], self.embeddings, k)
+        return _ordered(s, i)
 
     def search(self, queries: np.ndarray, k: int = 10) -> Union[list[SearchResult], list[list[SearchResult]]]:
         """The top min(k, N) results, best first: a list for one query (D,), a list per

@@ -279,6 +279,7 @@ class Finetuner:
         self.p_idx = np.flatnonzero(~held[td.photo_labels])
         self.s_idx = np.flatnonzero(~held[td.sketch_labels])
         self.batches = StepBatches(cfg, td, self.p_idx, self.s_idx)
+        self.lineage: list = []
         if cfg.init:
             self._load_init(cfg.init)
         else:
@@ -316,6 +317,9 @@ class Finetuner:
             raise ValueError(f"{path} was selected on other held-out classes; it cannot be continued here")
         self.model.backbone.net.load_state_dict(meta["backbone_state"])
         self.model.head.load_state_dict(head.state_dict())
+        # How the starting checkpoint was made, so a continued (or re-selected) model keeps it.
+        self.lineage = list(meta.get("lineage") or []) + [
+            {"checkpoint": Path(path).name, "config": meta.get("config"), "selection": meta.get("selection")}]
         log.info("starting from %s", path)
 
     @torch.no_grad()
@@ -445,10 +449,12 @@ class Finetuner:
 
     def choose_retrieval(self, edge_weights: tuple = (0.0, 0.25, 0.5, 0.75),
                          diffusion: tuple = (0, 3, 5, 10, 20)) -> tuple[dict, dict]:
-        """How galleries are searched, chosen by what a person sees (hit@5, then P@5) on
-        held-out training classes; mAP@all is reported but never decides:
+        """How galleries are searched, chosen by what a person sees (hit@5, then P@5, then
+        P@10: the first row, then the next) on held-out training classes; mAP@all is
+        reported but never decides:
         - edge weight w: a gallery photo's embedding is (1-w) photo + w (its edge map as a sketch);
-        - gallery diffusion neighbours k (0 = off);
+        - gallery diffusion neighbours k (0 = off; the first five results stay plain, see
+          gallery.index.PLAIN_HEAD, so k only reorders what follows them);
         - flip: a sketch query averaged with its mirror image.
         Ties go to the cheaper setting. -> (chosen setting, every setting's scores)."""
         from sbir_core.gallery.index import Gallery
@@ -464,8 +470,8 @@ class Finetuner:
                     sim = Gallery.from_embeddings(gw, diffusion_k=k).score_all(queries)
                     scores[f"w={w},k={k},flip={int(flip)}"] = {"edge_weight": w, "diffusion_k": k, "flip_sketch": flip,
                                                                **retrieval_summary(sim, ql, gl)}
-        best = max(scores.values(), key=lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), -r["diffusion_k"],
-                                                   -r["flip_sketch"], -r["edge_weight"]))
+        best = max(scores.values(), key=lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), round(r["P@10"], 3),
+                                                   -r["diffusion_k"], -r["flip_sketch"], -r["edge_weight"]))
         return {k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch")}, scores
 
     def calibrate_confidence(self, chosen: dict) -> dict:
@@ -614,13 +620,14 @@ def _relations_kept(teacher: EfficientNetLiteBackbone, photos: torch.Tensor, emb
 
 
 def retrieval_summary(sim: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray) -> dict:
-    """hit@1, hit@5, P@5, mAP@all of a similarity matrix (queries x gallery)."""
-    order = np.argsort(-sim, axis=1)
+    """hit@1, hit@5, P@5, P@10, mAP@all of a similarity matrix (queries x gallery)."""
+    order = np.argsort(-sim, axis=1, kind="stable")
     rel = g_labels[order] == q_labels[:, None]
     return {
         "hit@1": float(rel[:, :1].any(1).mean()),
         "hit@5": float(rel[:, :5].any(1).mean()),
         "P@5": float(rel[:, :5].mean()),
+        "P@10": float(rel[:, :10].mean()),
         "mAP@all": float(map_all(sim, q_labels, g_labels)),
         "n_queries": int(len(q_labels)),
     }
@@ -644,7 +651,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     ft.model.head.photo_edge_weight = chosen["edge_weight"]
     ft.model.head.config["photo_edge_weight"] = chosen["edge_weight"]
     log.info("retrieval %s chosen on held-out classes from %s", chosen,
-             json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "mAP@all")} for s, v in by_setting.items()}))
+             json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "P@10", "mAP@all")} for s, v in by_setting.items()}))
     fp16 = ft.fp16_check()
     log.info("fp16 check: %s", json.dumps(fp16))
     confidence = ft.calibrate_confidence(chosen)
@@ -663,6 +670,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "interpolation": {"chosen": alpha, "validation": by_alpha},
         "retrieval": {**chosen, "validation": by_setting, "confidence": confidence},
         "fp16_check": fp16,
+        "lineage": ft.lineage,  # the runs before this one (oldest first), when it started from one
     }
     ft.model.cpu()
     save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net)
