@@ -30,6 +30,7 @@ from sbir_core.errors import InputError, SBIRError
 from sbir_core.explain.correspondence import explain_pair
 from sbir_core.explain.embedding_map import gallery_map
 from sbir_core.gallery.identity import checkpoint_spec
+from sbir_core.gallery.index import PLAIN_HEAD
 from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
@@ -457,7 +458,8 @@ class RetrievalService:
             label = hit.label.replace("_", " ") or "this image"
             score = f", relation score {ex.relation_score:.2f}" if ex.relation_score is not None else ""
             msg = (f"Result {i + 1}: {label} (similarity {hit.score:.2f}{score}). "
-                   f"Lines join the parts of your {'drawing' if query.kind == 'sketch' else 'photo outline'} "
+                   + self._order_note(query.gallery, i)
+                   + f"Lines join the parts of your {'drawing' if query.kind == 'sketch' else 'photo outline'} "
                    f"to the parts of the image that look most alike.")
             out = ExplanationImages(True, msg, ex.render_correspondences(), ex.render_synthesis(),
                                     ex.render_heatmap(), hit)
@@ -468,6 +470,17 @@ class RetrievalService:
             out = ExplanationImages(False, "Sorry, this match could not be explained.", hit=hit)
         self._explanations.put(key, out)
         return out
+
+    def _order_note(self, gallery: str, rank: int) -> str:
+        """Why a result past the first row sits where it does (gallery diffusion orders those)."""
+        try:
+            diffused = bool(self.gallery(gallery).gallery.diffusion_k)
+        except InputError:
+            return ""
+        if not diffused or rank < PLAIN_HEAD:
+            return ""
+        return (f"After the first {PLAIN_HEAD}, results are also ordered by how much they resemble "
+                f"your best matches, so a lower similarity can come first. ")
 
     def _hit_for_row(self, query: Query, row: int) -> Optional[Hit]:
         for h in query.hits:

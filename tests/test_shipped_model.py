@@ -72,6 +72,10 @@ def test_the_first_five_are_the_nearest_pictures_and_diffusion_orders_the_rest(s
     assert np.allclose([h.score for h in query.hits], sims[idx], atol=1e-5)
     if g.diffusion_k:
         assert idx[5:] != plain[5:12]
+        # The explanation says why a later result can show a lower similarity; the first row's does not.
+        later = svc.explain(query, 7)
+        assert later.ok and "resemble your best matches" in later.message, later.message
+        assert "resemble your best matches" not in svc.explain(query, 0).message
 
 
 def test_strokes_as_the_canvas_sends_them(shipped):
