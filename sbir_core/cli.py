@@ -357,7 +357,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_preserve", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -397,6 +397,12 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--interpolate", metavar="A,B,...",
                    help="WiSE-FT: backbone weights a*trained + (1-a)*ImageNet, a chosen from these on held-out "
                         "classes (default 1: off); with --init and --steps 0, applied to a trained checkpoint")
+    p.add_argument("--w-text", dest="w_text", type=float,
+                   help="weight of aligning sketches and photos to their class-name text (MA-SBIR; default 1)")
+    p.add_argument("--w-triplet", dest="w_triplet", type=float,
+                   help="weight of the cross-modal sketch-photo triplet loss (ZSCMR; default 0.5)")
+    p.add_argument("--w-pair", dest="w_pair", type=float,
+                   help="weight of matching each photo with its own edge map among the batch (default 0.5)")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
     p.add_argument("--select", choices=FINETUNE_SELECT,

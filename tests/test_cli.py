@@ -70,6 +70,22 @@ def test_bad_interpolation_weights_are_one_error_line(tmp_path, value: str) -> N
     assert res.stderr.strip().splitlines()[-1].startswith("error: --interpolate takes weights in (0, 1]"), res.stderr
 
 
+def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None:
+    """Each recipe flag (the ablation's variants among them) sets its FinetuneConfig field."""
+    import sbir_core.training.finetune as ft
+
+    seen = {}
+    monkeypatch.setattr(ft, "finetune", lambda cfg, data, out, cache=None: seen.update(cfg=cfg) or
+                        {"best": {}, "seconds": 0.0})
+    assert cli.main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "o.safetensors"),
+                     "--w-text", "0.25", "--w-triplet", "0", "--w-pair", "0.75", "--w-preserve", "0.5",
+                     "--doodle-photos-per-step", "0", "--steps", "7"]) == 0
+    cfg, default = seen["cfg"], ft.FinetuneConfig()
+    assert (cfg.w_text, cfg.w_triplet, cfg.w_pair, cfg.w_preserve) == (0.25, 0.0, 0.75, 0.5)
+    assert (cfg.doodle_photos_per_step, cfg.steps) == (0, 7)
+    assert (cfg.lr_backbone, cfg.margin) == (default.lr_backbone, default.margin)  # unnamed: defaults
+
+
 # The parser mirrors a few library constants so that it imports no library module;
 # read the originals from the source (importing those modules would load torch).
 @pytest.mark.parametrize("module, name, mirror", [

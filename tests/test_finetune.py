@@ -288,3 +288,21 @@ def test_a_continued_model_keeps_how_its_start_was_made(tiny, tmp_path):
     again = Finetuner(_cfg(size, init=str(path)), td, text, held)
     assert again.lineage == [{"checkpoint": "first.safetensors", "config": {"steps": 4, "lr_backbone": 3e-4},
                               "selection": {"step": 2}}]
+
+
+def test_ablation_variants_each_remove_one_part_of_the_recipe() -> None:
+    """scripts/ablate_finetune.py: every variant zeroes one real FinetuneConfig field that the
+    shipped recipe uses, so a renamed field cannot silently turn a row into the full recipe."""
+    import dataclasses
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ablate_finetune.py"
+    spec = importlib.util.spec_from_file_location("ablate_finetune", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fields, default = {f.name for f in dataclasses.fields(FinetuneConfig)}, FinetuneConfig()
+    full, *removals = mod.VARIANTS.values()
+    assert full == {} and len(removals) == 4
+    for change in removals:
+        (name, value), = change.items()
+        assert name in fields and value == 0 and getattr(default, name) != 0, change
