@@ -294,15 +294,37 @@ def test_ablation_variants_each_remove_one_part_of_the_recipe() -> None:
     """scripts/ablate_finetune.py: every variant zeroes one real FinetuneConfig field that the
     shipped recipe uses, so a renamed field cannot silently turn a row into the full recipe."""
     import dataclasses
-    import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "ablate_finetune.py"
-    spec = importlib.util.spec_from_file_location("ablate_finetune", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("ablate_finetune")
     fields, default = {f.name for f in dataclasses.fields(FinetuneConfig)}, FinetuneConfig()
     full, *removals = mod.VARIANTS.values()
     assert full == {} and len(removals) == 4
     for change in removals:
         (name, value), = change.items()
         assert name in fields and value == 0 and getattr(default, name) != 0, change
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_soup_is_the_mean_of_its_ingredients(tmp_path) -> None:
+    """scripts/make_soup.py: float tensors averaged, integer ones (batch-norm counters) kept,
+    the ingredients named; checkpoints of another architecture refused."""
+    from sbir_core.models.checkpoint import read_tensors, write_tensors
+
+    soup = _script("make_soup").soup
+    a = write_tensors(tmp_path / "a.safetensors", {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, {"encoder": "x"})
+    b = write_tensors(tmp_path / "b.safetensors", {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}, {"encoder": "x"})
+    tensors, meta = read_tensors(soup([a, b], tmp_path / "s.safetensors"))
+    assert torch.equal(tensors["w"], torch.tensor([2.0, 4.0])) and int(tensors["n"]) == 3
+    assert meta["soup"] == ["a.safetensors", "b.safetensors"] and meta["encoder"] == "x"
+    c = write_tensors(tmp_path / "c.safetensors", {"w": torch.zeros(3), "n": torch.tensor(1)}, {"encoder": "x"})
+    with pytest.raises(SystemExit, match="not the same architecture"):
+        soup([a, c], tmp_path / "bad.safetensors")

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Does removing each modality's mean embedding pay? Sketch and picture embeddings can sit
+in two offset cones (the "modality gap"); subtracting each side's mean before the cosine is
+a free, label-free correction. Query side: the mean of 1,500 training doodles (fixed, could
+ship in the checkpoint). Gallery side: the gallery's own mean (made at index time) or the
+mean of 1,500 training photos.
+
+    python scripts/bench_centering.py --data ../shared/data [--checkpoint PATH]
+
+Rows: the product benchmark and `pacs`/`doodle`, all without diffusion (the first five
+results, which diffusion never changes). A sweep on the benchmarks themselves, so an upper
+bound: nothing here was selected on held-out training classes, and nothing of it ships.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from sbir_core.data.datasets import benchmark, image_folder, training_items
+from sbir_core.eval.evaluate import embed_items
+from sbir_core.eval.metrics import retrieval_report
+from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
+from sbir_core.models.encoders import create_encoder
+
+REFERENCE = 1500
+# name -> (weight of the training-doodle mean on queries, gallery mean: "" / "own" / "train")
+VARIANTS = {
+    "none (shipped)": (0.0, ""),
+    "gallery: its own mean": (0.0, "own"),
+    "queries: training-doodle mean": (1.0, ""),
+    "both (gallery: own mean)": (1.0, "own"),
+    "both (gallery: training-photo mean)": (1.0, "train"),
+}
+
+
+def _embed(enc, items, modality):
+    e, ok = embed_items(enc, items, modality)
+    return e[ok], [it.label for it, k in zip(items, ok) if k]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--checkpoint", default="default")
+    args = ap.parse_args()
+    data = Path(args.data)
+    enc = create_encoder(checkpoint=args.checkpoint)
+
+    train = training_items(data)
+    rng = np.random.default_rng(0)
+    means = {}
+    for modality in ("sketch", "photo"):
+        items = [it for it in train if it.modality == modality]
+        pick = rng.choice(len(items), min(REFERENCE, len(items)), replace=False)
+        means[modality] = _embed(enc, [items[i] for i in pick], modality)[0].mean(0)
+
+    sets = {}
+    gallery = image_folder(DEFAULT_GALLERY)
+    g, gl = _embed(enc, gallery, "photo")
+    for group, items in product_queries(data).items():
+        sets[f"product {group}"] = (*_embed(enc, items, "sketch"), g, gl)
+    for split in ("pacs", "doodle"):
+        queries, photos = benchmark(data, split)
+        sets[split] = (*_embed(enc, queries, "sketch"), *_embed(enc, photos, "photo"))
+
+    print("| queries | centering | hit@1 | hit@5 | P@5 | mAP@all |\n|---|---|---|---|---|---|")
+    for name, (q, ql, g, gl) in sets.items():
+        for variant, (wq, gm) in VARIANTS.items():
+            shift = {"": 0.0, "own": g.mean(0), "train": means["photo"]}[gm]
+            rep = retrieval_report(_unit(q - wq * means["sketch"]) @ _unit(g - shift).T, ql, gl)
+            print(f"| {name} | {variant} | " + " | ".join(f"{rep[k]:.3f}" for k in ("hit@1", "hit@5", "P@5", "mAP@all")) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
