@@ -427,7 +427,8 @@ def _cmd_train_relation(args: argparse.Namespace) -> int:
 
     _, meta = train_relation(args.data, out=args.out, epochs=args.epochs, seed=args.seed,
                              encoder_name=args.encoder, allow_extract=not args.no_extract,
-                             max_photos_per_class=args.max_photos_per_class or None)
+                             max_photos_per_class=args.max_photos_per_class or None,
+                             checkpoint=args.checkpoint)
     print(json.dumps({k: meta[k] for k in ("val_mAP_all", "val_mAP_all_base", "best_epoch", "val_classes",
                                            "train_seconds")}, indent=1))
     print(f"wrote {args.out} (alpha {meta['alpha']:g})")
@@ -453,6 +454,9 @@ def _add_relation(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default=None, help="backbone name (default efficientnet-lite0)")
+    p.add_argument("--checkpoint", default="none",
+                   help="the encoder whose tokens and embedding it works with: 'none' (raw backbone, 14x14 "
+                        "tokens), 'default' (the shipped model, 10x10) or a checkpoint path")
     p.add_argument("--max-photos-per-class", type=int, default=80,
                    help="Caltech photos per class (as in the feature cache; 0 = all)")
     p.add_argument("--no-extract", action="store_true", help="fail instead of extracting features missing from the cache")
@@ -462,7 +466,9 @@ def _add_relation(sub: Any) -> None:
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="pacs")
     e.add_argument("--checkpoint", default=None, help="relation model (default checkpoints/relation.safetensors)")
-    e.add_argument("--embedding", default="raw", help="'raw' backbone cosine, or an encoder checkpoint path")
+    e.add_argument("--embedding", default="encoder",
+                   help="what is re-ranked: 'encoder' (the relation model's encoder, as search ranks), "
+                        "'raw' (its backbone's pooled cosine) or a heads-only checkpoint path")
     e.add_argument("-k", type=int, default=RELATION_TOPK, help="candidates re-ranked per query")
     e.add_argument("--json", default=None, help="also write the result here")
     e.set_defaults(func=_cmd_eval_relation)

@@ -286,9 +286,12 @@ def test_evaluate_rerank_reports_both(model) -> None:
     rng = np.random.default_rng(0)
     Q, G = 4, 12
     res = RT.evaluate_rerank(model, rng.random((Q, G)), rng.normal(size=(Q, 16, 24)), np.ones((Q, 16), bool),
-                            rng.normal(size=(G, 16, 24)), ["a", "b", "a", "b"], ["a", "b"] * 6, k=5, alphas=(0.5,))
+                            rng.normal(size=(G, 16, 24)), ["a", "b", "a", "b"], ["a", "b"] * 6, k=5, alphas=(0.0, 0.5))
     assert 0 <= res["base"]["mAP@all"] <= 1 and 0 <= res["with_rerank"]["mAP@all"] <= 1
     assert "0.5" in res["rerank"] and res["k"] == 5
+    # the first row is reported too, and alpha 0 keeps the embedding's order
+    assert set(res["base"]) >= {"hit@1", "hit@5", "P@5"}
+    assert res["rerank"]["0"] == res["base"]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -556,3 +559,22 @@ def test_other_input_size_and_grid(raw_encoder, monkeypatch) -> None:
     assert ex.render_correspondences().size == (2 * 320 + 16, 320 + ex.legend_height(2))
     assert ex.render_synthesis().size == (320, 320) and ex.render_heatmap().size == (320, 320)
     assert all(v >= E.MATCH_THRESHOLD for _, _, v in ex.matches)
+
+
+def test_relation_validates_on_the_classes_a_fine_tuned_encoder_never_trained_on() -> None:
+    shared, photo_only = ["ant", "cat", "cup", "dog", "fish"], ["chair", "lamp"]
+    train, val, train_po, val_po = RT.relation_split(shared, photo_only, ["fish", "lamp", "ant"], 0.15,
+                                                     np.random.default_rng(0))
+    assert (train, val, train_po, val_po) == (["cat", "cup", "dog"], ["ant", "fish"], ["chair"], ["lamp"])
+    # a raw backbone names none: a random split, every class on one side
+    train, val, _, _ = RT.relation_split(shared, photo_only, [], 0.4, np.random.default_rng(0))
+    assert sorted(train + val) == shared and len(val) >= 2
+
+
+def test_eval_relation_refuses_heads_whose_backbone_was_fine_tuned(tmp_path) -> None:
+    """The shipped checkpoint's heads read its own fine-tuned features, not a relation model's."""
+    from sbir_core.errors import InputError
+    from sbir_core.paths import checkpoint_path
+
+    with pytest.raises(InputError, match="fine-tuned its backbone"):
+        RT.benchmark_rerank(tmp_path, "pacs", checkpoint_path("relation"), embedding=str(checkpoint_path("default")))

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sbir_core.data.preprocess import preprocess_sketch
+from sbir_core.errors import InputError
 from sbir_core.models.relation import (DEFAULT_RELATION, DEFAULT_TOPK, INK_CELL_FRACTION, RelationModel, ink_cells, load_relation,
                                        mix_scores, save_relation)
 
@@ -44,9 +45,9 @@ def evaluate_rerank(model: Optional[RelationModel], base_scores: np.ndarray, que
     k = int(min(k, G))
 
     def summary(scores):
-        m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=(200,), precision_ks=(100,))
-        return {"mAP@all": float(m["AP@all"].mean()), "mAP@200": float(m["AP@200"].mean()),
-                "P@100": float(m["P@100"].mean())}
+        m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=(200,), precision_ks=(5, 100),
+                              hit_ks=(1, 5))
+        return {k: float(m[k.replace("mAP", "AP")].mean()) for k in ("mAP@all", "mAP@200", "hit@1", "hit@5", "P@5", "P@100")}
 
     out: dict[str, Any] = {"k": k, "n_queries": Q, "n_gallery": G, "base": summary(base)}
     if model is None:
@@ -133,6 +134,19 @@ def _split_classes(classes: Sequence[str], frac: float, rng: np.random.Generator
     return sorted(set(classes) - set(val)), val
 
 
+def relation_split(shared: Sequence[str], photo_only: Sequence[str], encoder_heldout: Sequence[str],
+                   val_fraction: float, rng: np.random.Generator) -> tuple[list, list, list, list]:
+    """-> (train, val) classes with both sides, (train, val) photo-only classes. A fine-tuned
+    encoder was selected on classes it never trained on (`encoder_heldout`); those are the
+    validation classes, since on any other the embedding being re-ranked has memorised them."""
+    held = set(encoder_heldout)
+    if held & set(shared):
+        return ([c for c in shared if c not in held], [c for c in shared if c in held],
+                [c for c in photo_only if c not in held], [c for c in photo_only if c in held])
+    train_cls, val_cls = _split_classes(shared, val_fraction, rng, min_n=2)
+    return (train_cls, val_cls, *_split_classes(photo_only, val_fraction, rng))
+
+
 def _map_all(scores: np.ndarray, ql: Sequence, gl: Sequence) -> float:
     from sbir_core.eval.metrics import map_all
 
@@ -155,6 +169,7 @@ def train_relation(
     cache_dir: Union[str, Path, None] = None,
     allow_extract: bool = True,
     max_photos_per_class: Optional[int] = 80,
+    checkpoint: str = "none",
 ) -> tuple[RelationModel, dict[str, Any]]:
     """Train the relation model on cached token grids of the training items.
 
@@ -166,14 +181,18 @@ def train_relation(
     held-out photos; the best epoch and the mixing alpha are chosen there. Benchmark
     classes never take part (training_items excludes them). `max_photos_per_class`
     must match the selection the feature cache was built with (80 by default).
+    `checkpoint`: the encoder whose tokens the model reads and whose embedding it
+    re-ranks ("none": the raw backbone at 224 px, 14x14 tokens; "default": the shipped
+    160 px model, 10x10).
     """
     from sbir_core.data.datasets import fingerprint, training_items
+    from sbir_core.eval.evaluate import embed_items
     from sbir_core.models.encoders import DEFAULT_ENCODER, create_encoder
 
     t_start = time.time()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    enc = create_encoder(encoder_name or DEFAULT_ENCODER, checkpoint="none")
+    enc = create_encoder(encoder_name or DEFAULT_ENCODER, checkpoint=checkpoint)
     tr = training_items(data_root, max_photos_per_class=max_photos_per_class)
     P = [i for i in tr if i.modality == "photo"]
     S = [i for i in tr if i.modality == "sketch"]
@@ -187,8 +206,8 @@ def train_relation(
     photo_only = sorted(set(p_lab[p_ok]) - set(s_lab))
     if len(shared) < 4:
         raise ValueError(f"only {len(shared)} classes have both photos and sketches; need at least 4")
-    train_cls, val_cls = _split_classes(shared, val_fraction, rng, min_n=2)
-    train_po, val_po = _split_classes(photo_only, val_fraction, rng)
+    held = (getattr(enc, "meta", None) or {}).get("heldout_classes") or []
+    train_cls, val_cls, train_po, val_po = relation_split(shared, photo_only, held, val_fraction, rng)
     log.info("relation: %d shared classes (%d train / %d val: %s), %d photo-only (%d as val distractors)",
              len(shared), len(train_cls), len(val_cls), ", ".join(val_cls), len(photo_only), len(val_po))
 
@@ -203,9 +222,11 @@ def train_relation(
     ink = {int(i): ink_all[j] for j, i in enumerate(s_idx)}
     s_tok, p_tok = fS["tokens"], fP["tokens"]
 
-    # Embedding scores (raw backbone cosine): hard negatives and the val base ranking.
-    base_tr = _cosine(fS["raw"][s_tr], fP["raw"][p_tr])
-    base_va = _cosine(fS["raw"][s_va], fP["raw"][p_va])
+    # The encoder's own embedding scores (what re-ranking starts from): hard negatives and
+    # the val base ranking.
+    eS, eP = embed_items(enc, S, "sketch", cache_dir)[0], embed_items(enc, P, "photo", cache_dir)[0]
+    base_tr = eS[s_tr] @ eP[p_tr].T
+    base_va = eS[s_va] @ eP[p_va].T
     hard = []
     for r, si in enumerate(s_tr):
         order = np.argsort(-base_tr[r])
@@ -313,7 +334,8 @@ def train_relation(
         "seed": seed,
         "history": history,
         "train_seconds": time.time() - t_start,
-        "base_embedding": "raw backbone cosine",
+        "base_embedding": enc.encoder_id,
+        "checkpoint": checkpoint,
         "max_photos_per_class": max_photos_per_class,
     }
     meta["alpha"] = float(model.alpha)
@@ -326,25 +348,36 @@ def train_relation(
 
 # ----------------------------------------------------------------------------- benchmark evaluation
 def benchmark_rerank(data_root: Union[str, Path], split: str = "pacs", relation: Union[str, Path, None] = None,
-                     embedding: str = "raw", k: int = DEFAULT_TOPK, alphas: Sequence[float] = (0.25, 0.5, 0.75),
+                     embedding: str = "encoder", k: int = DEFAULT_TOPK, alphas: Sequence[float] = (0.25, 0.5, 0.75),
                      cache_dir: Union[str, Path, None] = None, progress: bool = False) -> dict[str, Any]:
-    """mAP on a benchmark split with and without relation re-ranking of the top k.
+    """The first row and mAP on a benchmark split with and without relation re-ranking of the top k.
 
-    embedding: "raw" (backbone's pooled feature, cosine) or a trained checkpoint path
-    (its heads applied to the cached pooled features).
+    The tokens come from the encoder the relation model was trained with (its `checkpoint`;
+    "none", the raw backbone, for models that do not name one). embedding: what is
+    re-ranked: "encoder" (that encoder's embedding, as a search ranks), "raw" (its
+    backbone's pooled feature, cosine) or a heads-only checkpoint path (its heads applied
+    to the cached pooled features of a frozen backbone).
     """
     from sbir_core.data.datasets import benchmark
+    from sbir_core.eval.evaluate import embed_items
     from sbir_core.models.encoders import create_encoder
 
     model = load_relation(relation)
-    enc = create_encoder(model.meta.get("encoder"), checkpoint="none")
+    enc = create_encoder(model.meta.get("encoder"), checkpoint=model.meta.get("checkpoint", "none"))
+    if embedding not in ("encoder", "raw"):
+        ce = create_encoder(checkpoint=embedding)
+        if ce.meta.get("backbone_trained"):
+            raise InputError(f"{embedding} fine-tuned its backbone, so its heads do not read this relation model's "
+                             "features; train a relation model for it (train-relation --checkpoint) and use "
+                             "--embedding encoder")
     q, g = benchmark(data_root, split)
     fq = cached_features(enc, q, "sketch", cache_dir=cache_dir)
     fg = cached_features(enc, g, "photo", cache_dir=cache_dir)
-    if embedding == "raw":
+    if embedding == "encoder":
+        base = embed_items(enc, q, "sketch", cache_dir)[0] @ embed_items(enc, g, "photo", cache_dir)[0].T
+    elif embedding == "raw":
         base = _cosine(fq["raw"], fg["raw"])
     else:
-        ce = create_encoder(checkpoint=embedding)
         with torch.inference_mode():
             eq = ce.head(torch.from_numpy(fq["pooled"].astype(np.float32)), "sketch").numpy()
             eg = ce.head(torch.from_numpy(fg["pooled"].astype(np.float32)), "photo").numpy()
