@@ -5,6 +5,7 @@ Synthetic drawings only (no shared data); one raw encoder per session (conftest)
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -578,3 +579,22 @@ def test_eval_relation_refuses_heads_whose_backbone_was_fine_tuned(tmp_path) -> 
 
     with pytest.raises(InputError, match="fine-tuned its backbone"):
         RT.benchmark_rerank(tmp_path, "pacs", checkpoint_path("relation"), embedding=str(checkpoint_path("default")))
+
+
+def test_a_relation_model_is_used_only_with_the_encoder_it_was_trained_for(model, tmp_path) -> None:
+    from sbir_core.errors import InputError
+
+    encoder = SimpleNamespace(image_size=32, encoder_id="efficientnet-lite0@aaaa",
+                              backbone_features=lambda x: SimpleNamespace(grid=(4, 4)))
+    mine = R.save_relation(tmp_path / "mine.safetensors", model, {"encoder": "efficientnet-lite0",
+                                                                 "base_embedding": "efficientnet-lite0@aaaa"})
+    other = R.save_relation(tmp_path / "other.safetensors", model, {"encoder": "efficientnet-lite0",
+                                                                   "base_embedding": "efficientnet-lite0@bbbb"})
+    old = R.save_relation(tmp_path / "old.safetensors", model, {"encoder": "efficientnet-lite0",
+                                                               "base_embedding": "raw backbone cosine"})
+    assert R.relation_for(encoder, mine) is not None and R.relation_for(encoder, old) is not None
+    with pytest.raises(InputError, match="trained on the tokens of efficientnet-lite0@bbbb"):
+        R.relation_for(encoder, other)
+    with pytest.raises(InputError, match="reads 4x4 token grids"):
+        R.relation_for(SimpleNamespace(**{**vars(encoder), "backbone_features": lambda x: SimpleNamespace(grid=(5, 5))}),
+                       mine)

@@ -359,11 +359,18 @@ def relation_for(encoder: Any, path: Union[str, Path, None] = None) -> Optional[
         return None
     model = load_relation(p)
     grid, mine = tuple(model.grid), encoder_grid(encoder)
-    if grid == mine:
+    # Models from `train-relation --checkpoint` name the encoder whose tokens they read; the
+    # same grid from another encoder (a raw backbone at 160 px) holds other features.
+    trained_for, me = str(model.meta.get("base_embedding", "")), getattr(encoder, "encoder_id", "")
+    if grid != mine:
+        problem = f"reads {grid[0]}x{grid[1]} token grids; this encoder makes {mine[0]}x{mine[1]}"
+    elif "@" in trained_for and trained_for != me:
+        problem = f"was trained on the tokens of {trained_for}; this encoder is {me}"
+    else:
         return model
     if path is not None:
-        raise InputError(f"{p} reads {grid[0]}x{grid[1]} token grids; this encoder makes {mine[0]}x{mine[1]}")
-    log.info("the relation model reads %s token grids, the encoder makes %s: not used", grid, mine)
+        raise InputError(f"{p} {problem}")
+    log.info("the relation model %s: not used", problem)
     return None
 
 
