@@ -47,7 +47,8 @@ def evaluate_rerank(model: Optional[RelationModel], base_scores: np.ndarray, que
     def summary(scores):
         m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=(200,), precision_ks=(5, 100),
                               hit_ks=(1, 5))
-        return {k: float(m[k.replace("mAP", "AP")].mean()) for k in ("mAP@all", "mAP@200", "hit@1", "hit@5", "P@5", "P@100")}
+        return {name: float(m[name.replace("mAP", "AP")].mean())
+                for name in ("mAP@all", "mAP@200", "hit@1", "hit@5", "P@5", "P@100")}
 
     out: dict[str, Any] = {"k": k, "n_queries": Q, "n_gallery": G, "base": summary(base)}
     if model is None:
@@ -176,7 +177,8 @@ def train_relation(
     Pairs are class-level: a QuickDraw sketch and a Caltech photo of the same class
     are a positive, of different classes a negative (half of them hard negatives:
     photos the embedding ranks high for that sketch). ~15% of the classes both sides
-    share (and of the photo-only classes, as distractors) are held out: after each
+    share (and of the photo-only classes, as distractors) are held out, or, for a
+    fine-tuned encoder, the classes it was selected on (`relation_split`): after each
     epoch the held-out sketches re-rank their top-k embedding candidates among the
     held-out photos; the best epoch and the mixing alpha are chosen there. Benchmark
     classes never take part (training_items excludes them). `max_photos_per_class`
@@ -335,7 +337,9 @@ def train_relation(
         "history": history,
         "train_seconds": time.time() - t_start,
         "base_embedding": enc.encoder_id,
-        "checkpoint": checkpoint,
+        # a name ("none", "default") as given; a file by its absolute path, so eval-relation
+        # finds it from any folder
+        "checkpoint": str(Path(checkpoint).resolve()) if Path(checkpoint).is_file() else checkpoint,
         "max_photos_per_class": max_photos_per_class,
     }
     meta["alpha"] = float(model.alpha)
