@@ -361,6 +361,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    cfg.heldout_outside_gallery = not args.heldout_anywhere
     if args.interpolate:
         try:
             cfg.interpolate = tuple(float(a) for a in args.interpolate.split(","))
@@ -408,6 +409,10 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--select", choices=FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
                         "classes (default; the shipped model's runs used zero-shot)")
+    p.add_argument("--heldout-anywhere", action="store_true",
+                   help="draw the held-out selection classes from every training class, default-gallery classes "
+                        "included (how the v2 checkpoint was trained); default: from classes outside that gallery; "
+                        "with --init, the start's held-out classes (less the gallery's unless this is given)")
     p.add_argument("--device", help="torch device to train on (default: cuda when there is one, else cpu)")
     p.add_argument("--workers", type=int,
                    help="processes that make the batches (default 0; on a GPU machine, its CPU cores)")

@@ -30,7 +30,7 @@ from sbir_core.models.checkpoint import save_checkpoint  # noqa: E402
 from sbir_core.paths import cache_dir  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
 from sbir_core.training.finetune import (FinetuneConfig, Finetuner, class_text_features,  # noqa: E402
-                                         heldout_classes, prepare_data)
+                                         run_heldout_classes, prepare_data)
 
 VARIANTS = {
     "full recipe": {},
@@ -52,7 +52,7 @@ def main() -> int:
     base = FinetuneConfig(steps=args.steps, val_every=args.steps)
     td, _ = prepare_data(Path(args.data), base, cache_dir() / "finetune")  # finetune's photo cache
     text = class_text_features(td.classes)
-    held = heldout_classes(td, base.val_fraction, base.seed)
+    held = run_heldout_classes(td, base, Path(args.data))  # the held-out classes `finetune` would draw
     names = list(VARIANTS)
     chosen = [names[int(i)] for i in args.only.split(",")] if args.only else names
     rows = []

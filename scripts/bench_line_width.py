@@ -45,9 +45,9 @@ def main() -> int:
     data = Path(args.data)
     path = str(checkpoint_path(args.checkpoint)) if args.checkpoint == "default" else args.checkpoint
 
-    cfg = finetune.FinetuneConfig(init=path, steps=0)
+    cfg = finetune.FinetuneConfig(init=path, steps=0, heldout_outside_gallery=False)  # all its held-out classes
     td, _ = finetune.prepare_data(data, cfg)
-    held = finetune.heldout_classes(td, cfg.val_fraction, cfg.seed)
+    held = finetune.run_heldout_classes(td, cfg, data)  # the checkpoint's own held-out classes
     selection = finetune.Finetuner(cfg, td, class_text_features(td.classes), held)
 
     enc = create_encoder(checkpoint=path)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core.training.finetune import FinetuneConfig, Finetuner, TrainData, _relations_kept, heldout_classes
+from sbir_core.training.finetune import (FinetuneConfig, Finetuner, TrainData, _relations_kept, heldout_classes,
+                                        run_heldout_classes)
 
 torch.set_num_threads(1)
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -328,3 +329,66 @@ def test_a_soup_is_the_mean_of_its_ingredients(tmp_path) -> None:
     c = write_tensors(tmp_path / "c.safetensors", {"w": torch.zeros(3), "n": torch.tensor(1)}, {"encoder": "x"})
     with pytest.raises(SystemExit, match="not the same architecture"):
         soup([a, c], tmp_path / "bad.safetensors")
+
+
+def _gallery_named(td: TrainData, tmp_path: Path) -> tuple[TrainData, Path]:
+    """The tiny data with two classes renamed after default-gallery classes QuickDraw has."""
+    import dataclasses
+
+    named = dataclasses.replace(td, classes=["airplane", "apple"] + td.classes[2:])
+    root = tmp_path / "data"
+    (root / "quickdraw").mkdir(parents=True)
+    for c in named.classes:
+        (root / "quickdraw" / f"{c}.ndjson").write_text("")
+    return named, root
+
+
+def test_selection_classes_are_drawn_outside_the_default_gallery(tiny, tmp_path):
+    """Every gallery class is trained on (a held-out gallery class, fish, was the example the
+    shipped v2 model missed); --heldout-anywhere draws as the v2 runs did."""
+    td, _, size = tiny
+    named, root = _gallery_named(td, tmp_path)
+    drawn = [set(np.asarray(named.classes)[run_heldout_classes(named, _cfg(size, seed=s), root)]) for s in range(12)]
+    assert all(len(d) == 2 and not d & {"airplane", "apple"} for d in drawn)  # as many as without avoiding
+    anywhere = [set(np.asarray(named.classes)[run_heldout_classes(named, _cfg(size, seed=s, heldout_outside_gallery=False),
+                                                                  root)]) for s in range(12)]
+    assert any(d & {"airplane", "apple"} for d in anywhere)
+
+
+def test_a_continuation_may_release_held_out_classes_but_never_hold_out_trained_ones(tiny, tmp_path):
+    from sbir_core.models.checkpoint import save_checkpoint
+
+    td, text, size = tiny
+    named, root = _gallery_named(td, tmp_path)
+    start_held = np.isin(named.classes, ["airplane", "c3"])
+    first = Finetuner(_cfg(size), named, text, start_held)
+    path = save_checkpoint(tmp_path / "start.safetensors", first.model.head,
+                           {"encoder": "efficientnet-lite0", "heldout_classes": ["airplane", "c3"]},
+                           backbone=first.model.backbone.net)
+    cfg = _cfg(size, init=str(path))
+    held = run_heldout_classes(named, cfg, root)
+    assert list(np.asarray(named.classes)[held]) == ["c3"]  # the gallery class is released into training
+    keep = _cfg(size, init=str(path), heldout_outside_gallery=False)
+    assert list(np.asarray(named.classes)[run_heldout_classes(named, keep, root)]) == ["airplane", "c3"]
+    Finetuner(cfg, named, text, held)  # releasing is allowed
+    with pytest.raises(ValueError, match="c5"):
+        Finetuner(cfg, named, text, np.isin(named.classes, ["c3", "c5"]))  # c5 was trained on by the start
+
+
+def test_a_continuation_is_selected_against_its_start(tiny, tmp_path):
+    """With --init, step 0 (the start as it is) is validated, so a run that only gets worse
+    hands back its start."""
+    from sbir_core.models.checkpoint import save_checkpoint
+
+    td, text, size = tiny
+    cfg = _cfg(size)
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    first = Finetuner(cfg, td, text, held)
+    path = save_checkpoint(tmp_path / "first.safetensors", first.model.head,
+                           {"encoder": cfg.encoder, "heldout_classes": [c for c, h in zip(td.classes, held) if h]},
+                           backbone=first.model.backbone.net)
+    res = Finetuner(_cfg(size, init=str(path)), td, text, held).fit()
+    assert [h["step"] for h in res["history"]] == [0, 2, 4]
+    assert res["best"]["score"] == max(h["score"] for h in res["history"])
+    fresh = Finetuner(cfg, td, text, held).fit()
+    assert [h["step"] for h in fresh["history"]] == [2, 4]

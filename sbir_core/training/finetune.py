@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sbir_core.data.augment import augment_edges, augment_sketch, colorize_doodle
-from sbir_core.models.checkpoint import save_checkpoint
+from sbir_core.models.checkpoint import read_metadata, save_checkpoint
 from sbir_core.data.datasets import Item, assert_texts_allowed, fingerprint, heldout_doodles, training_items
 from sbir_core.eval.product import product_classes
 from sbir_core.models.encoders import EfficientNetLiteBackbone
@@ -85,6 +85,10 @@ class FinetuneConfig:
     # What step selection maximises: "zero-shot" (held-out classes only; the shipped model's
     # runs used it) or "zero-shot+seen" (also held-out doodles of training classes).
     select: str = "zero-shot+seen"
+    # Held-out selection classes are drawn from classes outside the product's default gallery,
+    # so every gallery class QuickDraw has is trained on (False: from all classes, as the runs
+    # behind the v2 checkpoint drew them). With `init`, the start's held-out classes minus those.
+    heldout_outside_gallery: bool = True
     device: str = "auto"             # "auto": cuda when there is one
     workers: int = 0                 # DataLoader processes making batches (0: in the training process)
 
@@ -161,15 +165,35 @@ def selection_doodles(data_root: Path, classes: list) -> list[Item]:
     return heldout_doodles(data_root, classes=[c for c in classes if c not in avoid])
 
 
-def heldout_classes(td: TrainData, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask over classes: held-out training classes for model selection,
-    drawn from classes with both photos and doodles (so sketch->photo is measurable)."""
+def heldout_classes(td: TrainData, fraction: float, seed: int, avoid: Iterable[str] = ()) -> np.ndarray:
+    """Boolean mask over classes: held-out training classes for model selection, `fraction`
+    of the classes with both photos and doodles (so sketch->photo is measurable), drawn
+    from those not in `avoid` (avoiding some does not shrink the selection set)."""
     n = len(td.classes)
     both = (np.bincount(td.photo_labels, minlength=n) > 0) & (np.bincount(td.sketch_labels, minlength=n) > 0)
-    idx = np.flatnonzero(both)
+    size = max(1, int(round(both.sum() * fraction)))
+    idx = np.flatnonzero(both & ~np.isin(np.asarray(td.classes, dtype=object), list(avoid)))
+    if len(idx) < size:
+        raise ValueError(f"{size} held-out classes wanted, {len(idx)} with photos and doodles are outside {sorted(avoid)}")
     rng = np.random.default_rng(seed)
     held = np.zeros(n, bool)
-    held[rng.choice(idx, size=max(1, int(round(len(idx) * fraction))), replace=False)] = True
+    held[rng.choice(idx, size=size, replace=False)] = True
+    return held
+
+
+def run_heldout_classes(td: TrainData, cfg: FinetuneConfig, data_root: Path) -> np.ndarray:
+    """This run's held-out classes. A fresh run draws them (`heldout_classes`), outside the
+    default gallery when `cfg.heldout_outside_gallery`. A continuation (`cfg.init`) keeps its
+    start's, less the gallery's when that is set: it may release held-out classes into
+    training, but never holds out a class its start trained on (selection there would
+    measure memory, not zero-shot transfer)."""
+    avoid = product_classes(data_root) if cfg.heldout_outside_gallery else set()
+    start = read_metadata(cfg.init).get("heldout_classes") if cfg.init else None
+    if start is None:
+        return heldout_classes(td, cfg.val_fraction, cfg.seed, avoid)
+    held = np.array([c in start and c not in avoid for c in td.classes])
+    if not held.any():
+        raise ValueError(f"{cfg.init}: none of its held-out classes {start} is left to select on")
     return held
 
 
@@ -308,13 +332,16 @@ class Finetuner:
 
     def _load_init(self, path: str) -> None:
         """Continue from a trained checkpoint (e.g. at another input size): its backbone and
-        heads, feature standardisation included. Its held-out classes must be these."""
+        heads, feature standardisation included. Every class held out now must have been held
+        out of it too (`run_heldout_classes`); it may have held out more."""
         from sbir_core.models.checkpoint import load_checkpoint
 
         head, meta = load_checkpoint(path)
         held = [c for c, h in zip(self.td.classes, self.held) if h]
-        if meta.get("heldout_classes") not in (None, held):
-            raise ValueError(f"{path} was selected on other held-out classes; it cannot be continued here")
+        start = meta.get("heldout_classes")
+        if start is not None and not set(held) <= set(start):
+            raise ValueError(f"{path} trained on {sorted(set(held) - set(start))}, held out here; "
+                             "it cannot be continued with these held-out classes")
         self.model.backbone.net.load_state_dict(meta["backbone_state"])
         self.model.head.load_state_dict(head.state_dict())
         # How the starting checkpoint was made, so a continued (or re-selected) model keeps it.
@@ -536,6 +563,8 @@ class Finetuner:
             self.batches, batch_size=None, sampler=range(self.step_no, cfg.steps), num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
             generator=torch.Generator().manual_seed(cfg.seed)))  # its seed draw leaves dropout's RNG alone
+        if cfg.init and self.step_no == 0 and cfg.steps:
+            self._keep_if_best(self.validate())  # a continuation must beat where it started
         while self.step_no < cfg.steps:
             logs = self.step(next(batches))
             for k, v in logs.items():
@@ -545,12 +574,7 @@ class Finetuner:
                          " ".join(f"{k}={v:.3f}" for k, v in run.items()), (time.time() - t0) / 25)
                 t0 = time.time()
             if self.step_no % cfg.val_every == 0 or self.step_no == cfg.steps:
-                val = self.validate()
-                self.history.append({"step": self.step_no, **val, **run})
-                log.info("val step %d: %s", self.step_no, json.dumps(val))
-                if val["score"] > self.best["score"]:
-                    self.best = {"step": self.step_no, **val}
-                    self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+                self._keep_if_best(self.validate(), run)
                 if state_file:
                     tmp = state_file.with_suffix(".tmp")
                     torch.save(self.state(), tmp)
@@ -560,6 +584,13 @@ class Finetuner:
             self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.best_state)
         return {"best": self.best, "history": self.history}
+
+    def _keep_if_best(self, val: dict, run: Optional[dict] = None) -> None:
+        self.history.append({"step": self.step_no, **val, **(run or {})})
+        log.info("val step %d: %s", self.step_no, json.dumps(val))
+        if val["score"] > self.best["score"]:
+            self.best = {"step": self.step_no, **val}
+            self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def choose_interpolation(self) -> tuple[float, dict]:
@@ -639,7 +670,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     t0 = time.time()
     td, items = prepare_data(data_root, cfg, cache)
     text = class_text_features(td.classes)
-    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    held = run_heldout_classes(td, cfg, data_root)
     ft = Finetuner(cfg, td, text, held)
     log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",
              len(ft.p_idx), len(ft.s_idx), len(td.classes), int(held.sum()))
@@ -663,6 +694,9 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "config": dataclasses.asdict(cfg),
         "classes_trained_on": [c for c, h in zip(td.classes, held) if not h],
         "heldout_classes": [c for c, h in zip(td.classes, held) if h],
+        # held out of the start (`init`) but trained on here (`run_heldout_classes`)
+        "released_classes": sorted(set(read_metadata(cfg.init).get("heldout_classes") or [])
+                                   - {c for c, h in zip(td.classes, held) if h}) if cfg.init else [],
         "excluded_splits": list(cfg.exclude),
         "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
         "data_fingerprint": fingerprint(items),
