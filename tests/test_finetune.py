@@ -392,3 +392,30 @@ def test_a_continuation_is_selected_against_its_start(tiny, tmp_path):
     assert res["best"]["score"] == max(h["score"] for h in res["history"])
     fresh = Finetuner(cfg, td, text, held).fit()
     assert [h["step"] for h in fresh["history"]] == [2, 4]
+
+
+def test_retrieval_choice_also_weighs_the_clip_art_gallery(tiny):
+    """With the seen split (clip-art-coloured held-out doodles: the kind of picture the
+    default gallery holds), each setting is judged by the mean of both sets; its plain row is
+    exactly what step selection measured on each."""
+    td, text, size = tiny
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(8), 5)
+    with_seen = TrainData(**{**td.__dict__, "val_doodles": [_shape_strokes(SHAPES[c % 4], rng) for c in labels],
+                             "val_doodle_labels": labels})
+    cfg = _cfg(size)
+    ft = Finetuner(cfg, with_seen, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    val = ft.validate()
+    chosen, rows = ft.choose_retrieval(edge_weights=(0.0, 0.5), diffusion=(0, 3))
+    plain = rows["w=0.0,k=0,flip=0"]
+    assert plain["zero-shot_hit@5"] == pytest.approx(val["hit@5"])
+    assert plain["seen_hit@5"] == pytest.approx(val["seen_hit@5"])
+    assert plain["seen_mAP@all"] == pytest.approx(val["seen_mAP@all"], abs=1e-6)
+    for r in rows.values():
+        assert r["hit@5"] == pytest.approx(0.5 * (r["zero-shot_hit@5"] + r["seen_hit@5"]))
+        assert r["P@5"] == pytest.approx(0.5 * (r["zero-shot_P@5"] + r["seen_P@5"]))
+    assert rows["w=0.5,k=0,flip=0"]["seen_hit@5"] != pytest.approx(plain["seen_hit@5"]) or \
+        rows["w=0.5,k=0,flip=0"]["seen_P@5"] != pytest.approx(plain["seen_P@5"])  # edge fusion reaches the clip-art
+    only_zs = Finetuner(_cfg(size, select="zero-shot"), with_seen, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    assert not any(k.startswith("seen_") for k in only_zs.choose_retrieval(edge_weights=(0.0,), diffusion=(0,))[1]
+                   ["w=0.0,k=0,flip=0"])
