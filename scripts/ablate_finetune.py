@@ -29,8 +29,8 @@ from bench_product import run_encoder  # noqa: E402
 from sbir_core.models.checkpoint import save_checkpoint  # noqa: E402
 from sbir_core.paths import cache_dir  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
-from sbir_core.training.finetune import (FinetuneConfig, Finetuner, class_text_features,  # noqa: E402
-                                         run_heldout_classes, prepare_data)
+from sbir_core.training.finetune import FinetuneConfig, Finetuner, class_text_features  # noqa: E402
+from sbir_core.training.finetune_data import prepare_data, run_heldout_classes  # noqa: E402
 
 VARIANTS = {
     "full recipe": {},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import sbir_core.models.encoders as encoders
 import sbir_core.training.finetune as finetune
+import sbir_core.training.finetune_data as finetune_data
 from sbir_core.data import preprocess
 from sbir_core.data.datasets import benchmark, image_folder
 from sbir_core.eval.metrics import retrieval_report
@@ -46,8 +47,8 @@ def main() -> int:
     path = str(checkpoint_path(args.checkpoint)) if args.checkpoint == "default" else args.checkpoint
 
     cfg = finetune.FinetuneConfig(init=path, steps=0, heldout_outside_gallery=False)  # all its held-out classes
-    td, _ = finetune.prepare_data(data, cfg)
-    held = finetune.run_heldout_classes(td, cfg, data)  # the checkpoint's own held-out classes
+    td, _ = finetune_data.prepare_data(data, cfg)
+    held = finetune_data.run_heldout_classes(td, cfg, data)  # the checkpoint's own held-out classes
     selection = finetune.Finetuner(cfg, td, class_text_features(td.classes), held)
 
     enc = create_encoder(checkpoint=path)

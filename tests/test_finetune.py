@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core.training.finetune import (FinetuneConfig, Finetuner, TrainData, _relations_kept, heldout_classes,
-                                        run_heldout_classes)
+from sbir_core.training.finetune import FinetuneConfig, Finetuner, _relations_kept
+from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
 
 torch.set_num_threads(1)
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -210,7 +210,7 @@ def test_selection_also_scores_seen_classes_on_held_out_doodles(tiny):
 def test_selection_doodles_are_held_out_and_outside_the_product_benchmark():
     from sbir_core.data.datasets import training_items
     from sbir_core.eval.product import product_classes, product_queries
-    from sbir_core.training.finetune import selection_doodles
+    from sbir_core.training.finetune_data import selection_doodles
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     items = training_items(data)
