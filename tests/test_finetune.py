@@ -419,3 +419,29 @@ def test_retrieval_choice_also_weighs_the_clip_art_gallery(tiny):
     only_zs = Finetuner(_cfg(size, select="zero-shot"), with_seen, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
     assert not any(k.startswith("seen_") for k in only_zs.choose_retrieval(edge_weights=(0.0,), diffusion=(0,))[1]
                    ["w=0.0,k=0,flip=0"])
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "splits.json").is_file(),
+                    reason="shared data not found at ../shared/data (real-data test skipped)")
+def test_real_selection_classes_avoid_the_gallery_and_the_old_draw_is_reproducible():
+    """On the real data: a fresh run holds out 6 classes, none of the default gallery's;
+    --heldout-anywhere draws exactly the shipped model's held-out classes (its lineage's)."""
+    from sbir_core.data.datasets import training_items
+    from sbir_core.eval.product import product_classes
+    from sbir_core.models.checkpoint import read_metadata
+    from sbir_core.models.encoders import DEFAULT_CHECKPOINT
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    cfg = FinetuneConfig()
+    items = training_items(data, exclude=cfg.exclude, max_photos_per_class=cfg.max_photos_per_class)
+    classes = sorted({i.label for i in items})
+    cidx = {c: k for k, c in enumerate(classes)}
+    labels = {m: np.array([cidx[i.label] for i in items if i.modality == m]) for m in ("photo", "sketch")}
+    td = TrainData(photos=np.zeros((0,)), edges=[], photo_labels=labels["photo"], sketches=[],
+                   sketch_labels=labels["sketch"], classes=classes)
+    held = set(np.asarray(classes)[run_heldout_classes(td, cfg, data)])
+    assert len(held) == 6 and not held & product_classes(data)
+    old = set(np.asarray(classes)[run_heldout_classes(td, FinetuneConfig(heldout_outside_gallery=False), data)])
+    if DEFAULT_CHECKPOINT.is_file():
+        assert old == set(read_metadata(DEFAULT_CHECKPOINT)["heldout_classes"])
+    assert {"fish", "cell phone"} <= old  # what the fix is for
