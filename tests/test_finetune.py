@@ -370,7 +370,7 @@ def test_a_continuation_may_release_held_out_classes_but_never_hold_out_trained_
     assert list(np.asarray(named.classes)[held]) == ["c3"]  # the gallery class is released into training
     keep = _cfg(size, init=str(path), heldout_outside_gallery=False)
     assert list(np.asarray(named.classes)[run_heldout_classes(named, keep, root)]) == ["airplane", "c3"]
-    Finetuner(cfg, named, text, held)  # releasing is allowed
+    assert Finetuner(cfg, named, text, held).released == ["airplane"]  # releasing is allowed, and recorded
     with pytest.raises(ValueError, match="c5"):
         Finetuner(cfg, named, text, np.isin(named.classes, ["c3", "c5"]))  # c5 was trained on by the start
 

@@ -38,7 +38,7 @@ from PIL import Image
 from sbir_core.data.preprocess import edges_as_sketch, preprocess_sketch
 from sbir_core.data.datasets import fingerprint
 from sbir_core.eval.metrics import map_all
-from sbir_core.models.checkpoint import read_metadata, save_checkpoint
+from sbir_core.models.checkpoint import save_checkpoint
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.models.heads import SBIRHead
 from sbir_core.models.text import class_text_features
@@ -131,6 +131,7 @@ class Finetuner:
         self.s_idx = np.flatnonzero(~held[td.sketch_labels])
         self.batches = StepBatches(cfg, td, self.p_idx, self.s_idx)
         self.lineage: list = []
+        self.released: list = []  # held out of the start (`init`), trained on here
         if cfg.init:
             self._load_init(cfg.init)
         else:
@@ -169,6 +170,7 @@ class Finetuner:
         if start is not None and not set(held) <= set(start):
             raise ValueError(f"{path} trained on {sorted(set(held) - set(start))}, held out here; "
                              "it cannot be continued with these held-out classes")
+        self.released = sorted(set(start or []) - set(held))
         self.model.backbone.net.load_state_dict(meta["backbone_state"])
         self.model.head.load_state_dict(head.state_dict())
         # How the starting checkpoint was made, so a continued (or re-selected) model keeps it.
@@ -289,13 +291,7 @@ class Finetuner:
             raise ValueError(f"select is one of {SELECT}, not {self.cfg.select!r}")
         qs, qsl, gs, gsl = self._seen_split() if self.cfg.select == "zero-shot+seen" else ([], None, None, None)
         if len(qs):
-            S = self.cfg.image_size
-            self.model.eval()
-            with torch.no_grad():
-                eq = torch.cat([self._embed(_to_tensor([preprocess_sketch(x, S) for x in qs[i:i + 64]]), "sketch")
-                                for i in range(0, len(qs), 64)])
-                eg = torch.cat([self._embed(_to_tensor(gs[i:i + 64]), "photo") for i in range(0, len(gs), 64)])
-            eq, eg = F.normalize(eq, dim=-1).numpy(), F.normalize(eg, dim=-1).numpy()
+            eq, eg = self._seen_embeddings()
             seen = retrieval_summary(eq @ np.concatenate([eg, g]).T, qsl, np.concatenate([gsl, gl]))
             val.update({f"seen_{k}": v for k, v in seen.items()})
             val["score"] = 0.5 * (val["score"] + 0.5 * (seen["hit@5"] + seen["mAP@all"]))
@@ -320,7 +316,8 @@ class Finetuner:
         q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
         sets = [(q, qf, ql, g, e, gl)]
         if self.cfg.select == "zero-shot+seen" and len(self._seen_split()[0]):
-            sq, sqf, sql, sg, se, sgl = self._seen_embeddings()
+            _, sql, _, sgl = self._seen_split()
+            sq, sg, sqf, se = self._seen_embeddings(views=True)
             sets.append((sq, sqf, sql, np.concatenate([sg, g]), np.concatenate([se, e]), np.concatenate([sgl, gl])))
         scores = {}
         for flip in (False, True):
@@ -343,21 +340,21 @@ class Finetuner:
         return {k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch")}, scores
 
     @torch.no_grad()
-    def _seen_embeddings(self) -> tuple:
-        """The seen split embedded as `choose_retrieval` needs it: queries and their mirror
-        images, the clip-art gallery and its edge maps (`edges_as_sketch`, as indexing
-        makes them). -> (q, q flipped, labels, gallery, gallery edges, labels), L2-normalised."""
-        qs, ql, gs, gl = self._seen_split()
+    def _seen_embeddings(self, views: bool = False) -> tuple:
+        """The seen split (`_seen_split`) embedded, L2-normalised: (queries, clip-art gallery),
+        and with `views` also the queries' mirror images and the gallery's edge maps
+        (`edges_as_sketch`, as indexing makes them), which `choose_retrieval` weighs."""
+        qs, _, gs, _ = self._seen_split()
         S = self.cfg.image_size
         self.model.eval()
         drawn = [_to_tensor([preprocess_sketch(x, S) for x in qs[i:i + 64]]) for i in range(0, len(qs), 64)]
-        q = torch.cat([self._embed(x, "sketch") for x in drawn])
-        qf = torch.cat([self._embed(x.flip(-1), "sketch") for x in drawn])
-        g = torch.cat([self._embed(_to_tensor(gs[i:i + 64]), "photo") for i in range(0, len(gs), 64)])
-        e = torch.cat([self._embed(_to_tensor([edges_as_sketch(x, S) for x in gs[i:i + 64]]),
-                                   "sketch") for i in range(0, len(gs), 64)])
-        n = lambda t: F.normalize(t, dim=-1).numpy()  # noqa: E731
-        return n(q), n(qf), ql, n(g), n(e), gl
+        chunks = [gs[i:i + 64] for i in range(0, len(gs), 64)]
+        out = [torch.cat([self._embed(x, "sketch") for x in drawn]),
+               torch.cat([self._embed(_to_tensor(c), "photo") for c in chunks])]
+        if views:
+            out += [torch.cat([self._embed(x.flip(-1), "sketch") for x in drawn]),
+                    torch.cat([self._embed(_to_tensor([edges_as_sketch(x, S) for x in c]), "sketch") for c in chunks])]
+        return tuple(F.normalize(t, dim=-1).numpy() for t in out)
 
     def calibrate_confidence(self, chosen: dict) -> dict:
         """The top-1 score below which the page says "not sure": held-out-class queries are
@@ -552,9 +549,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "config": dataclasses.asdict(cfg),
         "classes_trained_on": [c for c, h in zip(td.classes, held) if not h],
         "heldout_classes": [c for c, h in zip(td.classes, held) if h],
-        # held out of the start (`init`) but trained on here (`run_heldout_classes`)
-        "released_classes": sorted(set(read_metadata(cfg.init).get("heldout_classes") or [])
-                                   - {c for c, h in zip(td.classes, held) if h}) if cfg.init else [],
+        "released_classes": ft.released,  # held out of the start (`init`), trained on here
         "excluded_splits": list(cfg.exclude),
         "heldout_doodles": "last 5 of each QuickDraw class (data.HELDOUT_DOODLES)",
         "data_fingerprint": fingerprint(items),
