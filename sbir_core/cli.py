@@ -227,13 +227,18 @@ def _add_index(sub: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
+def _calibration_text(c: dict) -> str:
+    return f"tau={c['tau']:g} beta={c['beta']:g}"
+
+
 def format_eval_report(r: dict) -> str:
     """An `evaluate.evaluate` report as the text `eval` prints."""
     from sbir_core.gallery.index import PLAIN_HEAD
 
     lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
              f"gallery diffusion k={r.get('diffusion_k', 0)}"
-             + (f" after the first {PLAIN_HEAD} results" if r.get("diffusion_k") else "")]
+             + (f" after the first {PLAIN_HEAD} results" if r.get("diffusion_k") else "")
+             + "  seen-class calibration " + (_calibration_text(r["seen_calibration"]) if r.get("seen_calibration") else "off")]
     lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
     lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
     lines.append("")
@@ -263,7 +268,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else args.cache_dir
     if args.split:
         report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion,
-                                generalized=args.generalized)
+                                generalized=args.generalized, calibration=not args.no_calibration)
     else:
         queries = folder_items(args.queries, modality="sketch")
         gallery = folder_items(args.gallery, modality="photo")
@@ -271,12 +276,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion)
+                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion,
+                                  calibration=not args.no_calibration)
         else:
-            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion)
+            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion,
+                              calibration=not args.no_calibration)
     if args.json:
         print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, *FIRST_ROW_KEYS, "n_queries", "n_gallery")}
-                         | {k: report[k] for k in ("per_class", "encoder", "diffusion_k")}))
+                         | {k: report[k] for k in ("per_class", "encoder", "diffusion_k", "seen_calibration")}))
     else:
         print(format_eval_report(report))
     return 0
@@ -292,7 +299,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default $SBIR_HOME/cache/features)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--no-diffusion", action="store_true", help="embedding similarity only (no gallery diffusion)")
+    p.add_argument("--no-diffusion", action="store_true", help="no gallery diffusion")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="no seen-class calibration (with --no-diffusion: the embedding's similarity alone)")
     p.add_argument("--generalized", action="store_true",
                    help="add every Caltech photo of the training classes to a split's gallery")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -458,7 +458,7 @@ class RetrievalService:
             label = hit.label.replace("_", " ") or "this image"
             score = f", relation score {ex.relation_score:.2f}" if ex.relation_score is not None else ""
             msg = (f"Result {i + 1}: {label} (similarity {hit.score:.2f}{score}). "
-                   + self._order_note(query.gallery, i)
+                   + self._order_note(query, hit)
                    + f"Lines join the parts of your {'drawing' if query.kind == 'sketch' else 'photo outline'} "
                    f"to the parts of the image that look most alike.")
             out = ExplanationImages(True, msg, ex.render_correspondences(), ex.render_synthesis(),
@@ -471,16 +471,25 @@ class RetrievalService:
         self._explanations.put(key, out)
         return out
 
-    def _order_note(self, gallery: str, rank: int) -> str:
-        """Why a result past the first row sits where it does (gallery diffusion orders those)."""
+    def _order_note(self, query: Query, hit: Hit) -> str:
+        """Why a result sits above one with a higher similarity, when it does: seen-class
+        calibration orders every result, gallery diffusion those after the first row."""
+        if not any(h.score > hit.score for h in query.hits if h.rank > hit.rank):
+            return ""
         try:
-            diffused = bool(self.gallery(gallery).gallery.diffusion_k)
+            g = self.gallery(query.gallery).gallery
         except InputError:
             return ""
-        if not diffused or rank < PLAIN_HEAD:
+        notes = []
+        if g.calibration is not None:
+            notes.append("pictures of things the model was trained on move down a little when your drawing "
+                         "looks like none of them, so that new kinds of things can reach the first row")
+        if g.diffusion_k and hit.rank >= PLAIN_HEAD:
+            notes.append(f"after the first {PLAIN_HEAD}, results are also ordered by how much they resemble "
+                         f"your best matches")
+        if not notes:
             return ""
-        return (f"After the first {PLAIN_HEAD}, results are also ordered by how much they resemble "
-                f"your best matches, so a lower similarity can come first. ")
+        return "A result with a higher similarity comes later: " + "; ".join(notes) + ". "
 
     def _hit_for_row(self, query: Query, row: int) -> Optional[Hit]:
         for h in query.hits:

@@ -8,8 +8,9 @@ Queries (QuickDraw strokes from ../shared/data):
   other gallery classes; training never sees them.
 
 Gallery: galleries/default/images (399 clip-art pictures, 68 classes), embedded with the
-encoder under test and searched with `Gallery` (the class the app and `search` use),
-with the checkpoint's gallery diffusion and without it.
+encoder under test and searched with `Gallery` (the class the app and `search` use):
+as the app searches (the checkpoint's gallery diffusion and seen-class calibration),
+without diffusion, and by the embedding alone (neither).
 
     python scripts/bench_product.py --data ../shared/data --json
     python scripts/bench_product.py --data ../shared/data --checkpoint none   # raw backbone
@@ -27,11 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 from sbir_core.data.datasets import image_folder  # noqa: E402
 from sbir_core.eval.product import DEFAULT_GALLERY, product_queries  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
+from sbir_core.gallery.calibration import SeenCalibration  # noqa: E402
 from sbir_core.gallery.index import Gallery  # noqa: E402
 from sbir_core.eval.metrics import retrieval_report  # noqa: E402
 
 GALLERY = DEFAULT_GALLERY
 KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
+# (name, gallery diffusion, seen-class calibration), each as the checkpoint prescribes
+RANKINGS = (("as the app searches", True, True), ("no diffusion", False, True), ("embedding alone", False, False))
 
 
 def run(data: Path, checkpoint: str) -> dict:
@@ -43,14 +47,17 @@ def run_encoder(enc, data: Path) -> dict:
     t0 = time.perf_counter()
     g = enc.encode_photos([it.load() for it in photos]).normalized()
     g_labels = [it.label for it in photos]
+    cal = SeenCalibration.from_encoder(enc)
     result = {"encoder": enc.encoder_id, "gallery": {"images": len(photos), "classes": len(set(g_labels))},
-              "diffusion_k": enc.diffusion_k}
+              "diffusion_k": enc.diffusion_k, "seen_calibration": cal.setting if cal else None}
     for group, items in product_queries(data).items():
         q = enc.encode_sketches([it.load() for it in items]).normalized()
         ql = [it.label for it in items]
         row = {"n_queries": len(items), "classes": sorted(set(ql))}
-        for name, k in (("as the app searches", enc.diffusion_k), ("no diffusion", 0)):
-            rep = retrieval_report(Gallery.from_embeddings(g, labels=g_labels, diffusion_k=k).score_all(q), ql, g_labels)
+        for name, k, c in RANKINGS:
+            gal = Gallery.from_embeddings(g, labels=g_labels, diffusion_k=enc.diffusion_k if k else 0,
+                                          calibration=cal if c else None)
+            rep = retrieval_report(gal.score_all(q), ql, g_labels)
             row[name] = {key: round(rep[key], 4) for key in KEYS}
             row[name]["per_class_hit@5"] = {c: round(v["hit@5"], 3) for c, v in rep["per_class"].items()}
         result[group] = row
@@ -68,9 +75,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
-    print(f"{r['encoder']}  gallery {r['gallery']}  diffusion k={r['diffusion_k']}")
+    print(f"{r['encoder']}  gallery {r['gallery']}  diffusion k={r['diffusion_k']}  "
+          f"seen-class calibration {r['seen_calibration']}")
     for group in ("zero-shot", "seen"):
-        for name in ("as the app searches", "no diffusion"):
+        for name, _, _ in RANKINGS:
             m = r[group][name]
             print(f"{group:<10} {name:<20} n={r[group]['n_queries']:<5}" + "  ".join(f"{k} {m[k]:.3f}" for k in KEYS))
     return 0

@@ -1,9 +1,9 @@
 """What each retrieval setting of a checkpoint buys, on the benchmarks and the product
 benchmark: edge fusion of gallery photos, test-time flip averaging of sketches, gallery
-diffusion. The shipped setting was chosen on held-out *training* classes (see the
+diffusion, seen-class calibration. The shipped setting was chosen on held-out *training* classes (see the
 checkpoint's `retrieval.validation`); this script only documents the alternatives.
 
-    python scripts/bench_settings.py --data ../shared/data [--checkpoint default] [--json out.json]
+    python scripts/bench_settings.py --data ../shared/data [--checkpoint default] [--generalized] [--json out.json]
 
 Each row switches one setting away from the shipped one, in memory (the checkpoint file
 is not changed), and evaluates exactly as `eval` and the app rank.
@@ -42,11 +42,12 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--splits", default="pacs,doodle")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--generalized", action="store_true", help="also each split with `--generalized` galleries")
     args = ap.parse_args()
     enc = create_encoder(checkpoint=args.checkpoint)
     r = enc.meta.get("retrieval", {})
     shipped = {"edge_weight": float(enc.head.photo_edge_weight), "flip_sketch": bool(r.get("flip_sketch")),
-               "diffusion_k": int(r.get("diffusion_k", 0))}
+               "diffusion_k": int(r.get("diffusion_k", 0)), "seen_calibration": r.get("seen_calibration")}
     rows = [("shipped " + json.dumps(shipped), {})]
     rows.append(("edge fusion " + ("off" if shipped["edge_weight"] else "0.5"),
                  {"edge_weight": 0.0 if shipped["edge_weight"] else 0.5}))
@@ -54,13 +55,17 @@ def main() -> int:
                  {"flip_sketch": not shipped["flip_sketch"]}))
     rows.append(("gallery diffusion " + ("off" if shipped["diffusion_k"] else "k=20"),
                  {"diffusion_k": 0 if shipped["diffusion_k"] else 20}))
+    if shipped["seen_calibration"]:
+        rows.append(("seen-class calibration off", {"seen_calibration": None}))
     out = []
     for name, change in rows:
         v = variant(enc, **change)
         row = {"setting": name}
         for split in args.splits.split(","):
-            rep = evaluate_split(v, args.data, split)
-            row[split] = {k: round(rep[k], 4) for k in ("mAP@all", "hit@1", "hit@5", "P@5")}
+            for gen in (False, True) if args.generalized else (False,):
+                rep = evaluate_split(v, args.data, split, generalized=gen)
+                row[split + (" --generalized" if gen else "")] = {k: round(rep[k], 4)
+                                                                  for k in ("mAP@all", "hit@1", "hit@5", "P@5")}
         prod = run_encoder(v, Path(args.data))
         for group in ("zero-shot", "seen"):
             row[f"product {group}"] = {k: prod[group]["as the app searches"][k] for k in ("hit@1", "hit@5", "P@5",

@@ -17,6 +17,7 @@ from sbir_core.errors import InputError
 from sbir_core.data.datasets import Item, benchmark, training_items
 from sbir_core.models.encoders import SBIREncoder
 from sbir_core.eval.features import extract_features
+from sbir_core.gallery.calibration import SeenCalibration
 from sbir_core.gallery.index import Gallery
 from sbir_core.eval.metrics import retrieval_report
 
@@ -56,10 +57,12 @@ def evaluate(
     gallery: Sequence[Item],
     cache_dir: Union[str, Path, None] = None,
     diffusion: bool = True,
+    calibration: bool = True,
 ) -> dict:
     """Embed queries (in their own modality) and gallery, rank, and report metrics.
 
-    `diffusion` applies the gallery diffusion the checkpoint prescribes (as searches do)."""
+    `diffusion` and `calibration` apply the gallery diffusion and the seen-class calibration
+    the checkpoint prescribes (as searches do); both off ranks by the embedding alone."""
     if not queries or not gallery:
         raise InputError(f"nothing to evaluate: {len(queries)} queries, {len(gallery)} gallery items")
     q, qok = embed_items(encoder, queries, queries[0].modality, cache_dir)
@@ -69,21 +72,23 @@ def evaluate(
     ql = [it.label for it, k in zip(queries, qok) if k]
     gl = [it.label for it, k in zip(gallery, gok) if k]
     k = encoder.diffusion_k if diffusion else 0
+    cal = SeenCalibration.from_encoder(encoder) if calibration else None
     # The same Gallery class the app and `search` use, so eval measures what ships.
-    scores = Gallery.from_embeddings(g[gok], labels=gl, diffusion_k=k).score_all(q[qok])
+    scores = Gallery.from_embeddings(g[gok], labels=gl, diffusion_k=k, calibration=cal).score_all(q[qok])
     report = retrieval_report(scores, ql, gl, ks=(100, 200))
     report["encoder"] = encoder.encoder_id
     report["diffusion_k"] = k
+    report["seen_calibration"] = cal.setting if cal is not None else None
     return report
 
 
 def evaluate_split(encoder: SBIREncoder, data_root: Union[str, Path], split: str,
                    cache_dir: Union[str, Path, None] = None, diffusion: bool = True,
-                   generalized: bool = False) -> dict:
+                   generalized: bool = False, calibration: bool = True) -> dict:
     """A benchmark split. `generalized` adds every Caltech photo of the training classes
     to the gallery (as distractors): real galleries mix seen and unseen classes."""
     queries, gallery = benchmark(data_root, split)
     if generalized:
         gallery = gallery + [i for i in training_items(data_root, hold_out_doodles=False) if i.modality == "photo"]
-    report = evaluate(encoder, queries, gallery, cache_dir, diffusion)
+    report = evaluate(encoder, queries, gallery, cache_dir, diffusion, calibration)
     return {"split": split, "generalized": generalized, **report}

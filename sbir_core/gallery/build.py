@@ -24,6 +24,7 @@ import numpy as np
 from sbir_core.errors import InputError
 from sbir_core.data.datasets import image_folder
 from sbir_core.data.images import load_image
+from sbir_core.gallery.calibration import PROTOTYPES_FILE, SeenCalibration
 from sbir_core.gallery.identity import _encoder_name, _normalize_checkpoint_arg, checkpoint_spec, encoder_probe
 from sbir_core.gallery.index import (EMBEDDINGS_FILE, FORMAT_VERSION, GALLERY_FILE, GALLERY_MODALITIES, INDEX_FILE,
                                      FLOAT16_MAX, INDEX_TYPES, TOKENS_FILE, Gallery, GalleryError, _faiss,
@@ -262,6 +263,9 @@ def build_gallery(
         if (~is_old).any():
             emb[~is_old] = new_emb[src_new[~is_old]]
         np.save(tmp / EMBEDDINGS_FILE, emb)
+        calibration = SeenCalibration.from_encoder(encoder)
+        if calibration is not None:
+            np.save(tmp / PROTOTYPES_FILE, calibration.prototypes)
         if store_tokens:
             _assemble_tokens(tmp, n, token_shape, old, src_old, src_new, is_old)
 
@@ -288,6 +292,8 @@ def build_gallery(
             "has_tokens": bool(store_tokens),
             # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
             "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
+            # Seen-class calibration likewise (None = off; prototypes in PROTOTYPES_FILE).
+            "seen_calibration": calibration.setting if calibration is not None else None,
             # The encoder's fingerprint by content (see check_encoder).
             "probe": [round(float(v), 6) for v in encoder_probe(encoder, modality)],
             "items": [c.record() for c in kept],
@@ -303,7 +309,7 @@ def build_gallery(
         raise
     report.index_type = kind
     report.seconds = time.perf_counter() - t0
-    gallery = Gallery(emb, meta, index=index, root=out,
+    gallery = Gallery(emb, meta, index=index, root=out, calibration=calibration,
                       tokens=np.load(out / TOKENS_FILE, mmap_mode="r") if store_tokens else None)
     return gallery, report
 

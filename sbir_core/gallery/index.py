@@ -6,7 +6,9 @@ A gallery is a folder holding
   source folder, label, size, mtime_ns) in row order;
 - `embeddings.npy`: (N, D) float32, L2-normalised (cosine = inner product);
 - `tokens.npy`: (N, T, C) float16 token grids for the explanations (optional);
-- `index.faiss`: the approximate index, for the `hnsw` and `ivf` types only.
+- `index.faiss`: the approximate index, for the `hnsw` and `ivf` types only;
+- `seen_prototypes.npy`: the encoder's training-class prototypes, when its checkpoint
+  prescribes seen-class calibration (`gallery.calibration`).
 
 Builds are incremental (files are identified by relative path + size + mtime, so
 unchanged files are never re-encoded, even after the folder is moved) and atomic
@@ -28,6 +30,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from sbir_core.errors import InputError, SBIRError
+from sbir_core.gallery.calibration import PROTOTYPES_FILE, SeenCalibration
 from sbir_core.gallery.diffusion import diffuse_gallery, expand_queries
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,7 @@ class Gallery:
         tokens: Optional[np.ndarray] = None,
         index: Any = None,
         root: Optional[PathLike] = None,
+        calibration: Optional[SeenCalibration] = None,
     ) -> None:
         self.meta = meta
         self.tokens = tokens
@@ -192,6 +196,7 @@ class Gallery:
         self.plain_head = PLAIN_HEAD
         if self.diffusion_k and len(self.raw_embeddings) > 1:
             self._diffuse()
+        self.set_calibration(calibration)
         items = meta["items"]
         src = meta.get("source_dir") or ""
         rel = meta.get("source_dir_rel")
@@ -218,6 +223,7 @@ class Gallery:
         encoder_id: str = "synthetic",
         modality: str = "photo",
         diffusion_k: int = 0,
+        calibration: Optional[SeenCalibration] = None,
         **index_params: Any,
     ) -> "Gallery":
         """An in-memory gallery from vectors (normalised here), e.g. for benchmarks and tests."""
@@ -235,7 +241,7 @@ class Gallery:
             "grid": None, "has_tokens": False, "diffusion_k": int(diffusion_k),
             "items": [{"path": p, "label": lab} for p, lab in zip(paths, labels)],
         }
-        return cls(x, meta, index=index)
+        return cls(x, meta, index=index, calibration=calibration)
 
     @classmethod
     def load(
@@ -327,7 +333,7 @@ class Gallery:
                     f"of dimension {d}: the gallery is inconsistent; rebuild it"
                 )
             _apply_search_params(index, kind, ef_search, nprobe)
-        return cls(emb, meta, tokens=tokens, index=index, root=root)
+        return cls(emb, meta, tokens=tokens, index=index, root=root, calibration=_load_calibration(root, meta, d))
 
     # ---- attributes
     def __len__(self) -> int:
@@ -385,6 +391,19 @@ class Gallery:
         if self.diffusion_k and len(self.raw_embeddings) > 1:
             self._diffuse()
 
+    # ---- seen-class calibration
+    def set_calibration(self, calibration: Optional[SeenCalibration]) -> None:
+        """Turn seen-class calibration on (see `gallery.calibration`) or off (None)."""
+        if calibration is not None and calibration.prototypes.shape[1] != self.raw_embeddings.shape[1]:
+            raise GalleryError(f"seen-class prototypes have dimension {calibration.prototypes.shape[1]}, "
+                               f"the gallery's embeddings {self.raw_embeddings.shape[1]}")
+        self.calibration = calibration if calibration is not None and calibration.beta > 0 else None
+        self.meta["seen_calibration"] = self.calibration.setting if self.calibration else None
+        self._seen = self.calibration.seen_confidence(self.raw_embeddings) if self.calibration else None
+
+    def _calibrated(self, scores: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return self.calibration.adjust(scores, q, self._seen) if self.calibration else scores
+
     # ---- search
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (cosine similarities, indices), both (Q, min(k, N)), best first, ties by ascending index.
@@ -392,8 +411,14 @@ class Gallery:
         With diffusion on, the first `plain_head` results are still the query's nearest
         pictures; diffusion orders the ones after them (queries expanded with their top
         results, aQE). The scores are always the query's cosine similarity to each result,
-        so past the head they need not decrease."""
+        so past the head they need not decrease. With seen-class calibration the order is the
+        calibrated scores' (`score_all`), found exactly; the scores stay cosine similarities."""
         q = self._check_queries(queries, k)
+        if self.calibration is not None:
+            k = min(int(k), len(self))
+            scores = self.score_all(q)
+            idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties by ascending index
+            return np.einsum("qd,qkd->qk", q, self.raw_embeddings[idx]).astype(np.float32), idx.astype(np.int64)
         if not self.diffusion_k:
             return self._knn(q, k)
         k = min(int(k), len(self))
@@ -408,17 +433,19 @@ class Gallery:
 
     def score_all(self, queries: np.ndarray) -> np.ndarray:
         """(Q, N) scores whose descending order is the order `knn` returns (for evaluation).
-        Without diffusion they are the cosine similarities."""
+        Without diffusion or calibration they are the cosine similarities."""
         q = self._check_queries(queries, 1)
         if not self.diffusion_k:
-            return q @ self.embeddings.T
-        scores = self._expand(q) @ self.embeddings.T
-        raw = q @ self.raw_embeddings.T
+            return self._calibrated(q @ self.embeddings.T, q)
+        scores = self._calibrated(self._expand(q) @ self.embeddings.T, q)
+        raw = self._calibrated(q @ self.raw_embeddings.T, q)
         head = min(self.plain_head, len(self))
         if head:
             top = np.argsort(-raw, axis=1, kind="stable")[:, :head]
-            # Above every diffused score (cosines lie in [-1, 1]), in their own order.
-            np.put_along_axis(scores, top, np.take_along_axis(raw, top, 1) + 4.0, 1)
+            # Above every diffused score (cosines lie in [-1, 1], calibration subtracts at most
+            # beta), in their own order.
+            lift = 4.0 + (self.calibration.beta if self.calibration else 0.0)
+            np.put_along_axis(scores, top, np.take_along_axis(raw, top, 1) + lift, 1)
         return scores
 
     def rank_of(self, query: np.ndarray, row: int) -> int:
@@ -484,6 +511,23 @@ class Gallery:
         src = Path(source_dir)
         out = Path(out_dir) if out_dir is not None else galleries_dir() / (src.resolve().name or "gallery")
         return build_gallery(src, out, encoder, progress=options.pop("progress", False), **options)[0]
+
+
+def _load_calibration(root: Path, meta: dict, dim: int) -> Optional[SeenCalibration]:
+    setting = meta.get("seen_calibration")
+    if not setting:
+        return None
+    path = root / PROTOTYPES_FILE
+    if not path.is_file():
+        raise GalleryError(f"{path} is missing (the gallery uses seen-class calibration); rebuild the gallery")
+    protos = _load_array(path)
+    try:
+        cal = SeenCalibration(protos.astype(np.float32), float(setting["tau"]), float(setting["beta"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GalleryError(f"{root / GALLERY_FILE}: bad seen-class calibration ({exc}); rebuild the gallery") from exc
+    if cal.prototypes.shape[1] != dim:
+        raise GalleryError(f"{path} has dimension {cal.prototypes.shape[1]}, the embeddings {dim}; rebuild the gallery")
+    return cal
 
 
 def _confined(rel: str) -> bool:

@@ -28,6 +28,8 @@ METADATA_KEY = "sbir"
 
 
 BACKBONE_PREFIX = "backbone."
+# The training classes' class-text prototypes, for seen-class calibration (gallery.calibration).
+PROTOTYPES_KEY = "seen_prototypes"
 
 
 def write_tensors(path: Union[str, Path], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -67,9 +69,10 @@ def read_tensors(path: Union[str, Path], key: str = METADATA_KEY) -> tuple[dict[
 
 
 def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[str, Any],
-                    backbone: Optional[torch.nn.Module] = None) -> Path:
-    """Atomically write `head`, optionally a fine-tuned `backbone` (fp16), and `meta`
-    (JSON-able; must name 'encoder')."""
+                    backbone: Optional[torch.nn.Module] = None,
+                    prototypes: Optional[torch.Tensor] = None) -> Path:
+    """Atomically write `head`, optionally a fine-tuned `backbone` (fp16) and the training
+    classes' prototypes (fp16), and `meta` (JSON-able; must name 'encoder')."""
     if "encoder" not in meta:
         raise InputError("checkpoint metadata must name the backbone ('encoder')")
     meta = {**meta, "format_version": FORMAT_VERSION, "head_type": getattr(head, "kind", "sbir_head"),
@@ -78,13 +81,18 @@ def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[st
     if backbone is not None:
         for k, v in backbone.state_dict().items():
             tensors[BACKBONE_PREFIX + k] = v.half() if v.is_floating_point() else v
+    if prototypes is not None:
+        tensors[PROTOTYPES_KEY] = prototypes.detach().half()
     return write_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (head in eval mode, metadata). Strict: every tensor must match. A fine-tuned
-    backbone's weights come back as float32 in `meta["backbone_state"]`."""
+    backbone's weights come back as float32 in `meta["backbone_state"]`, prototypes in
+    `meta["seen_prototypes"]`."""
     state, meta = read_tensors(path)
+    if PROTOTYPES_KEY in state:
+        meta[PROTOTYPES_KEY] = state.pop(PROTOTYPES_KEY).float()
     bb = {k[len(BACKBONE_PREFIX):]: v.float() if v.is_floating_point() else v
           for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}

@@ -270,6 +270,9 @@ class SBIREncoder(nn.Module):
         self.head = head
         self.checkpoint_id = checkpoint_id
         self.meta = meta or {}  # the checkpoint's metadata (training config, scores)
+        # (C, D) class-text prototypes of the training classes, when the checkpoint stores
+        # them (seen-class calibration, gallery.calibration); set by create_encoder.
+        self.seen_prototypes: Optional[np.ndarray] = None
         self.image_size = backbone.image_size
         self.register_buffer("_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
@@ -347,12 +350,17 @@ class SBIREncoder(nn.Module):
         their edge maps (needed when the checkpoint fuses them)."""
         if modality not in ("photo", "sketch"):
             raise ValueError(f"image modality must be 'photo' or 'sketch', not {modality!r}")
+        if modality == "sketch" and self.flip_sketches:
+            # Sketch and mirror image in one batch: one pass over a batch of 2B costs less than
+            # two passes over B (a single query is what the page waits for).
+            both = self.backbone_features(torch.cat([x, x.flip(-1)]))
+            n = len(x)
+            e = F.normalize(self.embed_sketch(both.pooled, both.raw), dim=-1)
+            tokens = both.tokens[:n] if both.tokens is not None else None
+            return EncoderOutput(embedding=e[:n] + e[n:], tokens=tokens, grid=both.grid)
         feats = self.backbone_features(x)
         if modality == "sketch":
             emb = self.embed_sketch(feats.pooled, feats.raw)
-            if self.flip_sketches:
-                mirror = self.backbone_features(x.flip(-1))
-                emb = F.normalize(emb, dim=-1) + F.normalize(self.embed_sketch(mirror.pooled, mirror.raw), dim=-1)
         else:
             edge_pooled = self.backbone_features(edges).pooled if edges is not None and self.photo_uses_edges else None
             emb = self.embed_photo(feats.pooled, feats.raw, edge_pooled)
@@ -461,8 +469,11 @@ def create_encoder(
         ckpt_id = file_digest(path)
     backbone = create_backbone(name or DEFAULT_ENCODER)
     trained = meta.pop("backbone_state", None)
+    prototypes = meta.pop("seen_prototypes", None)
     if trained is not None:  # fine-tuned backbone (encoder v2): its weights and input size
         backbone.net.load_state_dict(trained, strict=True)
         backbone.image_size = int(meta.get("image_size", backbone.image_size))
         backbone.weights_id = ckpt_id  # feature caches must not mix these with ImageNet features
-    return SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)
+    enc = SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)
+    enc.seen_prototypes = prototypes.numpy() if prototypes is not None else None
+    return enc
