@@ -11,8 +11,8 @@ diffusion (no plain head) on the same embeddings.
 
     python scripts/bench_diffusion.py --data ../shared/data [--checkpoint default] [--json out.json]
 
-Sets: `pacs` and `doodle` (as `eval` builds them) and the product benchmark (as
-`bench_product.py`). Columns: hit@5, P@5, P@6-12 (precision over results 6-12, the rest
+Sets: `pacs`, `doodle` and `pacs --generalized` (as `eval` builds them) and the product
+benchmark (as `bench_product.py`), each ranked with the checkpoint's seen-class calibration. Columns: hit@5, P@5, P@6-12 (precision over results 6-12, the rest
 of the app's 12 results), P@13-24 (a second page) and mAP@all. A sweep on the
 benchmarks, for documentation: the shipped k was chosen on held-out training classes
 (the checkpoint's `retrieval.validation`).
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sbir_core.data.datasets import benchmark, image_folder
+from sbir_core.data.datasets import benchmark, image_folder, training_items
 from sbir_core.eval.evaluate import embed_items
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
+from sbir_core.gallery.calibration import SeenCalibration
 from sbir_core.gallery.index import PLAIN_HEAD, Gallery
 from sbir_core.models.encoders import create_encoder
 
@@ -41,13 +42,13 @@ def precision_between(scores: np.ndarray, q_labels, g_labels, first: int, last: 
     return float((np.asarray(g_labels)[order] == np.asarray(q_labels)[:, None]).mean())
 
 
-def rows_for(q: np.ndarray, ql: list, g: np.ndarray, gl: list) -> list[dict]:
+def rows_for(q: np.ndarray, ql: list, g: np.ndarray, gl: list, calibration=None) -> list[dict]:
     out = []
     settings = [("plain", 0, PLAIN_HEAD)]
     settings += [(f"k={k}, first {PLAIN_HEAD} plain", k, PLAIN_HEAD) for k in KS]
     settings += [(f"k={k}, pure diffusion", k, 0) for k in KS]
     for name, k, head in settings:
-        gal = Gallery.from_embeddings(g, labels=gl, diffusion_k=k)
+        gal = Gallery.from_embeddings(g, labels=gl, diffusion_k=k, calibration=calibration)
         gal.plain_head = head
         s = gal.score_all(q)
         r = retrieval_report(s, ql, gl)
@@ -66,19 +67,24 @@ def main() -> int:
     args = ap.parse_args()
     data = Path(args.data)
     enc = create_encoder(checkpoint=args.checkpoint)
+    cal = SeenCalibration.from_encoder(enc)  # every row ranks with the checkpoint's calibration
+    seen_photos = [i for i in training_items(data, hold_out_doodles=False) if i.modality == "photo"]
     result = {}
-    for split in ("pacs", "doodle"):
-        queries, gallery = benchmark(data, split)
+    for split in ("pacs", "doodle", "pacs --generalized"):
+        queries, gallery = benchmark(data, split.split()[0])
+        if split.endswith("--generalized"):
+            gallery = gallery + seen_photos
         q, qok = embed_items(enc, queries, "sketch")
         g, gok = embed_items(enc, gallery, "photo")
         result[split] = rows_for(q[qok], [i.label for i, k in zip(queries, qok) if k],
-                                 g[gok], [i.label for i, k in zip(gallery, gok) if k])
+                                 g[gok], [i.label for i, k in zip(gallery, gok) if k], cal)
     photos = image_folder(DEFAULT_GALLERY)
     g = enc.encode_photos([it.load() for it in photos]).normalized()
     for group, items in product_queries(data).items():
         q = enc.encode_sketches([it.load() for it in items]).normalized()
-        result[f"product {group}"] = rows_for(q, [it.label for it in items], g, [it.label for it in photos])
-    print(f"{enc.encoder_id}; the checkpoint's diffusion k = {enc.diffusion_k}\n")
+        result[f"product {group}"] = rows_for(q, [it.label for it in items], g, [it.label for it in photos], cal)
+    print(f"{enc.encoder_id}; the checkpoint's diffusion k = {enc.diffusion_k}; "
+          f"seen-class calibration {cal.setting if cal else None}\n")
     print("| queries | ranking | hit@5 | P@5 | P@6-12 | P@13-24 | mAP@all |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in result.items():
