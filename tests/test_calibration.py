@@ -152,3 +152,25 @@ def test_a_checkpoint_carries_its_prototypes_to_the_encoder(tmp_path):
     # without the setting (or with beta 0) there is nothing to apply
     enc.meta["retrieval"]["seen_calibration"] = None
     assert SeenCalibration.from_encoder(enc) is None
+
+
+def test_query_expansion_uses_the_calibrated_results():
+    """With diffusion, a query is expanded with its top results as the gallery ranks them:
+    the calibrated ones, not the plain ones calibration moved down."""
+    from sbir_core.gallery.diffusion import expand_queries
+
+    protos, q, yq, g, y = generalized(per=20)
+    cal = SeenCalibration(protos, tau=0.1, beta=1.0)
+    gal = Gallery.from_embeddings(g, diffusion_k=5, calibration=cal)
+    d = gal.embeddings  # the diffused gallery
+    calibrated = q @ d.T - cal.query_weight(q)[:, None] * cal.seen_confidence(g)[None]
+    top = np.argsort(-calibrated, axis=1, kind="stable")[:, :5]
+    plain_top = np.argsort(-(q @ d.T), axis=1, kind="stable")[:, :5]
+    assert (top != plain_top).any()  # calibration changes which results expand the query
+    expanded = expand_queries(q, d, np.take_along_axis(q @ d.T, top, 1), top)
+    want = expanded @ d.T - cal.query_weight(q)[:, None] * cal.seen_confidence(g)[None]
+    scores = gal.score_all(q)
+    head = np.argsort(-(q @ g.T - cal.query_weight(q)[:, None] * cal.seen_confidence(g)[None]), 1, kind="stable")[:, :5]
+    rest = np.ones_like(scores, dtype=bool)
+    np.put_along_axis(rest, head, False, 1)
+    assert np.allclose(scores[rest], want[rest], atol=1e-5)

@@ -454,7 +454,16 @@ class Gallery:
         return int((s > s[row]).sum() + (s[:row] == s[row]).sum())
 
     def _expand(self, q: np.ndarray) -> np.ndarray:
-        s, i = self._knn(q, min(self.diffusion_k, len(self)))
+        """aQE: the query plus its top-k results, as this gallery ranks them. With seen-class
+        calibration those are the calibrated top k (exact): expanding with the plain ones
+        would pull back the training-class pictures calibration moved down."""
+        k = min(self.diffusion_k, len(self))
+        if self.calibration is None:
+            s, i = self._knn(q, k)
+        else:
+            sims = q @ self.embeddings.T
+            i = np.argsort(-self._calibrated(sims, q), axis=1, kind="stable")[:, :k]
+            s = np.take_along_axis(sims, i, 1)
         return expand_queries(q, self.embeddings, s, i)
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
