@@ -85,13 +85,24 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise CLIError(f"not a folder: {source}")
     encoder = _load_encoder(args.encoder, args.checkpoint)
-    _, report = build_gallery(
+    gallery, report = build_gallery(
         source, args.out, encoder, modality=args.modality, index_type=args.index_type,
         store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
         checkpoint=args.checkpoint,
     )
     print(format_build_report(report))
+    print("  " + format_search_settings(gallery))
     return 0
+
+
+def format_search_settings(gallery: Any) -> str:
+    """How a gallery is searched (from its encoder's checkpoint), as `index` prints it."""
+    from sbir_core.gallery.index import PLAIN_HEAD
+
+    k = gallery.diffusion_k
+    cal = gallery.calibration
+    return ("searched with " + (f"gallery diffusion k={k} after the first {PLAIN_HEAD} results" if k else "no diffusion")
+            + ", seen-class calibration " + (_calibration_text(cal.setting) if cal is not None else "off"))
 
 
 def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional[str]) -> tuple[Optional[str], str]:

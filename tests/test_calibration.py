@@ -174,3 +174,13 @@ def test_query_expansion_uses_the_calibrated_results():
     rest = np.ones_like(scores, dtype=bool)
     np.put_along_axis(rest, head, False, 1)
     assert np.allclose(scores[rest], want[rest], atol=1e-5)
+
+
+def test_index_says_how_the_gallery_is_searched():
+    from sbir_core.cli import format_search_settings
+
+    protos = generalized()[0]
+    g = np.random.default_rng(0).normal(size=(20, protos.shape[1])).astype(np.float32)
+    gal = Gallery.from_embeddings(g, diffusion_k=3, calibration=SeenCalibration(protos, 0.15, 0.75))
+    assert format_search_settings(gal) == ("searched with gallery diffusion k=3 after the first 5 results, "
+                                           "seen-class calibration tau=0.15 beta=0.75")

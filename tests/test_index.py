@@ -380,6 +380,7 @@ def test_cli_index_and_search(tmp_path, raw_encoder, monkeypatch, capsys) -> Non
     assert main(["index", str(src), "--out", str(out), "--checkpoint", "none", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "added 3" in text and "skipped 1" in text and "readme.txt: not an image" in text
+    assert "searched with no diffusion, seen-class calibration off" in text
 
     query = src / "square" / "3.png"
     assert main(["search", "--gallery", str(out), "--photo", str(query), "--k", "2", "--json"]) == 0
