@@ -97,12 +97,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def format_search_settings(gallery: Any) -> str:
     """How a gallery is searched (from its encoder's checkpoint), as `index` prints it."""
+    from sbir_core.gallery.calibration import describe
     from sbir_core.gallery.index import PLAIN_HEAD
 
-    k = gallery.diffusion_k
-    cal = gallery.calibration
-    return ("searched with " + (f"gallery diffusion k={k} after the first {PLAIN_HEAD} results" if k else "no diffusion")
-            + ", seen-class calibration " + (_calibration_text(cal.setting) if cal is not None else "off"))
+    k, cal = gallery.diffusion_k, gallery.calibration
+    return (f"searched with {f'gallery diffusion k={k} after the first {PLAIN_HEAD} results' if k else 'no diffusion'}"
+            f", seen-class calibration {describe(cal.setting if cal is not None else None)}")
 
 
 def _search_encoder_spec(gallery: Any, name: Optional[str], checkpoint: Optional[str]) -> tuple[Optional[str], str]:
@@ -238,18 +238,15 @@ def _add_index(sub: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _calibration_text(c: dict) -> str:
-    return f"tau={c['tau']:g} beta={c['beta']:g}"
-
-
 def format_eval_report(r: dict) -> str:
     """An `evaluate.evaluate` report as the text `eval` prints."""
+    from sbir_core.gallery.calibration import describe
     from sbir_core.gallery.index import PLAIN_HEAD
 
     lines = [f"encoder {r.get('encoder')}  queries {r['n_queries']}  gallery {r['n_gallery']}  "
              f"gallery diffusion k={r.get('diffusion_k', 0)}"
              + (f" after the first {PLAIN_HEAD} results" if r.get("diffusion_k") else "")
-             + "  seen-class calibration " + (_calibration_text(r["seen_calibration"]) if r.get("seen_calibration") else "off")]
+             + "  seen-class calibration " + describe(r.get("seen_calibration"))]
     lines.append("  ".join(f"{k} {r[k]:.4f}" for k in SUMMARY_KEYS))
     lines.append("first row: " + "  ".join(f"{k} {r[k]:.4f}" for k in FIRST_ROW_KEYS))
     lines.append("")
@@ -277,9 +274,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     encoder = create_encoder(args.encoder, checkpoint=args.checkpoint)
     cache = None if args.no_cache else args.cache_dir
+    ranking = {"diffusion": not args.no_diffusion, "calibration": not args.no_calibration}
     if args.split:
-        report = evaluate_split(encoder, args.data, args.split, cache, diffusion=not args.no_diffusion,
-                                generalized=args.generalized, calibration=not args.no_calibration)
+        report = evaluate_split(encoder, args.data, args.split, cache, generalized=args.generalized, **ranking)
     else:
         queries = folder_items(args.queries, modality="sketch")
         gallery = folder_items(args.gallery, modality="photo")
@@ -287,11 +284,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                report = evaluate(encoder, queries, gallery, tmp, diffusion=not args.no_diffusion,
-                                  calibration=not args.no_calibration)
+                report = evaluate(encoder, queries, gallery, tmp, **ranking)
         else:
-            report = evaluate(encoder, queries, gallery, cache, diffusion=not args.no_diffusion,
-                              calibration=not args.no_calibration)
+            report = evaluate(encoder, queries, gallery, cache, **ranking)
     if args.json:
         print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, *FIRST_ROW_KEYS, "n_queries", "n_gallery")}
                          | {k: report[k] for k in ("per_class", "encoder", "diffusion_k", "seen_calibration")}))

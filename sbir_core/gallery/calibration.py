@@ -28,6 +28,11 @@ import numpy as np
 PROTOTYPES_FILE = "seen_prototypes.npy"
 
 
+def describe(setting: Optional[dict]) -> str:
+    """A calibration setting ({"tau", "beta"} or None) as the command line prints it."""
+    return f"tau={setting['tau']:g} beta={setting['beta']:g}" if setting else "off"
+
+
 @dataclass(frozen=True)
 class SeenCalibration:
     prototypes: np.ndarray  # (C, D) L2-normalised class-text embeddings of the training classes
