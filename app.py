@@ -12,11 +12,15 @@ converts between Gradio values and the service's plain Python objects.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import io
 import json
 import logging
 import os
 import secrets
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -558,8 +562,59 @@ def _gallery(name: Any) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- the page
+class ServedImages:
+    """Pictures a callback returns, handed to Gradio as files written whole.
+
+    Gradio stores a returned PIL image by rewriting a file named after its content each time
+    (`save_pil_to_cache`), so two visitors getting the same picture at once (a class
+    clicking the same example) can be sent a half-written file. A file path is copied into
+    Gradio's cache atomically instead. Files are named by content, written under a temporary
+    name and renamed; at most `limit` are kept (the oldest go first)."""
+
+    def __init__(self, folder: Path, limit: int = 256) -> None:
+        self.folder, self.limit = Path(folder), limit
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path(self, img: Image.Image) -> str:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        data = buf.getvalue()
+        out = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        with self._lock:
+            if not out.exists():
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, out)
+                self._prune()
+            else:
+                out.touch()  # recently used: pruned last
+        return str(out)
+
+    def _prune(self) -> None:
+        files = sorted(self.folder.glob("*.png"), key=lambda f: f.stat().st_mtime)
+        for f in files[: max(0, len(files) - self.limit)]:
+            f.unlink(missing_ok=True)
+
+    def convert(self, value: Any) -> Any:
+        if isinstance(value, Image.Image):
+            return self.path(value)
+        if isinstance(value, dict) and isinstance(value.get("value"), Image.Image):  # gr.update(value=...)
+            return {**value, "value": self.path(value["value"])}
+        return value
+
+    def __call__(self, fn: Any) -> Any:
+        """`fn` with every picture it returns converted (its signature kept for Gradio)."""
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            return tuple(self.convert(v) for v in out) if isinstance(out, tuple) else self.convert(out)
+        return wrapped
+
+
 def build_demo(service: RetrievalService) -> gr.Blocks:
     cb = Callbacks(service)
+    served = ServedImages(service.thumbs_dir.parent / "served")
     galleries = cb.gallery_choices()
     notices = "\n\n".join(service.notices)
     examples = list_examples()
@@ -665,7 +720,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         def then_map(ev):
             # always_last: a map asked for while the previous one is still drawing runs after
             # it (the default, "once", would drop it and leave the map of an older query).
-            ev.then(cb.map_panel, [query_state], [tsne, map_heading, model_view], show_progress="hidden",
+            ev.then(served(cb.map_panel), [query_state], [tsne, map_heading, model_view], show_progress="hidden",
                     trigger_mode="always_last", concurrency_id="map", concurrency_limit=1,
                     api_visibility="private")
 
@@ -696,16 +751,16 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         then_map(k.release(cb.rerun, [query_state, strokes, text, photo, k, gallery_dd], search_outputs,
                            api_visibility="private", **fast))
 
-        results.select(cb.on_select, [query_state], expl_outputs, api_visibility="private",
+        results.select(served(cb.on_select), [query_state], expl_outputs, api_visibility="private",
                        show_progress="minimal", concurrency_id="explain", concurrency_limit=CONCURRENCY)
-        explain_btn.click(cb.explain, [query_state, rank], expl_outputs, api_name="explain",
+        explain_btn.click(served(cb.explain), [query_state, rank], expl_outputs, api_name="explain",
                           concurrency_id="explain", concurrency_limit=CONCURRENCY)
         # The canvas' Clear (and Undo of the only stroke) searches with no strokes through
         # #strokes, above; this only empties the explanation panels, in the browser.
         clear_trigger.click(None, None, expl_outputs, js=f"() => [null, null, null, {json.dumps(NO_EXPLANATION)}]",
                             api_visibility="private", show_progress="hidden")
 
-        gallery_dd.input(cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne],
+        gallery_dd.input(served(cb.choose_gallery), [gallery_dd], [status, results, query_state, tsne],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
             cb.clear_explanation, None, expl_outputs, api_visibility="private")
         gallery_dd.change(cb.gallery_classes, [gallery_dd], [classes], api_visibility="private",
@@ -713,7 +768,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         build_btn.click(cb.build_gallery, [files, new_name, is_sketch, owner_state, mine_state],
                         [build_msg, gallery_dd, files, owner_state, mine_state],
                         api_name="build_gallery", concurrency_id="build", concurrency_limit=1).then(
-            cb.choose_gallery, [gallery_dd], [status, results, query_state, tsne], api_visibility="private")
+            served(cb.choose_gallery), [gallery_dd], [status, results, query_state, tsne], api_visibility="private")
         demo.load(cb.refresh_galleries, [gallery_dd, mine_state], [gallery_dd], api_visibility="private")
 
     demo.callbacks = cb  # for tests and scripts

@@ -608,3 +608,27 @@ def test_brush_size_reaches_the_model_within_the_trained_range(app_service):
     thin = app.Callbacks(app_service).search_strokes(json.dumps({"strokes": square, "brush": 2}), 3, "default")[2]
     thick = app.Callbacks(app_service).search_strokes(json.dumps({"strokes": square, "brush": 12}), 3, "default")[2]
     assert not np.allclose(thin.embedding, thick.embedding)
+
+
+# ----------------------------------------------------------------------------- pictures handed to Gradio
+def test_pictures_reach_gradio_as_files_written_whole(cb, tmp_path):
+    """Gradio rewrites a returned PIL image's file on every call, so two visitors getting the
+    same picture at once could be sent half of it; the page hands it files written once,
+    atomically, named by content, and keeps at most `limit` of them."""
+    import inspect
+
+    served = app.ServedImages(tmp_path / "served", limit=3)
+    _, _, query = cb.search_sketch(drawn_upload("circle"), 4, "default")
+    corr, synth, heat, msg = served(cb.explain)(query, 1)
+    assert all(isinstance(x, str) and Path(x).is_file() for x in (corr, synth, heat)) and msg.startswith("Result 2")
+    again = served(cb.explain)(query, 1)
+    assert again[:3] == (corr, synth, heat)  # same pictures, same files, not rewritten
+    ref = cb.explain(query, 1)[0]
+    assert np.array_equal(np.asarray(Image.open(corr).convert("RGB")), np.asarray(ref.convert("RGB")))
+    assert not list((tmp_path / "served").glob(".*.tmp"))
+    # a map panel's gr.update(value=picture) is converted too; Gradio still sees the signature
+    tsne, heading, seen = served(cb.map_panel)(query)
+    assert Path(tsne).is_file() and Path(seen["value"]).is_file()
+    assert "evt" in inspect.signature(served(cb.on_select)).parameters
+    assert len(list((tmp_path / "served").glob("*.png"))) == 3  # bounded: the oldest went
+    assert served(cb.explain)(None, 0)[0] is None  # nothing to convert
