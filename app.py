@@ -569,7 +569,8 @@ class ServedImages:
     (`save_pil_to_cache`), so two visitors getting the same picture at once (a class
     clicking the same example) can be sent a half-written file. A file path is copied into
     Gradio's cache atomically instead. Files are named by content, written under a temporary
-    name and renamed; at most `limit` are kept (the oldest go first)."""
+    name and renamed; at most `limit` are kept (the oldest go first). WebP, as Gradio would
+    have sent them (a third of PNG's size for the map)."""
 
     def __init__(self, folder: Path, limit: int = 256) -> None:
         self.folder, self.limit = Path(folder), limit
@@ -578,9 +579,9 @@ class ServedImages:
 
     def path(self, img: Image.Image) -> str:
         buf = io.BytesIO()
-        img.save(buf, "PNG")
+        img.save(buf, "WEBP")
         data = buf.getvalue()
-        out = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        out = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.webp"
         with self._lock:
             if not out.exists():
                 tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -592,7 +593,7 @@ class ServedImages:
         return str(out)
 
     def _prune(self) -> None:
-        files = sorted(self.folder.glob("*.png"), key=lambda f: f.stat().st_mtime)
+        files = sorted(self.folder.glob("*.webp"), key=lambda f: f.stat().st_mtime)
         for f in files[: max(0, len(files) - self.limit)]:
             f.unlink(missing_ok=True)
 
@@ -612,9 +613,14 @@ class ServedImages:
         return wrapped
 
 
+def served_folder(service: RetrievalService) -> Path:
+    """Where `ServedImages` writes: next to the thumbnails, and like them allowed to Gradio."""
+    return service.thumbs_dir.parent / "served"
+
+
 def build_demo(service: RetrievalService) -> gr.Blocks:
     cb = Callbacks(service)
-    served = ServedImages(service.thumbs_dir.parent / "served")
+    served = ServedImages(served_folder(service))
     galleries = cb.gallery_choices()
     notices = "\n\n".join(service.notices)
     examples = list_examples()
@@ -785,9 +791,11 @@ def launch(demo: gr.Blocks, service: RetrievalService, host: Optional[str] = Non
         server_name=host,
         server_port=port,
         prevent_thread_lock=prevent_thread_lock,
-        # Only thumbnails are served from disk (gallery images, gallery.json and the
-        # repository are not); every other picture is sent as data.
-        allowed_paths=[str(service.thumbs_dir)],
+        # Only thumbnails and the pictures the page makes (explanations, maps; named by
+        # content) are served from disk; gallery images, gallery.json and the repository are
+        # not. Without the second, a cache outside the temp and working folders (the
+        # default, ~/.cache/sbir) would make Gradio refuse every explanation.
+        allowed_paths=[str(service.thumbs_dir), str(served_folder(service))],
         max_file_size=MAX_UPLOAD_BYTES,
         show_error=False,  # the callbacks turn every failure into a plain sentence
         quiet=quiet,

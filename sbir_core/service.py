@@ -449,7 +449,8 @@ class RetrievalService:
                 return ExplanationImages(False, f"There is no result number {i + 1}.")
             hit = query.hits[i]
         i = hit.rank
-        key = (query.key, query.gallery, hit.index, self.relation is not None)
+        # The message's order note depends on the results after this one, so on k too.
+        key = (query.key, query.gallery, hit.index, self.relation is not None, len(query.hits))
         cached = self._explanations.get(key)
         if cached is not None:
             return cached

@@ -316,3 +316,24 @@ def test_k_outside_1_to_48_is_refused_or_clamped(client, tmp_path, k, n):
     make_shape_image("circle", seed=1).save(p)
     results, status = client.predict(handle_file(str(p)), k, "default", api_name="/search_photo")
     assert len(results) == n, status
+
+
+def test_pictures_reach_the_page_when_the_cache_is_neither_temp_nor_the_working_folder(
+        app_galleries, raw_encoder, tmp_path, monkeypatch):
+    """Deployed, the cache is ~/.cache/sbir: outside the temp folder and the working folder,
+    the only places Gradio takes returned files from unless the app allows the folder. The
+    explanation and the map must still arrive."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
+        c = Client(url, verbose=False)
+        results, status = c.predict(_circle_strokes(), 3, "default", api_name="/search_strokes")
+        assert len(results) == 3, status
+        corr, synth, heat, msg = c.predict(0, api_name="/explain")
+        assert msg.startswith("Result 1") and all(p and Path(p).is_file() for p in (corr, synth, heat)), msg
+        status, results, _map = c.predict("default", api_name="/select_gallery")
+        assert _map and Path(_map).is_file(), status

@@ -95,8 +95,9 @@ def test_bad_settings_are_refused():
     for tau, beta in ((0.0, 1.0), (0.1, -1.0)):
         with pytest.raises(ValueError):
             SeenCalibration(protos, tau, beta)
-    with pytest.raises(ValueError):
-        SeenCalibration(protos[:1], 0.1, 1.0)
+    for bad in (protos[:1], np.zeros_like(protos), np.full_like(protos, np.nan)):
+        with pytest.raises(ValueError):
+            SeenCalibration(bad, 0.1, 1.0)
     with pytest.raises(GalleryError, match="dimension"):
         Gallery.from_embeddings(np.eye(4, 16, dtype=np.float32), calibration=SeenCalibration(protos, 0.1, 1.0))
 

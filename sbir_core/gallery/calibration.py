@@ -41,8 +41,8 @@ class SeenCalibration:
 
     def __post_init__(self) -> None:
         p = np.asarray(self.prototypes, dtype=np.float32)
-        if p.ndim != 2 or len(p) < 2 or not np.isfinite(p).all():
-            raise ValueError(f"seen-class prototypes must be a finite (classes >= 2, dim) array, got {p.shape}")
+        if p.ndim != 2 or len(p) < 2 or not np.isfinite(p).all() or not (np.linalg.norm(p, axis=1) > 0).all():
+            raise ValueError(f"seen-class prototypes must be finite non-zero rows (classes >= 2, dim), got {p.shape}")
         if not (self.tau > 0 and self.beta >= 0):
             raise ValueError(f"seen-class calibration needs tau > 0 and beta >= 0, got {self.tau}, {self.beta}")
         object.__setattr__(self, "prototypes", p / np.linalg.norm(p, axis=1, keepdims=True))

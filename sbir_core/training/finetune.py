@@ -355,13 +355,13 @@ class Finetuner:
             c = r["seen_calibration"] or {"tau": 0, "beta": 0}
             return f"w={r['edge_weight']},k={r['diffusion_k']},flip={int(r['flip_sketch'])},tau={c['tau']},beta={c['beta']}"
 
-        plain = judge(0.0, 0, False, 1.0, 0.0)
-        scores = {label(plain): plain}
+        scores = {}
         for flip in (False, True):
             for w in edge_weights:
                 for tau, beta in [(1.0, 0.0)] + [(t, b) for t in calibration[0] for b in calibration[1]]:
                     r = judge(w, 0, flip, tau, beta)
                     scores[label(r)] = r
+        plain = scores.get("w=0.0,k=0,flip=0,tau=0,beta=0") or judge(0.0, 0, False, 1.0, 0.0)
         n_queries = {n: len(v[0]) for n, v in sets.items()}
         kept = [r for r in scores.values() if _first_row_kept(r, plain, n_queries)]
         top = max(kept, key=lambda r: (round(r["hit@5"], 3), round(r["P@5"], 3), round(r["P@10"], 3)))
