@@ -21,7 +21,7 @@ SQUARE = [[[80, 80], [300, 80], [300, 300], [80, 300], [80, 80]]]
 
 @pytest.fixture()
 def use_raw_encoder(monkeypatch, raw_encoder):
-    monkeypatch.setattr(cli, "_load_encoder", lambda name, checkpoint: raw_encoder)
+    monkeypatch.setattr(cli.common, "load_encoder", lambda name, checkpoint: raw_encoder)
 
 
 def _json_results(capsys) -> list[dict]:
@@ -78,7 +78,7 @@ def test_rerank_returns_k_results_in_a_new_order(app_galleries, use_raw_encoder,
 
 
 def test_explain_a_photo_query(app_galleries, raw_encoder, monkeypatch, tmp_path, capsys) -> None:
-    monkeypatch.setattr(cli, "_explain_encoder", lambda checkpoint: raw_encoder)
+    monkeypatch.setattr(cli.explain, "explain_encoder", lambda checkpoint: raw_encoder)
     shapes = app_galleries.parent / "shapes"
     q, p = shapes / "circle" / "circle_0.png", shapes / "circle" / "circle_1.png"
     assert cli.main(["explain", "--query-photo", str(q), "--photo", str(p), "--out", str(tmp_path / "o"),
@@ -110,6 +110,6 @@ def test_bugs_keep_their_traceback(monkeypatch) -> None:
     def broken(args):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr(cli, "_cmd_gallery_list", broken)
+    monkeypatch.setattr(cli.galleries, "_cmd_gallery_list", broken)
     with pytest.raises(KeyError):
         cli.main(["gallery", "list"])

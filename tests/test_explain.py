@@ -300,7 +300,7 @@ def test_cli_explain_writes_three_pngs(raw_encoder, tmp_path, monkeypatch, capsy
     from sbir_core import cli
     from sbir_core.cli import main
 
-    monkeypatch.setattr(cli, "_explain_encoder", lambda checkpoint: raw_encoder)
+    monkeypatch.setattr(cli.explain, "explain_encoder", lambda checkpoint: raw_encoder)
     sp, pp = tmp_path / "s.png", tmp_path / "p.png"
     _drawing(4).save(sp)
     _photo().save(pp)

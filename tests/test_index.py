@@ -368,7 +368,7 @@ def test_encode_query_arguments(raw_encoder, tmp_path) -> None:
 # ----------------------------------------------------------------------------- command line
 def test_cli_index_and_search(tmp_path, raw_encoder, monkeypatch, capsys) -> None:
     asked = []
-    monkeypatch.setattr(cli, "_load_encoder", lambda name, ckpt: asked.append((name, ckpt)) or raw_encoder)
+    monkeypatch.setattr(cli.common, "load_encoder", lambda name, ckpt: asked.append((name, ckpt)) or raw_encoder)
     src = tmp_path / "photos"
     for n in (0, 3, 5):
         cls, shape, colour = SPEC[n]
@@ -398,7 +398,7 @@ def test_cli_index_and_search(tmp_path, raw_encoder, monkeypatch, capsys) -> Non
     assert main(["search", "--gallery", str(out), "--sketch", str(tmp_path / "empty.png")]) == 2
     assert "sketch is empty" in capsys.readouterr().err
 
-    monkeypatch.setattr(cli, "_load_encoder", lambda name, ckpt: CountingEncoder(raw_encoder, "efficientnet-lite0@feedbeef"))
+    monkeypatch.setattr(cli.common, "load_encoder", lambda name, ckpt: CountingEncoder(raw_encoder, "efficientnet-lite0@feedbeef"))
     assert main(["search", "--gallery", str(out), "--photo", str(query), "--checkpoint", "other.safetensors"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: gallery") and "python -m sbir_core index" in err and "\n" not in err

@@ -1,0 +1,140 @@
+"""`index` (embed a folder into a gallery) and `search` (query one), and how they print."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from sbir_core.cli import common
+
+
+def format_build_report(report: Any) -> str:
+    """One `index.BuildReport` as printed by `index`."""
+    lines = [
+        f"gallery {report.out_dir}: {report.total} items ({report.index_type} index)"
+        + ("" if report.written else ", unchanged"),
+        f"  added {report.added}, updated {report.updated}, reused {report.reused}, "
+        f"removed {report.removed}, skipped {len(report.skipped)}  [{report.seconds:.1f} s]",
+    ]
+    if report.rebuilt_reason:
+        lines.append(f"  re-encoded everything: {report.rebuilt_reason}")
+    if report.skipped:
+        lines.append("  skipped files:")
+        lines += [f"    {p}: {why}" for p, why in report.skipped]
+    return "\n".join(lines)
+
+
+def format_results_table(results: Sequence[Any]) -> str:
+    """`index.SearchResult`s as the table `search` prints."""
+    if not results:
+        return "(no results)"
+    rows = [(str(r + 1), f"{res.score:.4f}", res.label or "-", res.path) for r, res in enumerate(results)]
+    head = ("rank", "score", "label", "path")
+    widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)]
+    fmt = lambda row: "  ".join(  # noqa: E731 - right-align numbers, left-align text
+        (v.rjust(w) if c < 2 else v.ljust(w)) for c, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(head)] + [fmt(row) for row in rows])
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from sbir_core.gallery.build import build_gallery
+
+    source = Path(args.photo_dir)
+    if not source.is_dir():
+        raise common.CLIError(f"not a folder: {source}")
+    encoder = common.load_encoder(args.encoder, args.checkpoint)
+    gallery, report = build_gallery(
+        source, args.out, encoder, modality=args.modality, index_type=args.index_type,
+        store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
+        checkpoint=args.checkpoint,
+    )
+    print(format_build_report(report))
+    print("  " + format_search_settings(gallery))
+    return 0
+
+
+def format_search_settings(gallery: Any) -> str:
+    """How a gallery is searched (from its encoder's checkpoint), as `index` prints it."""
+    from sbir_core.gallery.calibration import describe
+    from sbir_core.gallery.index import PLAIN_HEAD
+
+    k, cal = gallery.diffusion_k, gallery.calibration
+    return (f"searched with {f'gallery diffusion k={k} after the first {PLAIN_HEAD} results' if k else 'no diffusion'}"
+            f", seen-class calibration {describe(cal.setting if cal is not None else None)}")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from sbir_core.data.drawing import load_stroke_file
+    from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
+
+    gallery, encoder, _ = common.open_gallery(args.gallery, args.encoder, args.checkpoint, args.galleries,
+                                        args.ef_search, args.nprobe)
+    sketch = load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch
+    if args.rerank and sketch is None:
+        raise common.CLIError("--rerank re-ranks sketch queries (--sketch or --strokes)")
+    if sketch is not None and (args.rerank or args.brush is not None):
+        from sbir_core.data.images import load_image
+
+        sq = encode_sketch_query(encoder, load_image(sketch) if isinstance(sketch, str) else sketch, brush=args.brush)
+        if args.rerank:
+            from sbir_core.models.relation import load_relation
+
+            results = search_reranked(gallery, load_relation(), sq, args.k)
+        else:
+            results = gallery.search(sq.embedding, args.k)
+    else:
+        results = gallery.search(encode_query(encoder, sketch=sketch, photo=args.photo, text=args.text), args.k)
+    if args.json:
+        print(json.dumps([{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results], indent=2))
+    else:
+        print(format_results_table(results))
+    return 0
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser(
+        "index", help="embed a folder of images into a searchable gallery (incremental)",
+        description="Embed every image under PHOTO_DIR (class = first-level subfolder) into GALLERY_DIR. "
+                    "Re-running only encodes new and changed files.",
+    )
+    p.add_argument("photo_dir", metavar="PHOTO_DIR")
+    p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="gallery folder to create or update")
+    p.add_argument("--encoder", default=None, metavar="NAME",
+                   help="backbone (default: the checkpoint's, else efficientnet-lite0)")
+    p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
+                   help="trained heads: the shipped default, none (raw backbone) or a file (default: default)")
+    p.add_argument("--index-type", choices=common.INDEX_TYPES, default="flat",
+                   help="flat = exact (default); hnsw / ivf = approximate, for large galleries")
+    p.add_argument("--modality", choices=common.GALLERY_MODALITIES, default="photo", help="what the images are")
+    p.add_argument("--no-tokens", action="store_true", help="do not store token grids (no explanations)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+    s = sub.add_parser(
+        "search", help="search a gallery with a sketch, a photo or text",
+        description="Query a gallery; the encoder defaults to the one the gallery was built with.",
+    )
+    s.add_argument("--gallery", required=True, metavar="DIR|NAME",
+                   help="a gallery folder, or a gallery's name (see `gallery list`), as the app names it")
+    s.add_argument("--galleries", default=None, metavar="DIR", help="also look for named galleries here")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--sketch", metavar="IMAGE", help="sketch image (dark ink on light, or transparent canvas)")
+    q.add_argument("--strokes", metavar="FILE", help="strokes: the page's JSON ({\"strokes\": [[[x, y], ...], ...]}) "
+                                                      "or QuickDraw .ndjson (see --line)")
+    q.add_argument("--photo", metavar="IMAGE", help="photo query")
+    q.add_argument("--text", metavar="TEXT", help='text query, e.g. "a cat" (needs a checkpoint with a text head)')
+    s.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--line", type=int, default=0, help="--strokes .ndjson: which drawing (0-based, default 0)")
+    s.add_argument("--brush", type=float, default=None, metavar="PX",
+                   help="the brush width the strokes were drawn with on a 384 px canvas (as the page sends it)")
+    s.add_argument("--rerank", action="store_true",
+                   help="re-rank the top candidates with the relation network (sketch queries; needs token grids)")
+    s.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score", "label"}')
+    s.add_argument("--encoder", default=None, metavar="NAME", help="override the gallery's backbone")
+    s.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
+                   help="override the gallery's checkpoint (must match it)")
+    s.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates per query (recall vs speed)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (recall vs speed)")
+    s.set_defaults(func=_cmd_search)
