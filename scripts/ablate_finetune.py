@@ -29,8 +29,8 @@ from bench_product import run_encoder  # noqa: E402
 from sbir_core.models.checkpoint import save_checkpoint  # noqa: E402
 from sbir_core.paths import cache_dir  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
-from sbir_core.training.finetune import FinetuneConfig, Finetuner, class_text_features  # noqa: E402
-from sbir_core.training.finetune_data import prepare_data, run_heldout_classes  # noqa: E402
+from sbir_core.training.finetune import FinetuneConfig, Finetuner  # noqa: E402
+from sbir_core.training.finetune_data import prepare_data, run_heldout_classes, training_text_features  # noqa: E402
 
 VARIANTS = {
     "full recipe": {},
@@ -51,7 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     base = FinetuneConfig(steps=args.steps, val_every=args.steps)
     td, _ = prepare_data(Path(args.data), base, cache_dir() / "finetune")  # finetune's photo cache
-    text = class_text_features(td.classes)
+    text = training_text_features(Path(args.data), td.classes)
     held = run_heldout_classes(td, base, Path(args.data))  # the held-out classes `finetune` would draw
     names = list(VARIANTS)
     chosen = [names[int(i)] for i in args.only.split(",")] if args.only else names

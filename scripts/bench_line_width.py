@@ -27,7 +27,6 @@ from sbir_core.data.datasets import benchmark, image_folder
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
 from sbir_core.models.encoders import create_encoder
-from sbir_core.models.text import class_text_features
 from sbir_core.paths import checkpoint_path
 
 
@@ -49,7 +48,7 @@ def main() -> int:
     cfg = finetune.FinetuneConfig(init=path, steps=0, heldout_outside_gallery=False)  # all its held-out classes
     td, _ = finetune_data.prepare_data(data, cfg)
     held = finetune_data.run_heldout_classes(td, cfg, data)  # the checkpoint's own held-out classes
-    selection = finetune.Finetuner(cfg, td, class_text_features(td.classes), held)
+    selection = finetune.Finetuner(cfg, td, finetune_data.training_text_features(data, td.classes), held)
 
     enc = create_encoder(checkpoint=path)
     benches = {}

@@ -2,14 +2,15 @@
 """Pack what `finetune` reads into a folder small enough to travel to a GPU machine.
 
 A GPU machine gets only the working tree (64 MiB), not ../shared. This writes a miniature
-data root: `splits.json`, the QuickDraw stroke files as they are (strokes are small), and
-only the Caltech photos a run at `--max-photos-per-class` trains on, shrunk to
-`--max-side` px JPEG (enough for training at up to ~0.9 x that size; `finetune` crops from
-1.1 x its input size). Benchmark photos and sketches are not packed: evaluate here.
+data root: `splits.json`, the QuickDraw stroke files as they are (strokes are small), only
+the Caltech photos a run at `--max-photos-per-class` trains on, shrunk to `--max-side` px
+WebP (enough for training at up to 1/1.1 of that size, 160 px by default: `finetune` crops
+from 1.1 x its input size; WebP is ~20% smaller than JPEG at the same quality), and the training classes' text features (that machine has no MiniLM weights).
+Benchmark photos and sketches are not packed: evaluate here. scripts/device_finetune.sh is
+the run on the GPU machine.
 
     python scripts/pack_training_data.py --data ../shared/data --out packed   # packed/ is git-ignored
-    # on the GPU machine (device tool, carry ["packed"]):
-    python -m sbir_core finetune --data packed --device cuda --workers 14 --cache '' --out $OUT/model.safetensors
+    # on the GPU machine (device tool, carry ["packed", ".whl"]): scripts/device_finetune.sh
 
 `finetune` on the packed folder selects the same classes, photos and doodles as on the full
 data (the packed folder holds exactly that selection); photos differ only by the JPEG round
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,13 +29,16 @@ from PIL import Image
 
 from sbir_core.data.datasets import training_items
 from sbir_core.training.finetune import FinetuneConfig
+from sbir_core.training.finetune_data import save_text_features
 
-MAX_BYTES = 60 * 2**20  # what the device tool carries, with room for the code
+REPO = Path(__file__).resolve().parents[1]
+MAX_BYTES = 64 * 2**20  # what the device tool carries: the tracked tree, packed/ and .whl/ together
 DEFAULTS = FinetuneConfig()  # pack exactly what a default run selects
+MAX_SIDE = round(DEFAULTS.image_size * 1.1)  # what a default run crops from
 
 
-def pack(data: Path, out: Path, max_side: int = 192, max_photos_per_class: int = DEFAULTS.max_photos_per_class,
-         quality: int = 90, exclude: tuple = DEFAULTS.exclude) -> dict:
+def pack(data: Path, out: Path, max_side: int = MAX_SIDE, max_photos_per_class: int = DEFAULTS.max_photos_per_class,
+         quality: int = 80, exclude: tuple = DEFAULTS.exclude) -> dict:
     """Write the packed data root; -> a summary (counts, bytes)."""
     data, out = Path(data), Path(out)
     if not (data / "splits.json").is_file():
@@ -44,19 +49,20 @@ def pack(data: Path, out: Path, max_side: int = 192, max_photos_per_class: int =
     shutil.copy2(data / "splits.json", out / "splits.json")
     for f in sorted((data / "quickdraw").glob("*.ndjson")):
         shutil.copy2(f, out / "quickdraw" / f.name)
-    photos = [it for it in training_items(data, exclude=exclude, max_photos_per_class=max_photos_per_class)
-              if it.modality == "photo"]
+    items = training_items(data, exclude=exclude, max_photos_per_class=max_photos_per_class)
+    save_text_features(out, sorted({it.label for it in items}))  # the classes finetune will align to
+    photos = [it for it in items if it.modality == "photo"]
     root = (data / "caltech101").resolve()
     skipped = []
     for it in photos:
         rel = Path(it.path).resolve().relative_to(root)
-        dst = (out / "caltech101" / rel).with_suffix(".jpg")
+        dst = (out / "caltech101" / rel).with_suffix(".webp")
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             with Image.open(it.path) as im:
                 im = im.convert("RGB")
                 im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-                im.save(dst, "JPEG", quality=quality)
+                im.save(dst, "WEBP", quality=quality, method=6)
         except (OSError, ValueError) as exc:  # finetune skips unreadable photos too
             skipped.append(f"{it.path}: {exc}")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -67,19 +73,32 @@ def pack(data: Path, out: Path, max_side: int = 192, max_photos_per_class: int =
     return summary
 
 
+def travel_bytes(*carried: Path) -> dict:
+    """What a device call sends: the files git tracks, plus the carried folders."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    sizes = {"tracked": sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())}
+    for c in carried:
+        sizes[c.name] = sum(p.stat().st_size for p in c.rglob("*") if p.is_file()) if c.is_dir() else 0
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "packed"))
-    ap.add_argument("--max-side", type=int, default=192)
+    ap.add_argument("--max-side", type=int, default=MAX_SIDE,
+                    help=f"photo size (default {MAX_SIDE}: training at {DEFAULTS.image_size} px; 1.1 x --image-size)")
     ap.add_argument("--max-photos-per-class", type=int, default=DEFAULTS.max_photos_per_class,
                     help=f"as finetune's (default {DEFAULTS.max_photos_per_class})")
-    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--quality", type=int, default=80, help="WebP quality (default 80)")
     args = ap.parse_args(argv)
     s = pack(Path(args.data), Path(args.out), args.max_side, args.max_photos_per_class, args.quality)
     print(f"{args.out}: {s['photos']} photos, {s['doodle_files']} doodle files, {s['bytes'] / 2**20:.1f} MiB")
-    if s["bytes"] > MAX_BYTES:
-        print(f"warning: over {MAX_BYTES / 2**20:.0f} MiB: lower --max-side or --quality", file=sys.stderr)
+    sizes = travel_bytes(Path(args.out), REPO / ".whl")
+    print("a device call sends " + " + ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())
+          + f" = {sum(sizes.values()) / 2**20:.1f} MiB (limit {MAX_BYTES / 2**20:.0f})")
+    if sum(sizes.values()) > MAX_BYTES:
+        print("error: too much to send: lower --max-side or --quality", file=sys.stderr)
         return 1
     return 0
 

@@ -97,12 +97,13 @@ def test_packed_training_data_selects_what_the_full_data_does(tiny_root, tmp_pat
     out = tmp_path / "packed"
     summary = pack.pack(tiny_root, out, max_side=64, exclude=("pacs",))
 
-    def selection(root):
-        return sorted((os.path.relpath(i.key, root), i.label)  # keys are paths (doodles: path#n)
+    def selection(root):  # keys are paths (doodles: path#n); photos travel as WebP
+        return sorted((os.path.splitext(os.path.relpath(i.key, root))[0] if i.modality == "photo"
+                       else os.path.relpath(i.key, root), i.label)
                       for i in training_items(root, exclude=("pacs",), max_photos_per_class=60))
 
     assert selection(out) == [s for s in selection(tiny_root) if "broken" not in s[0]]
-    assert max(Image.open(out / "caltech101" / "chair" / "b.jpg").size) == 64
+    assert max(Image.open(out / "caltech101" / "chair" / "b.webp").size) == 64
     assert len(summary["skipped"]) == 1 and "broken.jpg" in summary["skipped"][0]
     assert (out / "splits.json").read_text() == (tiny_root / "splits.json").read_text()
     assert not (out / "pacs").exists()  # benchmark data stays behind

@@ -489,3 +489,29 @@ def test_real_selection_classes_avoid_the_gallery_and_the_old_draw_is_reproducib
     if DEFAULT_CHECKPOINT.is_file():
         assert old == set(read_metadata(DEFAULT_CHECKPOINT)["heldout_classes"])
     assert {"fish", "cell phone"} <= old  # what the fix is for
+
+
+def test_checkpoints_store_no_classifier_and_refuse_backbones_that_do_not_fit(tiny, tmp_path):
+    """The ImageNet classifier never runs in retrieval, so it is not stored (24 -> 15 MB with
+    fp16 head weights); every other backbone weight must be there and fit."""
+    from sbir_core.errors import InputError
+    from sbir_core.models.checkpoint import load_backbone_state, load_checkpoint, read_tensors, save_checkpoint
+    from sbir_core.models.encoders import EfficientNetLiteBackbone
+
+    td, text, size = tiny
+    cfg = _cfg(size)
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    path = save_checkpoint(tmp_path / "m.safetensors", ft.model.head, {"encoder": cfg.encoder},
+                           backbone=ft.model.backbone.net)
+    tensors, _ = read_tensors(path)
+    assert not any(k.startswith("backbone.classifier.") for k in tensors)
+    assert {v.dtype for v in tensors.values() if v.dim() >= 2} == {torch.float16}
+    _, meta = load_checkpoint(path)
+    net = EfficientNetLiteBackbone(cfg.encoder).net
+    load_backbone_state(net, meta["backbone_state"])
+    assert torch.equal(net.conv_head.weight, ft.model.backbone.net.conv_head.weight.half().float())
+    partial = {k: v for k, v in meta["backbone_state"].items() if k != "conv_head.weight"}
+    with pytest.raises(InputError, match="conv_head.weight"):
+        load_backbone_state(net, partial)
+    with pytest.raises(InputError, match="extra"):
+        load_backbone_state(net, {**meta["backbone_state"], "extra.weight": torch.zeros(1)})

@@ -75,7 +75,11 @@ def test_checkpoint_round_trip(tmp_path):
     head, meta = load_checkpoint(path)
     assert meta["encoder"] == "efficientnet-lite0" and read_metadata(path)["val_mAP"] == 0.5
     x = torch.randn(3, fs.photo.shape[1])
-    assert torch.allclose(head(x, "sketch"), trainer.head.eval()(x, "sketch"))
+    # Weight matrices come back rounded to fp16, vectors (biases, statistics) exactly.
+    for k, v in trainer.head.state_dict().items():
+        assert torch.equal(head.state_dict()[k], v.half().float() if v.dim() >= 2 else v), k
+    a, b = head(x, "sketch"), trainer.head.eval()(x, "sketch")
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9999
     with pytest.raises(ValueError, match="encoder"):
         save_checkpoint(tmp_path / "bad.safetensors", trainer.head, {})
 

@@ -73,6 +73,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if v is not None:
             setattr(cfg, name, v)
     cfg.heldout_outside_gallery = not args.heldout_anywhere
+    cfg.choose_settings = not args.train_only
     if args.interpolate:
         try:
             cfg.interpolate = tuple(float(a) for a in args.interpolate.split(","))
@@ -125,6 +126,9 @@ def _add_finetune(sub: Any) -> None:
                    help="draw the held-out selection classes from every training class, default-gallery classes "
                         "included (how the v2 checkpoint was trained); default: from classes outside that gallery; "
                         "with --init, the start's held-out classes (less the gallery's unless this is given)")
+    p.add_argument("--train-only", action="store_true",
+                   help="train and select the step, save the model searched plainly; choose how it searches later "
+                        "with --init OUT --steps 0 (for a machine without faiss, e.g. a lent GPU)")
     p.add_argument("--device", help="torch device to train on (default: cuda when there is one, else cpu)")
     p.add_argument("--workers", type=int,
                    help="processes that make the batches (default 0; on a GPU machine, its CPU cores)")

@@ -6,8 +6,10 @@ write, metadata under a key that names the kind: "sbir" for the retrieval model,
 here and by `models.relation`.
 
 A checkpoint holds the heads and, when the backbone was fine-tuned, the backbone's
-weights too (keys `backbone.*`, stored as fp16: the embeddings they give match fp32
-to within 1e-3). Safetensors load without executing pickled code.
+weights too (keys `backbone.*`, without the ImageNet classifier, which retrieval never
+runs). Weights are stored as fp16 (`as_stored`), biases and normalisation statistics as
+fp32: the embeddings match fp32 to within 1e-3, and `finetune` checks that validation
+does not move (`Finetuner.fp16_check`). Safetensors load without executing pickled code.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ METADATA_KEY = "sbir"
 
 
 BACKBONE_PREFIX = "backbone."
+UNUSED_BACKBONE_KEYS = ("classifier.",)  # the ImageNet classifier: features never reach it
 # The training classes' class-text prototypes, for seen-class calibration (gallery.calibration).
 PROTOTYPES_KEY = "seen_prototypes"
 
@@ -68,6 +71,20 @@ def read_tensors(path: Union[str, Path], key: str = METADATA_KEY) -> tuple[dict[
         raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
+def as_stored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` as a checkpoint stores it: weight tensors (2-D and up) in fp16, the rest as is."""
+    return {k: v.detach().half() if v.is_floating_point() and v.dim() >= 2 else v.detach() for k, v in state.items()}
+
+
+def load_backbone_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's backbone weights into `net` (built with its ImageNet weights): every
+    weight must fit, and only the unused classifier may be missing (it keeps ImageNet's)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(UNUSED_BACKBONE_KEYS)] + list(unexpected)
+    if bad:
+        raise InputError(f"the checkpoint's backbone weights do not fit this backbone: {bad[:5]}")
+
+
 def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[str, Any],
                     backbone: Optional[torch.nn.Module] = None,
                     prototypes: Optional[torch.Tensor] = None) -> Path:
@@ -77,10 +94,10 @@ def save_checkpoint(path: Union[str, Path], head: torch.nn.Module, meta: dict[st
         raise InputError("checkpoint metadata must name the backbone ('encoder')")
     meta = {**meta, "format_version": FORMAT_VERSION, "head_type": getattr(head, "kind", "sbir_head"),
             "head_config": head.config}
-    tensors = dict(head.state_dict())
+    tensors = as_stored(head.state_dict())
     if backbone is not None:
-        for k, v in backbone.state_dict().items():
-            tensors[BACKBONE_PREFIX + k] = v.half() if v.is_floating_point() else v
+        kept = {k: v for k, v in backbone.state_dict().items() if not k.startswith(UNUSED_BACKBONE_KEYS)}
+        tensors.update({BACKBONE_PREFIX + k: v for k, v in as_stored(kept).items()})
     if prototypes is not None:
         tensors[PROTOTYPES_KEY] = prototypes.detach().half()
     return write_tensors(path, tensors, meta)
@@ -93,8 +110,8 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[torch.nn.Module, dict[str, 
     state, meta = read_tensors(path)
     if PROTOTYPES_KEY in state:
         meta[PROTOTYPES_KEY] = state.pop(PROTOTYPES_KEY).float()
-    bb = {k[len(BACKBONE_PREFIX):]: v.float() if v.is_floating_point() else v
-          for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    bb = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
     if bb:
         meta["backbone_state"] = bb

