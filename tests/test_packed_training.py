@@ -92,17 +92,18 @@ def test_a_packed_run_trains_without_minilm_or_faiss_and_is_finished_here(tmp_pa
     (tmp_path / "gpu_machine").mkdir()
     (tmp_path / "gpu_machine" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "gpu_machine"), "DEVICE": "cpu", "WORKERS": "0", "STEPS": "2",
-           "OUT": str(tmp_path / "out"), "PACKED": str(packed)}
+           "OUT": str(tmp_path / "out"), "PACKED": str(packed), "SEEDS": "3"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "device_finetune.sh"), "--image-size", "64", "--val-every", "2",
                           "--sketches-per-step", "4", "--photos-per-step", "4", "--doodle-photos-per-step", "2",
                           "--warmup", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "not on this machine" not in run.stdout  # nothing it lacks was asked for (the log is in stdout)
-    gpu_out = tmp_path / "out" / "model.safetensors"
+    gpu_out = tmp_path / "out" / "seed3" / "model.safetensors"
     assert sorted(p.name for p in gpu_out.parent.iterdir()) == ["finetune.log", "model.safetensors"]
     meta = read_metadata(gpu_out)
     assert meta["retrieval"]["note"].startswith("not chosen") and "validation" not in meta["retrieval"]
     assert meta["config"]["choose_settings"] is False and meta["selection"]["step"] in (0, 2)
+    assert meta["config"]["seed"] == 3
 
     final = tmp_path / "final.safetensors"
     assert cli.main(["finetune", "--data", str(packed), "--cache", "", "--image-size", "64", "--init", str(gpu_out),
