@@ -50,9 +50,9 @@ SELECT = ("zero-shot", "zero-shot+seen")
 SEEN_GALLERY = 2  # of each training class's held-out doodles, coloured as its gallery pictures
 FALSE_NOTICE = 0.1  # at most this share of searches whose class is in the gallery get "not sure"
 FIRST_ROW = ("hit@1", "hit@5", "P@5")  # what a retrieval setting may not cost any validation set
-# Seen-class calibration settings tried (gallery.calibration): temperatures x strengths.
 # How a model is searched before a retrieval choice: the embedding's cosine alone.
 PLAIN_SEARCH = {"edge_weight": 0.0, "diffusion_k": 0, "flip_sketch": False, "seen_calibration": None}
+# Seen-class calibration settings tried (gallery.calibration): temperatures x strengths.
 CALIBRATION_GRID = ((0.07, 0.1, 0.15, 0.2), (0.25, 0.5, 0.75, 1.0, 1.5, 2.0))
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from sbir_core.data.augment import augment_edges, augment_sketch, colorize_doodle
 from sbir_core.data.datasets import Item, assert_texts_allowed, fingerprint, heldout_doodles, training_items
 from sbir_core.data.preprocess import photo_to_edges, preprocess_photo, preprocess_sketch
+from sbir_core.errors import InputError
 from sbir_core.eval.product import product_classes
 from sbir_core.models.checkpoint import read_metadata
 from sbir_core.models.text import PROMPTS, class_text_features
@@ -109,12 +110,12 @@ def training_text_features(data_root: Path, classes: list) -> torch.Tensor:
         names, feats = [str(n) for n in z["classes"]], z["features"]
         made = (str(z["source"]), tuple(str(p) for p in z["prompts"]))
     if made != (TEXT_SOURCE, PROMPTS):
-        raise ValueError(f"{f} holds {made[0]} features of prompts {made[1]}, training uses {TEXT_SOURCE} of "
+        raise InputError(f"{f} holds {made[0]} features of prompts {made[1]}, training uses {TEXT_SOURCE} of "
                          f"{PROMPTS}: pack the data again")
     row = {n: i for i, n in enumerate(names)}
     missing = [c for c in classes if c not in row]
     if missing:
-        raise ValueError(f"{f} has no text features for {missing[:5]} ({len(missing)} classes): pack the data again")
+        raise InputError(f"{f} has no text features for {missing[:5]} ({len(missing)} classes): pack the data again")
     return torch.from_numpy(np.ascontiguousarray(feats[[row[c] for c in classes]])).float()
 
 
