@@ -14,7 +14,7 @@
 # --steps). Back here, where faiss and the benchmarks are, choose how each model searches
 # and measure it:
 #   python -m sbir_core finetune --data ../shared/data --init MODEL --steps 0 --out chosen.safetensors
-#   python scripts/bench_product.py --data ../shared/data --checkpoint chosen.safetensors
+#   python scripts/compare_checkpoints.py --data ../shared/data default chosen.safetensors
 # With DEVICE=cpu it runs here too (slowly), which is how tests/test_packed_training.py checks the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."

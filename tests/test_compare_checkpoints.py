@@ -1,0 +1,42 @@
+"""scripts/compare_checkpoints.py: the side-by-side table BENCHMARKS §5 uses for retrains
+(the measuring itself is bench_product's, bench_examples' and `eval`'s, tested with them)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_checkpoints", ROOT / "scripts" / "compare_checkpoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_one_column_per_checkpoint_one_row_per_measure(compare):
+    a = {"pacs": {"hit@1": 0.5, "hit@5": 0.8, "P@5": 0.45, "mAP@all": 0.4},
+         "pacs embedding alone": {"hit@1": 0.4, "hit@5": 0.7, "P@5": 0.4, "mAP@all": 0.39},
+         "example sketches in the top 5": {"found": 10, "of": 11, "misses": ["fish"]}}
+    b = {"pacs": {"hit@1": 0.25, "hit@5": 0.5, "P@5": 0.3, "mAP@all": 0.5},
+         "pacs embedding alone": {"hit@1": 0.2, "hit@5": 0.6, "P@5": 0.3, "mAP@all": 0.41},
+         "example sketches in the top 5": {"found": 11, "of": 11, "misses": []}}
+    lines = compare.table({"default": a, "v3.safetensors": b}).splitlines()
+    assert lines[0].endswith("| `default` | `v3.safetensors` |") and len(lines) == 2 + 3
+    assert lines[2] == "| pacs | 0.500 / 0.800 / 0.450 / 0.400 | 0.250 / 0.500 / 0.300 / 0.500 |"
+    assert lines[4] == "| example sketches in the top 5 | 10 of 11 (fish missed) | 11 of 11 |"
+
+
+def test_bad_arguments_are_refused_before_a_model_loads(compare, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--data", str(tmp_path), "default"])
+    assert exc.value.code == 2 and "no splits.json" in capsys.readouterr().err
+    (tmp_path / "splits.json").write_text(json.dumps({}))
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--data", str(tmp_path), "default", str(tmp_path / "absent.safetensors")])
+    assert exc.value.code == 2 and "no checkpoint file" in capsys.readouterr().err
