@@ -2,21 +2,15 @@
 (the measuring itself is bench_product's, bench_examples' and `eval`'s, tested with them)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_checkpoints", ROOT / "scripts" / "compare_checkpoints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare_checkpoints")
 
 
 def test_one_column_per_checkpoint_one_row_per_measure(compare):

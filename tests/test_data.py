@@ -85,12 +85,9 @@ def test_real_training_pool_excludes_both_benchmarks():
 
 def test_packed_training_data_selects_what_the_full_data_does(tiny_root, tmp_path):
     """scripts/pack_training_data.py: what travels to a GPU machine trains on the same items."""
-    import importlib.util
+    from scripts_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("pack", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  "pack_training_data.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
+    pack = load_script("pack_training_data")
     big = tiny_root / "caltech101" / "chair"
     Image.new("RGB", (400, 300), "blue").save(big / "b.jpg")
     (big / "broken.jpg").write_bytes(b"not a jpeg")

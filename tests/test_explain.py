@@ -355,14 +355,9 @@ def test_feature_cache_is_per_item_and_ignores_the_data_root_spelling(tmp_path, 
 # ----------------------------------------------------------------------------- correspondence benchmark
 def _bench():
     """scripts/bench_correspondence.py as a module (its ground-truth helpers)."""
-    import importlib.util
-    from pathlib import Path
+    from scripts_loader import load_script
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_correspondence.py"
-    spec = importlib.util.spec_from_file_location("bench_correspondence", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_correspondence")
 
 
 def test_benchmark_ground_truth_identity_and_known_maps() -> None:

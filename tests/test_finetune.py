@@ -343,13 +343,9 @@ def test_ablation_variants_each_remove_one_part_of_the_recipe() -> None:
 
 
 def _script(name: str):
-    import importlib.util
+    from scripts_loader import load_script
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name)
 
 
 def test_a_soup_is_the_mean_of_its_ingredients(tmp_path) -> None:

@@ -4,7 +4,6 @@ tree), `finetune --train-only` trains there, and `finetune --init ... --steps 0`
 how the model searches. CUDA itself is not exercised (the same loop runs with --device cpu)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from scripts_loader import load_script
 from test_finetune import _shape_strokes  # the same generated doodles
 
 from sbir_core import cli
@@ -65,10 +65,7 @@ def _data_root(root: Path) -> Path:
 
 
 def _pack_module():
-    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack_training_data.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
-    return pack
+    return load_script("pack_training_data")
 
 
 def test_packed_text_features_are_the_ones_training_computes(tmp_path):
