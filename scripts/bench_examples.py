@@ -18,14 +18,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def run(checkpoint: str = "default", k: int = 12) -> dict:
-    """Each example's rank and first row -> {"checkpoint", "in_top5", "examples": {name: {...}}}."""
+def run(checkpoint: str = "default", k: int = 12, encoder=None) -> dict:
+    """Each example's rank and first row -> {"checkpoint", "in_top5", "examples": {name: {...}}};
+    `encoder`: the checkpoint's, already loaded (else the service loads it)."""
     import app as app_module
     from sbir_core.data.examples import list_examples
     from sbir_core.service import RetrievalService
 
     with tempfile.TemporaryDirectory() as tmp:  # a checkpoint other than the shipped one re-indexes here
-        svc = RetrievalService(ROOT / "galleries", gallery="default", checkpoint=checkpoint, relation=None,
+        svc = RetrievalService(ROOT / "galleries", gallery="default", checkpoint=checkpoint, encoder=encoder, relation=None,
                                cache_dir=Path(tmp) / "cache", uploads_dir=Path(tmp) / "user")
         calls = app_module.Callbacks(svc)
         rows = {}

@@ -47,7 +47,7 @@ def measure(data: Path, checkpoint: str) -> dict:
     for group in ("zero-shot", "seen"):
         rows[f"product {group} ({product[group]['n_queries']})"] = {
             k: product[group]["as the app searches"][k] for k in KEYS}
-    ex = bench_examples.run(checkpoint)
+    ex = bench_examples.run(checkpoint, encoder=enc)  # the same model, loaded once
     rows["example sketches in the top 5"] = {"found": ex["in_top5"], "of": len(ex["examples"]),
                                              "misses": [n for n, r in ex["examples"].items()
                                                         if not (r["rank"] and r["rank"] <= 5)]}

@@ -75,7 +75,8 @@ def pack(data: Path, out: Path, max_side: int = MAX_SIDE, max_photos_per_class: 
 
 def travel_bytes(*carried: Path) -> dict:
     """What a device call sends: the files git tracks, plus the carried folders."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    git = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    files = git.stdout.split(b"\0") if git.returncode == 0 else []  # not a checkout: count the carried only
     sizes = {"tracked": sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())}
     for c in carried:
         sizes[c.name] = sum(p.stat().st_size for p in c.rglob("*") if p.is_file()) if c.is_dir() else 0
