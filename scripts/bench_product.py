@@ -42,7 +42,9 @@ def run(data: Path, checkpoint: str) -> dict:
     return run_encoder(create_encoder(checkpoint=checkpoint), data)
 
 
-def run_encoder(enc, data: Path) -> dict:
+def run_encoder(enc, data: Path, per_query: bool = False) -> dict:
+    """The benchmark for a loaded encoder; `per_query` keeps each query's figures under
+    row[ranking]["per_query"] (numpy arrays, for paired comparisons)."""
     photos = image_folder(GALLERY)
     t0 = time.perf_counter()
     g = enc.encode_photos([it.load() for it in photos]).normalized()
@@ -57,8 +59,10 @@ def run_encoder(enc, data: Path) -> dict:
         for name, k, c in RANKINGS:
             gal = Gallery.from_embeddings(g, labels=g_labels, diffusion_k=enc.diffusion_k if k else 0,
                                           calibration=cal if c else None)
-            rep = retrieval_report(gal.score_all(q), ql, g_labels)
+            rep = retrieval_report(gal.score_all(q), ql, g_labels, per_query=per_query)
             row[name] = {key: round(rep[key], 4) for key in KEYS}
+            if per_query:
+                row[name]["per_query"] = {key: rep["per_query"][key] for key in KEYS}
             row[name]["per_class_hit@5"] = {c: round(v["hit@5"], 3) for c, v in rep["per_class"].items()}
         result[group] = row
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -7,7 +7,10 @@ retrained model (e.g. one trained on a lent GPU, after `finetune --init X --step
 
     python scripts/compare_checkpoints.py --data ../shared/data default runs/chosen.safetensors [--json out.json]
 
-Each checkpoint is searched with its own retrieval settings. Features are cached per model
+Each checkpoint is searched with its own retrieval settings. A second table gives each
+checkpoint's difference from the first, query by query (`metrics.paired_difference`): the
+mean difference with its 95% interval and how many queries gained or lost a correct
+picture in the first five, so a change of a few queries is not read as a better model. Features are cached per model
 (`eval`'s cache), so a second comparison with the same models takes a minute or two.
 """
 from __future__ import annotations
@@ -41,12 +44,11 @@ def measure(data: Path, checkpoint: str) -> dict:
     enc = create_encoder(checkpoint=checkpoint)
     rows = {}
     for name, kw in SPLITS:
-        r = evaluate_split(enc, data, **kw)
-        rows[name] = {k: r[k] for k in KEYS}
-    product = bench_product.run_encoder(enc, data)
+        r = evaluate_split(enc, data, per_query=True, **kw)
+        rows[name] = {**{k: r[k] for k in KEYS}, "per_query": r["per_query"]}
+    product = bench_product.run_encoder(enc, data, per_query=True)
     for group in ("zero-shot", "seen"):
-        rows[f"product {group} ({product[group]['n_queries']})"] = {
-            k: product[group]["as the app searches"][k] for k in KEYS}
+        rows[f"product {group} ({product[group]['n_queries']})"] = product[group]["as the app searches"]
     ex = bench_examples.run(checkpoint, encoder=enc)  # the same model, loaded once
     rows["example sketches in the top 5"] = {"found": ex["in_top5"], "of": len(ex["examples"]),
                                              "misses": [n for n, r in ex["examples"].items()
@@ -70,6 +72,38 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def differences(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{row: {checkpoint: {metric: paired_difference}}} of every checkpoint after the first
+    against the first, on the rows measured query by query."""
+    from sbir_core.eval.metrics import paired_difference
+
+    names = list(results)
+    base = results[names[0]]
+    out: dict[str, dict[str, dict]] = {}
+    for row, m in base.items():
+        if "per_query" not in m:
+            continue
+        out[row] = {n: {k: paired_difference(m["per_query"][k], results[n][row]["per_query"][k])
+                        for k in ("hit@5", "mAP@all")} for n in names[1:]}
+    return out
+
+
+def difference_table(diffs: dict[str, dict[str, dict]], base: str) -> str:
+    """Markdown: hit@5 and mAP@all of each checkpoint minus `base`'s, +- the 95% interval;
+    for hit@5 also the queries that gained / lost a correct picture in the first five."""
+    names = list(next(iter(diffs.values())))
+    lines = [f"| against `{base}`: hit@5 (queries gained / lost), mAP@all | "
+             + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for row, by_name in diffs.items():
+        cells = []
+        for n in names:
+            h, a = by_name[n]["hit@5"], by_name[n]["mAP@all"]
+            cells.append(f"{h['diff']:+.3f} ± {h['ci']:.3f} (+{h['better']} / -{h['worse']}), "
+                         f"{a['diff']:+.3f} ± {a['ci']:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="'default', 'none' or checkpoint paths")
@@ -83,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if c not in ("default", "none") and not Path(c).is_file():
             ap.error(f"no checkpoint file {c}")
     results = {c: measure(data, c) for c in args.checkpoints}
+    diffs = differences(results) if len(results) > 1 else {}
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        lean = {c: {row: {k: v for k, v in m.items() if k != "per_query"} for row, m in r.items()}
+                for c, r in results.items()}
+        Path(args.json).write_text(json.dumps({"results": lean, "differences": diffs}, indent=1))
     print(table(results))
+    if diffs:
+        print()
+        print(difference_table(diffs, args.checkpoints[0]))
     return 0
 
 

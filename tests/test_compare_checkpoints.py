@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from scripts_loader import load_script
 
@@ -24,6 +25,24 @@ def test_one_column_per_checkpoint_one_row_per_measure(compare):
     assert lines[0].endswith("| `default` | `v3.safetensors` |") and len(lines) == 2 + 3
     assert lines[2] == "| pacs | 0.500 / 0.800 / 0.450 / 0.400 | 0.250 / 0.500 / 0.300 / 0.500 |"
     assert lines[4] == "| example sketches in the top 5 | 10 of 11 (fish missed) | 11 of 11 |"
+
+
+def test_differences_are_paired_query_by_query_against_the_first_checkpoint(compare):
+    def row(hits, aps):
+        return {"hit@1": 0.0, "hit@5": float(np.mean(hits)), "P@5": 0.0, "mAP@all": float(np.mean(aps)),
+                "per_query": {"hit@5": np.array(hits, float), "mAP@all": np.array(aps, float)}}
+
+    examples = {"found": 10, "of": 11, "misses": ["fish"]}
+    base = {"pacs": row([1, 0, 0, 1], [0.5, 0.1, 0.2, 0.4]), "example sketches in the top 5": examples}
+    new = {"pacs": row([1, 1, 1, 0], [0.5, 0.3, 0.4, 0.4]), "example sketches in the top 5": examples}
+    diffs = compare.differences({"default": base, "new": new})
+    assert list(diffs) == ["pacs"]  # rows without per-query figures are not compared
+    h, a = diffs["pacs"]["new"]["hit@5"], diffs["pacs"]["new"]["mAP@all"]
+    assert (h["better"], h["worse"], h["diff"]) == (2, 1, 0.25)
+    assert a["diff"] == pytest.approx(0.1) and a["better"] == 2 and a["worse"] == 0
+    lines = compare.difference_table(diffs, "default").splitlines()
+    assert lines[0].startswith("| against `default`") and lines[0].endswith("| `new` |")
+    assert lines[2].startswith("| pacs | +0.250 ± ") and "(+2 / -1), +0.100 ± " in lines[2]
 
 
 def test_bad_arguments_are_refused_before_a_model_loads(compare, tmp_path, capsys):

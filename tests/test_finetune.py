@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core.training.finetune import FinetuneConfig, Finetuner, _relations_kept, retrieval_summary
+from sbir_core.training.finetune import (FinetuneConfig, Finetuner, _relations_kept, retrieval_summary,
+                                        semantic_targets)
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
 
 torch.set_num_threads(1)
@@ -91,6 +92,32 @@ def test_a_step_computes_every_loss_and_trains_the_backbone(tiny):
     assert all(torch.equal(frozen[k], v) for k, v in ft.model.backbone.net.blocks[0].state_dict().items())
     # the teacher stays the ImageNet backbone
     assert not any(p.requires_grad for p in ft.teacher.parameters())
+
+
+def test_semantic_targets_spread_over_the_classes_whose_names_are_closest():
+    # Names as vectors: 0 and 1 close, 2 far from both, 3 opposite to 0.
+    text = torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+    t = semantic_targets(text, 0.2, 0.05)
+    assert torch.allclose(t.sum(1), torch.ones(4)) and torch.allclose(t.diagonal(), torch.full((4,), 0.8))
+    assert t[0].argsort(descending=True)[:2].tolist() == [0, 1] and t[0, 1] > 0.19  # almost all to its neighbour
+    assert t[0, 3] < 1e-6
+    assert semantic_targets(text, 0.0, 0.05) is None  # one-hot: the plain cross-entropy
+    with pytest.raises(ValueError, match="semantic smoothing"):
+        semantic_targets(text, 1.0, 0.05)
+
+
+def test_semantic_smoothing_changes_the_text_loss_only(tiny):
+    td, text, size = tiny
+    plain, smooth = _cfg(size), _cfg(size, semantic_smoothing=0.3)
+    held = heldout_classes(td, plain.val_fraction, plain.seed)
+    a, b = Finetuner(plain, td, text, held), Finetuner(smooth, td, text, held)
+    batch = a.batches[0]
+    torch.manual_seed(5)  # the same dropout masks in both steps
+    la = a.step(batch)
+    torch.manual_seed(5)
+    lb = b.step(batch)
+    assert la["text"] != pytest.approx(lb["text"], abs=1e-4)
+    assert la["pair"] == pytest.approx(lb["pair"], rel=1e-5) and la["triplet"] == pytest.approx(lb["triplet"], rel=1e-5)
 
 
 def test_preservation_off_builds_no_teacher(tiny):

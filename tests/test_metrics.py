@@ -298,6 +298,33 @@ def test_retrieval_report_values():
     assert rep["P@5"] == pytest.approx(3 / 8, abs=EPS)  # k > G uses G: R/G = 2/4 for three queries
 
 
+def test_retrieval_report_keeps_each_querys_figures_on_request():
+    rep = M.retrieval_report(REPORT_SCORES, REPORT_QUERIES, REPORT_GALLERY, ks=(2,), per_query=True)
+    pq = rep["per_query"]
+    assert pq["mAP@all"] == pytest.approx([3 / 4, 5 / 6, 5 / 6, 0.0], abs=EPS)
+    assert pq["hit@1"].tolist() == [1, 1, 1, 0]
+    for name, values in pq.items():  # every overall figure is the mean of its per-query values
+        assert rep[name] == pytest.approx(values.mean(), abs=EPS)
+    assert "per_query" not in M.retrieval_report(REPORT_SCORES, REPORT_QUERIES, REPORT_GALLERY)
+
+
+def test_paired_difference_counts_queries_and_bounds_the_mean():
+    a = np.array([1, 1, 0, 0, 1, 0, 1, 0], dtype=float)
+    b = np.array([1, 1, 1, 1, 1, 0, 0, 1], dtype=float)  # 3 queries gained, 1 lost
+    d = M.paired_difference(a, b)
+    assert (d["better"], d["worse"], d["n"]) == (3, 1, 8)
+    assert d["diff"] == pytest.approx(2 / 8)
+    diffs = b - a
+    assert d["ci"] == pytest.approx(1.96 * diffs.std(ddof=1) / np.sqrt(8))
+    same = M.paired_difference(a, a)
+    assert same == {"diff": 0.0, "ci": 0.0, "better": 0, "worse": 0, "n": 8}
+    # Pairing: a constant gain on every query is certain however noisy the queries are.
+    noisy = np.random.default_rng(0).random(50)
+    assert M.paired_difference(noisy, noisy + 0.1)["ci"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same non-empty query set"):
+        M.paired_difference(a, b[:5])
+
+
 def test_hit_at_k_counts_queries_with_any_relevant_item_in_top_k():
     g = ["a", "b", "b", "b"]
     scores = np.array([[0.1, 0.9, 0.8, 0.7],   # a ranked last: hit@1 0, hit@3 0

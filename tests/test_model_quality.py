@@ -12,6 +12,7 @@ from sbir_core.cli import main
 from sbir_core.data.datasets import benchmark
 from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
 from sbir_core.eval.evaluate import evaluate
+from sbir_core.eval.metrics import paired_difference
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -29,9 +30,12 @@ def test_shipped_checkpoint_beats_raw_backbone_on_unseen_pacs_subset(tmp_path):
             out += [group[j] for j in np.linspace(0, len(group) - 1, n).astype(int)]
         return out
     q, g = pick(q, 6), pick(g, 12)
-    trained = evaluate(create_encoder(checkpoint="default"), q, g, cache_dir=tmp_path)
-    raw = evaluate(create_encoder(checkpoint="none"), q, g, cache_dir=tmp_path)
+    trained = evaluate(create_encoder(checkpoint="default"), q, g, cache_dir=tmp_path, per_query=True)
+    raw = evaluate(create_encoder(checkpoint="none"), q, g, cache_dir=tmp_path, per_query=True)
     assert trained["mAP@all"] > raw["mAP@all"] + 0.05, (trained["mAP@all"], raw["mAP@all"])
+    # Query by query, the gain is beyond what other queries of these classes could change.
+    gain = paired_difference(raw["per_query"]["mAP@all"], trained["per_query"]["mAP@all"])
+    assert gain["n"] == len(q) and gain["diff"] - gain["ci"] > 0, gain
 
 
 def test_eval_command_on_folders(tmp_path, capsys):

@@ -68,7 +68,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -119,6 +119,9 @@ def _add_finetune(sub: Any) -> None:
                    help="weight of matching each photo with its own edge map among the batch (default 0.5)")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
+    p.add_argument("--semantic-smoothing", dest="semantic_smoothing", type=float,
+                   help="share of the text-alignment target given to the other training classes by how close "
+                        "their names are (default 0: one-hot)")
     p.add_argument("--select", choices=common.FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
                         "classes (default; the shipped model's runs used zero-shot)")

@@ -58,11 +58,13 @@ def evaluate(
     cache_dir: Union[str, Path, None] = None,
     diffusion: bool = True,
     calibration: bool = True,
+    per_query: bool = False,
 ) -> dict:
     """Embed queries (in their own modality) and gallery, rank, and report metrics.
 
     `diffusion` and `calibration` apply the gallery diffusion and the seen-class calibration
-    the checkpoint prescribes (as searches do); both off ranks by the embedding alone."""
+    the checkpoint prescribes (as searches do); both off ranks by the embedding alone.
+    `per_query` adds each query's figures (`retrieval_report`), to compare models query by query."""
     if not queries or not gallery:
         raise InputError(f"nothing to evaluate: {len(queries)} queries, {len(gallery)} gallery items")
     q, qok = embed_items(encoder, queries, queries[0].modality, cache_dir)
@@ -75,7 +77,7 @@ def evaluate(
     cal = SeenCalibration.from_encoder(encoder) if calibration else None
     # The same Gallery class the app and `search` use, so eval measures what ships.
     scores = Gallery.from_embeddings(g[gok], labels=gl, diffusion_k=k, calibration=cal).score_all(q[qok])
-    report = retrieval_report(scores, ql, gl, ks=(100, 200))
+    report = retrieval_report(scores, ql, gl, ks=(100, 200), per_query=per_query)
     report["encoder"] = encoder.encoder_id
     report["diffusion_k"] = k
     report["seen_calibration"] = cal.setting if cal is not None else None
@@ -84,11 +86,11 @@ def evaluate(
 
 def evaluate_split(encoder: SBIREncoder, data_root: Union[str, Path], split: str,
                    cache_dir: Union[str, Path, None] = None, diffusion: bool = True,
-                   generalized: bool = False, calibration: bool = True) -> dict:
+                   generalized: bool = False, calibration: bool = True, per_query: bool = False) -> dict:
     """A benchmark split. `generalized` adds every Caltech photo of the training classes
     to the gallery (as distractors): real galleries mix seen and unseen classes."""
     queries, gallery = benchmark(data_root, split)
     if generalized:
         gallery = gallery + [i for i in training_items(data_root, hold_out_doodles=False) if i.modality == "photo"]
-    report = evaluate(encoder, queries, gallery, cache_dir, diffusion, calibration)
+    report = evaluate(encoder, queries, gallery, cache_dir, diffusion, calibration, per_query)
     return {"split": split, "generalized": generalized, **report}

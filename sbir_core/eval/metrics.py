@@ -64,6 +64,7 @@ __all__ = [
     "precision_at_k",
     "per_query_metrics",
     "retrieval_report",
+    "paired_difference",
 ]
 
 DEFAULT_CHUNK_SIZE = 512
@@ -387,6 +388,7 @@ def retrieval_report(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     first_row: Sequence[int] = (5, 10),
     hits: Sequence[int] = (1, 5),
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """Standard ZS-SBIR numbers in one ranking pass, with a per-class breakdown.
 
@@ -398,7 +400,9 @@ def retrieval_report(
     ``"hit@1"``, ``"hit@5"`` (``hits``), overall and per class.  (TU-Berlin papers report
     mAP@all + P@100, Sketchy papers mAP@200 + P@200.)  Every value is a python
     float/int, labels are python str/int; queries without any relevant gallery
-    item count as 0.
+    item count as 0. ``per_query=True`` adds ``"per_query"``: {name: (Q,) float64 array}
+    for every overall figure that is a mean over queries, in query order (what
+    `paired_difference` compares between two models).
     """
     ks = [_check_k(k) for k in ks]
     p_ks = [k for k in first_row if k not in ks]
@@ -425,4 +429,28 @@ def retrieval_report(
         entry["n_queries"] = int(counts[c])
         per_class[_py(label)] = entry
     report["per_class"] = per_class
+    if per_query:
+        report["per_query"] = {name: m[key] for name, key in zip(names, keys)}
     return report
+
+
+def paired_difference(a: Any, b: Any, z: float = 1.96) -> dict[str, float]:
+    """How model B differs from model A on the same queries, from per-query values (e.g.
+    hit@5 or AP@all of `retrieval_report(..., per_query=True)`).
+
+    Returns ``"diff"`` (mean of b - a), ``"ci"`` (half-width of its normal-approximation
+    interval, z times the standard error of the paired differences: a difference inside
+    it is within what drawing other queries of the same classes could change), and the
+    number of queries on which B is ``"better"`` or ``"worse"``. Paired, because both
+    models answer the same queries: far tighter than comparing two separate means. It
+    says nothing of the variation between training runs (seeds), which only more runs
+    can measure.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired values need the same non-empty query set, got {a.size} and {b.size}")
+    d = b - a
+    se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0
+    return {"diff": float(d.mean()), "ci": float(z * se), "better": int((d > 0).sum()),
+            "worse": int((d < 0).sum()), "n": int(d.size)}

@@ -75,6 +75,10 @@ class FinetuneConfig:
     w_triplet: float = 0.5
     w_pair: float = 0.5
     w_preserve: float = 0.0          # photo-photo relations of the ImageNet backbone kept (0 = off)
+    # Share of the text-alignment target spread over the other training classes by how close
+    # their names are (MiniLM cosine, softmax at semantic_temperature); 0 = one-hot targets.
+    semantic_smoothing: float = 0.0
+    semantic_temperature: float = 0.05
     embed_dim: int = 256
     hidden: int = 1024
     dropout: float = 0.1
@@ -124,6 +128,23 @@ class FinetuneModel(nn.Module):
         return self.head.semantic(feats.pooled, modality)
 
 
+def semantic_targets(text: torch.Tensor, smoothing: float, temperature: float) -> Optional[torch.Tensor]:
+    """(C, C) soft text-alignment targets: row c is (1 - smoothing) on class c plus `smoothing`
+    spread over the other classes by the softmax of their names' cosine to c's name. Unseen
+    classes are reached only through names, so a space that keeps names' neighbourhoods
+    should carry further than one trained to separate every training class equally.
+    None for smoothing 0 (one-hot targets)."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"semantic smoothing is in [0, 1), not {smoothing}")
+    if smoothing == 0.0:
+        return None
+    t = F.normalize(text.float(), dim=-1)
+    sim = (t @ t.T) / temperature
+    eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
+    near = sim.masked_fill(eye, float("-inf")).softmax(-1)
+    return (1.0 - smoothing) * eye.float() + smoothing * near
+
+
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
         self.cfg, self.td, self.held = cfg, td, held
@@ -136,6 +157,8 @@ class Finetuner:
         self.remap = torch.full((len(td.classes),), -1, dtype=torch.long)
         self.remap[self.train_classes] = torch.arange(len(self.train_classes))
         self.remap = self.remap.to(self.device)
+        self.text_targets = semantic_targets(self.text[self.train_classes], cfg.semantic_smoothing,
+                                             cfg.semantic_temperature)
         self.p_idx = np.flatnonzero(~held[td.photo_labels])
         self.s_idx = np.flatnonzero(~held[td.sketch_labels])
         self.batches = StepBatches(cfg, td, self.p_idx, self.s_idx)
@@ -215,7 +238,8 @@ class Finetuner:
         img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
         st = m.head.embed_text(self.text[self.train_classes])
         logits = F.normalize(img, dim=-1) @ F.normalize(st, dim=-1).T / cfg.temperature
-        losses = {"text": F.cross_entropy(logits, self.remap[yimg])}
+        y = self.remap[yimg]
+        losses = {"text": F.cross_entropy(logits, y if self.text_targets is None else self.text_targets[y])}
         losses["triplet"] = _triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
         a, b = F.normalize(sp[: len(se)], dim=-1), F.normalize(se, dim=-1)
         pl = a @ b.T / cfg.temperature
