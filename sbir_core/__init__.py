@@ -36,6 +36,7 @@ _EXPORTS = {
     "list_checkpoints": "sbir_core.paths",
     "checkpoint_path": "sbir_core.paths",
     "retrieval_report": "sbir_core.eval.metrics",
+    "paired_difference": "sbir_core.eval.metrics",
     "SBIRError": "sbir_core.errors",
     "InputError": "sbir_core.errors",
 }
