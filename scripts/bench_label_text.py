@@ -4,9 +4,11 @@ The default gallery's folders name their classes. A sketch could be scored again
 picture's class name through the checkpoint's text head, and that score mixed into the
 picture's: (1 - lam) * sketch.picture + lam * sketch.text(class). This script measures it
 on the product benchmark (scripts/bench_product.py's queries and gallery), and how often the
-text head alone names the drawn class among the gallery's class names.
+text head alone names the drawn class among the gallery's class names. `--gates` mixes the
+names in only for sketches the text head is sure of (its softmax over the gallery's names,
+at the text loss's temperature, above the gate), the obvious way to spare unseen classes.
 
-    python scripts/bench_label_text.py --data ../shared/data [--checkpoint default]
+    python scripts/bench_label_text.py --data ../shared/data [--checkpoint default] [--gates 0,0.5,0.9]
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from sbir_core.data.datasets import image_folder
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.text import class_text_features
+from sbir_core.training.finetune import FinetuneConfig
+
+TEXT_TEMPERATURE = FinetuneConfig().temperature
 
 
 def main() -> int:
@@ -29,6 +34,7 @@ def main() -> int:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--gates", default="0", help="comma-separated confidence gates (0: every sketch)")
     args = ap.parse_args()
     enc = create_encoder(checkpoint=args.checkpoint)
     photos = image_folder(GALLERY)
@@ -46,9 +52,14 @@ def main() -> int:
         rank = (st > st[np.arange(len(ql)), truth][:, None]).sum(1)
         print(json.dumps({"group": group, "n_queries": len(ql), "text names the class: top-1": round(float((rank == 0).mean()), 3),
                           "top-5": round(float((rank < 5).mean()), 3)}))
-        for lam in (float(x) for x in args.weights.split(",")):
-            rep = retrieval_report((1 - lam) * (q @ g.T) + lam * st[:, col], ql, g_labels)
-            print(json.dumps({"group": group, "lam": lam, **{k: round(rep[k], 3) for k in KEYS}}), flush=True)
+        sure = torch.softmax(torch.from_numpy(st) / TEXT_TEMPERATURE, dim=1).max(dim=1).values.numpy()
+        for gate in (float(x) for x in args.gates.split(",")):
+            mixed = (sure > gate) if gate > 0 else np.ones(len(ql), bool)
+            for lam in (float(x) for x in args.weights.split(",")):
+                w = lam * mixed[:, None]
+                rep = retrieval_report((1 - w) * (q @ g.T) + w * st[:, col], ql, g_labels)
+                print(json.dumps({"group": group, "gate": gate, "share mixed": round(float(mixed.mean()), 3), "lam": lam,
+                                  **{k: round(rep[k], 3) for k in KEYS}}), flush=True)
     return 0
 
 
