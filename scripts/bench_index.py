@@ -11,7 +11,14 @@ Queries are fresh draws from the same mixture (not gallery items), searched one 
 a time (batch of 1, as the app and CLI do) through `Gallery.search`, so the timings
 include the whole search path. Speed-ups are against flat in the same process.
 
+`--as-searched` ranks as galleries built with a checkpoint search: seen-class calibration
+and gallery diffusion with the checkpoint's settings (`--checkpoint`, default the shipped
+one). Its training-class prototypes stand in as the centres of half the mixture's
+clusters (those are the "seen" pictures), and recall is against the exact calibrated,
+diffused ranking.
+
     python scripts/bench_index.py --sizes 10k,100k --out docs/index_benchmark.md
+    python scripts/bench_index.py --sizes 10k,100k --as-searched
 """
 from __future__ import annotations
 
@@ -36,8 +43,9 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1] if s[-1:] in "km" else s) * mult)
 
 
-def mixture(n: int, n_queries: int, dim: int, seed: int, intrinsic: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(gallery (n, dim), queries (n_queries, dim)), float32, unit norm, same mixture."""
+def mixture(n: int, n_queries: int, dim: int, seed: int, intrinsic: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gallery (n, dim), queries (n_queries, dim), cluster centres (k, dim)), float32, the
+    vectors unit norm, same mixture."""
     rng = np.random.default_rng(seed)
     k = max(10, n // 1000)
     centres = rng.standard_normal((k, dim)).astype(np.float32)
@@ -56,7 +64,22 @@ def mixture(n: int, n_queries: int, dim: int, seed: int, intrinsic: int = 16) ->
             out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out
 
-    return draw(n), draw(n_queries)
+    return draw(n), draw(n_queries), centres
+
+
+def retrieval_settings(args: argparse.Namespace, centres: np.ndarray) -> dict:
+    """Gallery options that rank as the checkpoint prescribes (empty without --as-searched)."""
+    if not args.as_searched:
+        return {}
+    from sbir_core.gallery.calibration import SeenCalibration
+    from sbir_core.models.checkpoint import read_metadata
+    from sbir_core.paths import checkpoint_path
+
+    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else checkpoint_path(args.checkpoint)
+    retrieval = read_metadata(path).get("retrieval") or {}
+    setting = retrieval.get("seen_calibration")
+    cal = SeenCalibration(centres[::2], float(setting["tau"]), float(setting["beta"])) if setting else None
+    return {"calibration": cal, "diffusion_k": int(retrieval.get("diffusion_k") or 0)}
 
 
 def median_ms(gallery: Gallery, queries: np.ndarray, k: int, warmup: int = 5) -> float:
@@ -79,10 +102,11 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     import faiss
 
     t = time.perf_counter()
-    x, q = mixture(n, args.queries, args.dim, args.seed)
+    x, q, centres = mixture(n, args.queries, args.dim, args.seed)
     print(f"[{n:,}] data in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     rows = []
-    flat = Gallery.from_embeddings(x)
+    ranking = retrieval_settings(args, centres)
+    flat = Gallery.from_embeddings(x, **ranking)
     _, exact = flat.knn(q, args.k)
     faiss.omp_set_num_threads(args.threads)
     flat_ms = median_ms(flat, q, args.k)
@@ -94,10 +118,10 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         faiss.omp_set_num_threads(args.build_threads)
         t = time.perf_counter()
         if kind == "hnsw":
-            g = Gallery.from_embeddings(x, index_type="hnsw", ef_search=args.ef_search)
+            g = Gallery.from_embeddings(x, index_type="hnsw", ef_search=args.ef_search, **ranking)
             params = f"M={HNSW_M}, efC={HNSW_EF_CONSTRUCTION}, efSearch={args.ef_search}"
         else:
-            g = Gallery.from_embeddings(x, index_type="ivf", nprobe=args.nprobe)
+            g = Gallery.from_embeddings(x, index_type="ivf", nprobe=args.nprobe, **ranking)
             params = f"nlist={auto_nlist(n)}, nprobe={args.nprobe}"
         build = time.perf_counter() - t
         faiss.omp_set_num_threads(args.threads)
@@ -121,8 +145,13 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         load = "n/a"
+    ranking = "plain cosine search"
+    if args.as_searched:
+        r = retrieval_settings(args, np.eye(4, args.dim, dtype=np.float32))  # only the settings are read
+        ranking = (f"as {args.checkpoint} searches (seen-class calibration "
+                   f"{r['calibration'].setting if r['calibration'] else 'off'}, diffusion k={r['diffusion_k']})")
     lines = [
-        f"Gallery index benchmark: D={args.dim}, k={args.k}, {args.queries} single queries per size "
+        f"Gallery index benchmark, {ranking}: D={args.dim}, k={args.k}, {args.queries} single queries per size "
         f"(median), Gaussian-mixture data, faiss {faiss.__version__}, search on {args.threads} thread(s), "
         f"build on {args.build_threads}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average {load}.",
@@ -150,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         "more, and on a busy machine OpenMP contention makes it many times slower)")
     p.add_argument("--build-threads", type=int, default=0, help="faiss threads while building (0: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--as-searched", action="store_true",
+                   help="rank with the checkpoint's seen-class calibration and gallery diffusion")
+    p.add_argument("--checkpoint", default="default", help="whose retrieval settings --as-searched uses")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = p.parse_args(argv)
 

@@ -185,3 +185,64 @@ def test_index_says_how_the_gallery_is_searched():
     gal = Gallery.from_embeddings(g, diffusion_k=3, calibration=SeenCalibration(protos, 0.15, 0.75))
     assert format_search_settings(gal) == ("searched with gallery diffusion k=3 after the first 5 results, "
                                            "seen-class calibration tau=0.15 beta=0.75")
+
+
+def _recall(a, b):
+    return float(np.mean([len(set(x) & set(z)) / len(x) for x, z in zip(a, b)]))
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_an_approximate_index_searches_the_calibrated_score(index_type):
+    """Approximate galleries keep their index with calibration on: it holds [g, -s(g), sqrt(1 - s(g)^2)], a
+    query goes in as [q, w(q), 0], and the shortlist it returns is ranked exactly."""
+    protos, q, yq, g, y = generalized(per=300)  # 3,300 pictures: more than one shortlist
+    assert len(g) > I.SHORTLIST * 4
+    cal = SeenCalibration(protos, tau=0.1, beta=1.0)
+    exact = Gallery.from_embeddings(g, calibration=cal)
+    approx = Gallery.from_embeddings(g, calibration=cal, index_type=index_type)
+    assert approx.index.d == g.shape[1] + 2 and approx.meta["index_seen_tau"] == 0.1
+    # the index's inner product is the calibrated score
+    w = cal.query_weight(q[:3])
+    s, i = approx.index.search(np.concatenate([q[:3], w[:, None], 0 * w[:, None]], 1), 5)
+    want = q[:3] @ g.T - w[:, None] * cal.seen_confidence(g)[None]
+    assert np.allclose(s, np.take_along_axis(want, i, 1), atol=1e-4)
+    _, ie = exact.knn(q, 10)
+    _, ia = approx.knn(q, 10)
+    assert _recall(ie, ia) > 0.95
+    # the index's own top 10 for [q, w, 0] are the calibrated ones; for a plain query they are not
+    w = cal.query_weight(q)[:, None]
+    assert _recall(ie, approx.index.search(np.concatenate([q, w, 0 * w], 1), 10)[1]) > 0.9
+    assert _recall(ie, approx.index.search(np.concatenate([q, 0 * w, 0 * w], 1), 10)[1]) < 0.7
+
+
+def test_the_index_column_follows_the_temperature_not_the_strength():
+    protos, q, yq, g, y = generalized(per=40)
+    gal = Gallery.from_embeddings(g, calibration=SeenCalibration(protos, 0.1, 1.0), index_type="hnsw")
+    index = gal.index
+    gal.set_calibration(SeenCalibration(protos, 0.1, 0.3))  # beta rides on the query
+    assert gal.index is index
+    gal.set_calibration(None)  # plain search: the query's weight is 0
+    assert gal.index is index
+    exact = Gallery.from_embeddings(g, calibration=SeenCalibration(protos, 0.2, 1.0))
+    gal.set_calibration(SeenCalibration(protos, 0.2, 1.0))
+    assert gal.index is not index and gal.meta["index_seen_tau"] == 0.2
+    assert _recall(exact.knn(q, 10)[1], gal.knn(q, 10)[1]) > 0.95
+
+
+def test_a_gallery_with_an_index_from_before_the_seen_column_still_loads(tmp_path, raw_encoder):
+    src = make_source(tmp_path / "photos")
+    protos = _unit(np.random.default_rng(1).normal(size=(5, raw_encoder.embed_dim)))
+    built, _ = B.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",
+                               progress=False)
+    d = raw_encoder.embed_dim
+    assert built.index.d == d + 2
+    # an index as earlier versions wrote it: d columns, no seen column
+    plain = I._faiss().IndexHNSWFlat(d, I.HNSW_M, I._faiss().METRIC_INNER_PRODUCT)
+    plain.add(built.raw_embeddings)
+    I._faiss().write_index(plain, str(tmp_path / "g" / I.INDEX_FILE))
+    meta = json.loads((tmp_path / "g" / I.GALLERY_FILE).read_text())
+    meta.pop("index_seen_tau")
+    (tmp_path / "g" / I.GALLERY_FILE).write_text(json.dumps(meta))
+    loaded = Gallery.load(tmp_path / "g")  # remade in memory for the calibration
+    assert loaded.index.d == d + 2
+    assert np.array_equal(loaded.knn(built.raw_embeddings, 3)[1], built.knn(built.raw_embeddings, 3)[1])

@@ -269,7 +269,8 @@ def build_gallery(
         if store_tokens:
             _assemble_tokens(tmp, n, token_shape, old, src_old, src_new, is_old)
 
-        index, kind, params = build_index(emb, index_type, **dict(index_params or {}))
+        index, kind, params = build_index(emb, index_type, **dict(index_params or {}),
+                                          seen=calibration.seen_confidence(emb) if calibration is not None else None)
         if index is not None:
             _faiss().write_index(index, str(tmp / INDEX_FILE))
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -294,6 +295,8 @@ def build_gallery(
             "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
             # Seen-class calibration likewise (None = off; prototypes in PROTOTYPES_FILE).
             "seen_calibration": calibration.setting if calibration is not None else None,
+            # The temperature of the index's seen column (gallery.index.build_index).
+            "index_seen_tau": calibration.tau if calibration is not None and index is not None else None,
             # The encoder's fingerprint by content (see check_encoder).
             "probe": [round(float(v), 6) for v in encoder_probe(encoder, modality)],
             "items": [c.record() for c in kept],

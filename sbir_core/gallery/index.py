@@ -6,7 +6,10 @@ A gallery is a folder holding
   source folder, label, size, mtime_ns) in row order;
 - `embeddings.npy`: (N, D) float32, L2-normalised (cosine = inner product);
 - `tokens.npy`: (N, T, C) float16 token grids for the explanations (optional);
-- `index.faiss`: the approximate index, for the `hnsw` and `ivf` types only;
+- `index.faiss`: the approximate index, for the `hnsw` and `ivf` types only. It holds the
+  embeddings as encoded (not diffused), each with two more coordinates, so that one
+  inner product gives the seen-class calibrated score (`build_index`); `gallery.json` records the calibration temperature
+  that column was made with (`index_seen_tau`);
 - `seen_prototypes.npy`: the encoder's training-class prototypes, when its checkpoint
   prescribes seen-class calibration (`gallery.calibration`).
 
@@ -25,7 +28,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,6 +61,9 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Diffusion raises precision further down the list but can push a lone correct match
 # out of the first row (hit@5 falls), and the first row is what a person looks at.
 PLAIN_HEAD = 5
+# Approximate galleries fetch this many candidates through the index and rank them exactly
+# (calibration, diffusion); exact ("flat") galleries rank every picture.
+SHORTLIST = 256
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -102,6 +108,7 @@ def build_index(
     embeddings: np.ndarray,
     index_type: str = "flat",
     *,
+    seen: Optional[np.ndarray] = None,
     m: int = HNSW_M,
     ef_construction: int = HNSW_EF_CONSTRUCTION,
     ef_search: int = DEFAULT_EF_SEARCH,
@@ -111,15 +118,24 @@ def build_index(
 ) -> tuple[Any, str, dict[str, Any]]:
     """-> (faiss index or None for flat, the type actually built, its parameters).
 
-    Flat needs no index: exact search runs straight on the embeddings (faiss.knn),
-    so the vectors are not held twice.
+    Flat needs no index: exact search runs straight on the embeddings, so the vectors
+    are not held twice. Other indexes hold [g, -seen(g), sqrt(1 - seen(g)^2)] (seen: the
+    pictures' seen-class confidence, `gallery.calibration`; zeros when None): a query
+    [q, w, 0] then scores cos(q, g) - w * seen(g), the calibrated score for
+    w = beta * (1 - s(q)) and the plain one for w = 0, so calibrated galleries search the
+    index like plain ones.
     """
     if index_type not in INDEX_TYPES:
         raise InputError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, d = x.shape
     if index_type == "flat":
         return None, "flat", {}
+    e = np.asarray(embeddings, dtype=np.float32)
+    s = np.zeros(len(e), np.float32) if seen is None else np.clip(np.asarray(seen, dtype=np.float32), 0, 1)
+    # The last column tops every row up to norm sqrt(2) (queries put 0 there): inner products
+    # stay as above, and with equal norms their order is the cosine's, the case graph and
+    # list indexes are built for (Bachrach et al. 2014); unequal norms cost HNSW recall.
+    x = np.ascontiguousarray(np.concatenate([e, -s[:, None], np.sqrt(1.0 - s * s)[:, None]], axis=1))
+    n, d = x.shape
     faiss = _faiss()
     if index_type == "hnsw":
         index = faiss.IndexHNSWFlat(d, int(m), faiss.METRIC_INNER_PRODUCT)
@@ -169,6 +185,21 @@ def _exact_knn(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     faiss = _faiss()
     s, i = faiss.knn(q, x, min(int(k), len(x)), metric=faiss.METRIC_INNER_PRODUCT)
     return _ordered(s, i)
+
+
+def _top_k(scores: np.ndarray, k: int, ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """Column positions of each row's k best scores, best first, ties by ascending id
+    (`ids[col]`, the column itself when None); partial selection, so O(C) a row."""
+    c = scores.shape[1]
+    ids = np.arange(c) if ids is None else ids
+    k = min(int(k), c)
+    out = np.empty((len(scores), k), np.int64)
+    for r, s in enumerate(scores):
+        # Every column at least as good as the k-th best: k of them or more (ties), so the
+        # boundary ties are settled by id rather than by argpartition's arbitrary pick.
+        cand = np.flatnonzero(s >= np.partition(s, c - k)[c - k]) if k < c else np.arange(c)
+        out[r] = cand[np.lexsort((ids[cand], -s[cand]))[:k]]
+    return out
 
 
 # ----------------------------------------------------------------------------- the gallery
@@ -233,12 +264,15 @@ class Gallery:
         labels = list(labels) if labels is not None else [""] * n
         if len(paths) != n or len(labels) != n:
             raise ValueError(f"{n} embeddings but {len(paths)} paths and {len(labels)} labels")
-        index, kind, params = build_index(x, index_type, **index_params)
+        usable = calibration is not None and calibration.beta > 0 and calibration.prototypes.shape[1] == x.shape[1]
+        seen = calibration.seen_confidence(x) if usable else None  # a mismatch is reported by set_calibration
+        index, kind, params = build_index(x, index_type, seen=seen, **index_params)
         meta = {
             "format_version": FORMAT_VERSION, "encoder_id": encoder_id, "modality": modality,
             "index_type": kind, "requested_index_type": index_type, "index_params": params,
             "source_dir": "", "count": n, "dims": {"embedding": int(x.shape[1]), "token": None},
             "grid": None, "has_tokens": False, "diffusion_k": int(diffusion_k),
+            "index_seen_tau": calibration.tau if seen is not None and index is not None else None,
             "items": [{"path": p, "label": lab} for p, lab in zip(paths, labels)],
         }
         return cls(x, meta, index=index, calibration=calibration)
@@ -327,7 +361,7 @@ class Gallery:
                 index = _faiss().read_index(str(ipath))
             except RuntimeError as exc:  # faiss reports bad files as RuntimeError
                 raise GalleryError(f"cannot read {ipath}: {str(exc).splitlines()[0]}; rebuild the gallery") from exc
-            if index.ntotal != n or index.d != d:
+            if index.ntotal != n or index.d not in (d, d + 2):  # d: from before the seen column
                 raise GalleryError(
                     f"{ipath} holds {index.ntotal} vectors of dimension {index.d}, {GALLERY_FILE} lists {n} "
                     f"of dimension {d}: the gallery is inconsistent; rebuild it"
@@ -370,24 +404,16 @@ class Gallery:
 
     # ---- diffusion
     def _diffuse(self) -> None:
-        """Replace searchable embeddings by their DBA version (see sbir_core.gallery.diffusion);
-        non-flat indexes are rebuilt on the diffused vectors."""
+        """Replace searchable embeddings by their DBA version (see sbir_core.gallery.diffusion).
+        An approximate index keeps the vectors as encoded and finds the neighbours."""
         k = min(self.diffusion_k, len(self.raw_embeddings))
         s, i = self._knn(self.raw_embeddings, k)
         self.embeddings = diffuse_gallery(self.raw_embeddings, s, i)
-        self._rebuild_index()
-
-    def _rebuild_index(self) -> None:
-        if self.index is None:
-            return
-        params = {("m" if k == "M" else k): v for k, v in (self.meta.get("index_params") or {}).items()}
-        self.index, _, _ = build_index(self.embeddings, self.index_type, **params)
 
     def set_diffusion(self, k: int) -> None:
         """Turn gallery diffusion off (0) or set its neighbour count."""
         self.diffusion_k = int(k)
         self.embeddings = self.raw_embeddings
-        self._rebuild_index()
         if self.diffusion_k and len(self.raw_embeddings) > 1:
             self._diffuse()
 
@@ -400,71 +426,92 @@ class Gallery:
         self.calibration = calibration if calibration is not None and calibration.beta > 0 else None
         self.meta["seen_calibration"] = self.calibration.setting if self.calibration else None
         self._seen = self.calibration.seen_confidence(self.raw_embeddings) if self.calibration else None
+        if (self.index is not None and self.calibration is not None
+                and (self.index.d != self.raw_embeddings.shape[1] + 2
+                     or self.meta.get("index_seen_tau") != self.calibration.tau)):
+            # The index's seen column was made for no or another temperature (a query's
+            # weight carries beta, so only tau matters): remake it for this one.
+            log.info("rebuilding the %s index of %d items for seen-class calibration tau=%g",
+                     self.index_type, len(self), self.calibration.tau)
+            params = {("m" if k == "M" else k): v for k, v in (self.meta.get("index_params") or {}).items()}
+            self.index, _, _ = build_index(self.raw_embeddings, self.index_type, seen=self._seen, **params)
+            self.meta["index_seen_tau"] = self.calibration.tau
 
-    def _calibrated(self, scores: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return self.calibration.adjust(scores, q, self._seen) if self.calibration else scores
+    def _query_weights(self, q: np.ndarray) -> np.ndarray:
+        """(Q,) how much each query discounts seen pictures (0 without calibration)."""
+        return self.calibration.query_weight(q) if self.calibration else np.zeros(len(q), np.float32)
 
     # ---- search
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (cosine similarities, indices), both (Q, min(k, N)), best first, ties by ascending index.
 
-        With diffusion on, the first `plain_head` results are still the query's nearest
-        pictures; diffusion orders the ones after them (queries expanded with their top
-        results, aQE). The scores are always the query's cosine similarity to each result,
-        so past the head they need not decrease. With seen-class calibration the order is the
-        calibrated scores' (`score_all`), found exactly; the scores stay cosine similarities."""
+        The order is that of `score_all`: with diffusion on, the first `plain_head` results
+        are still the query's nearest pictures and diffusion orders the ones after them
+        (queries expanded with their top results, aQE); with seen-class calibration the
+        calibrated scores decide. The scores returned are always the query's cosine
+        similarity to each result, so they need not decrease. Exact galleries rank every
+        picture; approximate ones (hnsw, ivf) rank the `SHORTLIST` best candidates their
+        index returns for the calibrated score."""
         q = self._check_queries(queries, k)
-        if self.calibration is not None:
-            k = min(int(k), len(self))
-            scores = self.score_all(q)
-            idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties by ascending index
-            return np.einsum("qd,qkd->qk", q, self.raw_embeddings[idx]).astype(np.float32), idx.astype(np.int64)
-        if not self.diffusion_k:
-            return self._knn(q, k)
         k = min(int(k), len(self))
-        head = min(self.plain_head, k)
-        # The head is searched exactly: an hnsw/ivf index holds the diffused vectors. It is a
-        # few results over galleries this app can hold, so the exact pass stays cheap.
-        _, hi = _exact_knn(q, self.raw_embeddings, head)
-        _, ti = self._knn(self._expand(q), min(k + head, len(self)))
-        idx = np.stack([np.concatenate([h, t[~np.isin(t, h)][: k - head]]) for h, t in zip(hi, ti)])
-        sims = np.einsum("qd,qkd->qk", q, self.raw_embeddings[idx])
-        return sims.astype(np.float32), idx.astype(np.int64)
+        if self.calibration is None and not self.diffusion_k:
+            return self._knn(q, k)
+        if self.index is None:
+            idx = _top_k(self.score_all(q), k)
+        else:
+            idx = np.stack([self._shortlist_knn(q[j:j + 1], k) for j in range(len(q))])
+        return np.einsum("qd,qkd->qk", q, self.raw_embeddings[idx]).astype(np.float32), idx.astype(np.int64)
+
+    def _shortlist_knn(self, q: np.ndarray, k: int) -> np.ndarray:
+        """One query's k best rows among its index candidates, ranked as `score_all` ranks."""
+        c = min(len(self), max(SHORTLIST, 2 * k))
+        _, rows = self.index.search(self._index_query(q, self._query_weights(q)), c)
+        rows = rows[0][rows[0] >= 0]
+        if len(rows) < c:  # an IVF probe that saw too few vectors: rank everything
+            rows = np.arange(len(self))
+        return rows[_top_k(self._scores(q, rows), k, rows)[0]]
 
     def score_all(self, queries: np.ndarray) -> np.ndarray:
-        """(Q, N) scores whose descending order is the order `knn` returns (for evaluation).
-        Without diffusion or calibration they are the cosine similarities."""
-        q = self._check_queries(queries, 1)
+        """(Q, N) scores whose descending order is the order `knn` returns (for evaluation;
+        exact, whatever the index). Without diffusion or calibration they are the cosine
+        similarities."""
+        return self._scores(self._check_queries(queries, 1))
+
+    def _scores(self, q: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Ranking scores of the gallery's pictures (or of `rows` only) for normalised queries."""
+        raw = self.raw_embeddings if rows is None else self.raw_embeddings[rows]
+        cal = self._calibrated_by(rows, q)
+        plain = cal(q @ raw.T)
         if not self.diffusion_k:
-            return self._calibrated(q @ self.embeddings.T, q)
-        scores = self._calibrated(self._expand(q) @ self.embeddings.T, q)
-        raw = self._calibrated(q @ self.raw_embeddings.T, q)
-        head = min(self.plain_head, len(self))
+            return plain
+        emb = self.embeddings if rows is None else self.embeddings[rows]
+        # aQE with the top k as this gallery ranks them: with calibration the calibrated top k,
+        # or expanding would pull back the training-class pictures calibration moved down.
+        sims = q @ emb.T
+        kd = min(self.diffusion_k, emb.shape[0])
+        top = _top_k(cal(sims), kd)
+        scores = cal(expand_queries(q, emb, np.take_along_axis(sims, top, 1), top) @ emb.T)
+        head = min(self.plain_head, emb.shape[0])
         if head:
-            top = np.argsort(-raw, axis=1, kind="stable")[:, :head]
+            first = _top_k(plain, head)
             # Above every diffused score (cosines lie in [-1, 1], calibration subtracts at most
             # beta), in their own order.
             lift = 4.0 + (self.calibration.beta if self.calibration else 0.0)
-            np.put_along_axis(scores, top, np.take_along_axis(raw, top, 1) + lift, 1)
+            np.put_along_axis(scores, first, np.take_along_axis(plain, first, 1) + lift, 1)
         return scores
+
+    def _calibrated_by(self, rows: Optional[np.ndarray], q: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """scores (Q, len(rows)) -> calibrated scores (identity without calibration)."""
+        if self.calibration is None:
+            return lambda scores: scores
+        seen = self._seen if rows is None else self._seen[rows]
+        w = self._query_weights(q)
+        return lambda scores: scores - w[:, None] * seen[None, :]
 
     def rank_of(self, query: np.ndarray, row: int) -> int:
         """0-based position of gallery row `row` in this gallery's ranking for one query."""
         s = self.score_all(query)[0]
         return int((s > s[row]).sum() + (s[:row] == s[row]).sum())
-
-    def _expand(self, q: np.ndarray) -> np.ndarray:
-        """aQE: the query plus its top-k results, as this gallery ranks them. With seen-class
-        calibration those are the calibrated top k (exact): expanding with the plain ones
-        would pull back the training-class pictures calibration moved down."""
-        k = min(self.diffusion_k, len(self))
-        if self.calibration is None:
-            s, i = self._knn(q, k)
-        else:
-            sims = q @ self.embeddings.T
-            i = np.argsort(-self._calibrated(sims, q), axis=1, kind="stable")[:, :k]
-            s = np.take_along_axis(sims, i, 1)
-        return expand_queries(q, self.embeddings, s, i)
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
@@ -481,20 +528,27 @@ class Gallery:
             raise InputError(f"k must be at least 1, got {k}")
         return _normalize_rows(q)  # cosine scores whatever the caller passed
 
+    def _index_query(self, q: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Queries as the index takes them: [q, w, 0] when it holds the seen column."""
+        if self.index.d == q.shape[1]:  # an index from before the column existed
+            return q
+        return np.ascontiguousarray(np.concatenate([q, w[:, None], np.zeros_like(w)[:, None]], axis=1),
+                                    dtype=np.float32)
+
     def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest of the searchable (possibly diffused) embeddings, through the index."""
+        """Plain k nearest of the embeddings as encoded, through the index if there is one."""
         n = len(self)
         k = min(int(k), n)
         if n == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if self.index is None:
-            return _exact_knn(q, self.embeddings, k)
-        s, i = self.index.search(q, k)
+            return _exact_knn(q, self.raw_embeddings, k)
+        s, i = self.index.search(self._index_query(q, np.zeros(len(q), np.float32)), k)
         # Approximate indexes can come back short (-1): an IVF probe that saw fewer
         # than k vectors. Those rows are answered exactly, so k results always come.
         short = (i < 0).any(axis=1)
         if short.any():
-            s[short], i[short] = _exact_knn(q[short], self.embeddings, k)
+            s[short], i[short] = _exact_knn(q[short], self.raw_embeddings, k)
         return _ordered(s, i)
 
     def search(self, queries: np.ndarray, k: int = 10) -> Union[list[SearchResult], list[list[SearchResult]]]:
