@@ -242,6 +242,7 @@ def build_gallery(
             and old.meta.get("source_dir") == str(source)
             and old.meta.get("checkpoint") == ckpt
             and not index_params
+            and not old.index_remade
         )
         if unchanged:
             # Nothing to do: leave the folder (and its possibly large token file) alone.

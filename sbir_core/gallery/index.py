@@ -223,6 +223,7 @@ class Gallery:
         self.raw_embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.embeddings = self.raw_embeddings
         self.index = index
+        self.index_remade = False
         self.diffusion_k = int(meta.get("diffusion_k") or 0)
         self.plain_head = PLAIN_HEAD
         if self.diffusion_k and len(self.raw_embeddings) > 1:
@@ -431,8 +432,10 @@ class Gallery:
                      or self.meta.get("index_seen_tau") != self.calibration.tau)):
             # The index's seen column was made for no or another temperature (a query's
             # weight carries beta, so only tau matters): remake it for this one.
-            log.info("rebuilding the %s index of %d items for seen-class calibration tau=%g",
-                     self.index_type, len(self), self.calibration.tau)
+            log.warning("rebuilding the %s index of %d items in memory for seen-class calibration tau=%g%s",
+                        self.index_type, len(self), self.calibration.tau,
+                        f"; rebuild {self.root} to store it" if self.root is not None else "")
+            self.index_remade = True  # so that re-indexing an unchanged folder writes it
             params = {("m" if k == "M" else k): v for k, v in (self.meta.get("index_params") or {}).items()}
             self.index, _, _ = build_index(self.raw_embeddings, self.index_type, seen=self._seen, **params)
             self.meta["index_seen_tau"] = self.calibration.tau
