@@ -243,8 +243,8 @@ def test_a_gallery_with_an_index_from_before_the_seen_column_still_loads(tmp_pat
     meta = json.loads((tmp_path / "g" / I.GALLERY_FILE).read_text())
     meta.pop("index_seen_tau")
     (tmp_path / "g" / I.GALLERY_FILE).write_text(json.dumps(meta))
-    loaded = Gallery.load(tmp_path / "g")  # remade in memory for the calibration
-    assert loaded.index.d == d + 2 and loaded.index_remade
+    loaded = Gallery.load(tmp_path / "g", ef_search=17)  # remade in memory for the calibration
+    assert loaded.index.d == d + 2 and loaded.index_remade and loaded.index.hnsw.efSearch == 17
     assert np.array_equal(loaded.knn(built.raw_embeddings, 3)[1], built.knn(built.raw_embeddings, 3)[1])
     # indexing the unchanged folder again writes the new index instead of keeping the old one
     _, report = B.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",

@@ -437,8 +437,12 @@ class Gallery:
                         f"; rebuild {self.root} to store it" if self.root is not None else "")
             self.index_remade = True  # so that re-indexing an unchanged folder writes it
             params = {("m" if k == "M" else k): v for k, v in (self.meta.get("index_params") or {}).items()}
+            old = self.index
             self.index, _, _ = build_index(self.raw_embeddings, self.index_type, seen=self._seen, **params)
             self.meta["index_seen_tau"] = self.calibration.tau
+            # keep the search-time settings the old index was loaded with (Gallery.load(ef_search=...))
+            _apply_search_params(self.index, self.index_type,
+                                 getattr(getattr(old, "hnsw", None), "efSearch", None), getattr(old, "nprobe", None))
 
     def _query_weights(self, q: np.ndarray) -> np.ndarray:
         """(Q,) how much each query discounts seen pictures (0 without calibration)."""
