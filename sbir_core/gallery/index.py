@@ -512,8 +512,8 @@ class Gallery:
         if self.calibration is None:
             return lambda scores: scores
         seen = self._seen if rows is None else self._seen[rows]
-        w = self._query_weights(q)
-        return lambda scores: scores - w[:, None] * seen[None, :]
+        cal = self.calibration
+        return lambda scores: cal.adjust(scores, q, seen)  # the one rule, gallery.calibration
 
     def rank_of(self, query: np.ndarray, row: int) -> int:
         """0-based position of gallery row `row` in this gallery's ranking for one query."""
