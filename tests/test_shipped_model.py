@@ -219,3 +219,16 @@ def test_the_command_line_searches_and_explains_as_the_page_does(shipped, tmp_pa
     out = tmp_path / "why"
     assert cli.main(["explain", "--strokes", str(f), "--photo", got[0]["path"], "--out", str(out)]) == 0
     assert all((out / n).stat().st_size > 1000 for n in ("correspondences.png", "heatmap.png", "synthesis.png"))
+
+
+def test_the_shipped_gallery_searched_through_hnsw_finds_what_exact_search_finds():
+    """The shipped gallery's vectors, calibration and diffusion, indexed with hnsw: the index
+    holds the calibrated score, so the first rows agree with exact search."""
+    from sbir_core.gallery.index import Gallery
+
+    flat = Gallery.load(Path(__file__).resolve().parents[1] / "galleries" / "default" / "index")
+    assert flat.calibration is not None and flat.diffusion_k
+    approx = Gallery.from_embeddings(flat.raw_embeddings, index_type="hnsw", diffusion_k=flat.diffusion_k,
+                                     calibration=flat.calibration)
+    q = flat.raw_embeddings[::7] + 0.05  # pictures as queries, nudged off their own rows
+    assert np.array_equal(approx.knn(q, 5)[1], flat.knn(q, 5)[1])
