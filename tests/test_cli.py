@@ -79,10 +79,11 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
                         {"best": {}, "seconds": 0.0})
     assert cli.main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "o.safetensors"),
                      "--w-text", "0.25", "--w-triplet", "0", "--w-pair", "0.75", "--w-preserve", "0.5",
-                     "--semantic-smoothing", "0.2", "--doodle-photos-per-step", "0", "--steps", "7", "--train-only"]) == 0
+                     "--semantic-smoothing", "0.2", "--doodle-photos-per-step", "0", "--steps", "7", "--ema", "0.998",
+                     "--train-only"]) == 0
     cfg, default = seen["cfg"], ft.FinetuneConfig()
     assert (cfg.w_text, cfg.w_triplet, cfg.w_pair, cfg.w_preserve) == (0.25, 0.0, 0.75, 0.5)
-    assert (cfg.doodle_photos_per_step, cfg.steps, cfg.semantic_smoothing) == (0, 7, 0.2)
+    assert (cfg.doodle_photos_per_step, cfg.steps, cfg.semantic_smoothing, cfg.ema) == (0, 7, 0.2, 0.998)
     assert default.choose_settings and not cfg.choose_settings
     assert (cfg.lr_backbone, cfg.margin) == (default.lr_backbone, default.margin)  # unnamed: defaults
 

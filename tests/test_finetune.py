@@ -63,8 +63,9 @@ def tiny():
 
 
 def _cfg(size: int, **kw) -> FinetuneConfig:
-    return FinetuneConfig(image_size=size, steps=4, photos_per_step=4, sketches_per_step=4, doodle_photos_per_step=2,
-                          embed_dim=16, hidden=32, warmup=1, val_every=2, val_fraction=0.25, **kw)
+    return FinetuneConfig(**{**dict(image_size=size, steps=4, photos_per_step=4, sketches_per_step=4,
+                                    doodle_photos_per_step=2, embed_dim=16, hidden=32, warmup=1, val_every=2,
+                                    val_fraction=0.25), **kw})
 
 
 def test_relations_kept_is_zero_only_when_the_photo_structure_is_kept():
@@ -127,10 +128,11 @@ def test_preservation_off_builds_no_teacher(tiny):
     assert ft.teacher is None and "preserve" not in ft.step()
 
 
-def test_training_resumes_where_it_stopped(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [{"w_preserve": 0.5}, {"ema": 0.9}], ids=["preserve", "ema"])
+def test_training_resumes_where_it_stopped(tiny, tmp_path, extra):
     """A run stopped after its first validation and resumed ends exactly as one uninterrupted run."""
     td, text, size = tiny
-    cfg = _cfg(size, w_preserve=0.5)
+    cfg = _cfg(size, **extra)
     held = heldout_classes(td, cfg.val_fraction, cfg.seed)
     whole = Finetuner(cfg, td, text, held)
     whole.fit()
@@ -156,6 +158,40 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path):
         assert a["mAP@all"] == pytest.approx(b["mAP@all"], abs=1e-5)
     for (k, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_ema_is_validated_and_kept_while_training_follows_the_raw_weights(tiny):
+    """With `ema`, validation and the kept model use the weights' moving average (timm's
+    warm-up ramp); training itself steps the raw weights."""
+    td, text, size = tiny
+    cfg = _cfg(size, val_every=4, ema=0.6)  # one validation, at the last step: it is the kept one
+    held = heldout_classes(td, cfg.val_fraction, cfg.seed)
+    plain, ft = Finetuner(_cfg(size, val_every=4), td, text, held), Finetuner(cfg, td, text, held)
+    names = [k for k, _ in ft.model.named_parameters()]
+    expect = {k: v.detach().clone() for k, v in ft.model.named_parameters()}
+    real_step = ft.step
+
+    def tracked(batch=None) -> dict:
+        out = real_step(batch)
+        n = ft.step_no - 1  # updates before this one
+        d = min(0.6, (1 + n) / (10 + n)) if n else 0.0  # the first update copies the weights
+        for k, v in ft.model.named_parameters():
+            expect[k] = d * expect[k] + (1 - d) * v.detach()
+        return out
+
+    ft.step = tracked
+    plain.fit()
+    ft.fit()
+    averaged = dict(ft.ema.module.named_parameters())
+    kept = dict(ft.model.named_parameters())  # what fit() left in the model (best = step 4)
+    assert ft.best["step"] == 4
+    for k in names:
+        assert torch.allclose(averaged[k], expect[k], atol=1e-6), k
+        assert torch.allclose(kept[k], expect[k], atol=1e-6), k
+    trained = [k for k in names if not torch.allclose(dict(plain.model.named_parameters())[k], expect[k], atol=1e-6)]
+    assert trained, "the kept weights must be the average, not the last step's"
+    with pytest.raises(ValueError, match="EMA decay"):
+        Finetuner(_cfg(size, ema=1.5), td, text, held)
 
 
 def test_interpolation_with_imagenet_is_chosen_on_held_out_classes_and_applied(tiny):

@@ -68,7 +68,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "ema", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -122,6 +122,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--semantic-smoothing", dest="semantic_smoothing", type=float,
                    help="share of the text-alignment target given to the other training classes by how close "
                         "their names are (default 0: one-hot)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights, e.g. 0.998 "
+                        "(default 0: off)")
     p.add_argument("--select", choices=common.FINETUNE_SELECT,
                    help="what picks the step: held-out classes only, or also held-out doodles of training "
                         "classes (default; the shipped model's runs used zero-shot)")

@@ -20,6 +20,7 @@ processes can make them ahead (what keeps a GPU busy) without changing the run.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import logging
 import math
@@ -82,6 +83,9 @@ class FinetuneConfig:
     embed_dim: int = 256
     hidden: int = 1024
     dropout: float = 0.1
+    # Exponential moving average of the weights, validated and shipped instead of the raw ones
+    # (0 = off). Validation swings 0.05-0.08 between neighbouring steps; the average smooths it.
+    ema: float = 0.0
     max_photos_per_class: int = 60
     val_fraction: float = 0.2
     val_every: int = 250
@@ -175,6 +179,10 @@ class Finetuner:
             self.teacher.to(self.device)
         bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
         hd = list(self.model.head.parameters())
+        # Batch-norm statistics stay frozen and the standardisation is fixed, so only the
+        # parameters are averaged.
+        self.ema = (torch.optim.swa_utils.AveragedModel(self.model, avg_fn=_ema_fn(cfg.ema))
+                    if cfg.ema else None)
         self.opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr_backbone}, {"params": hd, "lr": cfg.lr_head}],
                                      weight_decay=cfg.weight_decay)
         warm, total = cfg.warmup, cfg.steps
@@ -254,6 +262,8 @@ class Finetuner:
         torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
         self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(m)
         self.step_no += 1
         return {k: v.item() for k, v in losses.items()}
 
@@ -474,6 +484,7 @@ class Finetuner:
     # ---- resumable state
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "step": self.step_no, "best": self.best, "best_state": self.best_state,
                 "history": self.history, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
@@ -482,6 +493,8 @@ class Finetuner:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"])
         self.step_no, self.best, self.best_state, self.history = st["step"], st["best"], st["best_state"], st["history"]
         torch.set_rng_state(st["torch_rng"])
         if st.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout's RNG on the GPU
@@ -510,7 +523,8 @@ class Finetuner:
                          " ".join(f"{k}={v:.3f}" for k, v in run.items()), (time.time() - t0) / 25)
                 t0 = time.time()
             if self.step_no % cfg.val_every == 0 or self.step_no == cfg.steps:
-                self._keep_if_best(self.validate(), run)
+                with self._averaged():
+                    self._keep_if_best(self.validate(), run)
                 if state_file:
                     tmp = state_file.with_suffix(".tmp")
                     torch.save(self.state(), tmp)
@@ -520,6 +534,19 @@ class Finetuner:
             self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.best_state)
         return {"best": self.best, "history": self.history}
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """The model holds the averaged weights inside (when `ema` is on), its own after."""
+        if self.ema is None:
+            yield
+            return
+        own = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(own)
 
     def _keep_if_best(self, val: dict, run: Optional[dict] = None) -> None:
         self.history.append({"step": self.step_no, **val, **(run or {})})
@@ -551,6 +578,18 @@ class Finetuner:
         best = max(rows, key=lambda a: (round(rows[a]["score"], 4), float(a)))
         net.load_state_dict(_mix(trained, start, float(best)))
         return float(best), rows
+
+
+def _ema_fn(decay: float):
+    """EMA update with timm's warm-up: the decay ramps as (1 + n) / (10 + n) up to `decay`, so
+    early validations are not dominated by the starting weights."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"the EMA decay is in (0, 1), not {decay}")
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return d * averaged + (1.0 - d) * current
+    return avg
 
 
 def _mix(trained: dict, start: dict, a: float) -> dict:
