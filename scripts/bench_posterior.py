@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Does comparing class posteriors pay? (tried, not shipped)
+
+ConSE-style semantic re-embedding: each sketch and each picture becomes its softmax over the
+training class names (through the checkpoint's text head, at temperature tau), and the score
+mixes the embedding cosine with the cosine of the two posteriors:
+(1 - lam) * cos(q, g) + lam * cos(p(q), p(g)). It needs no gallery labels and stays an inner
+product (of [sqrt(1 - lam) q, sqrt(lam) p(q)]), so an index could search it.
+
+    python scripts/bench_posterior.py --data ../shared/data [--checkpoint PATH]
+
+Rows: the product benchmark and `pacs`/`doodle`, all without diffusion or calibration (the
+embedding alone at lam = 0). A sweep on the benchmarks themselves, so an upper bound.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sbir_core.data.datasets import benchmark, image_folder, training_items
+from sbir_core.eval.evaluate import embed_items
+from sbir_core.eval.metrics import retrieval_report
+from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
+from sbir_core.models.encoders import create_encoder
+from sbir_core.models.text import class_text_features
+
+TAUS = (0.03, 0.07, 0.15)
+LAMS = (0.0, 0.25, 0.5, 1.0)
+
+
+def _embed(enc, items, modality):
+    e, ok = embed_items(enc, items, modality)
+    return e[ok], [it.label for it, k in zip(items, ok) if k]
+
+
+def _posterior(x: np.ndarray, text: np.ndarray, tau: float) -> np.ndarray:
+    p = torch.softmax(torch.from_numpy(x @ text.T) / tau, dim=1).numpy()
+    return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--checkpoint", default="default")
+    args = ap.parse_args()
+    data = Path(args.data)
+    enc = create_encoder(checkpoint=args.checkpoint)
+    names = sorted({it.label for it in training_items(data)})
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(enc.head.embed_text(class_text_features(names)).float(), dim=-1).numpy()
+
+    sets = {}
+    g, gl = _embed(enc, image_folder(DEFAULT_GALLERY), "photo")
+    for group, items in product_queries(data).items():
+        sets[f"product {group}"] = (*_embed(enc, items, "sketch"), g, gl)
+    for split in ("pacs", "doodle"):
+        queries, photos = benchmark(data, split)
+        sets[split] = (*_embed(enc, queries, "sketch"), *_embed(enc, photos, "photo"))
+
+    print(f"{len(names)} training class names\n")
+    print("| queries | tau | lam | hit@1 | hit@5 | P@5 | mAP@all |\n|---|---|---|---|---|---|---|")
+    for name, (q, ql, g, gl) in sets.items():
+        cos = q @ g.T
+        for tau in TAUS:
+            post = _posterior(q, text, tau) @ _posterior(g, text, tau).T
+            for lam in LAMS if tau == TAUS[0] else LAMS[1:]:
+                rep = retrieval_report((1 - lam) * cos + lam * post, ql, gl)
+                print(f"| {name} | {tau} | {lam} | " + " | ".join(f"{rep[k]:.3f}" for k in ("hit@1", "hit@5", "P@5", "mAP@all")) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
