@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sbir_core.training.finetune import (FinetuneConfig, Finetuner, _relations_kept, retrieval_summary,
-                                        semantic_targets)
+from sbir_core.training.finetune import FinetuneConfig, Finetuner, retrieval_summary
+from sbir_core.training.losses import relations_kept, semantic_targets
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
 
 torch.set_num_threads(1)
@@ -72,8 +72,8 @@ def test_relations_kept_is_zero_only_when_the_photo_structure_is_kept():
     feats = torch.randn(6, 32, generator=torch.Generator().manual_seed(1)).abs()
     teacher = SimpleNamespace(features=lambda x: SimpleNamespace(pooled=feats))
     photos, mean = torch.zeros(6, 3, 8, 8), torch.zeros(1, 3, 1, 1)
-    kept = _relations_kept(teacher, photos, feats - feats.mean(0), mean)
-    shuffled = _relations_kept(teacher, photos, (feats - feats.mean(0))[torch.tensor([3, 0, 5, 1, 4, 2])], mean)
+    kept = relations_kept(teacher, photos, feats - feats.mean(0), mean)
+    shuffled = relations_kept(teacher, photos, (feats - feats.mean(0))[torch.tensor([3, 0, 5, 1, 4, 2])], mean)
     assert kept.item() == pytest.approx(0.0, abs=1e-5)
     assert shuffled.item() > 0.05
 

@@ -42,6 +42,7 @@ from sbir_core.eval.metrics import map_all
 from sbir_core.models.checkpoint import as_stored, load_backbone_state, save_checkpoint
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.models.heads import SBIRHead
+from sbir_core.training.losses import cross_modal_triplets, instance_pairs, relations_kept, semantic_targets
 from sbir_core.training.finetune_data import (StepBatches, TrainData, _to_tensor, prepare_data, run_heldout_classes,
                                              training_text_features)
 
@@ -130,23 +131,6 @@ class FinetuneModel(nn.Module):
         """x in [0, 1] -> retrieval embedding s (not normalised)."""
         feats = self.backbone.features((x - self.mean) / 0.5)
         return self.head.semantic(feats.pooled, modality)
-
-
-def semantic_targets(text: torch.Tensor, smoothing: float, temperature: float) -> Optional[torch.Tensor]:
-    """(C, C) soft text-alignment targets: row c is (1 - smoothing) on class c plus `smoothing`
-    spread over the other classes by the softmax of their names' cosine to c's name. Unseen
-    classes are reached only through names, so a space that keeps names' neighbourhoods
-    should carry further than one trained to separate every training class equally.
-    None for smoothing 0 (one-hot targets)."""
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"semantic smoothing is in [0, 1), not {smoothing}")
-    if smoothing == 0.0:
-        return None
-    t = F.normalize(text.float(), dim=-1)
-    sim = (t @ t.T) / temperature
-    eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
-    near = sim.masked_fill(eye, float("-inf")).softmax(-1)
-    return (1.0 - smoothing) * eye.float() + smoothing * near
 
 
 class Finetuner:
@@ -248,14 +232,11 @@ class Finetuner:
         logits = F.normalize(img, dim=-1) @ F.normalize(st, dim=-1).T / cfg.temperature
         y = self.remap[yimg]
         losses = {"text": F.cross_entropy(logits, y if self.text_targets is None else self.text_targets[y])}
-        losses["triplet"] = _triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
-        a, b = F.normalize(sp[: len(se)], dim=-1), F.normalize(se, dim=-1)
-        pl = a @ b.T / cfg.temperature
-        tgt = torch.arange(len(a), device=a.device)
-        losses["pair"] = 0.5 * (F.cross_entropy(pl, tgt) + F.cross_entropy(pl.T, tgt))
+        losses["triplet"] = cross_modal_triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
+        losses["pair"] = instance_pairs(sp[: len(se)], se, cfg.temperature)
         total = cfg.w_text * losses["text"] + cfg.w_triplet * losses["triplet"] + cfg.w_pair * losses["pair"]
         if self.teacher is not None:
-            losses["preserve"] = _relations_kept(self.teacher, xp[: len(se)], sp[: len(se)], m.mean)
+            losses["preserve"] = relations_kept(self.teacher, xp[: len(se)], sp[: len(se)], m.mean)
             total = total + cfg.w_preserve * losses["preserve"]
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -595,34 +576,6 @@ def _ema_fn(decay: float):
 def _mix(trained: dict, start: dict, a: float) -> dict:
     """a*trained + (1-a)*start for float tensors (batch-norm counters stay as trained)."""
     return {k: a * v + (1 - a) * start[k] if v.is_floating_point() else v for k, v in trained.items()}
-
-
-def _triplets(a: torch.Tensor, ya: torch.Tensor, b: torch.Tensor, yb: torch.Tensor, margin: float) -> torch.Tensor:
-    """ZSCMR cross-modal triplets, batch-hard, anchored in both modalities (inputs normalised)."""
-    sim = a @ b.T
-    same = ya[:, None] == yb[None, :]
-    out = []
-    for s, msk in ((sim, same), (sim.T, same.T)):
-        has = msk.any(1) & (~msk).any(1)
-        if has.any():
-            pos = torch.where(msk, s, torch.full_like(s, 2.0)).min(1).values
-            neg = torch.where(~msk, s, torch.full_like(s, -2.0)).max(1).values
-            out.append(F.relu(margin - pos + neg)[has].mean())
-    return torch.stack(out).mean() if out else a.sum() * 0
-
-
-def _relations_kept(teacher: EfficientNetLiteBackbone, photos: torch.Tensor, emb: torch.Tensor,
-                    mean: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """KL from the teacher's photo-to-photo similarity distribution (batch-centred ImageNet
-    features) to the student's (retrieval embeddings), each photo against the others."""
-    with torch.no_grad():
-        t = teacher.features((photos - mean) / 0.5).pooled
-        t = F.normalize(t - t.mean(0), dim=-1)
-    s = F.normalize(emb, dim=-1)
-    off = ~torch.eye(len(s), dtype=torch.bool)
-    tl = (t @ t.T / tau)[off].view(len(s), -1)
-    sl = (s @ s.T / tau)[off].view(len(s), -1)
-    return F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean")
 
 
 def _first_row_kept(row: dict, plain: dict, n_queries: dict) -> bool:

@@ -32,6 +32,7 @@ from sbir_core.models.heads import SBIRHead
 from sbir_core.gallery.index import Gallery
 from sbir_core.eval.metrics import map_all
 from sbir_core.models.text import class_text_features
+from sbir_core.training.losses import cross_modal_triplets, instance_pairs, supcon
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +166,6 @@ class GradReverse(torch.autograd.Function):
         return -g
 
 
-def supcon(a: torch.Tensor, b: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, t: float) -> torch.Tensor:
-    """Class-level contrastive a->b: every same-class b is a positive."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / t
-    pos = (la[:, None] == lb[None, :]).float()
-    has = pos.sum(1) > 0
-    if not has.any():
-        return a.sum() * 0
-    logp = logits.log_softmax(1)
-    return -((logp * pos).sum(1)[has] / pos.sum(1)[has]).mean()
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, fs: FeatureSet, text_feats: torch.Tensor, held: np.ndarray) -> None:
         self.cfg = cfg
@@ -259,7 +249,8 @@ class Trainer:
             target = F.normalize(st_all.detach()[yimg], dim=-1)
             losses["latent"] = F.mse_loss(F.normalize(img, dim=-1), target) * img.shape[1]
         if w["triplet"]:
-            losses["triplet"] = self._triplets(sp, yp, sk_all, yk_all)
+            losses["triplet"] = cross_modal_triplets(F.normalize(sk_all, dim=-1), yk_all, F.normalize(sp, dim=-1), yp,
+                                                     self.cfg.margin)
         if w["decoder"]:
             if se is not None:  # instance pairs: a photo and its own edge map
                 l1 = F.mse_loss(h.decode(sp, "photo"), se.detach()) + F.mse_loss(h.decode(se, "sketch"), sp.detach())
@@ -269,10 +260,7 @@ class Trainer:
         if w["cls"]:
             losses["cls"] = F.cross_entropy(self.classifier(img)[:, tc], remap[yimg])
         if w["pair"] and se is not None:
-            a, b = F.normalize(sp, dim=-1), F.normalize(se, dim=-1)
-            logits = a @ b.T / cfg.temperature
-            tgt = torch.arange(len(a))
-            losses["pair"] = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+            losses["pair"] = instance_pairs(sp, se, cfg.temperature)
         if w["xclass"]:
             keep_s = self.shared[ys]
             keep_p = self.shared[yp]
@@ -285,23 +273,6 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         return {k: float(v.detach()) for k, v in losses.items()}
-
-    def _triplets(self, sp, yp, sk, yk) -> torch.Tensor:
-        """Cross-modal batch-hard-ish triplets: anchors in one modality, positive and
-        negative in the other; both anchor directions."""
-        m = self.cfg.margin
-        a, b = F.normalize(sk, dim=-1), F.normalize(sp, dim=-1)
-        sim = a @ b.T
-        same = yk[:, None] == yp[None, :]
-        out = []
-        for s, msk in ((sim, same), (sim.T, same.T)):
-            has = msk.any(1) & (~msk).any(1)
-            if not has.any():
-                continue
-            pos = torch.where(msk, s, torch.full_like(s, 2.0)).min(1).values
-            neg = torch.where(~msk, s, torch.full_like(s, -2.0)).max(1).values
-            out.append(F.relu(m - pos + neg)[has].mean())
-        return torch.stack(out).mean() if out else sk.sum() * 0
 
     @torch.no_grad()
     def validate(self, diffusion_k: int = 0) -> float:
