@@ -70,6 +70,15 @@ def test_bad_interpolation_weights_are_one_error_line(tmp_path, value: str) -> N
     assert res.stderr.strip().splitlines()[-1].startswith("error: --interpolate takes weights in (0, 1]"), res.stderr
 
 
+@pytest.mark.parametrize("value", ["1", "-0.5"])
+def test_bad_ema_decay_is_one_error_line(tmp_path, value: str) -> None:
+    """Refused before any data is read or any model built."""
+    res = _python("-m", "sbir_core", "finetune", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
+                  "--ema", value, check=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --ema takes a decay in [0, 1)"), res.stderr
+
+
 def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None:
     """Each recipe flag (the ablation's variants among them) sets its FinetuneConfig field."""
     import sbir_core.training.finetune as ft

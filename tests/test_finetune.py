@@ -161,7 +161,7 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path, extra):
 
 
 def test_ema_is_validated_and_kept_while_training_follows_the_raw_weights(tiny):
-    """With `ema`, validation and the kept model use the weights' moving average (timm's
+    """With `ema`, validation and the kept model use the weights' moving average (TensorFlow's
     warm-up ramp); training itself steps the raw weights."""
     td, text, size = tiny
     cfg = _cfg(size, val_every=4, ema=0.6)  # one validation, at the last step: it is the kept one

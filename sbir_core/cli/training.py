@@ -81,6 +81,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             cfg.interpolate = ()
         if not cfg.interpolate or not all(0.0 < a <= 1.0 for a in cfg.interpolate):
             raise common.CLIError(f"--interpolate takes weights in (0, 1] like 1,0.8,0.6, not {args.interpolate!r}")
+    if not 0.0 <= cfg.ema < 1.0:  # checked before data preparation, which takes minutes
+        raise common.CLIError(f"--ema takes a decay in [0, 1) like 0.998 (0: off), not {args.ema}")
     res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
     print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
     print(f"saved {args.out}")

@@ -19,8 +19,8 @@ processes can make them ahead (what keeps a GPU busy) without changing the run.
 """
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -562,8 +562,8 @@ class Finetuner:
 
 
 def _ema_fn(decay: float):
-    """EMA update with timm's warm-up: the decay ramps as (1 + n) / (10 + n) up to `decay`, so
-    early validations are not dominated by the starting weights."""
+    """EMA update with TensorFlow's `num_updates` warm-up: the decay ramps as (1 + n) / (10 + n)
+    up to `decay`, so early validations are not dominated by the starting weights."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"the EMA decay is in (0, 1), not {decay}")
 
