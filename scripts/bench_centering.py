@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sbir_core.data.datasets import benchmark, image_folder, training_items
-from sbir_core.eval.evaluate import embed_items
+from sbir_core.data.datasets import training_items
+from sbir_core.eval.evaluate import embed_items, embedded_benchmarks
 from sbir_core.eval.metrics import retrieval_report
-from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
 from sbir_core.models.encoders import create_encoder
 
 REFERENCE = 1500
@@ -33,11 +32,6 @@ VARIANTS = {
     "both (gallery: own mean)": (1.0, "own"),
     "both (gallery: training-photo mean)": (1.0, "train"),
 }
-
-
-def _embed(enc, items, modality):
-    e, ok = embed_items(enc, items, modality)
-    return e[ok], [it.label for it, k in zip(items, ok) if k]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -58,17 +52,10 @@ def main() -> int:
     for modality in ("sketch", "photo"):
         items = [it for it in train if it.modality == modality]
         pick = rng.choice(len(items), min(REFERENCE, len(items)), replace=False)
-        means[modality] = _embed(enc, [items[i] for i in pick], modality)[0].mean(0)
+        e, ok = embed_items(enc, [items[i] for i in pick], modality)
+        means[modality] = e[ok].mean(0)
 
-    sets = {}
-    gallery = image_folder(DEFAULT_GALLERY)
-    g, gl = _embed(enc, gallery, "photo")
-    for group, items in product_queries(data).items():
-        sets[f"product {group}"] = (*_embed(enc, items, "sketch"), g, gl)
-    for split in ("pacs", "doodle"):
-        queries, photos = benchmark(data, split)
-        sets[split] = (*_embed(enc, queries, "sketch"), *_embed(enc, photos, "photo"))
-
+    sets = embedded_benchmarks(enc, data)
     print("| queries | centering | hit@1 | hit@5 | P@5 | mAP@all |\n|---|---|---|---|---|---|")
     for name, (q, ql, g, gl) in sets.items():
         for variant, (wq, gm) in VARIANTS.items():

@@ -20,20 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sbir_core.data.datasets import benchmark, image_folder, training_items
-from sbir_core.eval.evaluate import embed_items
+from sbir_core.data.datasets import training_items
+from sbir_core.eval.evaluate import embedded_benchmarks
 from sbir_core.eval.metrics import retrieval_report
-from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.text import class_text_features
 
 TAUS = (0.03, 0.07, 0.15)
 LAMS = (0.0, 0.25, 0.5, 1.0)
-
-
-def _embed(enc, items, modality):
-    e, ok = embed_items(enc, items, modality)
-    return e[ok], [it.label for it, k in zip(items, ok) if k]
 
 
 def _posterior(x: np.ndarray, text: np.ndarray, tau: float) -> np.ndarray:
@@ -52,14 +46,7 @@ def main() -> int:
     with torch.no_grad():
         text = torch.nn.functional.normalize(enc.head.embed_text(class_text_features(names)).float(), dim=-1).numpy()
 
-    sets = {}
-    g, gl = _embed(enc, image_folder(DEFAULT_GALLERY), "photo")
-    for group, items in product_queries(data).items():
-        sets[f"product {group}"] = (*_embed(enc, items, "sketch"), g, gl)
-    for split in ("pacs", "doodle"):
-        queries, photos = benchmark(data, split)
-        sets[split] = (*_embed(enc, queries, "sketch"), *_embed(enc, photos, "photo"))
-
+    sets = embedded_benchmarks(enc, data)
     print(f"{len(names)} training class names\n")
     print("| queries | tau | lam | hit@1 | hit@5 | P@5 | mAP@all |\n|---|---|---|---|---|---|---|")
     for name, (q, ql, g, gl) in sets.items():

@@ -20,20 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sbir_core.data.datasets import benchmark, image_folder, training_items
-from sbir_core.eval.evaluate import embed_items
+from sbir_core.data.datasets import training_items
+from sbir_core.eval.evaluate import embed_items, embedded_benchmarks
 from sbir_core.eval.metrics import retrieval_report
-from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
 from sbir_core.models.encoders import create_encoder
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 REF_PER_CLASS = 4
 NEIGHBOURS = 10
-
-
-def _embed(enc, items, modality):
-    e, ok = embed_items(enc, items, modality)
-    return e[ok], [it.label for it, k in zip(items, ok) if k]
 
 
 def reference_doodles(enc, data: Path) -> np.ndarray:
@@ -55,20 +49,13 @@ def main() -> int:
     enc = create_encoder(checkpoint=args.checkpoint)
     ref = reference_doodles(enc, data)
 
-    sets = {}
+    sets = embedded_benchmarks(enc, data)
     seen_photos = [i for i in training_items(data, hold_out_doodles=False) if i.modality == "photo"]
-    extra, extra_l = _embed(enc, seen_photos, "photo")
+    extra, ok = embed_items(enc, seen_photos, "photo")
+    extra_l = [it.label for it, k in zip(seen_photos, ok) if k]
     for split in ("pacs", "doodle"):
-        q, g = benchmark(data, split)
-        Q, Ql = _embed(enc, q, q[0].modality)
-        G, Gl = _embed(enc, g, g[0].modality)
-        sets[split] = (Q, Ql, G, Gl)
-        sets[f"{split} --generalized"] = (Q, Ql, np.concatenate([G, extra]), Gl + extra_l)
-    photos = image_folder(DEFAULT_GALLERY)
-    PG = enc.encode_photos([it.load() for it in photos]).normalized()
-    for group, items in product_queries(data).items():
-        PQ = enc.encode_sketches([it.load() for it in items]).normalized()
-        sets[f"product {group}"] = (PQ, [it.label for it in items], PG, [it.label for it in photos])
+        Q, Ql, G, Gl = sets[split]
+        sets[f"{split} --generalized"] = (Q, Ql, np.concatenate([G, extra[ok]]), Gl + extra_l)
 
     print(f"{enc.encoder_id}; {len(ref)} reference doodles, {NEIGHBOURS} neighbours")
     print("| queries | beta | hit@1 | hit@5 | P@5 | mAP@all |\n|---|---|---|---|---|---|")

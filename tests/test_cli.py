@@ -61,22 +61,18 @@ def test_unknown_split_is_one_error_line(tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: unknown split 'nope'"), res.stderr
 
 
-@pytest.mark.parametrize("value", ["0.8,x", "0.5,1.5"])
-def test_bad_interpolation_weights_are_one_error_line(tmp_path, value: str) -> None:
+@pytest.mark.parametrize("flags, error", [
+    (["--interpolate", "0.8,x"], "--interpolate takes weights in (0, 1]"),
+    (["--interpolate", "0.5,1.5"], "--interpolate takes weights in (0, 1]"),
+    (["--ema", "1"], "--ema takes a decay in [0, 1)"),
+    (["--ema", "-0.5"], "--ema takes a decay in [0, 1)"),
+])
+def test_bad_finetune_values_are_one_error_line(tmp_path, flags: list, error: str) -> None:
     """Refused before any data is read or any model built."""
     res = _python("-m", "sbir_core", "finetune", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
-                  "--interpolate", value, check=False)
+                  *flags, check=False)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --interpolate takes weights in (0, 1]"), res.stderr
-
-
-@pytest.mark.parametrize("value", ["1", "-0.5"])
-def test_bad_ema_decay_is_one_error_line(tmp_path, value: str) -> None:
-    """Refused before any data is read or any model built."""
-    res = _python("-m", "sbir_core", "finetune", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
-                  "--ema", value, check=False)
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --ema takes a decay in [0, 1)"), res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: " + error), res.stderr
 
 
 def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None:

@@ -130,3 +130,24 @@ def test_seen_class_calibration_lifts_unseen_classes_among_training_class_photos
     assert on["hit@5"] > off["hit@5"] + 0.1 and on["mAP@all"] > off["mAP@all"] + 0.08, (on["hit@5"], off["hit@5"])
     alone_on, alone_off = (evaluate(enc, q, g, cache_dir=tmp_path, diffusion=False, calibration=c) for c in (True, False))
     assert alone_on["hit@5"] >= alone_off["hit@5"] - 0.05, (alone_on["hit@5"], alone_off["hit@5"])
+
+
+@pytest.mark.skipif(not (SHARED / "splits.json").is_file(), reason=f"shared data not found at {SHARED}")
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
+def test_embedded_benchmarks_are_the_product_benchmark_as_the_encoder_embeds_it():
+    """What the scoring-rule sweeps start from: every product query and gallery picture, labelled
+    as bench_product labels them, embedded as `encode` embeds them (shipped model)."""
+    from sbir_core.data.datasets import image_folder
+    from sbir_core.eval.evaluate import embedded_benchmarks
+    from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
+
+    enc = create_encoder(checkpoint="default")
+    sets = embedded_benchmarks(enc, SHARED, splits=())
+    queries, photos = product_queries(SHARED), image_folder(DEFAULT_GALLERY)
+    assert list(sets) == ["product zero-shot", "product seen"]
+    for group, (q, ql, g, gl) in sets.items():
+        items = queries[group.removeprefix("product ")]
+        assert ql == [it.label for it in items] and gl == [it.label for it in photos]
+        assert q.shape == (len(items), enc.embed_dim) and g.shape[0] == len(photos)
+        assert np.allclose(q[:3], enc.encode_sketches([it.load() for it in items[:3]]).normalized(), atol=1e-4)
+    assert np.allclose(g[:3], enc.encode_photos([it.load() for it in photos[:3]]).normalized(), atol=1e-4)

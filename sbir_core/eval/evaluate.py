@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from sbir_core.errors import InputError
-from sbir_core.data.datasets import Item, benchmark, training_items
+from sbir_core.data.datasets import Item, benchmark, image_folder, training_items
 from sbir_core.models.encoders import SBIREncoder
 from sbir_core.eval.features import extract_features
 from sbir_core.gallery.calibration import SeenCalibration
 from sbir_core.gallery.index import Gallery
 from sbir_core.eval.metrics import retrieval_report
+from sbir_core.eval.product import DEFAULT_GALLERY, product_queries
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ def embed_items(
         with torch.inference_mode():
             emb = encoder.embed_photo(torch.from_numpy(f["pooled"]).float(), torch.from_numpy(f["raw"]).float(), edge)
     return F.normalize(emb.float(), dim=-1).numpy(), ok
+
+
+def embedded_benchmarks(
+    encoder: SBIREncoder, data_root: Union[str, Path], splits: Sequence[str] = ("pacs", "doodle")
+) -> dict[str, tuple[np.ndarray, list, np.ndarray, list]]:
+    """{name: (query embeddings, their labels, gallery embeddings, its labels)} for the product
+    benchmark's groups ("product zero-shot", "product seen") against the default gallery, then
+    each split, embedded as `eval` embeds them (unreadable items left out). What the scripts
+    that sweep a scoring rule over every benchmark start from."""
+    def embedded(items: Sequence[Item], modality: str) -> tuple[np.ndarray, list]:
+        e, ok = embed_items(encoder, items, modality)
+        return e[ok], [it.label for it, k in zip(items, ok) if k]
+
+    data_root = Path(data_root)
+    out = {}
+    g = embedded(image_folder(DEFAULT_GALLERY), "photo")
+    for group, items in product_queries(data_root).items():
+        out[f"product {group}"] = (*embedded(items, "sketch"), *g)
+    for split in splits:
+        queries, photos = benchmark(data_root, split)
+        out[split] = (*embedded(queries, "sketch"), *embedded(photos, "photo"))
+    return out
 
 
 def evaluate(
