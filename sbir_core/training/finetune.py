@@ -653,8 +653,8 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         "fp16_check": fp16,
         "lineage": ft.lineage,  # the runs before this one (oldest first), when it started from one
     }
+    prototypes = torch.from_numpy(ft.seen_prototypes())  # where the model and text features are (a GPU)
     ft.model.cpu()
-    save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net,
-                    prototypes=torch.from_numpy(ft.seen_prototypes()))
+    save_checkpoint(out, ft.model.head, meta, backbone=ft.model.backbone.net, prototypes=prototypes)
     result["seconds"] = round(time.time() - t0, 1)
     return result
