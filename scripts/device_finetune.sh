@@ -85,7 +85,7 @@ for name in "${!PIDS[@]}"; do
         echo "error: run $name failed (its finetune.log says why)" >&2
         status=1
     fi
-    rm -f "$OUT/$name"/*.state.pt  # the resumable state (~120 MB) cannot come back, and the machine starts bare
+    rm -f "$OUT/$name"/*.state.pt "$OUT/$name"/*.state.tmp  # the resumable state (~120 MB; .tmp: one cut off by the deadline) cannot come back
     grep -o 'val step [0-9]*: .*"score": [0-9.]*\|DEADLINE.*\|.*Error.*' "$OUT/$name/finetune.log" \
         | sed 's/{.*"score"/score/' | sed "s/^/$name: /" | cut -c1-300 || true
 done
