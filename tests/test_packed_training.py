@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,21 +84,33 @@ def test_packed_text_features_are_the_ones_training_computes(tmp_path):
         training_text_features(packed, ["circle", "hexagon"])
 
 
-def _device_run(tmp_path: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess]:
+def _device_run(tmp_path: Path, stop_when: Callable[[Path], bool] | None = None, ok: bool = True,
+                **env: str) -> tuple[Path, subprocess.CompletedProcess]:
     """scripts/device_finetune.sh on a packed generated data root, on CPU, on a "machine" that
-    lacks what the GPU machine lacks. -> (the generated data root, the finished run)."""
+    lacks what the GPU machine lacks; sent SIGUSR1 ("stop now") once stop_when(out) holds.
+    -> (the generated data root, the finished run)."""
     root = _data_root(tmp_path / "data")
     packed = tmp_path / "packed"
     _pack_module().pack(root, packed, max_side=80)
     (tmp_path / "gpu_machine").mkdir()
     (tmp_path / "gpu_machine" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "gpu_machine"), "DEVICE": "cpu", "WORKERS": "0",
-           "OUT": str(tmp_path / "out"), "PACKED": str(packed), **env}
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_finetune.sh"), "--image-size", "64", "--val-every", "2",
-                          "--sketches-per-step", "4", "--photos-per-step", "4", "--doodle-photos-per-step", "2",
-                          "--warmup", "1"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    logs = [log.read_text() for log in (tmp_path / "out").glob("*/finetune.log")]
+           "OUT": str(out), "PACKED": str(packed), **env}
+    args = ["bash", str(ROOT / "scripts" / "device_finetune.sh"), "--image-size", "64", "--val-every", "2",
+            "--sketches-per-step", "4", "--photos-per-step", "4", "--doodle-photos-per-step", "2", "--warmup", "1"]
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 600
+        # Waits on the runs' files, not on a clock: CI machines differ in speed.
+        while stop_when is not None and proc.poll() is None and time.monotonic() < deadline:
+            if stop_when(out):
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.5)
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    run = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    assert (run.returncode == 0) == ok, run.stdout[-3000:] + run.stderr[-3000:]
+    logs = [log.read_text() for log in out.glob("*/finetune.log")]
     assert logs and not any("not on this machine" in log for log in logs)  # nothing the machine lacks was asked for
     return root, run
 
@@ -125,11 +140,28 @@ def test_a_packed_run_trains_without_minilm_or_faiss_and_is_finished_here(tmp_pa
     assert photo.shape == sketch.shape and np.isfinite(photo).all() and np.isfinite(sketch).all()
 
 
-def test_runs_train_side_by_side_and_a_deadline_saves_the_run_selected_so_far(tmp_path):
+def _running(marker: str) -> bool:
+    """Whether a process whose command line holds marker is alive (Linux: /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                return True
+        except OSError:  # it ended while we looked
+            pass
+    return False
+
+
+def test_runs_train_side_by_side_and_a_stop_saves_the_run_selected_so_far(tmp_path):
     import lzma
 
-    # "short" ends by itself; "endless" is still training at the deadline (each step is ~0.1 s here).
-    _, run = _device_run(tmp_path, DEADLINE="40", XZ="1", RUNS="short --steps 2 --seed 5\nendless --steps 1000000")
+    def short_done_and_endless_validated(out: Path) -> bool:
+        short_model = out / "short" / "model.safetensors"
+        return (short_model.is_file() and not _running(str(short_model))
+                and (out / "endless" / "model.state.pt").is_file())
+
+    # "short" ends by itself; "endless" is still training when told to stop (what DEADLINE does).
+    _, run = _device_run(tmp_path, short_done_and_endless_validated, XZ="1",
+                         RUNS="short --steps 2 --seed 5\nendless --steps 1000000")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*/*")) == ["finetune.log", "finetune.log", "model.safetensors.xz",
                                                         "model.safetensors.xz"]
@@ -138,9 +170,15 @@ def test_runs_train_side_by_side_and_a_deadline_saves_the_run_selected_so_far(tm
     short, endless = (read_metadata(out / n / "model.safetensors") for n in ("short", "endless"))
     assert short["config"]["seed"] == 5 and short["config"]["steps"] == 2
     assert "DEADLINE" not in (out / "short" / "finetune.log").read_text()
-    stopped = int(run.stdout.split("endless stopped after 40s; saved as selected up to step ")[1].split()[0])
+    stopped = int(run.stdout.split("endless stopped on request after ")[1].split("up to step ")[1].split()[0])
     assert stopped >= 2 and stopped % 2 == 0  # a validated step
     assert endless["config"]["steps"] == stopped and endless["selection"]["step"] <= stopped
+
+
+def test_a_run_not_yet_validated_at_the_deadline_fails_and_says_so(tmp_path):
+    _, run = _device_run(tmp_path, ok=False, DEADLINE="0", RUNS="endless --steps 1000000")
+    assert "endless stopped at the deadline after" in run.stdout and "nothing to save" in run.stdout
+    assert not list((tmp_path / "out").glob("*/model.*"))  # no half-made model, no resumable state
 
 
 def test_packed_weights_are_the_package_weights_in_fp16(tmp_path):
