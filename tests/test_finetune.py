@@ -574,3 +574,28 @@ def test_checkpoints_store_no_classifier_and_refuse_backbones_that_do_not_fit(ti
         load_backbone_state(net, partial)
     with pytest.raises(InputError, match="extra"):
         load_backbone_state(net, {**meta["backbone_state"], "extra.weight": torch.zeros(1)})
+
+
+def test_sketch_batch_norm_statistics_apply_to_the_sketch_path_only(tiny, monkeypatch):
+    """scripts/with_sketch_bn.py (an experiment): sketches normalise with their own statistics,
+    photos keep ImageNet's, and a training step still runs backward (the statistics are
+    swapped by reference: swapping them in place broke autograd)."""
+    from sbir_core.training import finetune as F
+
+    monkeypatch.setattr(F.FinetuneModel, "embed", F.FinetuneModel.embed)  # restored after the test
+    monkeypatch.setattr(F.Finetuner, "__init__", F.Finetuner.__init__)
+    plain_embed = F.FinetuneModel.embed
+    _script("with_sketch_bn").install(alpha=1.0)
+    td, text, size = tiny
+    cfg = _cfg(size)
+    ft = F.Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    m = ft.model.eval()
+    imagenet = [(b.running_mean.clone(), b.running_var.clone()) for b in _script("with_sketch_bn").batch_norms(m)]
+    assert any(not torch.allclose(s[0], p[0]) for s, p in zip(m.sketch_stats, imagenet))
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(m.embed(x, "photo"), plain_embed(m, x, "photo"))
+        assert not torch.allclose(m.embed(x, "sketch"), plain_embed(m, x, "sketch"), atol=1e-3)
+    after = [(b.running_mean, b.running_var) for b in _script("with_sketch_bn").batch_norms(m)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(after, imagenet))
+    assert all(np.isfinite(v) for v in ft.step().values())
