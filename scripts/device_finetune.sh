@@ -16,9 +16,9 @@
 # seedN; STEPS sets --steps for all). DEADLINE (seconds from the start) stops a run still training
 # then and saves it as selected so far: from its last validation, a run with --steps at that step
 # that resumes and trains no further (its log says so); `kill -USR1` to this script does the same
-# at once. XZ=1 leaves model.safetensors.xz instead
-# (the device tool returns files up to 16 MiB; a Lite2 model holds 16.8, 14.8 as xz). Back here, where faiss and the
-# benchmarks are, choose how each model searches and measure it:
+# at once. XZ=1 leaves model.safetensors.xz instead (the device tool returns files up to 16 MiB;
+# a Lite2 model holds 16.8, 14.8 as xz). Back here, where faiss and the benchmarks are, choose
+# how each model searches and measure it:
 #   python -m sbir_core finetune --data ../shared/data --init MODEL --steps 0 --out chosen.safetensors
 #   python scripts/compare_checkpoints.py --data ../shared/data default chosen.safetensors
 # With DEVICE=cpu it runs here too (slowly), which is how tests/test_packed_training.py checks the path.
@@ -29,10 +29,6 @@ OUT=${OUT:-runs/device}
 PACKED=${PACKED:-packed}
 mkdir -p "$OUT"
 [ -d "$PACKED" ] || { echo "error: no $PACKED/ here: run scripts/pack_training_data.py and carry it" >&2; exit 2; }
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried instead of packed weights
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 [ -d "$PACKED/site" ] && export PYTHONPATH=$(cd "$PACKED/site" && pwd)${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
@@ -97,6 +93,7 @@ for name in "${!PIDS[@]}"; do
 done
 if [ -n "${XZ:-}" ]; then
     for m in "$OUT"/*/model.safetensors; do  # Python's lzma: the machine may lack the xz tool
+        [ -f "$m" ] || continue  # no run saved a model
         python3 -c "import lzma, os, shutil, sys
 with open(sys.argv[1], 'rb') as f, lzma.open(sys.argv[1] + '.xz', 'wb', preset=6) as g: shutil.copyfileobj(f, g)
 os.remove(sys.argv[1])" "$m" &

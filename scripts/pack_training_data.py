@@ -36,7 +36,7 @@ from sbir_core.training.finetune import FinetuneConfig
 from sbir_core.training.finetune_data import save_text_features
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_BYTES = 64 * 2**20  # what the device tool carries: the tracked tree, packed/ and .whl/ together
+MAX_BYTES = 64 * 2**20  # what the device tool carries: the tracked tree and packed/ together
 DEFAULTS = FinetuneConfig()  # pack exactly what a default run selects
 MAX_SIDE = round(DEFAULTS.image_size * 1.1)  # what a default run crops from
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.weights:
         print(f"{variant}: {pack_weights(variant, Path(args.out))}")
     print(f"{args.out}: {s['photos']} photos, {s['doodle_files']} doodle files, {s['bytes'] / 2**20:.1f} MiB")
-    sizes = travel_bytes(Path(args.out), REPO / ".whl")
+    sizes = travel_bytes(Path(args.out))
     print("a device call sends " + " + ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())
           + f" = {sum(sizes.values()) / 2**20:.1f} MiB (limit {MAX_BYTES / 2**20:.0f})")
     if sum(sizes.values()) > MAX_BYTES:

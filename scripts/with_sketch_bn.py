@@ -96,7 +96,9 @@ def install(alpha: float) -> None:
         f = self.model.backbone.features((xs - self.model.mean) / 0.5).pooled
         use_stats(self.model, photo)
         self.model.head.feat_mean[1], self.model.head.feat_std[1] = f.mean(0), f.std(0) + 1e-3
-        print(f"sketch batch-norm statistics in use (alpha {alpha})", flush=True)
+        shift = (sketch[0][0] - photo[0][0]).abs().mean().item()
+        print(f"sketch batch-norm statistics in use (alpha {alpha}); first layer's running means "
+              f"moved by {shift:.2f} on average", flush=True)
 
     F.FinetuneModel.embed = sketch_embed
     F.Finetuner.__init__ = sketch_init
