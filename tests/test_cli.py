@@ -103,6 +103,7 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
     ("training/train", "LOSSES", "TRAIN_LOSSES"),
     ("models/relation", "DEFAULT_TOPK", "RELATION_TOPK"),
     ("training/finetune", "SELECT", "FINETUNE_SELECT"),
+    ("models/text", "CLASS_TEXTS", "CLASS_TEXTS"),
 ])
 def test_mirrored_constants_match_the_library(module: str, name: str, mirror: str) -> None:
     tree = ast.parse((ROOT / "sbir_core" / f"{module}.py").read_text(encoding="utf-8"))

@@ -82,6 +82,9 @@ def test_packed_text_features_are_the_ones_training_computes(tmp_path):
     torch.testing.assert_close(training_text_features(root, classes), class_text_features(classes))  # not packed
     with pytest.raises(InputError, match="hexagon.*pack the data again"):  # one error line from the CLI
         training_text_features(packed, ["circle", "hexagon"])
+    # Definitions travel too: `finetune --class-text glosses` on the GPU machine (no MiniLM there).
+    torch.testing.assert_close(training_text_features(packed, classes, "glosses"),
+                               class_text_features(classes, class_text="glosses"))
 
 
 def _device_run(tmp_path: Path, stop_when: Callable[[Path], bool] | None = None, ok: bool = True,

@@ -68,7 +68,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "temperature", "ema", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "temperature", "class_text", "ema", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -128,6 +128,9 @@ def _add_finetune(sub: Any) -> None:
                         "their names are (default 0: one-hot)")
     p.add_argument("--temperature", type=float,
                    help="softmax temperature of the text alignment and the photo <-> edge map term (default 0.07)")
+    p.add_argument("--class-text", dest="class_text", choices=common.CLASS_TEXTS,
+                   help="what each class's text is: its name in prompts, or also its WordNet definition "
+                        "(sbir_core/models/class_glosses.json; default names)")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights, e.g. 0.998 "
                         "(default 0: off)")

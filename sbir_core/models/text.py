@@ -7,7 +7,9 @@ as both a photo and a drawing, so the class text sits between the two modalities
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -15,6 +17,16 @@ import torch
 from sbir_core.errors import InputError
 
 PROMPTS = ("a photo of a {}", "a drawing of a {}", "a sketch of a {}", "{}")
+# What a class's text is made of: its name in PROMPTS, or that and a dictionary definition
+# ("NAME: DEFINITION", from CLASS_GLOSSES_FILE, written by scripts/make_class_glosses.py).
+CLASS_TEXTS = ("names", "glosses")
+CLASS_GLOSSES_FILE = Path(__file__).with_name("class_glosses.json")
+
+
+@functools.lru_cache(maxsize=1)
+def class_glosses() -> dict[str, str]:
+    """Training class -> WordNet definition (classes without one are absent)."""
+    return json.loads(CLASS_GLOSSES_FILE.read_text(encoding="utf-8"))["glosses"]
 
 
 def class_prompt_names(name: str) -> str:
@@ -50,9 +62,21 @@ def text_features(texts: Sequence[str], source: str, backbone=None) -> torch.Ten
     raise InputError(f"unknown text source {source!r}")
 
 
-def class_text_features(names: Sequence[str], source: str = "minilm", backbone=None) -> torch.Tensor:
-    """One feature per class: the normalised mean over PROMPTS (prompt ensembling)."""
+def class_text_features(names: Sequence[str], source: str = "minilm", backbone=None,
+                        class_text: str = "names") -> torch.Tensor:
+    """One feature per class: the normalised mean over PROMPTS (prompt ensembling). With
+    class_text 'glosses', a class that has a definition gets the normalised sum of that and
+    its definition's feature: the name and what the thing looks like weigh the same."""
+    if class_text not in CLASS_TEXTS:
+        raise InputError(f"unknown class text {class_text!r}; choose from {', '.join(CLASS_TEXTS)}")
     words = [class_prompt_names(n) for n in names]
     texts = [p.format(w) for w in words for p in PROMPTS]
     f = text_features(texts, source, backbone).view(len(words), len(PROMPTS), -1).mean(1)
-    return torch.nn.functional.normalize(f, dim=-1)
+    f = torch.nn.functional.normalize(f, dim=-1)
+    if class_text == "glosses":
+        glosses = class_glosses()
+        rows = [i for i, n in enumerate(names) if n in glosses]
+        if rows:
+            g = text_features([f"{words[i]}: {glosses[names[i]]}" for i in rows], source, backbone)
+            f[rows] = torch.nn.functional.normalize(f[rows] + torch.nn.functional.normalize(g, dim=-1), dim=-1)
+    return f

@@ -81,6 +81,7 @@ class FinetuneConfig:
     # their names are (MiniLM cosine, softmax at semantic_temperature); 0 = one-hot targets.
     semantic_smoothing: float = 0.0
     semantic_temperature: float = 0.05
+    class_text: str = "names"        # models.text.CLASS_TEXTS: class names, or names and definitions
     embed_dim: int = 256
     hidden: int = 1024
     dropout: float = 0.1
@@ -611,7 +612,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     td, items = prepare_data(data_root, cfg, cache)
-    text = training_text_features(data_root, td.classes)
+    text = training_text_features(data_root, td.classes, cfg.class_text)
     held = run_heldout_classes(td, cfg, data_root)
     ft = Finetuner(cfg, td, text, held)
     log.info("training on %d photos, %d doodles, %d classes (%d held out for selection)",

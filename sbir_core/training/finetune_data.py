@@ -22,7 +22,7 @@ from sbir_core.data.preprocess import photo_to_edges, preprocess_photo, preproce
 from sbir_core.errors import InputError
 from sbir_core.eval.product import product_classes
 from sbir_core.models.checkpoint import read_metadata
-from sbir_core.models.text import PROMPTS, class_text_features
+from sbir_core.models.text import CLASS_TEXTS, PROMPTS, class_text_features
 
 if TYPE_CHECKING:  # the config lives with the training loop, which imports this module
     from sbir_core.training.finetune import FinetuneConfig
@@ -100,14 +100,17 @@ def prepare_data(data_root: Path, cfg: FinetuneConfig, cache: Optional[Path] = N
     return td, items
 
 
-def training_text_features(data_root: Path, classes: list) -> torch.Tensor:
+def training_text_features(data_root: Path, classes: list, class_text: str = "names") -> torch.Tensor:
     """(C, D) class-text features for `classes`: from the data root's TEXT_FEATURES_FILE when
     it has one (written by `save_text_features`), else computed (`class_text_features`)."""
     f = Path(data_root) / TEXT_FEATURES_FILE
     if not f.is_file():
-        return class_text_features(classes, TEXT_SOURCE)
+        return class_text_features(classes, TEXT_SOURCE, class_text=class_text)
+    key = "features" if class_text == "names" else f"features_{class_text}"
     with np.load(f, allow_pickle=False) as z:
-        names, feats = [str(n) for n in z["classes"]], z["features"]
+        if key not in z.files:
+            raise InputError(f"{f} holds no {class_text!r} class-text features: pack the data again")
+        names, feats = [str(n) for n in z["classes"]], z[key]
         made = (str(z["source"]), tuple(str(p) for p in z["prompts"]))
     if made != (TEXT_SOURCE, PROMPTS):
         raise InputError(f"{f} holds {made[0]} features of prompts {made[1]}, training uses {TEXT_SOURCE} of "
@@ -122,8 +125,9 @@ def training_text_features(data_root: Path, classes: list) -> torch.Tensor:
 def save_text_features(out_dir: Path, classes: list) -> Path:
     """Write `classes`' text features where `training_text_features` reads them."""
     f = Path(out_dir) / TEXT_FEATURES_FILE
-    np.savez(f, classes=np.array(classes), features=class_text_features(classes, TEXT_SOURCE).numpy(),
-             source=np.array(TEXT_SOURCE), prompts=np.array(PROMPTS))
+    feats = {"features" if t == "names" else f"features_{t}": class_text_features(classes, TEXT_SOURCE, class_text=t).numpy()
+             for t in CLASS_TEXTS}
+    np.savez(f, classes=np.array(classes), source=np.array(TEXT_SOURCE), prompts=np.array(PROMPTS), **feats)
     return f
 
 
