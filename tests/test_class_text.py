@@ -1,18 +1,15 @@
 """Class text: names in prompts, or names and WordNet definitions (`finetune --class-text`)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from scripts_loader import load_script
+from shared_data import SHARED, needs_shared
 from sbir_core.data.datasets import assert_texts_allowed, training_items
 from sbir_core.errors import InputError
 from sbir_core.models.text import CLASS_GLOSSES_FILE, class_glosses, class_text_features
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "splits.json").is_file(),
-                                  reason=f"shared data not found at {SHARED} (real-data tests skipped)")
 
 
 def test_a_definition_moves_only_the_classes_that_have_one():

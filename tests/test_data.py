@@ -5,14 +5,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shared_data import SHARED, needs_shared
 from sbir_core.data.datasets import (
     ExcludedClassError, Item, UnknownSplitError, assert_no_excluded, benchmark, image_folder, quickdraw_folder,
     training_items,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "splits.json").is_file(),
-                                  reason=f"shared data not found at {SHARED} (real-data tests skipped)")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from shared_data import SHARED, needs_shared
 from sbir_core.training.finetune import FinetuneConfig, Finetuner, retrieval_summary
 from sbir_core.training.losses import relations_kept, semantic_targets
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
@@ -268,14 +269,13 @@ def test_selection_also_scores_seen_classes_on_held_out_doodles(tiny):
     assert ft.validate()["score"] == pytest.approx(val["score"])  # the same split every time
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "splits.json").is_file(),
-                    reason="shared data not found at ../shared/data (real-data test skipped)")
+@needs_shared
 def test_selection_doodles_are_held_out_and_outside_the_product_benchmark():
     from sbir_core.data.datasets import training_items
     from sbir_core.eval.product import product_classes, product_queries
     from sbir_core.training.finetune_data import selection_doodles
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    data = SHARED
     items = training_items(data)
     classes = sorted({i.label for i in items})
     val = selection_doodles(data, classes)
@@ -524,8 +524,7 @@ def test_retrieval_choice_also_weighs_the_clip_art_gallery(tiny):
     assert "seen_hit@5" not in only_row and "zero-shot-alone_hit@5" in only_row
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "splits.json").is_file(),
-                    reason="shared data not found at ../shared/data (real-data test skipped)")
+@needs_shared
 def test_real_selection_classes_avoid_the_gallery_and_the_old_draw_is_reproducible():
     """On the real data: a fresh run holds out 6 classes, none of the default gallery's;
     --heldout-anywhere draws exactly the shipped model's held-out classes (its lineage's)."""
@@ -534,7 +533,7 @@ def test_real_selection_classes_avoid_the_gallery_and_the_old_draw_is_reproducib
     from sbir_core.models.checkpoint import read_metadata
     from sbir_core.models.encoders import DEFAULT_CHECKPOINT
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    data = SHARED
     cfg = FinetuneConfig()
     items = training_items(data, exclude=cfg.exclude, max_photos_per_class=cfg.max_photos_per_class)
     classes = sorted({i.label for i in items})

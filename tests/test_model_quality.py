@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from shared_data import SHARED, needs_shared
 from sbir_core.cli import main
 from sbir_core.data.datasets import benchmark
 from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
@@ -15,10 +16,9 @@ from sbir_core.eval.evaluate import evaluate
 from sbir_core.eval.metrics import paired_difference
 
 torch.set_num_threads(1)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.mark.skipif(not (SHARED / "splits.json").is_file(), reason=f"shared data not found at {SHARED}")
+@needs_shared
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
 def test_shipped_checkpoint_beats_raw_backbone_on_unseen_pacs_subset(tmp_path):
     q, g = benchmark(SHARED, "pacs")
@@ -103,7 +103,7 @@ def test_shipped_gallery_matches_shipped_checkpoint_and_finds_a_bicycle(capsys):
     assert len(hits) == 3 and hits[0]["label"] == "bicycle"
 
 
-@pytest.mark.skipif(not (SHARED / "splits.json").is_file(), reason=f"shared data not found at {SHARED}")
+@needs_shared
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
 def test_seen_class_calibration_lifts_unseen_classes_among_training_class_photos(tmp_path):
     """The generalized setting on a subset: unseen PACS classes' sketches against their photos
@@ -132,7 +132,7 @@ def test_seen_class_calibration_lifts_unseen_classes_among_training_class_photos
     assert alone_on["hit@5"] >= alone_off["hit@5"] - 0.05, (alone_on["hit@5"], alone_off["hit@5"])
 
 
-@pytest.mark.skipif(not (SHARED / "splits.json").is_file(), reason=f"shared data not found at {SHARED}")
+@needs_shared
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
 def test_embedded_benchmarks_are_the_product_benchmark_as_the_encoder_embeds_it():
     """What the scoring-rule sweeps start from: every product query and gallery picture, labelled

@@ -100,13 +100,18 @@ def prepare_data(data_root: Path, cfg: FinetuneConfig, cache: Optional[Path] = N
     return td, items
 
 
+def _features_key(class_text: str) -> str:
+    """Where TEXT_FEATURES_FILE keeps one CLASS_TEXTS kind ('features': names, as before it had kinds)."""
+    return "features" if class_text == "names" else f"features_{class_text}"
+
+
 def training_text_features(data_root: Path, classes: list, class_text: str = "names") -> torch.Tensor:
     """(C, D) class-text features for `classes`: from the data root's TEXT_FEATURES_FILE when
     it has one (written by `save_text_features`), else computed (`class_text_features`)."""
     f = Path(data_root) / TEXT_FEATURES_FILE
     if not f.is_file():
         return class_text_features(classes, TEXT_SOURCE, class_text=class_text)
-    key = "features" if class_text == "names" else f"features_{class_text}"
+    key = _features_key(class_text)
     with np.load(f, allow_pickle=False) as z:
         if key not in z.files:
             raise InputError(f"{f} holds no {class_text!r} class-text features: pack the data again")
@@ -125,8 +130,7 @@ def training_text_features(data_root: Path, classes: list, class_text: str = "na
 def save_text_features(out_dir: Path, classes: list) -> Path:
     """Write `classes`' text features where `training_text_features` reads them."""
     f = Path(out_dir) / TEXT_FEATURES_FILE
-    feats = {"features" if t == "names" else f"features_{t}": class_text_features(classes, TEXT_SOURCE, class_text=t).numpy()
-             for t in CLASS_TEXTS}
+    feats = {_features_key(t): class_text_features(classes, TEXT_SOURCE, class_text=t).numpy() for t in CLASS_TEXTS}
     np.savez(f, classes=np.array(classes), source=np.array(TEXT_SOURCE), prompts=np.array(PROMPTS), **feats)
     return f
 
