@@ -23,7 +23,6 @@ from bench_product import GALLERY, KEYS, product_queries
 from sbir_core.data.datasets import image_folder
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.models.encoders import create_encoder
-from sbir_core.models.text import class_text_features
 from sbir_core.training.finetune import FinetuneConfig
 
 TEXT_TEMPERATURE = FinetuneConfig().temperature
@@ -42,7 +41,7 @@ def main() -> int:
     g = enc.encode_photos([it.load() for it in photos]).normalized()
     names = sorted(set(g_labels))
     with torch.no_grad():  # the training prompts, as the text loss saw class names
-        t = torch.nn.functional.normalize(enc.head.embed_text(class_text_features(names)).float(), dim=-1).numpy()
+        t = torch.nn.functional.normalize(enc.encode_text(names).float(), dim=-1).numpy()
     col = np.array([names.index(c) for c in g_labels])
     for group, items in product_queries(args.data).items():
         q = enc.encode_sketches([it.load() for it in items]).normalized()

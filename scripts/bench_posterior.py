@@ -24,7 +24,6 @@ from sbir_core.data.datasets import training_items
 from sbir_core.eval.evaluate import embedded_benchmarks
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.models.encoders import create_encoder
-from sbir_core.models.text import class_text_features
 
 TAUS = (0.03, 0.07, 0.15)
 LAMS = (0.0, 0.25, 0.5, 1.0)
@@ -44,7 +43,7 @@ def main() -> int:
     enc = create_encoder(checkpoint=args.checkpoint)
     names = sorted({it.label for it in training_items(data)})
     with torch.no_grad():
-        text = torch.nn.functional.normalize(enc.head.embed_text(class_text_features(names)).float(), dim=-1).numpy()
+        text = torch.nn.functional.normalize(enc.encode_text(names).float(), dim=-1).numpy()
 
     sets = embedded_benchmarks(enc, data)
     print(f"{len(names)} training class names\n")

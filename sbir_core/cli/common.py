@@ -13,7 +13,7 @@ TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder
 RELATION_TOPK = 50  # relation.DEFAULT_TOPK
 FINETUNE_SELECT = ("zero-shot", "zero-shot+seen")  # finetune.SELECT
 CLASS_TEXTS = ("names", "glosses")  # models.text.CLASS_TEXTS
-LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders._LITE_PACKAGES
+LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders.LITE_PACKAGES
 
 class CLIError(Exception):
     """An error the command line reports as one clear line, without a traceback."""

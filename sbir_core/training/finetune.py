@@ -42,7 +42,8 @@ from sbir_core.eval.metrics import map_all
 from sbir_core.models.checkpoint import as_stored, load_backbone_state, save_checkpoint
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.models.heads import SBIRHead
-from sbir_core.training.losses import cross_modal_triplets, instance_pairs, relations_kept, semantic_targets
+from sbir_core.training.losses import (cross_modal_triplets, imagenet_kept, instance_pairs, relations_kept,
+                                      semantic_targets)
 from sbir_core.training.finetune_data import (StepBatches, TrainData, _to_tensor, prepare_data, run_heldout_classes,
                                              training_text_features)
 
@@ -77,6 +78,12 @@ class FinetuneConfig:
     w_triplet: float = 0.5
     w_pair: float = 0.5
     w_preserve: float = 0.0          # photo-photo relations of the ImageNet backbone kept (0 = off)
+    # SAKE (Liu et al. 2019): the backbone keeps predicting what the frozen ImageNet model
+    # predicts for every training image, sketches included, through its own ImageNet
+    # classifier (0 = off); the retrieval head stays free.
+    w_imagenet: float = 0.0
+    imagenet_temperature: float = 2.0
+    imagenet_images: str = "all"     # "photos": the photo side only, so doodle features may move freely
     # Share of the text-alignment target spread over the other training classes by how close
     # their names are (MiniLM cosine, softmax at semantic_temperature); 0 = one-hot targets.
     semantic_smoothing: float = 0.0
@@ -124,6 +131,7 @@ class FinetuneModel(nn.Module):
             blk.requires_grad_(i >= cfg.freeze_blocks)
         net.conv_head.requires_grad_(True)
         net.bn2.requires_grad_(True)
+        net.classifier.requires_grad_(cfg.w_imagenet > 0)  # the checkpoint drops it either way
         self.head = SBIRHead(self.backbone.pooled_dim, text_dim, cfg.embed_dim, cfg.hidden, cfg.dropout,
                              text_source="minilm")
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
@@ -132,6 +140,11 @@ class FinetuneModel(nn.Module):
         """x in [0, 1] -> retrieval embedding s (not normalised)."""
         feats = self.backbone.features((x - self.mean) / 0.5)
         return self.head.semantic(feats.pooled, modality)
+
+    def embed_and_classify(self, x: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (retrieval embedding, the backbone's ImageNet logits) of x in [0, 1]."""
+        feats = self.backbone.features((x - self.mean) / 0.5)
+        return self.head.semantic(feats.pooled, modality), self.backbone.net.classifier(feats.raw)
 
 
 class Finetuner:
@@ -157,9 +170,10 @@ class Finetuner:
             self._load_init(cfg.init)
         else:
             self._standardize()
-        # SAKE-style knowledge preservation: the frozen ImageNet backbone knows how photos of
+        # SAKE-style knowledge preservation: the frozen ImageNet backbone knows how images of
         # classes it was never fine-tuned on relate; fine-tuning on training classes forgets it.
-        self.teacher = EfficientNetLiteBackbone(cfg.encoder, image_size=cfg.image_size) if cfg.w_preserve else None
+        self.teacher = (EfficientNetLiteBackbone(cfg.encoder, image_size=cfg.image_size)
+                        if cfg.w_preserve or cfg.w_imagenet else None)
         if self.teacher is not None:
             self.teacher.to(self.device)
         bb = [p for p in self.model.backbone.parameters() if p.requires_grad]
@@ -224,8 +238,12 @@ class Finetuner:
         m.backbone.net.eval()  # frozen batch-norm statistics: small mixed-modality batches
         batch = batch if batch is not None else self.batches[self.step_no]
         xp, xe, xs, yp, ys = (t.to(self.device, non_blocking=True) for t in batch)
-        sp = m.embed(xp, "photo")  # photos, then doodles coloured like clip-art
-        sk = m.embed(torch.cat([xe, xs]), "sketch")
+        if cfg.w_imagenet:
+            sp, lp = m.embed_and_classify(xp, "photo")  # photos, then doodles coloured like clip-art
+            sk, lk = m.embed_and_classify(torch.cat([xe, xs]), "sketch")
+        else:
+            sp = m.embed(xp, "photo")
+            sk = m.embed(torch.cat([xe, xs]), "sketch")
         se = sk[: len(xe)]  # the edge maps; the doodles follow
         yk = torch.cat([yp[: len(xe)], ys])
         img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
@@ -236,9 +254,13 @@ class Finetuner:
         losses["triplet"] = cross_modal_triplets(F.normalize(sk, dim=-1), yk, F.normalize(sp, dim=-1), yp, cfg.margin)
         losses["pair"] = instance_pairs(sp[: len(se)], se, cfg.temperature)
         total = cfg.w_text * losses["text"] + cfg.w_triplet * losses["triplet"] + cfg.w_pair * losses["pair"]
-        if self.teacher is not None:
+        if cfg.w_preserve:
             losses["preserve"] = relations_kept(self.teacher, xp[: len(se)], sp[: len(se)], m.mean)
             total = total + cfg.w_preserve * losses["preserve"]
+        if cfg.w_imagenet:
+            x, lg = (xp, lp) if cfg.imagenet_images == "photos" else (torch.cat([xp, xe, xs]), torch.cat([lp, lk]))
+            losses["imagenet"] = imagenet_kept(self.teacher, x, lg, m.mean, cfg.imagenet_temperature)
+            total = total + cfg.w_imagenet * losses["imagenet"]
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)

@@ -1,7 +1,8 @@
 """The training losses of both trainers (`train`: heads on frozen features; `finetune`: end
 to end), beside their plain cross-entropies: ZSCMR's cross-modal triplets, the photo <->
 own edge map instance term, class-level contrast, soft text targets (semantic label
-smoothing) and SAKE-style preservation of the ImageNet backbone's photo-to-photo relations."""
+smoothing) and two ways of keeping what the ImageNet backbone knew (SAKE): its
+photo-to-photo relations, or its class predictions."""
 from __future__ import annotations
 
 from typing import Optional
@@ -75,3 +76,15 @@ def relations_kept(teacher: EfficientNetLiteBackbone, photos: torch.Tensor, emb:
     tl = (t @ t.T / tau)[off].view(len(s), -1)
     sl = (s @ s.T / tau)[off].view(len(s), -1)
     return F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean")
+
+
+def imagenet_kept(teacher: EfficientNetLiteBackbone, images: torch.Tensor, logits: torch.Tensor,
+                  mean: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """SAKE's knowledge preservation: cross-entropy of the student's ImageNet predictions
+    (`logits`, through its own trainable classifier) against the frozen ImageNet model's
+    on the same `images` in [0, 1], both softened by `temperature` (times its square, so the
+    gradient's size does not depend on it)."""
+    with torch.no_grad():
+        t = teacher.net.classifier(teacher.features((images - mean) / 0.5).raw)
+    target = F.softmax(t.float() / temperature, -1)
+    return -(target * F.log_softmax(logits.float() / temperature, -1)).sum(-1).mean() * temperature ** 2
