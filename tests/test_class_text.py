@@ -74,11 +74,12 @@ def test_text_queries_are_embedded_as_the_checkpoint_embedded_its_class_text():
         pytest.skip("no shipped checkpoint")
     enc = create_encoder(checkpoint="default")
     assert enc.class_text == "names"
-    words = ["tiger", "a red bicycle"]
+    words = ["tiger", "a red bicycle", "the eiffel tower"]
     with torch.inference_mode():
         names = enc.encode_text(words)
         assert torch.allclose(names, enc.head.embed_text(class_text_features(words)), atol=1e-5)
         enc.meta = {**enc.meta, "config": {**enc.meta["config"], "class_text": "glosses"}}
         glossed = enc.encode_text(words)
     assert not torch.allclose(glossed[0], names[0], atol=1e-3)  # tiger has a definition
+    assert not torch.allclose(glossed[2], names[2], atol=1e-3)  # so has "The Eiffel Tower", typed in lower case
     assert torch.allclose(glossed[1], names[1], atol=1e-5)  # a phrase that is no class has none

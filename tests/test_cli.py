@@ -105,6 +105,7 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
     ("training/train", "LOSSES", "TRAIN_LOSSES"),
     ("models/relation", "DEFAULT_TOPK", "RELATION_TOPK"),
     ("training/finetune", "SELECT", "FINETUNE_SELECT"),
+    ("training/finetune", "IMAGENET_IMAGES", "IMAGENET_IMAGES"),
     ("models/text", "CLASS_TEXTS", "CLASS_TEXTS"),
 ])
 def test_mirrored_constants_match_the_library(module: str, name: str, mirror: str) -> None:

@@ -111,15 +111,21 @@ def test_imagenet_kept_is_lowest_when_the_student_predicts_as_the_teacher(tiny):
         assert imagenet_kept(teacher, images, other, mean) > same + 0.1
 
 
+def _teacher_entropy(ft: Finetuner, x: torch.Tensor) -> float:
+    """The ImageNet term's value while the student still predicts as the teacher: the entropy
+    of the teacher's softened predictions (temperature 2, times its square)."""
+    with torch.no_grad():
+        p = F.softmax(ft.teacher.net.classifier(ft.teacher.features((x - ft.model.mean) / 0.5).raw) / 2.0, -1)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() * 4.0
+
+
 def test_imagenet_term_trains_the_classifier_and_starts_where_the_teacher_is(tiny):
     td, text, size = tiny
     cfg = _cfg(size, w_imagenet=1.0)
     ft = Finetuner(cfg, td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
     batch = ft.batches[0]
     x = torch.cat([batch[0], batch[1], batch[2]])
-    with torch.no_grad():  # at the start the student is the teacher: the loss is the teacher's entropy
-        p = F.softmax(ft.teacher.net.classifier(ft.teacher.features((x - ft.model.mean) / 0.5).raw) / 2.0, -1)
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() * 4.0
+    entropy = _teacher_entropy(ft, x)  # at the start the student is the teacher
     w = ft.model.backbone.net.classifier.weight.clone()
     logs = ft.step(batch)
     assert set(logs) == {"text", "triplet", "pair", "imagenet"}
@@ -128,13 +134,12 @@ def test_imagenet_term_trains_the_classifier_and_starts_where_the_teacher_is(tin
     assert not any(p.requires_grad for p in ft.teacher.parameters())
     off = Finetuner(_cfg(size), td, text, heldout_classes(td, cfg.val_fraction, cfg.seed))
     assert not off.model.backbone.net.classifier.weight.requires_grad
+    with pytest.raises(ValueError, match="imagenet_images"):
+        Finetuner(_cfg(size, w_imagenet=1.0, imagenet_images="sketches"), td, text,
+                  heldout_classes(td, cfg.val_fraction, cfg.seed))
     photos = Finetuner(_cfg(size, w_imagenet=1.0, imagenet_images="photos"), td, text,
                        heldout_classes(td, cfg.val_fraction, cfg.seed))
-    with torch.no_grad():
-        p = F.softmax(photos.teacher.net.classifier(photos.teacher.features((batch[0] - photos.model.mean) / 0.5).raw)
-                      / 2.0, -1)
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() * 4.0
-    assert photos.step(batch)["imagenet"] == pytest.approx(entropy, rel=1e-3)  # the photo side alone
+    assert photos.step(batch)["imagenet"] == pytest.approx(_teacher_entropy(photos, batch[0]), rel=1e-3)
 
 
 def test_semantic_targets_spread_over_the_classes_whose_names_are_closest():

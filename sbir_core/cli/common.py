@@ -12,6 +12,7 @@ TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder
                 "xclass")  # train.LOSSES
 RELATION_TOPK = 50  # relation.DEFAULT_TOPK
 FINETUNE_SELECT = ("zero-shot", "zero-shot+seen")  # finetune.SELECT
+IMAGENET_IMAGES = ("all", "photos")  # finetune.IMAGENET_IMAGES
 CLASS_TEXTS = ("names", "glosses")  # models.text.CLASS_TEXTS
 LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders.LITE_PACKAGES
 

@@ -127,7 +127,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--w-imagenet", dest="w_imagenet", type=float,
                    help="weight of keeping the ImageNet model's class predictions on every training image "
                         "(SAKE; default 0: off)")
-    p.add_argument("--imagenet-images", dest="imagenet_images", choices=("all", "photos"),
+    p.add_argument("--imagenet-images", dest="imagenet_images", choices=common.IMAGENET_IMAGES,
                    help="which training images --w-imagenet applies to (default all: sketches too)")
     p.add_argument("--semantic-smoothing", dest="semantic_smoothing", type=float,
                    help="share of the text-alignment target given to the other training classes by how close "

@@ -74,9 +74,10 @@ def class_text_features(names: Sequence[str], source: str = "minilm", backbone=N
     f = text_features(texts, source, backbone).view(len(words), len(PROMPTS), -1).mean(1)
     f = torch.nn.functional.normalize(f, dim=-1)
     if class_text == "glosses":
-        glosses = class_glosses()
-        rows = [i for i, n in enumerate(names) if n in glosses]
+        # keyed by the readable words, so a typed query ("the eiffel tower") finds its class's
+        glosses = {class_prompt_names(k): v for k, v in class_glosses().items()}
+        rows = [i for i, w in enumerate(words) if w in glosses]
         if rows:
-            g = text_features([f"{words[i]}: {glosses[names[i]]}" for i in rows], source, backbone)
+            g = text_features([f"{words[i]}: {glosses[words[i]]}" for i in rows], source, backbone)
             f[rows] = torch.nn.functional.normalize(f[rows] + torch.nn.functional.normalize(g, dim=-1), dim=-1)
     return f

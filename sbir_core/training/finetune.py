@@ -50,6 +50,7 @@ from sbir_core.training.finetune_data import (StepBatches, TrainData, _to_tensor
 log = logging.getLogger(__name__)
 
 SELECT = ("zero-shot", "zero-shot+seen")
+IMAGENET_IMAGES = ("all", "photos")  # what `w_imagenet` applies to: every training image, or the photo side
 SEEN_GALLERY = 2  # of each training class's held-out doodles, coloured as its gallery pictures
 FALSE_NOTICE = 0.1  # at most this share of searches whose class is in the gallery get "not sure"
 FIRST_ROW = ("hit@1", "hit@5", "P@5")  # what a retrieval setting may not cost any validation set
@@ -83,7 +84,7 @@ class FinetuneConfig:
     # classifier (0 = off); the retrieval head stays free.
     w_imagenet: float = 0.0
     imagenet_temperature: float = 2.0
-    imagenet_images: str = "all"     # "photos": the photo side only, so doodle features may move freely
+    imagenet_images: str = "all"     # IMAGENET_IMAGES; "photos": doodle features may move freely
     # Share of the text-alignment target spread over the other training classes by how close
     # their names are (MiniLM cosine, softmax at semantic_temperature); 0 = one-hot targets.
     semantic_smoothing: float = 0.0
@@ -138,8 +139,7 @@ class FinetuneModel(nn.Module):
 
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """x in [0, 1] -> retrieval embedding s (not normalised)."""
-        feats = self.backbone.features((x - self.mean) / 0.5)
-        return self.head.semantic(feats.pooled, modality)
+        return self.embed_and_classify(x, modality)[0]
 
     def embed_and_classify(self, x: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (retrieval embedding, the backbone's ImageNet logits) of x in [0, 1]."""
@@ -149,6 +149,8 @@ class FinetuneModel(nn.Module):
 
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
+        if cfg.imagenet_images not in IMAGENET_IMAGES:
+            raise ValueError(f"imagenet_images is one of {IMAGENET_IMAGES}, not {cfg.imagenet_images!r}")
         self.cfg, self.td, self.held = cfg, td, held
         torch.manual_seed(cfg.seed)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
@@ -238,12 +240,9 @@ class Finetuner:
         m.backbone.net.eval()  # frozen batch-norm statistics: small mixed-modality batches
         batch = batch if batch is not None else self.batches[self.step_no]
         xp, xe, xs, yp, ys = (t.to(self.device, non_blocking=True) for t in batch)
-        if cfg.w_imagenet:
-            sp, lp = m.embed_and_classify(xp, "photo")  # photos, then doodles coloured like clip-art
-            sk, lk = m.embed_and_classify(torch.cat([xe, xs]), "sketch")
-        else:
-            sp = m.embed(xp, "photo")
-            sk = m.embed(torch.cat([xe, xs]), "sketch")
+        # ImageNet logits cost one small matrix product; they train only under w_imagenet.
+        sp, lp = m.embed_and_classify(xp, "photo")  # photos, then doodles coloured like clip-art
+        sk, lk = m.embed_and_classify(torch.cat([xe, xs]), "sketch")
         se = sk[: len(xe)]  # the edge maps; the doodles follow
         yk = torch.cat([yp[: len(xe)], ys])
         img, yimg = torch.cat([sp, sk]), torch.cat([yp, yk])
