@@ -90,7 +90,7 @@ def jittered_strokes(n: int, seed: int = 0, size: int = 384) -> list[str]:
 def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
     import torch
 
-    import app as app_module
+    import sbir_app as app_module
 
     cb = app_module.Callbacks(service)
     enc = service.encoder
@@ -197,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.url:
             br = bench_browser(args.url, args.browser_strokes)
         else:
-            import app as app_module
+            import sbir_app as app_module
             from screenshots import free_port
 
             demo = app_module.build_demo(service)

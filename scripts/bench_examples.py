@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 def run(checkpoint: str = "default", k: int = 12, encoder=None) -> dict:
     """Each example's rank and first row -> {"checkpoint", "in_top5", "examples": {name: {...}}};
     `encoder`: the checkpoint's, already loaded (else the service loads it)."""
-    import app as app_module
+    import sbir_app as app_module
     from sbir_core.data.examples import list_examples
     from sbir_core.service import RetrievalService
 

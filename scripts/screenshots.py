@@ -75,7 +75,7 @@ def free_port() -> int:
 def running_app(galleries: Optional[str] = None, gallery: str = "default", checkpoint: str = "default",
                 port: Optional[int] = None) -> Iterator[str]:
     """Start the app in this process on a free loopback port; yields its URL."""
-    import app as app_module
+    import sbir_app as app_module
     from sbir_core.paths import SHIPPED_GALLERIES as DEFAULT_GALLERIES
     from sbir_core.service import RetrievalService
 

@@ -81,7 +81,7 @@ def app_service(app_galleries, raw_encoder, tmp_path_factory):
 @contextlib.contextmanager
 def running_app(galleries, encoder, base, warm_up: bool = False):
     """Serve app.py over a copy of `galleries` on a free loopback port; yields (url, service)."""
-    import app
+    import sbir_app as app
     from sbir_core.service import RetrievalService
 
     root = base / "galleries"

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 
 gradio_client = pytest.importorskip("gradio_client")
-app = pytest.importorskip("app", reason="app.py needs gradio")
+app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from conftest import running_app  # noqa: E402

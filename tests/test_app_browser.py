@@ -17,7 +17,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 if not Path(CHROMIUM).exists():
     pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-app = pytest.importorskip("app", reason="app.py needs gradio")
+app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 
 from conftest import running_app  # noqa: E402
 

@@ -22,7 +22,7 @@ from sbir_core.gallery.store import label_from_filename, sanitize_gallery_name  
 
 OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's session token
 
-app = pytest.importorskip("app", reason="app.py needs gradio")
+app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 
 
 def drawn_canvas(shape: str = "circle", size: int = 384) -> dict:

@@ -20,7 +20,7 @@ from sbir_core.data.examples import list_examples  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped checkpoint")
-app = pytest.importorskip("app", reason="app.py needs gradio")
+app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,267 @@
+"""The page's event handlers: each converts between Gradio values and the plain Python
+objects of `sbir_core.service.RetrievalService`, and words the service's results for the page."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import secrets
+from typing import Any, Optional
+
+import gradio as gr
+from PIL import Image
+
+from sbir_core.data.drawing import MAX_CANVAS_PIXELS, read_stroke_json, stroke_brush
+from sbir_core.data.examples import list_examples
+from sbir_core.data.images import MAX_UPLOAD_BYTES, open_upload
+from sbir_core.errors import InputError
+from sbir_core.gallery.store import display_name
+from sbir_core.service import (
+    DEFAULT_K,
+    EMPTY_SKETCH_MESSAGE,
+    Query,
+    RetrievalService,
+    SearchOutcome,
+    clamp_k,
+)
+
+log = logging.getLogger("sbir_app")
+
+CANVAS = (384, 384)  # size of example renders and API canvases (the page sends strokes, not pixels)
+BRUSH_RADIUS = 3  # ~6 px lines on the 384 px canvas
+NO_EXPLANATION = "Click a result to see why it matched."
+
+
+def blank_canvas() -> dict:
+    white = Image.new("RGB", CANVAS, "white")
+    return {"background": white, "layers": [], "composite": white}
+
+
+def example_canvas(name_or_index: Any) -> tuple[dict, Image.Image]:
+    ex = list_examples()
+    e = ex[name_or_index] if isinstance(name_or_index, int) else next(x for x in ex if x.name == name_or_index)
+    img = e.render(size=CANVAS[0], line_width=2 * BRUSH_RADIUS, margin=0.12)
+    return {"background": img, "layers": [], "composite": img}, img
+
+
+def example_strokes(name_or_index: Any) -> str:
+    """An example drawing as stroke JSON for the page's canvas: {"canvas": [w, h], "strokes":
+    [[[x, y], ...], ...]} (the canvas script fits it into the drawing area)."""
+    ex = list_examples()
+    e = ex[name_or_index] if isinstance(name_or_index, int) else next(x for x in ex if x.name == name_or_index)
+    return json.dumps({"canvas": list(e.canvas), "strokes": [[[x, y] for x, y in s] for s in e.strokes]},
+                      separators=(",", ":"))
+
+
+def _upload_path(value: Any) -> Optional[str]:
+    """The server path of an upload as Gradio hands it over (a FileData dict), or None."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    return value if isinstance(value, str) and value else None
+
+
+def editor_input(value: Any) -> Any:
+    """An image-editor value from an API client ({"background", "layers", "composite"} of
+    uploads) -> a PIL image, decoded here with the canvas size limit."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InputError("Send the drawing as an image upload or as strokes.")
+    comp = _upload_path(value.get("composite"))
+    paths = [comp] if comp else [p for p in [_upload_path(value.get("background")),
+                                             *(_upload_path(v) for v in (value.get("layers") or []))] if p]
+    if not paths:
+        return None
+    imgs = [open_upload(p, MAX_UPLOAD_BYTES, MAX_CANVAS_PIXELS, what="The drawing").convert("RGBA") for p in paths]
+    base = Image.new("RGBA", imgs[0].size, (255, 255, 255, 0))
+    for im in imgs:
+        base.alpha_composite(im if im.size == base.size else im.resize(base.size))
+    return base
+
+
+def status_markdown(out: SearchOutcome) -> str:
+    """The service's plain status line, formatted for the page: the best match in bold,
+    a thinking face on the "not sure" notice, a pencil on the empty-canvas hint."""
+    msg = out.message.replace("*", "\\*").replace("_", "\\_")
+    if not out.ok:
+        return ("✏️ " + msg) if out.message == EMPTY_SKETCH_MESSAGE else msg
+    if out.hits:
+        top = out.hits[0].label.replace("_", " ") if out.hits[0].label else "?"
+        top_md = top.replace("*", "\\*").replace("_", "\\_")
+        msg = msg.replace(f": {top_md} (", f": **{top_md}** (", 1)
+    if out.unsure:
+        msg = "🤔 " + msg.replace("Not sure:", "**Not sure:**", 1)
+    return msg
+
+
+def explanation_markdown(ex: Any) -> str:
+    """The explanation's plain message with the result's class in bold."""
+    msg = ex.message.replace("*", "\\*").replace("_", "\\_")
+    if ex.ok and ex.hit is not None and ex.hit.label:
+        label = ex.hit.label.replace("_", " ").replace("*", "\\*")
+        msg = msg.replace(f": {label} (", f": **{label}** (", 1)
+    return msg
+
+
+# ----------------------------------------------------------------------------- callbacks
+class Callbacks:
+    """The page's event handlers as plain methods (the tests call them directly)."""
+
+    def __init__(self, service: RetrievalService) -> None:
+        self.service = service
+
+    # ---- searching
+    def _sketch(self, value: Any, k: Any, gallery: Optional[str], brush: Optional[float] = None):
+        out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery), brush=brush)
+        return out.gallery_items(), status_markdown(out), out.query
+
+    def search_sketch(self, canvas: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_sketch: a drawn image from an API client (an image-editor value of uploads)."""
+        try:
+            value = editor_input(canvas)
+        except InputError as exc:
+            return [], str(exc), None
+        return self._sketch(value, k, gallery)
+
+    def search_strokes(self, strokes: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_strokes, the page's per-stroke search: stroke JSON from the canvas."""
+        try:
+            value = read_stroke_json(strokes)
+        except (InputError, ValueError, TypeError) as exc:  # StrokeError, bad JSON
+            return [], f"The drawing could not be read: {exc}.", None
+        return self._sketch(value, k, gallery, brush=stroke_brush(strokes))
+
+    def search_text(self, text: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        out = self.service.search_text(text if isinstance(text, str) else "", clamp_k(k), gallery=_gallery(gallery))
+        return out.gallery_items(), status_markdown(out), out.query
+
+    def search_photo(self, photo: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
+        """/search_photo: an uploaded photo (Gradio's FileData, decoded here with limits)."""
+        path = _upload_path(photo)
+        if path is None:
+            return [], "Upload a photo first.", None
+        try:
+            image = open_upload(path, self.service.max_upload_bytes, self.service.max_upload_pixels, what="That file")
+        except InputError as exc:
+            return [], str(exc), None
+        out = self.service.search_photo(image, clamp_k(k), gallery=_gallery(gallery))
+        return out.gallery_items(), status_markdown(out), out.query
+
+    def rerun(self, query: Optional[Query], strokes: Any, text: str, photo: Any, k: float, gallery: Optional[str]):
+        """k or gallery changed: repeat the last kind of search."""
+        kind = query.kind if query is not None else "sketch"
+        if kind == "text":
+            return self.search_text(text, k, gallery)
+        if kind == "photo":
+            return self.search_photo(photo, k, gallery)
+        return self.search_strokes(strokes, k, gallery)
+
+    def load_example(self, evt: gr.SelectData) -> str:
+        """A click on an example: its stroke JSON. The page draws it on the canvas and
+        searches with it the way strokes are searched (`search_strokes`). Any client can send
+        any index: one that names no example gives no drawing."""
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
+        if not isinstance(index, int) or not 0 <= index < len(list_examples()):
+            return ""
+        return example_strokes(index)
+
+    def search_example(self, name: str, k: float = DEFAULT_K, gallery: Optional[str] = None):
+        """API: search with one of the built-in example drawings by name."""
+        names = [e.name for e in list_examples()]
+        if name not in names:
+            return [], f"No example named “{str(name)[:40]}”; examples: {', '.join(names)}.", None
+        return self.search_strokes(example_strokes(name), k, gallery)
+
+    # ---- explanations and the map
+    def explain(self, query: Optional[Query], rank: Any = 0):
+        try:
+            rank = int(float(rank or 0))
+        except (TypeError, ValueError, OverflowError):
+            rank = -1
+        ex = self.service.explain(query, rank)
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
+
+    def on_select(self, query: Optional[Query], evt: gr.SelectData):
+        """A click on a result: explain the image that was clicked (by its gallery row,
+        read off the thumbnail), falling back to its position."""
+        rank = evt.index if isinstance(evt.index, int) else evt.index[0]
+        row = None
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image")
+        path = image.get("path") or image.get("url") if isinstance(image, dict) else image
+        if query is not None and path:
+            row = self.service.row_of_thumbnail(query.gallery, str(path), value.get("caption"))
+        ex = self.service.explain(query, int(rank or 0), gallery_row=row)
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
+
+    def tsne(self, query: Optional[Query], gallery: Optional[str] = None):
+        m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)
+        return m.image if m.ok else None
+
+    def map_panel(self, query: Optional[Query]):
+        """The map, a heading that names what is placed in it, and the query as the model saw it."""
+        kind = query.kind if query is not None else "sketch"
+        what = {"sketch": "your drawing", "photo": "your photo", "text": "your word"}.get(kind, "your query")
+        seen = query.model_input if query is not None else None
+        return self.tsne(query), f"### Where does {what} land?", gr.update(value=seen, visible=seen is not None)
+
+    def clear_explanation(self):
+        return None, None, None, NO_EXPLANATION
+
+    # ---- galleries (each visitor's choice lives in their page session, never in the process)
+    def choose_gallery(self, name: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        try:
+            msg = self.service.describe_gallery(_gallery(name) or self.service.default_gallery,
+                                                progress=lambda f, d: progress(f, desc=d))
+        except InputError as exc:
+            return f"⚠️ {exc}", [], None, None
+        except Exception:  # anything unexpected: a message, not a crash
+            log.exception("selecting gallery %s failed", name)
+            return "⚠️ That gallery could not be opened.", [], None, None
+        return msg, [], None, self.tsne(None, name)
+
+    def build_gallery(self, files: Any, name: Any, sketches: bool, owner: Optional[str],
+                      mine: Optional[list], progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        """Build a gallery from this visitor's uploads. Only this visitor's page lists it;
+        the upload box is emptied so the next build starts from new files."""
+        owner = owner or secrets.token_hex(16)
+        mine = list(mine or [])
+        out = self.service.build_gallery_from_uploads(
+            files, name if isinstance(name, str) else "", owner, progress=lambda f, d: progress(f, desc=d),
+            modality="sketch" if sketches else "photo")
+        if out.ok and out.name not in [v for _, v in mine]:
+            mine.append((display_name(out.name), out.name))
+        choices = self.gallery_choices(mine)
+        dd = gr.update(choices=choices, value=out.name) if out.ok else gr.update(choices=choices)
+        msg = out.message if out.ok else f"⚠️ {out.message}"
+        return msg, dd, None, owner, mine
+
+    def gallery_classes(self, name: Optional[str]) -> str:
+        """What the gallery contains, as compact chips (so a class can be found with the
+        browser's search, and nobody draws an object the gallery lacks without knowing)."""
+        try:
+            info = self.service.gallery_info(_gallery(name))
+        except InputError:
+            return ""
+        labels = [c.replace("_", " ") for c in info["classes"] if c]
+        if not labels:
+            return ""
+        chips = "".join(f'<span class="chip">{html.escape(c)}</span>' for c in labels)
+        n = len(labels)
+        return (f'<details class="classes" open><summary>This gallery has {n} {"class" if n == 1 else "classes"} '
+                f'({info["count"]} pictures)</summary><div class="chips">{chips}</div></details>')
+
+    def gallery_choices(self, mine: Optional[list] = None) -> list:
+        return [(display_name(n), n) for n in self.service.list_galleries()] + [tuple(m) for m in (mine or [])]
+
+    def refresh_galleries(self, current: Optional[str], mine: Optional[list]):
+        choices = self.gallery_choices(mine)
+        values = [v for _, v in choices]
+        value = current if current in values else (self.service.default_gallery if self.service.default_gallery
+                                                   in values else (values[0] if values else None))
+        return gr.update(choices=choices, value=value)
+
+
+def _gallery(name: Any) -> Optional[str]:
+    return name if isinstance(name, str) and name else None
+
