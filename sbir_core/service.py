@@ -109,6 +109,12 @@ class SearchOutcome:
     query: Optional[Query] = None
     seconds: float = 0.0
     unsure: bool = False  # the best match is weak: the gallery may not contain the object
+    # How sure the search is, for the page to word (filled by the confidence rule):
+    # "sure" (the first result is right at least 4 times in 5), "closest" (no claim of a
+    # match), "absent" (the gallery probably lacks the object), "unreadable" (a scribble or
+    # a dot); "" when not assessed.
+    level: str = ""
+    guess: Optional[str] = None  # a class the model can stand behind when the gallery lacks it
 
     def gallery_items(self) -> list[tuple[str, str]]:
         """(image, caption) pairs, the form `gr.Gallery` takes."""
