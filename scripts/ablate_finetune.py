@@ -6,7 +6,7 @@ batches and the rows differ only in the part removed. A run is scored where `fin
 selects (held-out training classes and held-out doodles of training classes: the
 selection score) and on the product benchmark (doodles no training used, against the
 default gallery, as `bench_product.py`, without diffusion). Short runs rank the parts;
-they are not the shipped model's figures (README "How the model works" has those).
+they are not the shipped model's figures (docs/TRAINING.md has those).
 
     python scripts/ablate_finetune.py --data ../shared/data --steps 250 [--json out.json]
 """
