@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from sbir_app import build_demo, launch
-from sbir_app.page import CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT
+from sbir_app.page import CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, TEMP_FILES_AGE_S
 from sbir_core.paths import SHIPPED_GALLERIES
 from sbir_core.service import RetrievalService
 
@@ -36,11 +36,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--galleries", default=None, metavar="DIR", help="galleries root (default: galleries/)")
     p.add_argument("--default-gallery", default="default", help="gallery shown first (default: default)")
     p.add_argument("--uploads-dir", default=None, metavar="DIR",
-                   help="where visitors' uploaded galleries are kept (default $SBIR_HOME/uploaded-galleries; "
-                        "$SBIR_HOME is ~/.cache/sbir unless set)")
+                   help="where class galleries (built in the page or with `index --share`) are kept "
+                        "(default $SBIR_HOME/class-galleries; $SBIR_HOME is ~/.cache/sbir unless set)")
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
                    help="model checkpoint (falls back to the raw backbone, with a warning, if missing)")
-    p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="searches run at once")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help="events without a limit of their own run at once (searches: sbir_app.page.SEARCH_CONCURRENCY)")
+    p.add_argument("--temp-files-age", type=int, default=TEMP_FILES_AGE_S, metavar="SECONDS",
+                   help="delete Gradio's temporary files (uploads) this old (default: one hour)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per search (default 1: best on 2 cores)")
     p.add_argument("--no-warmup", action="store_true", help="skip making thumbnails and the map before serving")
     return p.parse_args(argv)
@@ -72,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for n in service.notices:
         log.warning(n)
     demo = build_demo(service)
-    launch(demo, service, args.host, args.port, concurrency=args.concurrency)
+    launch(demo, service, args.host, args.port, concurrency=args.concurrency, temp_files_age_s=args.temp_files_age)
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import secrets
 from typing import Any, Optional
 
 import gradio as gr
@@ -15,7 +14,8 @@ from sbir_core.data.drawing import MAX_CANVAS_PIXELS, read_stroke_json, stroke_b
 from sbir_core.data.examples import list_examples
 from sbir_core.data.images import MAX_UPLOAD_BYTES, open_upload
 from sbir_core.errors import InputError
-from sbir_core.gallery.store import display_name
+from sbir_app.sharing import share_panel
+from sbir_core.gallery.sharing import code_of, new_owner_token, valid_owner
 from sbir_core.service import (
     DEFAULT_K,
     EMPTY_SKETCH_MESSAGE,
@@ -79,28 +79,59 @@ def editor_input(value: Any) -> Any:
     return base
 
 
-def status_markdown(out: SearchOutcome) -> str:
-    """The service's plain status line, formatted for the page: the best match in bold,
-    a thinking face on the "not sure" notice, a pencil on the empty-canvas hint."""
-    msg = out.message.replace("*", "\\*").replace("_", "\\_")
+UNREADABLE = "I can't read this drawing yet - try a few bigger lines."
+
+
+def _md(text: str) -> str:
+    """Plain text safe inside Markdown (no accidental bold or italics)."""
+    return html.escape(text, quote=False).replace("*", "\\*").replace("_", "\\_")
+
+
+def _details(text: str) -> str:
+    """The service's technical sentence, one click away (for older students and teachers)."""
+    return f'\n\n<details class="tech"><summary>Details</summary>\n\n{_md(text)}\n\n</details>'
+
+
+def _a(name: str) -> str:
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + f"**{_md(name)}**"
+
+
+def status_markdown(out: SearchOutcome, drew: bool = False) -> str:
+    """The status line, worded from the outcome's fields (`level`, `guess`, `hits`), never
+    from the service's sentence, which goes under "Details". `drew`: the canvas holds lines,
+    so an empty-drawing answer means the lines were too small or too few to read."""
     if not out.ok:
-        return ("✏️ " + msg) if out.message == EMPTY_SKETCH_MESSAGE else msg
-    if out.hits:
-        top = out.hits[0].label.replace("_", " ") if out.hits[0].label else "?"
-        top_md = top.replace("*", "\\*").replace("_", "\\_")
-        msg = msg.replace(f": {top_md} (", f": **{top_md}** (", 1)
-    if out.unsure:
-        msg = "🤔 " + msg.replace("Not sure:", "**Not sure:**", 1)
-    return msg
+        if out.message == EMPTY_SKETCH_MESSAGE:
+            return "✏️ " + (UNREADABLE if drew else _md(out.message))
+        return _md(out.message)
+    if not out.hits:
+        return "No pictures found in this gallery." + _details(out.message)
+    level = out.level
+    top = out.hits[0].name
+    if level == "sure":
+        text = f"This looks like {_a(top)}."
+    elif level == "closest":
+        text = "🤔 **Not sure it's here.** These are the closest pictures."
+    elif level == "absent":
+        text = "🤔 **Not in this gallery?** These are only the closest pictures."
+        if out.guess:
+            text += f" This looks like {_a(out.guess.replace('_', ' '))}; this gallery has none."
+    elif level == "unreadable":
+        text = "✏️ " + UNREADABLE
+    else:  # not assessed: no claim that the first picture is right
+        text = f"Closest pictures: {_a(top)} comes first."
+    return text + _details(out.message)
 
 
-def explanation_markdown(ex: Any) -> str:
-    """The explanation's plain message with the result's class in bold."""
-    msg = ex.message.replace("*", "\\*").replace("_", "\\_")
-    if ex.ok and ex.hit is not None and ex.hit.label:
-        label = ex.hit.label.replace("_", " ").replace("*", "\\*")
-        msg = msg.replace(f": {label} (", f": **{label}** (", 1)
-    return msg
+def explanation_markdown(ex: Any, kind: str = "sketch") -> str:
+    """Why a result matched, in plain words, with the service's technical message under
+    "Details"."""
+    if not ex.ok or ex.hit is None:
+        return _md(ex.message)
+    what = "your photo" if kind == "photo" else "your drawing"
+    return (f"Result {ex.hit.rank + 1}: **{_md(ex.hit.name)}**. Each line joins a part of {what} to a part of "
+            f"this picture that looks the same. Below: {what} built from pieces of this picture, and the "
+            f"places in it that agree with {what}." + _details(ex.message))
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -111,9 +142,10 @@ class Callbacks:
         self.service = service
 
     # ---- searching
-    def _sketch(self, value: Any, k: Any, gallery: Optional[str], brush: Optional[float] = None):
+    def _sketch(self, value: Any, k: Any, gallery: Optional[str], brush: Optional[float] = None,
+                drew: bool = False):
         out = self.service.search_sketch(value, clamp_k(k), gallery=_gallery(gallery), brush=brush)
-        return out.gallery_items(), status_markdown(out), out.query
+        return out.gallery_items(), status_markdown(out, drew=drew), out.query
 
     def search_sketch(self, canvas: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         """/search_sketch: a drawn image from an API client (an image-editor value of uploads)."""
@@ -129,7 +161,7 @@ class Callbacks:
             value = read_stroke_json(strokes)
         except (InputError, ValueError, TypeError) as exc:  # StrokeError, bad JSON
             return [], f"The drawing could not be read: {exc}.", None
-        return self._sketch(value, k, gallery, brush=stroke_brush(strokes))
+        return self._sketch(value, k, gallery, brush=stroke_brush(strokes), drew=bool(value))
 
     def search_text(self, text: Any, k: Any = DEFAULT_K, gallery: Optional[str] = None):
         out = self.service.search_text(text if isinstance(text, str) else "", clamp_k(k), gallery=_gallery(gallery))
@@ -179,7 +211,7 @@ class Callbacks:
         except (TypeError, ValueError, OverflowError):
             rank = -1
         ex = self.service.explain(query, rank)
-        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex, _kind(query))
 
     def on_select(self, query: Optional[Query], evt: gr.SelectData):
         """A click on a result: explain the image that was clicked (by its gallery row,
@@ -192,7 +224,7 @@ class Callbacks:
         if query is not None and path:
             row = self.service.row_of_thumbnail(query.gallery, str(path), value.get("caption"))
         ex = self.service.explain(query, int(rank or 0), gallery_row=row)
-        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex)
+        return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex, _kind(query))
 
     def tsne(self, query: Optional[Query], gallery: Optional[str] = None):
         m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)
@@ -220,21 +252,73 @@ class Callbacks:
             return "⚠️ That gallery could not be opened.", [], None, None
         return msg, [], None, self.tsne(None, name)
 
-    def build_gallery(self, files: Any, name: Any, sketches: bool, owner: Optional[str],
-                      mine: Optional[list], progress: gr.Progress = gr.Progress(track_tqdm=True)):
-        """Build a gallery from this visitor's uploads. Only this visitor's page lists it;
-        the upload box is emptied so the next build starts from new files."""
-        owner = owner or secrets.token_hex(16)
-        mine = list(mine or [])
+    def build_gallery(self, files: Any, name: Any, sketches: bool, owner: Any, mine: Optional[list],
+                      progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        """Build a class gallery from this visitor's uploads. `owner` is this browser's owner
+        token (kept in its localStorage; a new one is made on the first build): the same
+        owner and name rebuild that gallery, keeping its code. The upload box is emptied so
+        the next build starts from new files."""
+        owner = owner if valid_owner(owner) else new_owner_token()
         out = self.service.build_gallery_from_uploads(
             files, name if isinstance(name, str) else "", owner, progress=lambda f, d: progress(f, desc=d),
             modality="sketch" if sketches else "photo")
-        if out.ok and out.name not in [v for _, v in mine]:
-            mine.append((display_name(out.name), out.name))
-        choices = self.gallery_choices(mine)
+        mine = _add(mine, out.name) if out.ok else list(mine or [])
+        choices = self.gallery_choices(mine, owner)
         dd = gr.update(choices=choices, value=out.name) if out.ok else gr.update(choices=choices)
-        msg = out.message if out.ok else f"⚠️ {out.message}"
+        msg = _md(out.message) if out.ok else f"⚠️ {_md(out.message)}"
         return msg, dd, None, owner, mine
+
+    def open_class(self, code: Any, mine: Optional[list], owner: Any = None):
+        """/open_class: a class code (or a pasted link) -> the gallery chosen in this page."""
+        try:
+            gid, msg = self.service.open_class_gallery(code)
+        except InputError as exc:
+            return f"⚠️ {_md(str(exc))}", gr.update(), list(mine or [])
+        mine = _add(mine, gid)
+        return _md(msg), gr.update(choices=self.gallery_choices(mine, owner), value=gid), mine
+
+    def delete_gallery(self, gallery: Any, owner: Any, mine: Optional[list]):
+        """/delete_gallery: the chosen class gallery, if this browser built it."""
+        try:
+            msg = self.service.delete_gallery(gallery, owner)
+        except InputError as exc:
+            return f"⚠️ {_md(str(exc))}", gr.update(), list(mine or [])
+        mine = [g for g in (mine or []) if g != gallery]
+        return _md(msg), gr.update(choices=self.gallery_choices(mine, owner), value=self.service.default_gallery), mine
+
+    def rename_gallery(self, gallery: Any, name: Any, owner: Any, mine: Optional[list]):
+        """/rename_gallery: a new name for the chosen class gallery, if this browser built it."""
+        try:
+            label = self.service.rename_gallery(gallery, name, owner)
+        except InputError as exc:
+            return f"⚠️ {_md(str(exc))}", gr.update()
+        return f"Renamed: {_md(label)}.", gr.update(choices=self.gallery_choices(mine, owner), value=gallery)
+
+    def share_panel(self, gallery: Any, owner: Any, request: Optional[gr.Request] = None) -> str:
+        """The chosen class gallery's code, link and QR code (nothing for other galleries)."""
+        if code_of(gallery) is None:
+            return ""
+        owned = any(g == gallery for _, g in self.service.owned_galleries(owner))
+        return share_panel(gallery, self.service.display_name(gallery), owned, request)
+
+    def load_page(self, current: Any, owner: Any, mine: Optional[list], request: Optional[gr.Request] = None):
+        """Page load: this browser's own class galleries in the list, and the gallery of a
+        link's ?class=CODE chosen. -> dropdown, session galleries, message, status, map."""
+        code = (request.query_params.get("class") if request is not None else None) or ""
+        mine = [g for g in (mine or []) if isinstance(g, str)]
+        status, tsne, msg = gr.update(), gr.update(), ""
+        if code:
+            try:
+                current, status = self.service.open_class_gallery(code)
+                mine = _add(mine, current)
+                tsne = self.tsne(None, current)
+            except InputError as exc:
+                msg = status = f"⚠️ {_md(str(exc))}"
+        choices = self.gallery_choices(mine, owner)
+        values = [v for _, v in choices]
+        value = current if current in values else (self.service.default_gallery if self.service.default_gallery
+                                                   in values else (values[0] if values else None))
+        return gr.update(choices=choices, value=value), mine, msg, status, tsne
 
     def gallery_classes(self, name: Optional[str]) -> str:
         """What the gallery contains, as compact chips (so a class can be found with the
@@ -251,15 +335,24 @@ class Callbacks:
         return (f'<details class="classes" open><summary>This gallery has {n} {"class" if n == 1 else "classes"} '
                 f'({info["count"]} pictures)</summary><div class="chips">{chips}</div></details>')
 
-    def gallery_choices(self, mine: Optional[list] = None) -> list:
-        return [(display_name(n), n) for n in self.service.list_galleries()] + [tuple(m) for m in (mine or [])]
+    def gallery_choices(self, mine: Optional[list] = None, owner: Any = None) -> list:
+        """The galleries this page may choose: the server's, this browser's own class
+        galleries, and those opened with a code in this session (while they exist)."""
+        public = [(n, n) for n in self.service.list_galleries()]
+        own = self.service.owned_galleries(owner)
+        ids = {g for _, g in own}
+        opened = [(self.service.display_name(g), g) for g in (mine or []) if isinstance(g, str) and g not in ids]
+        return public + own + [(label, g) for label, g in opened if label != g]
 
-    def refresh_galleries(self, current: Optional[str], mine: Optional[list]):
-        choices = self.gallery_choices(mine)
-        values = [v for _, v in choices]
-        value = current if current in values else (self.service.default_gallery if self.service.default_gallery
-                                                   in values else (values[0] if values else None))
-        return gr.update(choices=choices, value=value)
+
+def _add(mine: Optional[list], gallery: str) -> list:
+    """The session's opened class galleries with `gallery` added once."""
+    mine = [g for g in (mine or []) if isinstance(g, str)]
+    return mine if gallery in mine else mine + [gallery]
+
+
+def _kind(query: Optional[Query]) -> str:
+    return query.kind if query is not None else "sketch"
 
 
 def _gallery(name: Any) -> Optional[str]:

@@ -29,9 +29,12 @@ from sbir_core.data.preprocess import BlankSketchError, preprocess_photo
 from sbir_core.errors import InputError, SBIRError
 from sbir_core.explain.correspondence import explain_pair
 from sbir_core.explain.embedding_map import gallery_map
+from sbir_core.gallery import confidence
+from sbir_core.gallery.batching import SketchBatcher
 from sbir_core.gallery.identity import checkpoint_spec
 from sbir_core.gallery.index import PLAIN_HEAD
 from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
+from sbir_core.gallery.sharing import gallery_id, parse_code
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.relation import relation_for
@@ -78,9 +81,16 @@ class Hit:
     label: str
 
     @property
+    def name(self) -> str:
+        """The class in words (what the page calls the picture)."""
+        return self.label.replace("_", " ") if self.label else "(no class)"
+
+    @property
     def caption(self) -> str:
-        name = self.label.replace("_", " ") if self.label else "(no class)"
-        return f"{name} · {self.score:.2f}"
+        # Its place in the list and its class: a caption never disagrees with the order
+        # (calibration and diffusion can put a lower similarity first; the explanation's
+        # details give the number).
+        return f"{self.rank + 1}. {self.name}"
 
 
 @dataclass
@@ -108,13 +118,17 @@ class SearchOutcome:
     hits: list[Hit] = field(default_factory=list)
     query: Optional[Query] = None
     seconds: float = 0.0
-    unsure: bool = False  # the best match is weak: the gallery may not contain the object
     # How sure the search is, for the page to word (filled by the confidence rule):
     # "sure" (the first result is right at least 4 times in 5), "closest" (no claim of a
     # match), "absent" (the gallery probably lacks the object), "unreadable" (a scribble or
     # a dot); "" when not assessed.
     level: str = ""
     guess: Optional[str] = None  # a class the model can stand behind when the gallery lacks it
+
+    @property
+    def unsure(self) -> bool:
+        """No claim of a match (any level but "sure"; False when not assessed)."""
+        return self.level not in ("", "sure")
 
     def gallery_items(self) -> list[tuple[str, str]]:
         """(image, caption) pairs, the form `gr.Gallery` takes."""
@@ -137,6 +151,7 @@ class MapImage:
     message: str
     image: Optional[Image.Image] = None
     plot_data: Optional[dict] = None
+    marks: Any = None  # where the picture's star, caption, results and class names are (`MapMarks`)
 
 
 def clamp_k(k: Any) -> int:
@@ -173,12 +188,14 @@ class RetrievalService:
         self.notices: list[str] = []  # page-level warnings (missing checkpoint, ...)
         self.encoder, self.checkpoint = self._load_encoder(encoder, checkpoint)
         self.relation = self._load_relation(relation)
+        self.confidence_rule = confidence.rule_for(self.encoder)  # None: levels are not assessed
         self.store = GalleryStore(self.encoder, self.checkpoint, galleries_root, cache=cache_dir, uploads=uploads_dir,
                                   max_upload_bytes=max_upload_bytes, max_upload_pixels=max_upload_pixels,
                                   auto_rebuild=auto_rebuild)
         self._map_lock = threading.Lock()
         self._queries = _Cache(QUERY_CACHE_ENTRIES)
         self._explanations = _Cache(EXPLANATION_CACHE_ENTRIES)
+        self._batcher = SketchBatcher(self.encoder)  # drawings searched at the same time share a forward pass
         # The gallery a call without one uses, fixed at start: visitors name their gallery
         # with each call (the page keeps it in the visitor's session).
         self.default_gallery: Optional[str] = None
@@ -222,7 +239,8 @@ class RetrievalService:
 
     def build_gallery_from_uploads(self, files: Any, name: str, owner: str, progress: Optional[ProgressFn] = None,
                                    modality: str = "photo") -> BuildOutcome:
-        """Uploaded files -> a gallery only its builder can name (see GalleryStore)."""
+        """Uploaded files -> a class gallery: opened with its code, changed only with `owner`
+        (see GalleryStore.build_from_uploads and gallery.sharing)."""
         return self.store.build_from_uploads(files, name, owner, progress=progress, modality=modality)
 
     def build_gallery_from_folder(self, folder: PathLike, name: Optional[str] = None,
@@ -233,6 +251,28 @@ class RetrievalService:
         if out.ok and make_default:
             self.default_gallery = out.name
         return out
+
+    def open_class_gallery(self, code: Any, progress: Optional[ProgressFn] = None) -> tuple[str, str]:
+        """A class code as typed (or a pasted link) -> (gallery id, status line); InputError
+        with one plain sentence for a malformed or unknown code."""
+        gid = gallery_id(parse_code(code))
+        return gid, self.store.describe(gid, progress=progress)
+
+    def owned_galleries(self, owner: Any) -> list[tuple[str, str]]:
+        """The class galleries `owner` built, as (page label, gallery id)."""
+        return self.store.owned(owner)
+
+    def delete_gallery(self, gallery: Any, owner: Any) -> str:
+        """Delete a class gallery (its owner only) -> a status line; InputError otherwise."""
+        name = self.store.delete_shared(gallery, owner)
+        return f"Gallery “{name}” is deleted. Its class code no longer opens anything."
+
+    def rename_gallery(self, gallery: Any, name: Any, owner: Any) -> str:
+        """Rename a class gallery (its owner only; its code stays) -> its new page label."""
+        return self.store.rename_shared(gallery, name if isinstance(name, str) else "", owner)
+
+    def display_name(self, gallery: str) -> str:
+        return self.store.display_name(gallery)
 
     # ------------------------------------------------------------------ model
     def _load_encoder(self, encoder: Any, checkpoint: Any) -> tuple[Any, str]:
@@ -317,7 +357,8 @@ class RetrievalService:
             key = "sketch:" + input_fingerprint(img) + (f":{brush:.1f}" if brush else "")
             cached = self._queries.get(key)
             if cached is None:
-                cached = encode_sketch_query(self.encoder, img, brush=brush)  # BlankSketchError when empty
+                cached = encode_sketch_query(self.encoder, img, brush=brush,  # BlankSketchError when empty
+                                             batcher=self._batcher)
                 self._queries.put(key, cached)
             emb, sk = cached.embedding, cached.model_input
             use_rerank = rerank and self.relation is not None and lg.gallery.tokens is not None \
@@ -338,22 +379,24 @@ class RetrievalService:
         q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=compact_sketch(img), key=key,
                   model_input=sk)
         dt = time.perf_counter() - t0
-        unsure = lg.modality == "photo" and not use_rerank and self._unsure(hits)
+        level, guess = self._confidence(lg, emb, hits, kind="sketch", drawing=img, brush=brush, model_input=sk)
         msg = self._summary(hits, mode, dt, rerank=use_rerank)
-        if unsure:
-            msg = "Not sure: this gallery may not contain what you drew. " + msg.replace("Best match", "Closest")
-        return SearchOutcome(True, msg, hits, q, dt, unsure=unsure)
+        return SearchOutcome(True, msg, hits, q, dt, level=level, guess=guess)
 
-    @property
-    def confidence_threshold(self) -> Optional[float]:
-        """Top-1 similarity below which a sketch search is reported as unsure; calibrated
-        on held-out training classes with the checkpoint (None: no calibration)."""
-        conf = (getattr(self.encoder, "meta", None) or {}).get("retrieval", {}).get("confidence") or {}
-        return conf.get("threshold")
-
-    def _unsure(self, hits: Sequence[Hit]) -> bool:
-        t = self.confidence_threshold
-        return bool(hits) and t is not None and hits[0].score < t
+    def _confidence(self, lg: LoadedGallery, emb: np.ndarray, hits: Sequence[Hit], **query: Any
+                    ) -> tuple[str, Optional[str]]:
+        """(level, guess) by the checkpoint's calibrated rule (`gallery.confidence`); ("", None)
+        when it has none. It reads the first row, so a search for fewer results looks further."""
+        if self.confidence_rule is None or not hits:
+            return "", None
+        try:
+            labels = [h.label for h in hits]
+            if len(labels) < confidence.TOP:
+                labels = [r.label for r in lg.gallery.search(emb, confidence.TOP)]
+            return confidence.assess(self.confidence_rule, self.encoder, lg.gallery, emb, labels, **query)
+        except Exception:  # the results still show
+            log.exception("confidence rule failed")
+            return "", None
 
     def search_text(self, text: str, k: int = DEFAULT_K, gallery: Optional[str] = None) -> SearchOutcome:
         """A class name or phrase -> results (needs the trained checkpoint's text head)."""
@@ -381,7 +424,9 @@ class RetrievalService:
             return SearchOutcome(False, "Sorry, that text could not be searched. Try another word.")
         dt = time.perf_counter() - t0
         q = Query(kind="text", embedding=emb, gallery=lg.name, hits=hits, text=text, key=key)
-        return SearchOutcome(True, self._summary(hits, f"text “{text}” → {lg.modality}", dt), hits, q, dt)
+        level, guess = self._confidence(lg, emb, hits, kind="text", text=text)
+        return SearchOutcome(True, self._summary(hits, f"text “{text}” → {lg.modality}", dt), hits, q, dt,
+                             level=level, guess=guess)
 
     def search_photo(self, image: Any, k: int = DEFAULT_K, gallery: Optional[str] = None) -> SearchOutcome:
         """A photo (PIL image or array; decode uploads with `open_upload`) as the query."""
@@ -418,7 +463,9 @@ class RetrievalService:
             return SearchOutcome(False, "Sorry, that photo could not be searched. Try another picture.")
         dt = time.perf_counter() - t0
         q = Query(kind="photo", embedding=emb, gallery=lg.name, hits=hits, image=shown, key=key, model_input=shown)
-        return SearchOutcome(True, self._summary(hits, f"photo → {lg.modality}", dt), hits, q, dt)
+        level, guess = self._confidence(lg, emb, hits, kind="photo")
+        return SearchOutcome(True, self._summary(hits, f"photo → {lg.modality}", dt), hits, q, dt,
+                             level=level, guess=guess)
 
     @staticmethod
     def _summary(hits: Sequence[Hit], mode: str, seconds: float, rerank: bool = False) -> str:
@@ -426,7 +473,7 @@ class RetrievalService:
             return f"No results ({mode})."
         top = hits[0].label.replace("_", " ") if hits[0].label else "?"
         extra = ", re-ranked" if rerank else ""
-        return (f"Best match: {top} ({hits[0].score:.2f}) · {len(hits)} results · {mode}{extra} · "
+        return (f"First result: {top} (similarity {hits[0].score:.2f}) · {len(hits)} results · {mode}{extra} · "
                 f"{seconds * 1000:.0f} ms")
 
     # ------------------------------------------------------------------ explanations
@@ -515,7 +562,8 @@ class RetrievalService:
 
     def row_of_thumbnail(self, gallery: Optional[str], path: str, caption: Optional[str] = None) -> Optional[int]:
         """The gallery row a results-grid image shows (thumbnails are named <row>.jpg);
-        None when it cannot be told. The caption's label must agree."""
+        None when it cannot be told. When a caption is given, it must be that row's class
+        (`Hit.caption`: "<place>. <class>"; only the class is compared, the place can move)."""
         stem = Path(str(path)).stem
         if not stem.isdigit():
             return None
@@ -527,8 +575,8 @@ class RetrievalService:
         if not 0 <= row < len(lg):
             return None
         if caption:
-            label = caption.rsplit(" · ", 1)[0]
-            if label != (lg.labels[row].replace("_", " ") if lg.labels[row] else "(no class)"):
+            name = lg.labels[row].replace("_", " ") if lg.labels[row] else "(no class)"
+            if caption.split(". ", 1)[-1] != name:
                 return None
         return row
 
@@ -547,20 +595,23 @@ class RetrievalService:
              gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
              query_label: str = "your drawing") -> MapImage:
         """The gallery's t-SNE map (thumbnails, class names) with the query placed in it
-        (a star) and `highlight` (the top-k rows) framed."""
+        (a star) and `highlight` (the top-k rows, best first) framed. With results, the
+        star goes where most of its best results sit together (`place_by_results`), so it
+        lands with what the page shows; without, by its embedding."""
         try:
             lg = self.gallery(gallery)
             m = self._map(lg)
             xy = None
-            if query_embedding is not None:
-                xy = m.place(np.asarray(query_embedding, dtype=np.float32).reshape(1, -1))[0]
             hl = [int(i) for i in highlight] if highlight is not None else None
-            title = f"{lg.name}: {len(lg)} {'sketches' if lg.modality == 'sketch' else 'images'}" + (
-                " · ★ your query, framed: its results" if xy is not None else "")
+            if query_embedding is not None:
+                xy = m.place_by_results(hl) if hl else m.place(
+                    np.asarray(query_embedding, dtype=np.float32).reshape(1, -1))[0]
+            title = f"{lg.name}: {len(lg)} {'drawings' if lg.modality == 'sketch' else 'pictures'}" + (
+                (" · ★ sits with its best matches (pink frames)" if hl else " · ★ = you") if xy is not None else "")
             # Thumbnails are decoded once per map (it caches them and the base layer).
-            img = m.render(query_xy=xy, highlight=hl, size=size, title=title, query_label=query_label,
-                           thumbnails=lambda row: self.thumbnail(lg, row))
-            return MapImage(True, "", img, m.to_plot_data(query_xy=xy, highlight=hl))
+            marks = m.marks(query_xy=xy, highlight=hl, size=size, title=title, query_label=query_label,
+                            thumbnails=lambda row: self.thumbnail(lg, row))
+            return MapImage(True, "", m.draw(marks), m.to_plot_data(query_xy=xy, highlight=hl), marks)
         except InputError as exc:
             return MapImage(False, str(exc))
         except Exception:

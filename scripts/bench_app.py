@@ -158,6 +158,54 @@ def bench_browser(url: str, strokes: int = 20, timeout_ms: float = 60_000) -> di
     return res
 
 
+def profile_stroke(service, calls: int = 20, k: int = 12, top: int = 15) -> None:
+    """cProfile of what the server runs per stroke: the /search_strokes callback, then the
+    map `.then` as the page runs it (drawn, paced and written as a served file); the top
+    functions by cumulative time and each part's CPU time per call."""
+    import cProfile
+    import io
+    import pstats
+
+    import sbir_app as app_module
+    from sbir_app.pacing import DutyCycle
+    from sbir_app.page import MAP_SHARE
+
+    cb = app_module.Callbacks(service)
+    map_panel = app_module.ServedImages(app_module.served_folder(service))(DutyCycle(MAP_SHARE)(cb.map_panel))
+    strokes = jittered_strokes(calls + 3, seed=5)
+    for st in strokes[:3]:
+        map_panel(cb.search_strokes(st, k, None)[2])
+    queries, profiles = [], {}
+    for name in ("search_strokes", "map"):
+        prof, c0 = cProfile.Profile(), time.process_time()
+        for st in strokes[3:]:
+            if name == "search_strokes":
+                prof.runcall(lambda: queries.append(cb.search_strokes(st, k, None)[2]))
+            else:
+                time.sleep(0.3)  # a stroke's pause, as on the page: the map's pacing does not wait
+                prof.runcall(map_panel, queries.pop(0))
+        profiles[name] = (prof, 1000 * (time.process_time() - c0) / calls)
+    # What batching buys (gallery.batching): CPU time per drawing by batch size, one torch thread.
+    import torch
+
+    enc = service.encoder
+    x = torch.rand(16, 3, enc.image_size, enc.image_size)
+    per = {b: [] for b in (1, 4, 8, 16)}
+    for _ in range(5):  # interleaved, so background load hits every size alike
+        for b in per:
+            c0 = time.process_time()
+            for _ in range(16 // b):
+                enc.encode(x[:b], "sketch")
+            per[b].append(1000 * (time.process_time() - c0) / 16)
+    print("forward pass, CPU ms per drawing by batch size (median of 5): "
+          + ", ".join(f"{b}: {statistics.median(v):.1f}" for b, v in per.items()))
+    for name, (prof, cpu_ms) in profiles.items():
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+        print(f"--- {name}: {cpu_ms:.1f} ms CPU per call (n={calls})")
+        print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--galleries", default=None, help="galleries root (default galleries/)")
@@ -168,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--url", default=None, help="time strokes against a running app instead of an in-process one")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the app's default is 1)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile one stroke's server work (search callback, then the map) and exit")
     args = ap.parse_args(argv)
 
     import torch
@@ -184,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     service.warm_up()
     print(f"loaded {service.encoder_id}, gallery {service.default_gallery} ({len(service.gallery(None))} items) "
           f"in {time.time() - t0:.1f} s; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if args.profile:
+        profile_stroke(service, args.calls)
+        return 0
     out = {"loadavg_before": os.getloadavg()[0], "encoder": service.encoder_id}
     out["callback"] = cb = bench_callback(service, args.calls)
     print(f"search callback   p50 {cb['callback']['p50_ms']:7.1f} ms  p95 {cb['callback']['p95_ms']:7.1f} ms  "

@@ -1,7 +1,10 @@
 """How often do the explanation's correspondence lines join the right places?
 
     python scripts/bench_correspondence.py --data ../shared/data [--checkpoint default|none|PATH]
-        [--relation auto|none|PATH] [--n 240] [--seed 0] [--threads 1] [--json]
+        [--relation auto|none|PATH] [--n 240] [--n-doodles 240] [--n-search 90] [--no-search]
+        [--seed 0] [--threads 1] [--json]
+    python scripts/bench_correspondence.py --data ../shared/data --calibrate --n 60   # the line threshold
+    python scripts/bench_correspondence.py --latency 5                                # click to explanation
 
 Ground truth without any annotation: a photo's own edge map (`preprocess.photo_to_edges`,
 the pseudo-sketch view the library uses) is moved by a known random affine map
@@ -34,10 +37,28 @@ whose truth falls inside the image count. Reported, for each set:
 - `pck_assignment`: the method's full assignment (every inked cell, as the synthesis
   uses it), comparable with the baselines cell for cell;
 - `pck_all_candidates`: the lines it would draw with no threshold;
-- `n_pairs`, `n_matches` (mean drawn lines per pair), `pairs_without_lines`.
+- `n_pairs`, `n_matches` (mean drawn lines per pair), `pairs_without_lines`;
+- `coverage`: what PCK never sees, the parts the lines miss: the share of inked sketch
+  cells whose truth is inside the picture that have a correct drawn line (pooled).
 
-Each set is split in two halves by a fixed seed. The line-strength threshold is
-calibrated on the hard set's calibration half (`threshold_calibrated`, see
+Top-level `pck_hard` / `coverage_hard` repeat the hard set's; `pck_doodle` /
+`coverage_doodle` are the same figures on a third set: held-out QuickDraw doodles
+(`data.heldout_doodles`, never trained on) moved by a standard-set map against their colour
+fill (every closed region painted, clip-art style; `training.correspondence.fill_drawing`).
+
+Real searches (`search` in the JSON, its headline figures also at the top level): the page's
+example drawings and `--n-search` held-out doodles of the default gallery's classes
+(`eval.product.product_queries`), each searched exactly as the app searches
+(`RetrievalService`: shipped checkpoint, galleries/default), and its first correct picture
+in the top 5 explained as a click explains it: `lines_median`, `zero_line_share` (share of
+explanations with no line), `lines_on_object` (share of line ends whose dot, a quarter cell
+across, touches a non-white pixel of the picture), `heat_on_object` (mean share of the
+heatmap's mass, as drawn, on non-white pixels), `object_area` (mean share of non-white
+pixels) and `explain_seconds_p50` (explain + the three images, wall time).
+
+Each set is split in two halves by a fixed seed. The shipped line threshold is calibrated
+on training classes (`--calibrate`); for reference the script also calibrates one on the
+hard set's calibration half (`threshold_calibrated`, see
 `calibrate_threshold`; on the standard set nearly every candidate is right, so it cannot
 choose one), and every PCK is measured on the evaluation halves (`n_pairs` counts those).
 `threshold` is the module constant in use; `pck_at_calibrated` the PCK at the
@@ -55,7 +76,6 @@ from pathlib import Path
 
 import argparse
 import json
-import math
 import time
 from typing import Optional, Sequence
 
@@ -76,20 +96,9 @@ WRONG_COST = 4.0  # calibration: a wrong line costs as much as four right ones g
 
 
 # ----------------------------------------------------------------------------- ground truth
-def affine_matrix(size: int, angle: float = 0.0, scale: float = 1.0, shift: Sequence[float] = (0.0, 0.0),
-                  flip: bool = False) -> np.ndarray:
-    """(2, 3) map from photo pixels to sketch pixels (continuous coordinates, a pixel's
-    centre at i + 0.5): mirror (optional) about the vertical centre line, then rotate by
-    `angle` degrees and scale about the centre, then shift by `shift` pixels."""
-    c = size / 2.0
-    F = np.diag([-1.0 if flip else 1.0, 1.0, 1.0])
-    F[0, 2] = size if flip else 0.0
-    a = math.radians(angle)
-    R = np.array([[scale * math.cos(a), -scale * math.sin(a), 0.0],
-                  [scale * math.sin(a), scale * math.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    T0 = np.array([[1.0, 0, -c], [0, 1.0, -c], [0, 0, 1.0]])
-    T1 = np.array([[1.0, 0, c + shift[0]], [0, 1.0, c + shift[1]], [0, 0, 1.0]])
-    return (T1 @ R @ T0 @ F)[:2]
+# One geometry for training and benchmark (the head trains on the same kind of pairs).
+from sbir_core.errors import InputError  # noqa: E402
+from sbir_core.training.correspondence import affine_matrix, true_cells, warp_image  # noqa: E402
 
 
 def random_affine(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
@@ -97,35 +106,6 @@ def random_affine(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict
     p = {"angle": float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), "scale": float(rng.uniform(*SCALE_RANGE)),
          "shift": [float(v) for v in rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * size], "flip": bool(rng.random() < 0.5)}
     return affine_matrix(size, **p), p
-
-
-def warp_image(img: Image.Image, M: np.ndarray) -> Image.Image:
-    """`img` moved by M (photo -> sketch pixels), white where nothing lands."""
-    import cv2
-
-    # cv2 puts pixel centres at integers: shift the continuous map by half a pixel.
-    A = np.vstack([M, [0, 0, 1]])
-    H = np.array([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1.0]])
-    Ai = np.linalg.inv(H) @ A @ H
-    a = np.asarray(img.convert("RGB"))
-    out = cv2.warpAffine(a, Ai[:2], (a.shape[1], a.shape[0]), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
-    return Image.fromarray(out)
-
-
-def true_cells(M: np.ndarray, grid: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """(h*w,) int: for each sketch cell, the photo cell its centre came from under M
-    (photo -> sketch), -1 where that point lies outside the photo. `size` = (W, H)."""
-    h, w = int(grid[0]), int(grid[1])
-    W, H = float(size[0]), float(size[1])
-    r, c = np.divmod(np.arange(h * w), w)
-    q = np.stack([(c + 0.5) * W / w, (r + 0.5) * H / h, np.ones(h * w)], 0)
-    Ai = np.linalg.inv(np.vstack([M, [0, 0, 1]]))
-    p = (Ai @ q)[:2]
-    pc = np.floor(p[0] / (W / w)).astype(int)
-    pr = np.floor(p[1] / (H / h)).astype(int)
-    ok = (p[0] >= 0) & (p[0] < W) & (p[1] >= 0) & (p[1] < H)
-    return np.where(ok, pr * w + pc, -1)
 
 
 def correct(sketch_cells: Sequence[int], photo_cells: Sequence[int], truth: np.ndarray, grid: Sequence[int],
@@ -144,6 +124,17 @@ def pck(sketch_cells: Sequence[int], photo_cells: Sequence[int], truth: np.ndarr
     c = correct(sketch_cells, photo_cells, truth, grid)
     c = c[c >= 0]
     return float(c.mean()) if len(c) else float("nan")
+
+
+def coverage_counts(sketch_cells: Sequence[int], photo_cells: Sequence[int], truth: np.ndarray,
+                    ink: np.ndarray, grid: Sequence[int]) -> tuple[int, int]:
+    """(inked sketch cells whose truth is inside the picture and that have a correct
+    drawn line, inked sketch cells whose truth is inside the picture): what PCK never
+    sees, the parts the lines miss."""
+    c = correct(sketch_cells, photo_cells, truth, grid)
+    right = {int(s) for s, ok in zip(np.asarray(sketch_cells, int), c) if ok == 1}
+    want = np.flatnonzero(np.asarray(ink, bool) & (truth >= 0))
+    return sum(int(s) in right for s in want), len(want)
 
 
 def spatial_only(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +212,27 @@ def other_edges(photo, size: int, rng: np.random.Generator) -> Image.Image:
     return pad_square(Image.fromarray(255 - e).convert("RGB"), size)
 
 
+def doodle_pair(strokes, size: int, rng: np.random.Generator):
+    """(sketch, picture, M, params): a held-out doodle moved by a standard-set map, and
+    its colour fill (every closed region painted, clip-art style) in place."""
+    from sbir_core.data.preprocess import preprocess_sketch
+    from sbir_core.training.correspondence import fill_drawing
+
+    sk = preprocess_sketch(strokes, size)
+    M, params = random_affine(rng, size)
+    return warp_image(sk, M), fill_drawing(sk, rng), M, params
+
+
+def doodle_items(data: Path, n: int) -> list:
+    """An evenly spaced selection of held-out doodles (`data.heldout_doodles`: the last
+    five of every QuickDraw class, never trained on), one per class where possible."""
+    from sbir_core.data.datasets import heldout_doodles
+
+    items = heldout_doodles(data)
+    items = items[::5] + [it for i, it in enumerate(items) if i % 5]  # first one of each class first
+    return items[:n]
+
+
 def make_pair(photo, size: int, rng: np.random.Generator, hard: bool = False):
     """(sketch, photo image, M, params): the photo preprocessed like a gallery photo and
     its edge map, in the same geometry, moved by a random affine map M (photo -> sketch)."""
@@ -247,7 +259,8 @@ def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=
     from sbir_core.explain import correspondence as E
     from sbir_core.models.relation import ink_cells
 
-    rng = np.random.default_rng(seed + (7919 if hard else 0))
+    doodle = hard == "doodle"
+    rng = np.random.default_rng(seed + {True: 7919, False: 0, "doodle": 104729}[hard])
     size = encoder.image_size
     records = []
     t0 = time.perf_counter()
@@ -256,7 +269,10 @@ def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=
             photo = item.load()
         except Exception:  # an unreadable file: skip it, like indexing does
             continue
-        sk, ph, M, params = make_pair(photo, size, rng, hard)
+        try:
+            sk, ph, M, params = doodle_pair(photo, size, rng) if doodle else make_pair(photo, size, rng, hard)
+        except InputError:  # a doodle with nothing to draw (BlankSketchError)
+            continue
         feats = A.encode_pair_features(encoder, sk, ph)
         grid = feats.grid
         ink = ink_cells(sk, grid).reshape(-1)
@@ -271,7 +287,7 @@ def collect(encoder, items: Sequence, hard: bool, seed: int, relation=None, log=
                         "candidates": list(ex.candidates), "similarity": ex.similarity, "plain": plain,
                         "assignment": ex.assignment})
         if log and (i + 1) % 40 == 0:
-            log(f"{'hard' if hard else 'standard'}: {i + 1} pairs, {time.perf_counter() - t0:.0f} s")
+            log(f"{'doodle' if doodle else 'hard' if hard else 'standard'}: {i + 1} pairs, {time.perf_counter() - t0:.0f} s")
     return records
 
 
@@ -302,10 +318,12 @@ def score(records: Sequence[dict], threshold: float) -> dict:
         return np.array([m[0] for m in ms], int), np.array([m[1] for m in ms], int)
 
     pck_m, n_scored = pooled(drawn)
+    cov = np.array([coverage_counts(*drawn(r), r["truth"], r["ink"], r["grid"]) for r in records]).reshape(-1, 2)
     n_drawn = [len(drawn(r)[0]) for r in records]
     ink_cells_of = lambda r: np.flatnonzero(r["ink"])  # noqa: E731
     return {
         "pck": pck_m,
+        "coverage": round(float(cov[:, 0].sum() / max(cov[:, 1].sum(), 1)), 4),
         "pck_spatial_only": pooled(lambda r: spatial_only(r["ink"]))[0],
         "pck_feature_only": pooled(lambda r: feature_only(r["plain"], r["ink"]))[0],
         "pck_feature_only_multiview": pooled(lambda r: feature_only(r["similarity"], r["ink"]))[0],
@@ -318,15 +336,162 @@ def score(records: Sequence[dict], threshold: float) -> dict:
     }
 
 
-def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=None) -> dict:
+# ----------------------------------------------------------------------------- calibration on training classes
+def calibrate_on_training_classes(encoder, data: Path, n: int = 120, seed: int = 0, log=None) -> dict:
+    """The line threshold calibrated (`calibrate_threshold`) on pairs of the shipped
+    head's selection classes: training classes (never a benchmark class) that the head
+    never trained on: their photos (standard and hard pairs) and their trainable doodles
+    against their fill. The benchmark's own sets never choose the threshold."""
+    from sbir_core.data.datasets import training_items
+    from sbir_core.models.correspondence_head import head_for
+
+    head = head_for(encoder)
+    if head is None:
+        raise SystemExit("no correspondence head for this encoder: nothing to calibrate for")
+    classes = set(head.meta["selection_classes"])
+    items = [it for it in training_items(data) if it.label in classes]
+    photos = [it for it in items if it.modality == "photo"]
+    doodles = [it for it in items if it.modality != "photo"]
+    pick = lambda xs: [xs[i] for i in np.unique(np.linspace(0, len(xs) - 1, min(n, len(xs))).round().astype(int))]  # noqa: E731
+    records = (collect(encoder, pick(photos), False, seed + 1, None, log)
+               + collect(encoder, pick(photos), True, seed + 1, None, log)
+               + collect(encoder, pick(doodles), "doodle", seed + 1, None, log))
+    cal = calibrate_threshold(records)
+    return {"threshold": cal["threshold"], "pck": round(cal["pck"], 4), "pairs": len(records),
+            "classes": sorted(classes), **{k: score(records, cal["threshold"])[k] for k in ("coverage", "n_matches")}}
+
+
+# ----------------------------------------------------------------------------- real searches
+def heat_field(ex) -> np.ndarray:
+    """The heatmap as the page draws it, at the picture's size."""
+    if hasattr(ex, "heat_field"):
+        return ex.heat_field()
+    import cv2  # an Explanation from before `heat_field`: the plain enlarged cell heatmap
+
+    return np.clip(cv2.resize(ex.heatmap.astype(np.float32), tuple(ex.image_size), interpolation=cv2.INTER_CUBIC),
+                   0, 1)
+
+
+def object_pixels(image: Image.Image) -> np.ndarray:
+    """(H, W) bool: the picture's non-white pixels (every channel < 235 is not white)."""
+    return (np.asarray(image.convert("RGB")) < 235).any(-1)
+
+
+def ends_on_object(ends: Sequence[tuple[float, float]], mask: np.ndarray, radius: float) -> np.ndarray:
+    """Per line end (x, y) in pixels: does a non-white pixel lie within `radius` pixels
+    (the end's dot on the page)?"""
+    H, W = mask.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    return np.array([bool(mask[(xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= radius ** 2].any()) for x, y in ends], bool)
+
+
+def heat_share(field: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the heat mass on the mask (nan for an empty heatmap)."""
+    tot = float(field.sum())
+    return float((field * mask).sum() / tot) if tot > 0 else float("nan")
+
+
+def explanation_figures(ex) -> dict:
+    """Lines, their ends on the object, heat on the object and the object's area for one
+    explanation (the object: the preprocessed picture's non-white pixels)."""
+    mask = object_pixels(ex.photo_image)
+    ends = [ex.cell_center(p) for _, p, _ in ex.matches]
+    on = ends_on_object(ends, mask, radius=min(ex.cell_size) / 4)
+    return {"lines": len(ex.matches), "ends_on_object": int(on.sum()), "heat_on_object": heat_share(heat_field(ex), mask),
+            "object_area": float(mask.mean())}
+
+
+def search_queries(data: Path, n: int) -> list[tuple[str, str, object]]:
+    """(name, gallery class, strokes): the page's example drawings, then `n` held-out
+    doodles of the default gallery's classes evenly spaced over the product benchmark's
+    queries (zero-shot classes first; `eval.product.product_queries`)."""
+    from sbir_core.data.examples import list_examples
+    from sbir_core.eval.product import product_queries
+
+    out = [(f"example:{e.name}", e.label, [list(map(list, st)) for st in e.strokes]) for e in list_examples()]
+    items = [it for group in product_queries(data).values() for it in group]
+    idx = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int))
+    return out + [(items[i].key, items[i].label, items[i].load()) for i in idx]
+
+
+def real_searches(data: Path, n: int = 90, k: int = 5, log=None) -> dict:
+    """Each query searched exactly as the app searches (`RetrievalService`, the shipped
+    checkpoint, galleries/default), its first correct picture in the top `k` explained as
+    the page does on a click (`explain_pair` with the service's relation model, then the
+    three images rendered; its wall time is the click-to-explanation latency)."""
+    from sbir_core.explain.correspondence import explain_pair
+    from sbir_core.service import RetrievalService
+
+    svc = RetrievalService()
+    rows, seconds = [], []
+    queries = search_queries(data, n)
+    for name, label, strokes in queries:
+        out = svc.search_sketch(strokes, k=max(k, 12), gallery="default")
+        if not out.ok:
+            continue
+        hit = next((h for h in out.hits[:k] if h.label == label), None)
+        if hit is None:
+            continue
+        t0 = time.perf_counter()
+        ex = explain_pair(svc.encoder, out.query.image, hit.path, relation=svc.relation, query_kind=out.query.kind)
+        ex.render_correspondences(), ex.render_synthesis(), ex.render_heatmap()
+        seconds.append(time.perf_counter() - t0)
+        rows.append({"query": name, "label": label, "rank": hit.rank + 1, **explanation_figures(ex)})
+        if log and len(rows) % 20 == 0:
+            log(f"real searches: {len(rows)} explained")
+    lines = np.array([r["lines"] for r in rows])
+    heat = np.array([r["heat_on_object"] for r in rows], float)
+    return {
+        "queries": len(queries), "explained": len(rows),
+        "lines_median": float(np.median(lines)) if len(rows) else float("nan"),
+        "lines_mean": round(float(lines.mean()), 2) if len(rows) else float("nan"),
+        "zero_line_share": round(float((lines == 0).mean()), 4) if len(rows) else float("nan"),
+        "lines_on_object": round(sum(r["ends_on_object"] for r in rows) / max(int(lines.sum()), 1), 4),
+        "heat_on_object": round(float(np.nanmean(heat)), 4) if len(rows) else float("nan"),
+        "object_area": round(float(np.mean([r["object_area"] for r in rows])), 4) if len(rows) else float("nan"),
+        "explain_seconds_p50": round(float(np.median(seconds)), 3) if seconds else float("nan"),
+        "per_query": rows,
+    }
+
+
+def latency(repeats: int = 5) -> dict:
+    """Click to explanation for the page's examples (each against its first correct
+    default-gallery picture in the top 5): `explain_pair` + the three images, median wall
+    and CPU seconds of this process over the examples x `repeats` (one torch thread)."""
+    from sbir_core.data.examples import list_examples
+    from sbir_core.explain.correspondence import explain_pair
+    from sbir_core.service import RetrievalService
+
+    svc = RetrievalService()
+    wall, cpu = [], []
+    for e in list_examples():
+        out = svc.search_sketch([list(map(list, st)) for st in e.strokes], k=12, gallery="default")
+        hit = next((h for h in out.hits[:5] if h.label == e.label), None) if out.ok else None
+        if hit is None:
+            continue
+        for i in range(repeats + 1):
+            t, c = time.perf_counter(), time.process_time()
+            ex = explain_pair(svc.encoder, out.query.image, hit.path, relation=svc.relation, query_kind=out.query.kind)
+            ex.render_correspondences(), ex.render_synthesis(), ex.render_heatmap()
+            if i:  # the first run warms up
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+    return {"explain_wall_p50": round(float(np.median(wall)), 3), "explain_cpu_p50": round(float(np.median(cpu)), 3),
+            "runs": len(wall)}
+
+
+def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=None, n_doodles: int = 240,
+        n_search: int = 90, searches: bool = True) -> dict:
     from sbir_core.explain import correspondence as E
 
     t0 = time.perf_counter()
     items = photo_items(data, n)
     std = collect(encoder, items, False, seed, relation, log)
     hard = collect(encoder, items, True, seed, relation, log)
+    doodles = collect(encoder, doodle_items(data, n_doodles), "doodle", seed, relation, log) if n_doodles else []
     std_cal, std_eval = split_halves(std)
     hard_cal, hard_eval = split_halves(hard)
+    doodle_eval = split_halves(doodles)[1]
     cal = calibrate_threshold(hard_cal)
     used = E.MATCH_THRESHOLD
     res = {"encoder": encoder.encoder_id, "image_size": int(encoder.image_size),
@@ -338,6 +503,15 @@ def run(encoder, data: Path, n: int = 240, seed: int = 0, relation=None, log=Non
     res["threshold_calibrated"] = cal["threshold"]
     res["pck_at_calibrated"] = score(std_eval, cal["threshold"])["pck"]
     res["hard"]["pck_at_calibrated"] = score(hard_eval, cal["threshold"])["pck"]
+    res["pck_hard"], res["coverage_hard"] = res["hard"]["pck"], res["hard"]["coverage"]
+    if doodles:
+        res["doodle"] = score(doodle_eval, used)
+        res["pck_doodle"], res["coverage_doodle"] = res["doodle"]["pck"], res["doodle"]["coverage"]
+    if searches:
+        res["search"] = real_searches(data, n_search, log=log)
+        for key in ("lines_median", "zero_line_share", "lines_on_object", "heat_on_object", "object_area",
+                    "explain_seconds_p50"):
+            res[key] = res["search"][key]
     res["seed"] = seed
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
@@ -352,6 +526,16 @@ def main(argv=None) -> int:
                          "app does), 'none', or a path")
     ap.add_argument("--n", type=int, default=240, help="photos; each gives a standard and a hard pair, "
                                                         "half of each set calibrates, half evaluates")
+    ap.add_argument("--n-doodles", type=int, default=240, help="held-out doodles against their warped colour fill "
+                                                                "(half evaluated; 0 skips the set)")
+    ap.add_argument("--n-search", type=int, default=90, help="held-out doodles searched and explained as the app "
+                                                             "does (after the page's examples)")
+    ap.add_argument("--no-search", action="store_true", help="skip the real searches")
+    ap.add_argument("--latency", type=int, default=0, metavar="REPEATS",
+                    help="only time click to explanation on the page's examples (REPEATS runs each) and print it")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="only calibrate the line threshold on the correspondence head's selection classes "
+                         "(training classes) and print it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -379,24 +563,37 @@ def main(argv=None) -> int:
                     enc.encode(torch.zeros(1, 3, enc.image_size, enc.image_size), "photo").grid):
                 relation = None  # the service skips a relation model on another grid too
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else None
-    res = run(enc, data, n=args.n, seed=args.seed, relation=relation, log=log)
+    if args.latency:
+        print(json.dumps(latency(args.latency)))
+        return 0
+    if args.calibrate:
+        print(json.dumps(calibrate_on_training_classes(enc, data, n=args.n, seed=args.seed, log=log)))
+        return 0
+    res = run(enc, data, n=args.n, seed=args.seed, relation=relation, log=log, n_doodles=args.n_doodles,
+              n_search=args.n_search, searches=not args.no_search)
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"encoder {res['encoder']} ({res['image_size']} px, grid {res['grid']}), relation model: "
           f"{'yes' if res['relation'] else 'no'}; {res['seconds']} s")
-    print(f"{'PCK@1 cell (evaluation halves)':<38}{'standard':>10}{'hard':>10}")
-    h = res["hard"]
-    rows = [("explanation lines (shipped)", "pck"), ("  every line candidate", "pck_all_candidates"),
+    sets = [("standard", res), ("hard", res["hard"])] + ([("doodle", res["doodle"])] if "doodle" in res else [])
+    print(f"{'PCK@1 cell (evaluation halves)':<38}" + "".join(f"{n:>10}" for n, _ in sets))
+    rows = [("explanation lines (shipped)", "pck"), ("coverage (inked cells rightly joined)", "coverage"),
+            ("  every line candidate", "pck_all_candidates"),
             ("  full assignment (all ink cells)", "pck_assignment"), ("spatial prior only", "pck_spatial_only"),
             ("feature nearest neighbour only", "pck_feature_only"),
-            ("  on the method's similarity", "pck_feature_only_multiview")]
+            ("  on the method's similarity", "pck_feature_only_multiview"), ("lines per pair", "n_matches")]
     for label, key in rows:
-        print(f"{label:<38}{res[key]:>10.3f}{h[key]:>10.3f}")
-    print(f"{'lines per pair':<38}{res['n_matches']:>10.1f}{h['n_matches']:>10.1f}")
-    print(f"{'pairs':<38}{res['n_pairs']:>10d}{h['n_pairs']:>10d}")
+        print(f"{label:<38}" + "".join(f"{r[key]:>10.3f}" for _, r in sets))
+    print(f"{'pairs':<38}" + "".join(f"{r['n_pairs']:>10d}" for _, r in sets))
+    if "search" in res:
+        q = res["search"]
+        print(f"real searches ({q['explained']} of {q['queries']} queries had a right picture in the top 5): "
+              f"lines median {q['lines_median']:g}, none {q['zero_line_share']:.2f}, line ends on the object "
+              f"{q['lines_on_object']:.3f}, heat on the object {q['heat_on_object']:.3f} (object area "
+              f"{q['object_area']:.3f}), explanation p50 {q['explain_seconds_p50']:.3f} s")
     print(f"threshold {res['threshold']} (calibrated on the hard calibration half: {res['threshold_calibrated']}; "
-          f"PCK there {res['pck_at_calibrated']:.3f} / {h['pck_at_calibrated']:.3f})")
+          f"PCK there {res['pck_at_calibrated']:.3f} / {res['hard']['pck_at_calibrated']:.3f})")
     return 0
 
 

@@ -73,9 +73,9 @@ def retrieval_settings(args: argparse.Namespace, centres: np.ndarray) -> dict:
         return {}
     from sbir_core.gallery.calibration import SeenCalibration
     from sbir_core.models.checkpoint import read_metadata
-    from sbir_core.paths import checkpoint_path
+    from sbir_core.paths import checkpoint_path, list_checkpoints
 
-    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else checkpoint_path(args.checkpoint)
+    path = checkpoint_path(args.checkpoint) if args.checkpoint in list_checkpoints() else Path(args.checkpoint)
     retrieval = read_metadata(path).get("retrieval") or {}
     setting = retrieval.get("seen_calibration")
     cal = SeenCalibration(centres[::2], float(setting["tau"]), float(setting["beta"])) if setting else None

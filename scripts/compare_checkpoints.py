@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from sbir_core.paths import stored_checkpoint  # noqa: E402
+
 KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
 # (row, evaluate_split arguments): as `eval` ranks with the flags in the row's name
 SPLITS = (("pacs", {"split": "pacs"}),
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "splits.json").is_file():
         ap.error(f"--data {data}: no splits.json there; pass the shared data folder")
     for c in args.checkpoints:
-        if c not in ("default", "none") and not Path(c).is_file():
+        if c not in ("default", "none") and not stored_checkpoint(c).is_file():  # a file, or its shards
             ap.error(f"no checkpoint file {c}")
     results = {c: measure(data, c) for c in args.checkpoints}
     diffs = differences(results) if len(results) > 1 else {}

@@ -3,6 +3,10 @@
 
     python scripts/screenshots.py OUT_DIR                   # starts the app in-process
     python scripts/screenshots.py OUT_DIR --url http://127.0.0.1:7860   # or use a running one
+    python scripts/screenshots.py OUT_DIR --width 390 --height 844      # a phone
+    python scripts/screenshots.py OUT_DIR --docs docs --readme docs/screenshot.jpg
+        # the docs' pictures: docs/why-after-{1366,390}-{drawn,click}.jpg (a house drawn on a
+        # laptop and a phone, then its first result clicked) and the README's picture
 
 Each drawing is replayed stroke by stroke from the example stroke lists
 (`sbir_core/examples/*.json`; the umbrella is drawn in code, CODE_DRAWINGS) with real
@@ -187,11 +191,27 @@ def clear_canvas(page) -> None:
     page.wait_for_timeout(500)
 
 
-def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS, width: int = 1400) -> list[Path]:
+def click_first_result(page) -> None:
+    """Click the first result as a person would: in the phone's strip of first results when
+    it is shown, else in the results grid."""
+    strip = page.locator("#sbir-strip button")
+    if strip.count() and strip.first.is_visible():
+        strip.first.click()
+    else:
+        page.locator("#results img").first.click()
+    page.wait_for_function("() => { const i = document.querySelector('#explanation img');"
+                           " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+    page.wait_for_timeout(1500)
+
+
+def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS, width: int = 1400,
+                     height: int = 1000) -> list[Path]:
+    """For each drawing: `<name>_results.png` (after drawing) and `<name>_explained.png`
+    (after clicking the first result), as the screen shows them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for name in drawings:
-        with browser_page(url, width=width) as page:  # a fresh page per drawing: clean canvas, clean state
+        with browser_page(url, width=width, height=height) as page:  # a fresh page per drawing: clean state
             for stroke in example_strokes(page, name):
                 draw_stroke(page, stroke)
                 page.wait_for_timeout(150)
@@ -199,13 +219,43 @@ def take_screenshots(url: str, out_dir: Path, drawings: Sequence[str] = DRAWINGS
             p = out_dir / f"{name}_results.png"
             page.screenshot(path=str(p))
             saved.append(p)
-            page.locator("#results img").first.click()
-            page.wait_for_selector("#explanation img", timeout=60_000)
-            page.wait_for_timeout(1500)
+            y0 = page.evaluate("() => window.scrollY")
+            click_first_result(page)
+            box = page.locator("#explanation img").bounding_box()
+            print(f"{name} at {width}x{height}: explanation picture at y={box['y']:.0f}..{box['y'] + box['height']:.0f}"
+                  f" px of the {height} px screen; page scrolled {page.evaluate('() => window.scrollY') - y0:.0f} px")
             p = out_dir / f"{name}_explained.png"
-            page.screenshot(path=str(p), full_page=True)
+            page.screenshot(path=str(p))
             saved.append(p)
-            print(f"{name}: {status_text(page).strip().splitlines()[-1]}")
+            print(f"{name} at {width}x{height}: {status_text(page).strip().splitlines()[0]}")
+    return saved
+
+
+DOC_SCREENS = ((1366, 768), (390, 844))
+
+
+def save_jpeg(src: Path, dest: Path, max_bytes: int = 150_000) -> None:
+    """A small JPEG for the docs (quality lowered until it is under max_bytes)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        for quality in (82, 74, 66, 58, 50):
+            im.save(dest, quality=quality, optimize=True)
+            if dest.stat().st_size <= max_bytes:
+                break
+
+
+def docs_screenshots(url: str, out_dir: Path, docs: Path) -> list[Path]:
+    """docs/why-after-<width>-{drawn,click}.jpg: the house on a laptop and a phone."""
+    saved = []
+    for w, h in DOC_SCREENS:
+        sub = out_dir / f"{w}x{h}"
+        drawn, clicked = take_screenshots(url, sub, ["house"], width=w, height=h)
+        for src, what in ((drawn, "drawn"), (clicked, "click")):
+            dest = docs / f"why-after-{w}-{what}.jpg"
+            save_jpeg(src, dest)
+            saved.append(dest)
     return saved
 
 
@@ -217,29 +267,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gallery", default="default")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--drawings", nargs="+", default=list(DRAWINGS))
-    ap.add_argument("--width", type=int, default=1400, help="viewport width (768: a tablet, 1920: a projector)")
+    ap.add_argument("--width", type=int, default=1400, help="viewport width (390: a phone, 768: a tablet, 1920: a projector)")
+    ap.add_argument("--height", type=int, default=1000, help="viewport height (844 with --width 390: a phone)")
+    ap.add_argument("--docs", default=None, metavar="DIR",
+                    help="instead: the docs' laptop and phone pictures, DIR/why-after-{1366,390}-{drawn,click}.jpg")
     ap.add_argument("--readme", default=None, metavar="JPG",
-                    help="also save the house explanation at 60%% size here (the README's picture, docs/screenshot.jpg)")
+                    help="also save the house explanation here (the README's picture, docs/screenshot.jpg)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     out = Path(args.out_dir)
+    def run(url: str) -> list[Path]:
+        if args.docs:
+            return docs_screenshots(url, out, Path(args.docs))
+        return take_screenshots(url, out, args.drawings, args.width, args.height)
+
     if args.url:
-        paths = take_screenshots(args.url, out, args.drawings, args.width)
+        paths = run(args.url)
     else:
         with running_app(args.galleries, args.gallery, args.checkpoint) as url:
-            paths = take_screenshots(url, out, args.drawings, args.width)
+            paths = run(url)
     for p in paths:
         print(p)
     if args.readme:
-        from PIL import Image
-
-        src = next((p for p in paths if Path(p).name == "house_explained.png"), paths[-1])
-        with Image.open(src) as im:
-            im = im.convert("RGB")
-            im.resize((im.width * 3 // 5, im.height * 3 // 5), Image.Resampling.LANCZOS).save(
-                args.readme, quality=82, optimize=True)
+        # the house explained, as the screen shows it (with --docs: on the 1366 x 768 laptop)
+        src = next((p for p in paths if Path(p).name in ("house_explained.png", "why-after-1366-click.jpg")),
+                   paths[-1])
+        save_jpeg(Path(src), Path(args.readme))
         print(args.readme)
     return 0
 

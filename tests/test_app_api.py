@@ -17,6 +17,7 @@ app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from conftest import running_app  # noqa: E402
+from sbir_core.paths import checkpoint_path  # noqa: E402
 from sbir_core.service import EMPTY_SKETCH_MESSAGE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +71,10 @@ def test_search_strokes_then_explain(client):
     """What the page's canvas sends: stroke JSON, no image."""
     results, status = client.predict(_circle_strokes(), 5, "default", api_name="/search_strokes")
     assert len(results) == 5, status
-    assert "Best match" in status
+    assert "Details" in status and "Best match" not in status
     for r in results:
-        label, score = r["caption"].split(" · ")
-        assert label in {"circle", "square", "triangle", "star"} and 0 < float(score) <= 1
+        place, label = r["caption"].split(". ", 1)
+        assert label in {"circle", "square", "triangle", "star"} and 1 <= int(place) <= 5
     corr, synth, heat, msg = client.predict(1, api_name="/explain")  # explained from the strokes
     assert "Result 2" in msg
     for p in (corr, synth, heat):
@@ -90,11 +91,11 @@ def test_search_strokes_then_explain(client):
 def test_search_sketch_then_explain(client, tmp_path):
     results, status = client.predict(_canvas(_drawing(tmp_path / "c.png")), 5, "default", api_name="/search_sketch")
     assert len(results) == 5, status
-    assert "Best match" in status
+    assert "Details" in status and "Best match" not in status
     for r in results:
         assert Path(r["image"]["path"] if isinstance(r["image"], dict) else r["image"]).is_file()
-        label, score = r["caption"].split(" · ")
-        assert label in {"circle", "square", "triangle", "star"} and 0 < float(score) <= 1
+        place, label = r["caption"].split(". ", 1)
+        assert label in {"circle", "square", "triangle", "star"} and 1 <= int(place) <= 5
     # the query is kept in the session: explain result 2 of it
     corr, synth, heat, msg = client.predict(1, api_name="/explain")
     assert "Result 2" in msg
@@ -116,7 +117,7 @@ def test_blank_canvas_message(client, tmp_path):
 
 def test_search_example_and_text(client):
     results, status = client.predict("house", 3, "default", api_name="/search_example")
-    assert len(results) == 3 and "Best match" in status
+    assert len(results) == 3 and "Details" in status
     results, status = client.predict("giraffe", 3, "default", api_name="/search_text")
     assert results == [] and "needs the trained model" in status
 
@@ -156,16 +157,16 @@ def test_build_gallery_and_select_it(server, client, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     files.append(handle_file(str(junk)))
-    msg, dropdown, box = client.predict(files, "api gallery", False, api_name="/build_gallery")
+    msg, dropdown, box, owner = client.predict(files, "api gallery", False, None, api_name="/build_gallery")
     assert "ready" in msg and "3 images" in msg and "Skipped 1" in msg, msg
     assert box is None  # the upload box is emptied
     value = dropdown["value"] if isinstance(dropdown, dict) else dropdown  # an update or the value
-    assert value.startswith("upload:") and value.endswith("/api_gallery")
+    assert value.startswith("class:") and len(owner) == 32  # a class gallery and its owner token
     status, results, tsne = client.predict(value, api_name="/select_gallery")
-    assert "Gallery api_gallery (yours): 3 images" in status and results == []
+    assert "Gallery api gallery (class " in status and "3 images" in status and results == []
     assert tsne is not None and Path(tsne).is_file()
     results, status = client.predict("star", 3, value, api_name="/search_example")
-    assert len(results) == 3 and {r["caption"].split(" · ")[0] for r in results} <= {"circle", "star"}
+    assert len(results) == 3 and {r["caption"].split(". ", 1)[1] for r in results} <= {"circle", "star"}
 
 
 def test_concurrent_clients(server, tmp_path):
@@ -241,7 +242,7 @@ def test_only_thumbnails_are_served_from_disk(server):
 
     url, service, base = server
     meta = service.gallery("default").directory / "gallery.json"
-    for path in (meta, ROOT / "app.py", ROOT / "checkpoints" / "default.safetensors"):
+    for path in (meta, ROOT / "app.py", checkpoint_path("default"), *(ROOT / "checkpoints").glob("*.safetensors")):
         try:
             with urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10) as r:
                 code = r.status
@@ -263,13 +264,13 @@ def test_visitors_never_see_each_others_gallery_or_query(server, tmp_path):
         p = tmp_path / f"blob_{i}.png"
         make_shape_image("star", seed=300 + i).save(p)
         files.append(handle_file(str(p)))
-    msg, dropdown, _ = a.predict(files, "only mine", False, api_name="/build_gallery")
+    msg, dropdown, _, _ = a.predict(files, "only mine", False, None, api_name="/build_gallery")
     gid = dropdown["value"] if isinstance(dropdown, dict) else dropdown
     a.predict(gid, api_name="/select_gallery")
     a.predict(_circle_strokes(), 3, gid, api_name="/search_strokes")
     after, _ = b.predict("cat", 3, None, api_name="/search_example")
     assert [r["caption"] for r in after] == [r["caption"] for r in before]
-    assert all(r["caption"].split(" · ")[0] != "blob" for r in after)
+    assert all(r["caption"].split(". ", 1)[1] != "blob" for r in after)
     # B has no query of its own yet: nothing of A's to explain
     corr, *_, msg = b.predict(0, api_name="/explain")
     assert corr is not None and "Result 1" in msg  # B's own cat query

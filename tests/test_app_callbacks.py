@@ -63,14 +63,14 @@ def cb(app_service):
 def test_search_with_drawn_canvas_returns_k_captioned_results(cb, app_service):
     items, msg, query = cb.search_sketch(drawn_upload("circle"), 5, "default")
     assert len(items) == 5
-    assert "Best match" in msg and "sketch → photo" in msg
+    assert "Best match" not in msg and "sketch → photo" in msg  # the technical sentence, under Details
     labels = {h.label for h in query.hits}
     assert labels <= {"circle", "square", "triangle", "star"}
     scores = [h.score for h in query.hits]
     assert scores == sorted(scores, reverse=True)
     for (thumb, caption), hit in zip(items, query.hits):
         assert Path(thumb).is_file() and Path(hit.path).is_file()
-        assert caption == f"{hit.label} · {hit.score:.2f}"
+        assert caption == f"{hit.rank + 1}. {hit.label}"  # place and class: never out of order
     # the thumbnail is a small image, not the original
     assert max(Image.open(items[0][0]).size) <= 256
     assert query.kind == "sketch" and query.embedding.shape == (app_service.encoder.embed_dim,)
@@ -121,7 +121,7 @@ def _strokes_json(shape: str = "circle") -> str:
 
 def test_search_with_stroke_json_matches_the_stroke_list(cb, app_service):
     items, msg, query = cb.search_strokes(_strokes_json("circle"), 5, "default")
-    assert len(items) == 5 and "Best match" in msg and query.kind == "sketch"
+    assert len(items) == 5 and "Details" in msg and query.kind == "sketch"
     # the same as the service on the stroke list itself (two-point strokes stay point lists)
     pts = [[tuple(p) for p in s] for s in json.loads(_strokes_json("square"))]
     ref = app_service.search_sketch(pts, 5, "default")
@@ -166,7 +166,7 @@ def test_example_click_loads_strokes_and_searches(cb):
     from sbir_core.data.examples import list_examples
 
     assert len(data["strokes"]) == len(list_examples()[1].strokes)
-    assert len(items) == 4 and "Best match" in msg and query.kind == "sketch"
+    assert len(items) == 4 and "Details" in msg and query.kind == "sketch"
     # the canvas' Clear sends an empty stroke list the way strokes go: no results, no query
     items, msg, query_after = cb.search_strokes(json.dumps({"strokes": [], "brush": 6}), 4, "default")
     assert items == [] and "Draw something" in msg and query_after is None
@@ -370,20 +370,21 @@ def test_build_gallery_from_uploads_reports_skipped_files(app_galleries, raw_enc
     progress = []
     out = svc.build_gallery_from_uploads(files, "My Shapes!", OWNER, progress=lambda f, d: progress.append(f))
     assert out.ok, out.message
-    assert out.name == f"upload:{OWNER}/my_shapes"
+    code = out.name.removeprefix("class:")  # a class gallery, opened only by its code
+    assert out.name.startswith("class:") and len(code) == 10 and code.isalnum()
     assert out.report.total == 4
     skipped = dict(out.skipped)
     assert set(skipped) == {"readme.txt", "broken_1.jpg"}
     assert "Skipped 2" in out.message and "readme.txt" in out.message
     assert progress and progress == sorted(progress)
-    # private: not listed for other visitors, and stored in the uploads folder, not the repository
+    # private: not listed for other visitors, and stored in the class galleries folder, not the repository
     assert svc.list_galleries() == ["default"]
     assert not any(svc.store.root.rglob("*my_shapes*"))
-    assert (svc.store.uploads_dir / OWNER / "my_shapes" / "images").is_dir()
+    assert (svc.store.uploads_dir / code / "images").is_dir()
     res = svc.search_sketch(drawn_canvas(), 10, gallery=out.name)
     assert res.ok and {h.label for h in res.hits} == {"circle", "square", "star"}
-    # another token cannot name it
-    other = svc.search_sketch(drawn_canvas(), 10, gallery=out.name.replace(OWNER, "f" * 32))
+    # another code cannot name it
+    other = svc.search_sketch(drawn_canvas(), 10, gallery="class:" + "23456789AB")
     assert not other.ok and "No gallery" in other.message
 
 
@@ -436,15 +437,16 @@ def test_callbacks_build_gallery_updates_dropdown(app_galleries, raw_encoder, tm
     msg, dd, box, owner, mine = c.build_gallery([upload(f) for f in files], "tri", False, None, [],
                                                 progress=lambda *a, **k: None)
     assert "ready" in msg and box is None  # the upload box is emptied for the next build
-    gid = f"upload:{owner}/tri"
-    assert len(owner) == 32 and mine == [("tri (yours)", gid)]
-    assert dd["value"] == gid and ("tri (yours)", gid) in dd["choices"] and ("default", "default") in dd["choices"]
+    gid = dd["value"]
+    label = f"tri (class {gid[6:11]}-{gid[11:]})"
+    assert len(owner) == 32 and mine == [gid] and gid.startswith("class:")
+    assert (label, gid) in dd["choices"] and ("default", "default") in dd["choices"]
     status, results, query, tsne = c.choose_gallery(gid, progress=lambda *a, **k: None)
-    assert "Gallery tri (yours): 2 images, 1 class." in status and results == [] and query is None
+    assert f"Gallery {label}: 2 images, 1 class." in status and results == [] and query is None
     status, *_ = c.choose_gallery("missing", progress=lambda *a, **k: None)
     assert status.startswith("⚠️") and "missing" in status
     # another visitor (no token, no galleries of their own) sees only the shipped gallery
-    assert c.refresh_galleries(None, [])["choices"] == [("default", "default")]
+    assert c.load_page(None, None, [], None)[0]["choices"] == [("default", "default")]
     assert c.service.default_gallery == "default"
 
 
@@ -580,7 +582,7 @@ def test_click_explains_the_clicked_image_even_if_results_moved_on(cb, app_servi
     assert ex.ok and ex.hit.index == outside and ex.hit.rank >= 3
     assert abs(ex.hit.score - float(g.embeddings[outside] @ query.embedding)) < 1e-5
     # a caption that does not fit the thumbnail's row is not trusted
-    assert app_service.row_of_thumbnail("default", thumb, "unicorn · 0.99") is None
+    assert app_service.row_of_thumbnail("default", thumb, "3. unicorn") is None
     assert app_service.row_of_thumbnail("default", "/x/not-a-row.jpg") is None
 
 

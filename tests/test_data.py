@@ -60,7 +60,8 @@ def test_image_folder_labels_and_quickdraw_strokes(tiny_root):
     items = image_folder(tiny_root / "caltech101")
     assert {i.label for i in items} == {"cat_folder", "dalmatian", "chair"}
     qd = quickdraw_folder(tiny_root / "quickdraw", classes=["cat"])
-    assert len(qd) == 1 and qd[0].strokes == [[[0, 10], [0, 10]]] and qd[0].modality == "sketch"
+    # QuickDraw's [[xs], [ys]] read as such (a 2 x 2 stroke too): the segment (0, 0) -> (10, 10)
+    assert len(qd) == 1 and [s.tolist() for s in qd[0].strokes] == [[[0, 0], [10, 10]]] and qd[0].modality == "sketch"
 
 
 @needs_shared

@@ -326,3 +326,91 @@ def test_cached_render_is_fast_and_decodes_each_thumbnail_once(tmp_path) -> None
     from sbir_core.explain.map_drawing import RENDER_CACHE_ENTRIES
 
     assert len(m._render_cache) <= RENDER_CACHE_ENTRIES
+
+
+# ----------------------------------------------------------------------------- issue 31: the star with its results
+def _near5(m, xy):
+    return set(np.argsort(np.linalg.norm(m.coords - np.asarray(xy), axis=1), kind="stable")[:5].tolist())
+
+
+def test_the_star_lands_in_the_cluster_where_most_of_its_results_are() -> None:
+    """Top-10: a stray best result elsewhere, then six of the middle cluster, then three
+    strays: the star joins the six (its 5 nearest points hold >= 3 results), not the best
+    result alone."""
+    m = _grid_map(n_per=8)
+    lab = np.asarray(m.labels)
+    mid = np.flatnonzero(lab == "class_4")
+    top = [int(np.flatnonzero(lab == "class_0")[0])] + [int(r) for r in mid[:6]] + [
+        int(np.flatnonzero(lab == c)[0]) for c in ("class_2", "class_6", "class_8")]
+    xy = m.place_by_results(top)
+    assert xy.shape == (2,)
+    assert len(_near5(m, xy) & set(top)) >= 3 and _near5(m, xy) <= set(mid.tolist())
+    assert np.linalg.norm(xy - m.coords[mid].mean(0)) < 2.5  # clusters are 10 apart, ~0.8 wide
+    # ties between equal groups go to the better-ranked one; one result: on it
+    a, b = np.flatnonzero(lab == "class_1")[:3], np.flatnonzero(lab == "class_7")[:3]
+    assert _near5(m, m.place_by_results([*b, *a])) <= set(np.flatnonzero(lab == "class_7").tolist())
+    np.testing.assert_allclose(m.place_by_results([5]), m.coords[5])
+    with pytest.raises(ValueError):
+        m.place_by_results([])
+    with pytest.raises(IndexError):
+        m.place_by_results([len(m)])
+
+
+def test_a_query_placed_by_its_search_results_lands_among_them(fitted) -> None:
+    """On a fitted map: a query near one cluster, its top-10 by cosine search, lands in it."""
+    x, labels, m = fitted
+    rng = np.random.default_rng(5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for i in (3, 40, 77):
+        q = xn[i] + 0.05 * rng.normal(size=xn.shape[1])
+        top = [int(r) for r in np.argsort(-(xn @ q))[:10]]
+        xy = m.place_by_results(top)
+        assert len(_near5(m, xy) & set(top)) >= 3
+        assert {labels[r] for r in _near5(m, xy)} == {labels[i]}
+
+
+def _boxes_meet(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("thumbs", [True, False])
+def test_the_caption_and_star_never_cover_a_class_name(thumbs) -> None:
+    """A crowded map (40 classes in one blob, names everywhere): wherever the star lands,
+    the caption's box and the star's box meet no drawn name's box, names do not meet each
+    other, and no other class's name sits on a result."""
+    rng = np.random.default_rng(3)
+    coords = rng.normal(size=(200, 2)).astype(np.float32)
+    labels = [f"label{i % 40}" for i in range(200)]
+    m = EmbeddingMap(coords, rng.normal(size=(200, 4)), labels)
+    kw = {"thumbnails": _tiles(len(m))} if thumbs else {}
+    checked = 0
+    for row in range(0, 200, 13):
+        top = [int(r) for r in np.argsort(np.linalg.norm(coords - coords[row], axis=1))[:10]]
+        xy = m.place_by_results(top)
+        mk = m.marks(query_xy=xy, highlight=top, size=(640, 560), title="t", **kw)
+        assert mk.caption is not None and mk.labels
+        star = mk.marker_box()
+        for lab in mk.labels:
+            assert not _boxes_meet(mk.caption[2], lab.box), (lab.name, mk.caption)
+            assert not _boxes_meet(star, lab.box), lab.name
+            if lab.name not in {labels[r] for r in top}:
+                assert not any(_boxes_meet(lab.box, b) for b in mk.boxes), lab.name
+        for i, a in enumerate(mk.labels):
+            assert not any(_boxes_meet(a.box, b.box) for b in mk.labels[i + 1:])
+        # the picture is what the marks say: the caption's frame is drawn where its box is
+        img = np.asarray(m.draw(mk)).astype(int)
+        x0, y0, x1, y1 = (int(round(v)) for v in mk.caption[2])
+        assert (np.abs(img[y0 + 1:y1 - 1, x0 + 2:x1 - 2] - 255).sum(2) == 0).mean() > 0.5  # white inside
+        checked += 1
+    assert checked >= 15
+
+
+def test_class_names_are_big_enough_to_read_on_the_page() -> None:
+    """16 px at 640 px wide: >= 12 CSS px where the page shows the map 500 px wide (1366 x 768,
+    measured in tests/test_map_agreement.py), and they keep that size on bigger pictures."""
+    from sbir_core.explain.map_drawing import LABEL_PX
+
+    m = _grid_map()
+    for size in ((640, 560), (1280, 1120)):
+        lay = m.layout(size, "t", thumbnails=True)
+        assert lay.label_px == round(LABEL_PX * size[0] / 640) and lay.label_px * 500 / size[0] >= 12

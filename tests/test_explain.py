@@ -104,7 +104,9 @@ def test_blank_cells_draw_no_lines_and_stay_white(pair_explanation) -> None:
     assert ex.matches
     assert all(ex.sketch_ink[s] for s, _, _ in ex.matches)
     assert len({s for s, _, _ in ex.matches}) == len(ex.matches)  # one line per sketch cell
-    assert len({p for _, p, _ in ex.matches}) == len(ex.matches)  # one line per photo cell
+    # at most LINES_PER_PHOTO_CELL lines into one photo cell
+    ends = [p for _, p, _ in ex.matches]
+    assert max(ends.count(p) for p in ends) <= E.LINES_PER_PHOTO_CELL
     syn = np.asarray(ex.render_synthesis(scale=1))
     # Patches cross-fade one cell beyond the ink: cells with no inked neighbour stay white.
     h, w = ex.grid

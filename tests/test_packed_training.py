@@ -131,7 +131,7 @@ def test_a_packed_run_trains_without_minilm_or_faiss_and_is_finished_here(tmp_pa
     assert cli.main(["finetune", "--data", str(tmp_path / "packed"), "--cache", "", "--image-size", "64", "--init", str(gpu_out),
                      "--out", str(final), "--steps", "0"]) == 0
     meta = read_metadata(final)
-    assert {"validation", "confidence"} <= set(meta["retrieval"]) and meta["fp16_check"]
+    assert "validation" in meta["retrieval"] and meta["fp16_check"]
     assert meta["lineage"][-1]["checkpoint"] == "model.safetensors"
     assert meta["heldout_classes"] == read_metadata(gpu_out)["heldout_classes"]
 

@@ -3,8 +3,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sbir_core.data.preprocess import (
-    BlankSketchError, ink_mask, normalize_strokes, photo_to_edges, preprocess_photo, preprocess_sketch, render_strokes,
+    BlankSketchError, ink_mask, photo_to_edges, preprocess_photo, preprocess_sketch, render_strokes,
 )
+from sbir_core.data.strokes import read_strokes
 
 SQUARE = [[[20, 80, 80, 20, 20], [20, 20, 80, 80, 20]]]  # QuickDraw form
 
@@ -74,7 +75,7 @@ def test_thin_lines_stay_readable_after_large_downscale():
 def test_stroke_forms_agree():
     qd = SQUARE
     pts = [[(x, y) for x, y in zip(*SQUARE[0])]]
-    assert np.allclose(normalize_strokes(qd)[0], normalize_strokes(pts)[0])
+    assert np.allclose(read_strokes(qd)[0], read_strokes(pts)[0])
     a, b = render_strokes(qd), render_strokes(pts)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert dark_fraction(a) > 0.02

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from sbir_core.paths import checkpoint_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def readme_python_example() -> str:
     return m.group(1)
 
 
-@pytest.mark.skipif(not (ROOT / "checkpoints" / "default.safetensors").is_file(), reason="no shipped checkpoint")
+@pytest.mark.skipif(not checkpoint_path("default").is_file(), reason="no shipped checkpoint")
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     # A fresh folder holding only what the example names: a folder of photos.
     (tmp_path / "photos").symlink_to(ROOT / "galleries" / "default" / "images", target_is_directory=True)

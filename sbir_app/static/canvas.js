@@ -58,17 +58,50 @@
     const x = Math.min(Math.max(e.clientX - r.left, 0), r.width), y = Math.min(Math.max(e.clientY - r.top, 0), r.height);
     return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
   }
+  // ---- tools: pen or eraser; history of whole stroke lists, so Clear and the eraser
+  // can be undone and anything undone redone.
+  S.tool = 'pen'; S.past = []; S.future = [];
+  function remember() { S.past.push(S.strokes.slice()); if (S.past.length > 200) S.past.shift(); S.future = []; }
+  function show(strokes) {  // put a stroke list on the canvas and search with it
+    S.strokes = strokes; S.cur = null; sync(); redraw(); send();
+    if (!strokes.length) {  // nothing drawn: the explanation panels empty too
+      const b = document.querySelector('#clear-trigger');
+      if (b) b.click();
+    }
+  }
+  function near(st, p, r) {  // does stroke `st` pass within r px of point p?
+    const q = st.points, rr = (r + st.size / 2) ** 2;
+    for (let i = 0; i < q.length; i++) {
+      const a = q[i], b = q[Math.min(i + 1, q.length - 1)];
+      const dx = b[0] - a[0], dy = b[1] - a[1], L = dx * dx + dy * dy;
+      const t = L ? Math.max(0, Math.min(1, ((p[0] - a[0]) * dx + (p[1] - a[1]) * dy) / L)) : 0;
+      const x = a[0] + t * dx - p[0], y = a[1] + t * dy - p[1];
+      if (x * x + y * y <= rr) return true;
+    }
+    return false;
+  }
+  function erase(p) {  // the stroke eraser: a touched line goes whole
+    const keep = S.strokes.filter(st => !near(st, p, Math.max(8, S.size)));
+    if (keep.length === S.strokes.length) return;
+    S.strokes = keep; S.erased = true; redraw();
+  }
   document.addEventListener('pointerdown', e => {
     if (e.button !== 0 || !(e.target instanceof HTMLCanvasElement) || !e.target.closest('#sketch')) return;
     sync();
     e.preventDefault();
     try { e.target.setPointerCapture(e.pointerId); } catch (_) {}
     S.pid = e.pointerId;
+    if (S.tool === 'eraser') {
+      S.before = S.strokes.slice(); S.erased = false; S.erasing = true; erase(pt(e));
+      return;
+    }
     S.cur = {points: [pt(e)], size: S.size};
     const g = ctx(); g.fillStyle = '#000'; dot(g, S.cur.points[0], S.size);
   });
   document.addEventListener('pointermove', e => {
-    if (!S.cur || e.pointerId !== S.pid) return;
+    if (e.pointerId !== S.pid) return;
+    if (S.erasing) { erase(pt(e)); return; }
+    if (!S.cur) return;
     const evs = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
     const g = ctx(); g.strokeStyle = '#000'; g.lineWidth = S.cur.size;
     for (const ev of (evs.length ? evs : [e])) {
@@ -79,21 +112,29 @@
     }
   });
   function end(e) {
-    if (!S.cur || e.pointerId !== S.pid) return;
-    S.strokes.push(S.cur); S.cur = null; S.pid = null;
+    if (e.pointerId !== S.pid) return;
+    S.pid = null;
+    if (S.erasing) {  // one search per eraser gesture, and only when a line went
+      S.erasing = false;
+      if (S.erased) { const now = S.strokes; S.strokes = S.before; remember(); show(now); }
+      return;
+    }
+    if (!S.cur) return;
+    const st = S.cur; S.cur = null;
+    remember(); S.strokes = S.strokes.concat([st]);
     send();
   }
   document.addEventListener('pointerup', end);
   document.addEventListener('pointercancel', end);
-  S.clear = () => {
-    S.strokes = []; S.cur = null; sync(); redraw();
-    // The empty drawing goes the way every stroke goes, so its answer (no results, the
-    // plain map) cannot be overtaken by a search still running for an earlier stroke.
-    send();
-    const b = document.querySelector('#clear-trigger');  // and the explanation panels empty
-    if (b) b.click();
+  S.clear = () => { if (S.strokes.length) remember(); show([]); };
+  S.undo = () => { if (!S.past.length) return; S.future.push(S.strokes); show(S.past.pop()); };
+  S.redo = () => { if (!S.future.length) return; S.past.push(S.strokes); show(S.future.pop()); };
+  S.setTool = (tool) => {
+    S.tool = tool;
+    document.querySelectorAll('#sketch button[data-sbir=pen], #sketch button[data-sbir=eraser]').forEach(b =>
+      b.setAttribute('aria-pressed', String(b.dataset.sbir === tool)));
+    if (S.canvas) S.canvas.style.cursor = tool === 'eraser' ? 'cell' : 'crosshair';
   };
-  S.undo = () => { S.strokes.pop(); sync(); redraw(); if (S.strokes.length) send(); else S.clear(); };
   // An example (or any stroke JSON from the server): fit it into the canvas and draw it.
   S.load = (value) => {
     let d = value;
@@ -103,6 +144,7 @@
       (s.length === 2 && Array.isArray(s[0]) && s[0].length !== 2) ? s[0].map((x, i) => [x, s[1][i]]) : s);
     sync();
     const all = strokes.flat();
+    remember();
     S.strokes = [];
     if (all.length && S.w > 0) {
       const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
@@ -114,23 +156,120 @@
     }
     redraw();
   };
+  const ACTIONS = {undo: () => S.undo(), redo: () => S.redo(), clear: () => S.clear(),
+                   pen: () => S.setTool('pen'), eraser: () => S.setTool('eraser')};
   document.addEventListener('click', e => {
     const b = e.target.closest && e.target.closest('#sketch button[data-sbir]');
-    if (!b) return;
-    if (b.dataset.sbir === 'undo') S.undo(); else if (b.dataset.sbir === 'clear') S.clear();
+    if (b && ACTIONS[b.dataset.sbir]) ACTIONS[b.dataset.sbir]();
   });
   document.addEventListener('input', e => {
     if (e.target.matches && e.target.matches('#sketch input[data-sbir=size]')) S.size = +e.target.value;
   });
-  // Ctrl+Z / Cmd+Z undoes the last stroke (not while typing in a text field).
+  // Ctrl+Z / Cmd+Z undoes, Ctrl+Y / Ctrl+Shift+Z redoes (not while typing in a text field).
   document.addEventListener('keydown', e => {
-    if ((e.ctrlKey || e.metaKey) && !e.shiftKey && (e.key === 'z' || e.key === 'Z')) {
-      const t = e.target;
-      if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-      if (!S.strokes.length) return;
-      e.preventDefault(); S.undo();
-    }
+    const t = e.target;
+    if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+    if (!(e.ctrlKey || e.metaKey)) return;
+    const key = e.key.toLowerCase();
+    if (key === 'z' && !e.shiftKey && S.past.length) { e.preventDefault(); S.undo(); }
+    else if ((key === 'y' || (key === 'z' && e.shiftKey)) && S.future.length) { e.preventDefault(); S.redo(); }
   });
+
+  // ---- "Why did it match?" opens as a panel where the eye is (beside the results on wide
+  // screens, over the page on phones) and closes with Esc, its button or a click outside.
+  const why = () => document.querySelector('#why-col');
+  S.openWhy = () => {
+    const w = why();
+    if (!w) return;
+    w.setAttribute('role', 'dialog'); w.setAttribute('aria-label', 'Why did it match?');
+    document.body.classList.add('sbir-why-open');
+    w.scrollTop = 0;
+    const c = w.querySelector('.sbir-close');
+    if (c) c.focus({preventScroll: true});
+  };
+  S.closeWhy = () => { document.body.classList.remove('sbir-why-open'); };
+  document.addEventListener('click', e => {
+    const t = e.target;
+    if (!t.closest) return;
+    if (t.closest('#results .thumbnail-item')) { S.openWhy(); return; }
+    const s = t.closest('#sbir-strip button[data-i]');
+    if (s) {  // the phone's strip stands for the results grid: click the real result
+      const item = document.querySelectorAll('#results .thumbnail-item')[+s.dataset.i];
+      if (item) item.click();
+      return;
+    }
+    if (!document.body.classList.contains('sbir-why-open')) return;
+    if (t.closest('.sbir-close') || !t.closest('#why-col')) S.closeWhy();
+  }, true);
+  document.addEventListener('keydown', e => {
+    if (e.key === 'Escape' && document.body.classList.contains('sbir-why-open')
+        && !document.fullscreenElement) S.closeWhy();
+  });
+
+  // ---- the results, for screen readers and phones: each named by its caption (its place
+  // and class), and on phones a strip of the first ones under the canvas, fixed at the bottom.
+  let stripSig = '';
+  function results() {
+    const items = [...document.querySelectorAll('#results .thumbnail-item')];
+    const caps = items.map(b => { const c = b.querySelector('.caption-label'); return c ? c.textContent.trim() : ''; });
+    items.forEach((b, i) => {
+      if (!caps[i]) return;
+      if (b.getAttribute('aria-label') !== caps[i]) b.setAttribute('aria-label', caps[i]);
+      const im = b.querySelector('img');
+      if (im && im.alt !== caps[i]) im.alt = caps[i];
+    });
+    let strip = document.getElementById('sbir-strip');
+    if (!strip) {
+      strip = document.createElement('nav'); strip.id = 'sbir-strip'; strip.setAttribute('aria-label', 'First results');
+      document.body.appendChild(strip);
+    }
+    const first = items.slice(0, 4).map((b, i) => [(b.querySelector('img') || {}).src || '', caps[i]]);
+    const sig = JSON.stringify(first);
+    if (sig === stripSig) return;
+    stripSig = sig;
+    strip.replaceChildren(...first.filter(f => f[0]).map(([src, cap], i) => {
+      const b = document.createElement('button'); b.type = 'button'; b.dataset.i = i; b.setAttribute('aria-label', cap);
+      const im = document.createElement('img'); im.src = src; im.alt = '';
+      const sp = document.createElement('span'); sp.textContent = cap;
+      b.append(im, sp); return b;
+    }));
+  }
+  let pending = false;
+  new MutationObserver(() => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; results(); });
+  }).observe(document.documentElement, {childList: true, subtree: true, attributes: true, attributeFilter: ['src']});
+  // The strip steps aside while the results grid itself is on screen.
+  let watched = null;
+  const seen = new IntersectionObserver(es => {
+    for (const en of es) document.body.classList.toggle('sbir-results-seen', en.isIntersecting);
+  });
+  function page() {
+    const grid = document.querySelector('#results');
+    if (grid && grid !== watched) { if (watched) seen.unobserve(watched); seen.observe(grid); watched = grid; }
+    const st = document.querySelector('#status');  // status changes are read out
+    if (st && st.getAttribute('aria-live') !== 'polite') { st.setAttribute('aria-live', 'polite'); st.setAttribute('role', 'status'); }
+  }
+
+  // ---- k typed out of range is clamped quietly; a half-typed or non-number entry keeps the
+  // last value (the slider would refuse it with an error and the results would go).
+  const K = '#k input[type=number]';
+  document.addEventListener('input', e => {
+    const t = e.target;
+    if (!t.matches || !t.matches(K)) return;
+    const v = parseFloat(t.value);
+    if (t.value === '' || !isFinite(v)) { e.stopImmediatePropagation(); return; }
+    const lo = +(t.min || 1), hi = +(t.max || 48), c = Math.min(hi, Math.max(lo, Math.round(v)));
+    if (c !== v) t.value = String(c);
+  }, true);
+  document.addEventListener('focusout', e => {
+    const t = e.target;
+    if (!t.matches || !t.matches(K) || (t.value !== '' && isFinite(parseFloat(t.value)))) return;
+    const r = document.querySelector('#k input[type=range]');
+    t.value = r ? r.value : '12';
+  }, true);
+  setInterval(page, 500);
   setInterval(sync, 300);  // the canvas appears after the app mounts, and follows layout changes
   window.addEventListener('resize', sync);
 })();

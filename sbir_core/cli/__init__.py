@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from sbir_core.cli import evaluate, explain, galleries, search, serve, training
+from sbir_core.cli import correspondence, evaluate, explain, galleries, search, serve, training
 from sbir_core.cli.common import LITE_BACKBONES, CLIError
 from sbir_core.cli.evaluate import format_eval_report
 from sbir_core.cli.search import format_build_report, format_results_table, format_search_settings
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     # In the order they appear in --help.
-    for module in (search, evaluate, training, explain, galleries, serve):
+    for module in (search, evaluate, training, correspondence, explain, galleries, serve):
         module.add(sub)
     return parser
 

@@ -70,6 +70,12 @@ def open_gallery(arg: str, encoder_name: Optional[str], checkpoint: Optional[str
 
     ckpt = checkpoint or "default"
     encoder = load_encoder(encoder_name, ckpt)
+    if arg.lower().startswith("class:"):  # a class gallery, as the page opens it: class:CODE
+        from sbir_core.gallery.sharing import gallery_id, parse_code
+
+        gallery = GalleryStore(encoder, ckpt).get(gallery_id(parse_code(arg[len("class:"):]))).gallery
+        gallery.set_search_params(ef_search=ef_search, nprobe=nprobe)
+        return gallery, encoder, ckpt
     known = []
     for root in gallery_roots(roots):
         store = GalleryStore(encoder, ckpt, root)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from sbir_core.cli import common
+from sbir_core.paths import SHIPPED_GALLERIES
 
 # What `eval` prints, in this order.
 SUMMARY_KEYS = ("mAP@all", "P@100", "mAP@200", "P@200")
@@ -41,6 +43,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         get_split(load_splits(args.data), args.split)
     elif not (args.queries and args.gallery):
         raise common.CLIError("give --data DIR --split NAME, or --queries PATH --gallery PATH")
+    if args.absent_queries:
+        return _eval_confidence(args)
 
     from sbir_core.data.datasets import folder_items
     from sbir_core.models.encoders import create_encoder
@@ -69,6 +73,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_confidence(args: argparse.Namespace) -> int:
+    """`eval --absent-queries`: how sure the page is, searched through the app's own service."""
+    from sbir_core.data.drawing import parse_strokes
+    from sbir_core.eval.confidence import evaluate_confidence
+    from sbir_core.service import RetrievalService
+
+    for folder in (args.queries, args.absent_queries):
+        if not Path(folder).is_dir():
+            raise common.CLIError(f"not a folder: {folder}")
+    service = RetrievalService(gallery=args.gallery, checkpoint=args.checkpoint,
+                               galleries_root=args.galleries or SHIPPED_GALLERIES)
+    if service.default_gallery != args.gallery:
+        raise common.CLIError(f"no gallery named {args.gallery!r} (see `gallery list`)")
+    if service.confidence_rule is None:
+        raise common.CLIError("this checkpoint has no confidence rule; make one with `calibrate-confidence`")
+
+    def search(strokes: Any, brush: Any) -> tuple:
+        out = service.search_sketch(parse_strokes(strokes), gallery=args.gallery, brush=brush)
+        return out.level, out.guess, (out.hits[0].label if out.hits else None)
+
+    report = evaluate_confidence(search, args.queries, args.absent_queries, unreadable=args.unreadable)
+    report["gallery"] = args.gallery
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:<22}{v}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    common.require_splits(args.data)
+    from sbir_core.eval.confidence import calibrate
+    from sbir_core.gallery.confidence import save_rule
+    from sbir_core.models.encoders import create_encoder
+    from sbir_core.paths import checkpoint_path
+
+    encoder = create_encoder(checkpoint=args.checkpoint)
+    rule = calibrate(encoder, args.data)
+    path = save_rule(rule, checkpoint_path() if args.checkpoint == "default" else Path(args.checkpoint))
+    print(json.dumps(rule.calibration, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_queries(args: argparse.Namespace) -> int:
+    common.require_splits(args.data)
+    from sbir_core.eval.confidence import write_query_folders
+    from sbir_core.models.encoders import create_encoder
+
+    counts = write_query_folders(args.data, args.out, create_encoder(checkpoint="default"))
+    for name, n in counts.items():
+        print(f"{Path(args.out) / name}: {n} doodles")
+    return 0
+
+
 def add(sub: Any) -> None:
     p = sub.add_parser("eval", help="mAP@all, P@100/200, hit@1/5, P@5/10 on a split or on folders")
     p.add_argument("--data", help="shared data folder holding splits.json")
@@ -84,5 +144,23 @@ def add(sub: Any) -> None:
                    help="no seen-class calibration (with --no-diffusion: the embedding's similarity alone)")
     p.add_argument("--generalized", action="store_true",
                    help="add every Caltech photo of the training classes to a split's gallery")
+    p.add_argument("--absent-queries", metavar="DIR",
+                   help="how sure the page is: --queries and DIR hold QuickDraw <class>.ndjson files of classes "
+                        "the gallery has and lacks; --gallery is then a gallery name, searched as the app does")
+    p.add_argument("--galleries", default=None, metavar="DIR", help="with --absent-queries: where named galleries are")
+    p.add_argument("--unreadable", type=int, default=300, metavar="N",
+                   help="with --absent-queries: generated scribbles, dots and lines to test (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("calibrate-confidence",
+                       help="choose the confidence rule's thresholds on training classes; saved next to the checkpoint")
+    c.add_argument("--data", required=True, help="shared data folder holding splits.json")
+    c.add_argument("--checkpoint", default="default", help="'default' or a path")
+    c.set_defaults(func=_cmd_calibrate)
+
+    e = sub.add_parser("confidence-queries",
+                       help="write the folders `eval --absent-queries` measures (held-out doodles; not in the repo)")
+    e.add_argument("--data", required=True, help="shared data folder holding splits.json")
+    e.add_argument("--out", required=True, help="where to write present/, absent/ and absent-unseen/ (e.g. /tmp/conf)")
+    e.set_defaults(func=_cmd_queries)

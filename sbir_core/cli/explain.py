@@ -52,8 +52,8 @@ def _cmd_tsne(args: argparse.Namespace) -> int:
     sketch = load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch
     if sketch is not None:
         q = encode_query(enc, sketch=sketch)
-        query_xy = m.place(q[None])[0]
         highlight = [r.index for r in gallery.search(q, args.k)]  # ranked as `search` and the app rank
+        query_xy = m.place_by_results(highlight)  # the star with its results, as on the page
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{Path(gallery.root).name if gallery.root else 'gallery'}: {len(m)} images"

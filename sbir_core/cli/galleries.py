@@ -1,4 +1,4 @@
-"""`gallery download` and `gallery list`: named galleries without loading a model."""
+"""`gallery download`, `list`, `delete` and `rename`: named and class galleries without loading a model."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,33 @@ def add(sub: Any) -> None:
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     ls.set_defaults(func=_cmd_gallery_list)
 
+    rm = actions.add_parser("delete", help="delete a class gallery (needs its owner token)")
+    rm.add_argument("code", metavar="CODE", help="its class code")
+    rm.add_argument("--owner", required=True, metavar="TOKEN", help="the owner token `index --share` printed")
+    rm.set_defaults(func=_cmd_gallery_delete)
+    mv = actions.add_parser("rename", help="rename a class gallery (needs its owner token; the code stays)")
+    mv.add_argument("code", metavar="CODE", help="its class code")
+    mv.add_argument("name", metavar="NAME", help="the new name")
+    mv.add_argument("--owner", required=True, metavar="TOKEN", help="the owner token `index --share` printed")
+    mv.set_defaults(func=_cmd_gallery_rename)
+
+
+def _cmd_gallery_delete(args: argparse.Namespace) -> int:
+    from sbir_core.gallery.sharing import ClassGalleries, parse_code
+
+    info = ClassGalleries().delete(parse_code(args.code), args.owner)
+    print(f"deleted class gallery {info.name} ({args.code})")
+    return 0
+
+
+def _cmd_gallery_rename(args: argparse.Namespace) -> int:
+    from sbir_core.gallery.sharing import ClassGalleries, parse_code
+    from sbir_core.gallery.store import sanitize_gallery_name
+
+    info = ClassGalleries().rename(parse_code(args.code), sanitize_gallery_name(args.name), args.owner)
+    print(f"class gallery {args.code} is now called {info.name}")
+    return 0
+
 
 def _cmd_gallery_list(args: argparse.Namespace) -> int:
     """Reads only each gallery's gallery.json: no model is loaded."""
@@ -61,11 +88,24 @@ def _cmd_gallery_list(args: argparse.Namespace) -> int:
             items = meta.get("items", [])
             rows.append({"name": name, "folder": str(d), "count": len(items), "modality": meta.get("modality", "?"),
                          "classes": len({it.get("label") for it in items}), "encoder": meta.get("encoder_id", "?")})
+    # Class galleries (whoever runs this owns the disk they are on, so their codes are shown).
+    from sbir_core.gallery.sharing import ClassGalleries, format_code
+
+    shared = ClassGalleries()
+    for info in shared.all():
+        d = shared.folder(info.code)
+        meta_file = d / "index" / GALLERY_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        items = meta.get("items", [])
+        rows.append({"name": info.name, "code": format_code(info.code), "folder": str(d), "count": len(items),
+                     "modality": meta.get("modality", "?"), "classes": len({it.get("label") for it in items}),
+                     "encoder": meta.get("encoder_id", "?"), "pinned": info.pinned})
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print("no named galleries (build one with `index PHOTO_DIR --out GALLERIES_DIR/NAME`)")
     else:
         for r in rows:
-            print(f"{r['name']:<20} {r['count']:>6} {r['modality']}s  {r['classes']:>4} classes  {r['folder']}")
+            name = f"{r['name']} [class {r['code']}]" if "code" in r else r["name"]
+            print(f"{name:<20} {r['count']:>6} {r['modality']}s  {r['classes']:>4} classes  {r['folder']}")
     return 0

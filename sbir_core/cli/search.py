@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ def format_build_report(report: Any) -> str:
     ]
     if report.rebuilt_reason:
         lines.append(f"  re-encoded everything: {report.rebuilt_reason}")
+    lines += [f"  warning: {w}" for w in report.warnings]
     if report.skipped:
         lines.append("  skipped files:")
         lines += [f"    {p}: {why}" for p, why in report.skipped]
@@ -43,7 +45,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
     source = Path(args.photo_dir)
     if not source.is_dir():
         raise common.CLIError(f"not a folder: {source}")
+    if args.share is None and args.out is None:
+        raise common.CLIError("say where the gallery goes: --out GALLERY_DIR, or --share NAME for a class gallery")
     encoder = common.load_encoder(args.encoder, args.checkpoint)
+    if args.share is not None:
+        return _share(args, source, encoder)
     gallery, report = build_gallery(
         source, args.out, encoder, modality=args.modality, index_type=args.index_type,
         store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
@@ -51,6 +57,32 @@ def _cmd_index(args: argparse.Namespace) -> int:
     )
     print(format_build_report(report))
     print("  " + format_search_settings(gallery))
+    return 0
+
+
+def _share(args: argparse.Namespace, source: Path, encoder: Any) -> int:
+    """`index --share NAME`: a class gallery the app opens by its code (copied under
+    $SBIR_HOME/class-galleries, kept until its owner deletes it)."""
+    from sbir_core.gallery.sharing import CLASS_PREFIX, format_code, lan_address, new_owner_token, valid_owner
+    from sbir_core.gallery.store import GalleryStore
+
+    if args.owner is not None and not valid_owner(args.owner):
+        raise common.CLIError("--owner takes the 32-letter owner token that `index --share` printed")
+    owner = args.owner or new_owner_token()
+    store = GalleryStore(encoder, args.checkpoint)
+    out = store.share_folder(source, args.share, owner, modality=args.modality)
+    if not out.ok:
+        raise common.CLIError(out.message)
+    code = out.name[len(CLASS_PREFIX):]
+    print(format_build_report(out.report))
+    print(f"class gallery {store.display_name(out.name)}")
+    print(f"  class code:  {format_code(code)}")
+    print(f"  link:        http://{lan_address() or 'THIS-COMPUTER'}:{args.port}/?class={code}"
+          f"   (while `python app.py --host 0.0.0.0 --port {args.port}` runs on this computer)")
+    print(f"  owner token: {owner}")
+    print(f"  keep the owner token secret: `index {shlex.quote(args.photo_dir)} --share {shlex.quote(args.share)} "
+          "--owner TOKEN` rebuilds "
+          f"this gallery (same code), `gallery delete {code} --owner TOKEN` deletes it")
     return 0
 
 
@@ -70,6 +102,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     gallery, encoder, _ = common.open_gallery(args.gallery, args.encoder, args.checkpoint, args.galleries,
                                         args.ef_search, args.nprobe)
+    sq = emb = None
     sketch = load_stroke_file(args.strokes, args.line) if args.strokes else args.sketch
     if args.rerank and sketch is None:
         raise common.CLIError("--rerank re-ranks sketch queries (--sketch or --strokes)")
@@ -84,22 +117,58 @@ def _cmd_search(args: argparse.Namespace) -> int:
         else:
             results = gallery.search(sq.embedding, args.k)
     else:
-        results = gallery.search(encode_query(encoder, sketch=sketch, photo=args.photo, text=args.text), args.k)
+        if sketch is not None and args.confidence:  # the same embedding, with what the model saw
+            from sbir_core.data.images import load_image
+
+            sq = encode_sketch_query(encoder, load_image(sketch) if isinstance(sketch, str) else sketch)
+        emb = sq.embedding if sq is not None else encode_query(encoder, sketch=sketch, photo=args.photo, text=args.text)
+        results = gallery.search(emb, args.k)
+    rows = [{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results]
+    level = guess = None
+    if args.confidence:
+        level, guess = _confidence(args, encoder, gallery, results, sketch, sq if sketch is not None else emb)
+        level = level or None  # "": no rule for this checkpoint, not assessed
     if args.json:
-        print(json.dumps([{"path": r.path, "score": round(r.score, 6), "label": r.label} for r in results], indent=2))
+        print(json.dumps({"level": level, "guess": guess, "results": rows} if args.confidence else rows, indent=2))
     else:
+        if args.confidence:
+            print(f"level: {level or 'not assessed'}" + (f"  guess: {guess}" if guess else ""))
         print(format_results_table(results))
     return 0
+
+
+def _confidence(args: argparse.Namespace, encoder: Any, gallery: Any, results: Sequence[Any], sketch: Any,
+                query: Any) -> tuple:
+    """(level, guess) as the page decides them (`gallery.confidence.assess`); `query` is the
+    sketch's `SketchQuery` (the rule needs what the model saw) or the searched embedding."""
+    from sbir_core.data.images import load_image
+    from sbir_core.gallery import confidence
+
+    rule = confidence.rule_for(encoder)
+    labels = [r.label for r in results]
+    if sketch is not None:
+        return confidence.assess(rule, encoder, gallery, query.embedding, labels, kind="sketch",
+                                 drawing=load_image(sketch) if isinstance(sketch, str) else sketch,
+                                 brush=args.brush, model_input=query.model_input)
+    kind = "text" if args.text is not None else "photo"
+    return confidence.assess(rule, encoder, gallery, query, labels, kind=kind, text=args.text)
 
 
 def add(sub: Any) -> None:
     p = sub.add_parser(
         "index", help="embed a folder of images into a searchable gallery (incremental)",
-        description="Embed every image under PHOTO_DIR (class = first-level subfolder) into GALLERY_DIR. "
+        description="Embed every image under PHOTO_DIR (class = first-level subfolder) into GALLERY_DIR, "
+                    "or (--share NAME) into a class gallery the app opens by a class code. "
                     "Re-running only encodes new and changed files.",
     )
     p.add_argument("photo_dir", metavar="PHOTO_DIR")
-    p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="gallery folder to create or update")
+    p.add_argument("--out", default=None, metavar="GALLERY_DIR", help="gallery folder to create or update")
+    p.add_argument("--share", default=None, metavar="NAME",
+                   help="instead of --out: a class gallery called NAME, opened in the app by the class code printed "
+                        "(kept under $SBIR_HOME/class-galleries until deleted)")
+    p.add_argument("--owner", default=None, metavar="TOKEN",
+                   help="--share: the owner token printed the first time; rebuilds your gallery NAME, keeping its code")
+    p.add_argument("--port", type=int, default=7860, help="--share: the app's port, for the printed link")
     p.add_argument("--encoder", default=None, metavar="NAME",
                    help="backbone (default: the checkpoint's, else efficientnet-lite0)")
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
@@ -117,7 +186,8 @@ def add(sub: Any) -> None:
         description="Query a gallery; the encoder defaults to the one the gallery was built with.",
     )
     s.add_argument("--gallery", required=True, metavar="DIR|NAME",
-                   help="a gallery folder, or a gallery's name (see `gallery list`), as the app names it")
+                   help="a gallery folder, a gallery's name (see `gallery list`), as the app names it, "
+                        "or class:CODE for a class gallery")
     s.add_argument("--galleries", default=None, metavar="DIR", help="also look for named galleries here")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--sketch", metavar="IMAGE", help="sketch image (dark ink on light, or transparent canvas)")
@@ -131,7 +201,11 @@ def add(sub: Any) -> None:
                    help="the brush width the strokes were drawn with on a 384 px canvas (as the page sends it)")
     s.add_argument("--rerank", action="store_true",
                    help="re-rank the top candidates with the relation network (sketch queries; needs token grids)")
-    s.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score", "label"}')
+    s.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score", "label"} '
+                   '(with --confidence: {"level", "guess", "results": that list})')
+    s.add_argument("--confidence", action="store_true",
+                   help="also say how sure the search is, as the page does: sure, closest, absent (not in "
+                        "this gallery?) or unreadable, and the model's guess when it has one")
     s.add_argument("--encoder", default=None, metavar="NAME", help="override the gallery's backbone")
     s.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
                    help="override the gallery's checkpoint (must match it)")

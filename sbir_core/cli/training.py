@@ -8,11 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from sbir_core.cli import common
-from sbir_core.paths import cache_dir, checkpoint_path
+from sbir_core.paths import cache_dir, checkpoint_path, is_shipped_checkpoint
+
+
+def _out(arg: str, force: bool) -> Path:
+    """--out, refused when it would replace a shipped checkpoint (unless --force): a run
+    that writes there by mistake would silently change what every user gets."""
+    if is_shipped_checkpoint(arg) and not force:
+        raise common.CLIError(f"--out {arg} would overwrite a shipped checkpoint; write somewhere else, "
+                              "or add --force to replace it on purpose")
+    return Path(arg)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from sbir_core.training.train import LOSSES, TrainConfig, train
+
+    out = None if args.out == "none" else _out(args.out, args.force)
 
     cfg = TrainConfig.from_recipe(args.recipe)
     for kv in args.loss or []:
@@ -30,7 +41,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.exclude = tuple(args.exclude_split)
     if args.no_edges:
         cfg.use_edges = False
-    out = None if args.out == "none" else Path(args.out)
     res = train(cfg, Path(args.data), out)
     summary = {k: res[k] for k in ("val_mAP", "best_step", "diffusion_k", "val_mAP_by_diffusion", "benchmarks",
                                    "data_fingerprint", "seconds")}
@@ -47,6 +57,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--out", default="none",
                    help="checkpoint path, or 'none' (default: print the scores only; the shipped model comes "
                         "from `finetune`, so this never overwrites it by accident)")
+    p.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     p.add_argument("--loss", action="append", metavar="NAME=WEIGHT",
                    help=f"override a loss weight ({', '.join(common.TRAIN_LOSSES)})")
     p.add_argument("--exclude-split", action="append", help="benchmark split never to train on (repeatable)")
@@ -65,6 +76,7 @@ def _add_train(sub: Any) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from sbir_core.training.finetune import FinetuneConfig, finetune
 
+    out = _out(args.out, args.force)  # before data preparation, which takes minutes
     cfg = FinetuneConfig()
     for name in ("steps", "image_size", "lr_backbone", "lr_head", "freeze_blocks", "seed", "val_every",
                  "sketches_per_step", "photos_per_step", "doodle_photos_per_step", "max_photos_per_class",
@@ -86,7 +98,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise common.CLIError(f"--temperature takes a value in (0, 1] like 0.07, not {args.temperature}")
     if not 0.0 <= cfg.ema < 1.0:
         raise common.CLIError(f"--ema takes a decay in [0, 1) like 0.998 (0: off), not {args.ema}")
-    res = finetune(cfg, Path(args.data), Path(args.out), cache=Path(args.cache) if args.cache else None)
+    res = finetune(cfg, Path(args.data), out, cache=Path(args.cache) if args.cache else None)
     print(json.dumps({"best": res["best"], "seconds": res["seconds"]}, indent=1))
     print(f"saved {args.out}")
     return 0
@@ -95,7 +107,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="train backbone and heads end to end (encoder v2; resumable)")
     p.add_argument("--data", required=True, help="shared data folder (splits.json, caltech101, quickdraw)")
-    p.add_argument("--out", default=str(checkpoint_path("default")), help="checkpoint to write (default: the shipped one)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.safetensors; a shipped one only with --force)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a shipped checkpoint (then split it for a Space: scripts/shard_checkpoint.py)")
     p.add_argument("--cache", default=str(cache_dir() / "finetune"),
                    help="folder for decoded training photos (default $SBIR_HOME/cache/finetune; '' = none)")
     p.add_argument("--steps", type=int)

@@ -11,11 +11,12 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sbir_core.data.preprocess import LINE_WIDTH_RANGE, normalize_strokes, preprocess_sketch, render_strokes
+from sbir_core.data.preprocess import LINE_WIDTH_RANGE, preprocess_sketch, render_strokes
+from sbir_core.data.strokes import read_strokes
 
 
 def augment_strokes(strokes: list, rng: np.random.Generator, drop: float = 0.15, jitter: float = 0.015) -> list[np.ndarray]:
-    pts = normalize_strokes(strokes)
+    pts = read_strokes(strokes)
     if len(pts) > 2:
         keep = rng.random(len(pts)) >= drop
         keep[np.argmax([len(p) for p in pts])] = True  # never drop the main outline

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from sbir_core.data.strokes import read_strokes
 from sbir_core.errors import InputError, SBIRError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def image_folder(root: Union[str, Path], modality: str = "photo", source: str = 
 
 
 def read_ndjson(path: Union[str, Path]) -> list[Item]:
-    """One QuickDraw `.ndjson` file -> sketch items with strokes (class = `word`).
+    """One QuickDraw `.ndjson` file -> sketch items with strokes (class = `word`), read as
+    QuickDraw's [[xs], [ys]] into (n, 2) point arrays.
 
     An item's `key` ends in `#<line index>` so hold-outs by position are checkable."""
     path = Path(path)
@@ -92,8 +94,9 @@ def read_ndjson(path: Union[str, Path]) -> list[Item]:
                 continue
             try:
                 rec = json.loads(line)
-                word, drawing = rec["word"], rec["drawing"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                # QuickDraw's form said, not detected: a doodle of 2-point strokes only is valid
+                word, drawing = rec["word"], read_strokes(rec["drawing"], "quickdraw")
+            except (json.JSONDecodeError, KeyError, InputError) as exc:
                 log.warning("skipping line %d of %s: %s", n + 1, path, exc)
                 continue
             key = f"{path}#{n}"

@@ -6,7 +6,8 @@
 - canvas values (`canvas_image`: a stroke list, image, array or image-editor dict of
   those), never a file name.
 
-Everything returns what `preprocess_sketch` takes.
+Everything returns what `preprocess_sketch` takes; strokes are read by the one stroke
+reader, `data.strokes` (point lists or QuickDraw's [[xs], [ys]], decided once per drawing).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from sbir_core.data.preprocess import BlankSketchError
+from sbir_core.data.strokes import StrokeError, read_strokes
 from sbir_core.errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,41 +39,26 @@ MAX_STROKE_JSON_CHARS = 40 * MAX_STROKE_POINTS
 MAX_JSON_DEPTH = 4  # {"strokes": [stroke [point [x, y]]]}
 
 
-class StrokeError(InputError):
-    """Stroke JSON that cannot be read as a drawing."""
-
-
-def parse_strokes(value: Any) -> Optional[list]:
+def parse_strokes(value: Any, format: Optional[str] = None) -> Optional[list]:
     """Stroke JSON from the canvas (or an API client) -> a stroke list `preprocess_sketch` takes.
 
-    Accepts a list of strokes or {"strokes": [...]}; a stroke is a point list [[x, y], ...]
-    (what the canvas sends) or QuickDraw's [[xs], [ys]] (a 2 x 2 stroke is read as two points,
-    the canvas' form). Points become tuples, so `preprocess_sketch` reads them as point lists
-    too. "" -> None (nothing drawn)."""
+    Accepts a list of strokes or {"strokes": [...], "format": ...}. The strokes' form, point
+    lists [[x, y], ...] (what the canvas sends) or QuickDraw's [[xs], [ys]], is `format`, else
+    the object's "format", else detected once for the whole drawing (`data.strokes`: a
+    drawing of only 2 x 2 strokes is read as points). Strokes come back as point lists of
+    tuples, which every reader reads as points again. "" -> None (nothing drawn)."""
     data = json.loads(value) if isinstance(value, str) else value
     if isinstance(data, dict):
+        format = format or data.get("format")
         data = data.get("strokes")
     if data is None:
         return None
     if not isinstance(data, list):
         raise StrokeError("strokes must be a list")
-    out, n = [], 0
-    for st in data:
-        if not isinstance(st, list) or not st:
-            continue
-        if all(isinstance(p, (list, tuple)) and len(p) == 2 for p in st):  # 2x2: read as two points
-            pts = [(float(p[0]), float(p[1])) for p in st]  # a point list
-        elif len(st) == 2 and all(isinstance(v, list) for v in st) and len(st[0]) == len(st[1]):
-            pts = [(float(x), float(y)) for x, y in zip(st[0], st[1])]  # QuickDraw [[xs], [ys]]
-        else:
-            raise StrokeError("a stroke must be [[x, y], ...] or [[xs], [ys]]")
-        if not all(map(lambda p: all(abs(v) < 1e7 for v in p), pts)):
-            raise StrokeError("stroke coordinates must be finite numbers")
-        n += len(pts)
-        if n > MAX_STROKE_POINTS:
-            raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
-        out.append(pts)
-    return out
+    arrays = read_strokes(data, format)
+    if sum(len(a) for a in arrays) > MAX_STROKE_POINTS:
+        raise StrokeError(f"too many points (more than {MAX_STROKE_POINTS})")
+    return [[(x, y) for x, y in a.tolist()] for a in arrays]
 
 
 def _json_depth(s: str) -> int:
@@ -220,8 +207,9 @@ def input_fingerprint(x: Any) -> str:
 
 def load_stroke_file(path: PathLike, line: int = 0) -> list:
     """Strokes from a file the caller chose (the command line's `--strokes`): the page's
-    stroke JSON (`{"strokes": [[[x, y], ...], ...]}` or a bare stroke list) or QuickDraw
-    ndjson, of which drawing number `line` (0-based) is read."""
+    stroke JSON (`{"strokes": [[[x, y], ...], ...]}` or a bare stroke list; the form is
+    detected, or named by the object's "format") or QuickDraw ndjson, of which drawing
+    number `line` (0-based) is read as QuickDraw strokes."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"stroke file not found: {p}")
@@ -239,7 +227,7 @@ def load_stroke_file(path: PathLike, line: int = 0) -> list:
             value = json.loads(text)
         except ValueError as exc:
             raise InputError(f"{p} is not stroke JSON: {exc}") from exc
-    strokes = parse_strokes(value)
+    strokes = parse_strokes(value, "quickdraw" if p.suffix.lower() == ".ndjson" else None)
     if not strokes:
         raise BlankSketchError()
     return strokes

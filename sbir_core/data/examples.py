@@ -2,10 +2,10 @@
 
 Each example is a hand-authored stroke list in `sbir_core/examples/<name>.json`
 (no dataset content): ``{"label": ..., "format": "points", "canvas": [w, h],
-"strokes": [[[x, y], ...], ...]}`` in a 256 x 256 drawing box, y pointing down
-like a browser canvas. They are rendered with `preprocess.render_strokes`, the
-same path every stroke query takes, and the browser tests and screenshot script
-replay the very same strokes with the mouse.
+"strokes": [[[x, y], ...], ...]}`` (or "format": "quickdraw" with [[xs], [ys]] strokes)
+in a 256 x 256 drawing box, y pointing down like a browser canvas. They are rendered
+with `preprocess.render_strokes`, the same path every stroke query takes, and the
+browser tests and screenshot script replay the very same strokes with the mouse.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from PIL import Image
 
 from sbir_core.errors import InputError
 from sbir_core.data.preprocess import render_strokes
+from sbir_core.data.strokes import read_strokes
 
 from sbir_core.paths import EXAMPLES_DIR  # noqa: E402
 
@@ -32,9 +33,7 @@ class ExampleSketch:
 
     def render(self, size: int = 224, line_width: float = 3.0, margin: float = 0.08) -> Image.Image:
         """Black strokes on white, fitted into a size x size square."""
-        # Points as tuples: render_strokes reads tuple point lists unambiguously
-        # (a two-point stroke stays a list of points, not QuickDraw's [xs, ys]).
-        return render_strokes([list(s) for s in self.strokes], size=size, line_width=line_width, margin=margin)
+        return render_strokes(self.strokes, size=size, line_width=line_width, margin=margin)
 
     def scaled_strokes(self, width: float, height: float, margin: float = 0.1) -> list[list[tuple[float, float]]]:
         """Strokes mapped into a width x height box (aspect kept, centred): for
@@ -49,9 +48,9 @@ class ExampleSketch:
 
 def _load(path: Path) -> ExampleSketch:
     data = json.loads(path.read_text())
-    if data.get("format", "points") != "points":
-        raise InputError(f"{path}: only the 'points' stroke format is supported")
-    strokes = tuple(tuple((float(x), float(y)) for x, y in stroke) for stroke in data["strokes"] if stroke)
+    # Read in the file's own format (the one stroke reader), kept as point tuples.
+    strokes = tuple(tuple((x, y) for x, y in a.tolist())
+                    for a in read_strokes(data["strokes"], data.get("format", "points")))
     if not strokes:
         raise InputError(f"{path}: no strokes")
     canvas = tuple(int(v) for v in data.get("canvas", (256, 256)))

@@ -16,9 +16,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from sbir_core.data.strokes import read_strokes
 from sbir_core.errors import InputError
 
-# A stroke is ([x0, x1, ...], [y0, y1, ...]) (QuickDraw) or [(x, y), ...] (canvas points).
+# A stroke is [(x, y), ...] (canvas points) or ([x0, x1, ...], [y0, y1, ...]) (QuickDraw); the
+# form is decided once per drawing by `data.strokes.read_strokes`.
 Stroke = Union[Sequence[Sequence[float]], Sequence[tuple[float, float]]]
 Strokes = Sequence[Stroke]
 SketchInput = Union[Image.Image, np.ndarray, Strokes]
@@ -44,21 +46,13 @@ class BlankSketchError(InputError):
 
 
 # ----------------------------------------------------------------------------- strokes
-def normalize_strokes(strokes: Strokes) -> list[np.ndarray]:
-    """Strokes in either form -> list of (n, 2) float arrays of (x, y) points."""
-    out: list[np.ndarray] = []
-    for stroke in strokes:
-        arr = np.asarray(stroke, dtype=np.float32)
-        if arr.ndim != 2 or arr.size == 0:
-            continue
-        # QuickDraw form is 2 x n; point lists are n x 2. A 2x2 stroke is ambiguous,
-        # QuickDraw is the documented input so it wins.
-        if arr.shape[0] == 2 and not (arr.shape[1] == 2 and isinstance(stroke[0], tuple)):
-            arr = arr.T
-        if arr.shape[1] != 2:
-            raise InputError(f"a stroke must be [[xs],[ys]] or [(x, y), ...], got shape {arr.shape}")
-        out.append(arr)
-    return out
+def read_sketch(sketch: SketchInput, format: Optional[str] = None) -> SketchInput:
+    """A drawing as given, its strokes read once: images and arrays pass unchanged, a stroke
+    list becomes (n, 2) point arrays (`data.strokes.read_strokes`; `format` "points" or
+    "quickdraw", None: detected for the whole drawing), which every later step reads as points."""
+    if isinstance(sketch, (Image.Image, np.ndarray)):
+        return sketch
+    return read_strokes(sketch, format)
 
 
 def render_strokes(
@@ -72,7 +66,7 @@ def render_strokes(
     Rendering directly at the target size keeps line width exact instead of
     thinning it by a later downscale.
     """
-    pts = normalize_strokes(strokes)
+    pts = read_strokes(strokes)
     if not pts:
         raise BlankSketchError("The stroke list has no points.")
     allp = np.concatenate(pts)
@@ -164,6 +158,7 @@ def preprocess_sketch(
     Raises BlankSketchError when there is no ink.
     """
     if not isinstance(sketch, (Image.Image, np.ndarray)):
+        sketch = read_strokes(sketch)
         if brush is not None and brush > 0:
             line_width = brush_line_width(sketch, brush, size, margin)
         return render_strokes(sketch, size=size, line_width=line_width, margin=margin)
@@ -195,7 +190,7 @@ def preprocess_sketch(
 
 def brush_line_width(strokes: Strokes, brush: float, size: int, margin: float = DEFAULT_MARGIN) -> float:
     """A brush width in stroke units -> the line width at `size`, as the drawing is scaled."""
-    pts = normalize_strokes(strokes)
+    pts = read_strokes(strokes)
     if not pts:
         return TARGET_LINE_WIDTH
     allp = np.concatenate(pts)

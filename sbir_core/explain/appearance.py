@@ -54,30 +54,40 @@ class PairFeatures:
     grid: tuple[int, int]
     edge_image: Optional[Image.Image] = None
     sketch_scaled: dict = field(default_factory=dict)
+    # The correspondence head's unit descriptors ((N, D) each; None without a head), the
+    # drawing's also per shrink factor, read back like `sketch_scaled`.
+    head_sketch: Optional[torch.Tensor] = None
+    head_photo: Optional[torch.Tensor] = None
+    head_scaled: dict = field(default_factory=dict)
 
 
-def _token_levels(encoder, x: torch.Tensor) -> tuple[list, tuple[int, int]]:
-    """[(B, N, C) tokens per level], grid: the backbone's token block and, for
-    EfficientNet-Lite backbones, the next (coarser, stride 32) block upsampled to the
-    same grid. Other backbones give their one token level."""
+def _token_levels(encoder, x: torch.Tensor, head=None) -> tuple[list, tuple[int, int], Optional[torch.Tensor]]:
+    """[(B, N, C) tokens per level], grid, (B, N, D) head descriptors or None: the
+    backbone's token block and, for EfficientNet-Lite backbones, the next (coarser,
+    stride 32) block upsampled to the same grid; the correspondence `head` reads the
+    same pass. Other backbones give their one token level."""
+    from sbir_core.models.correspondence_head import HEAD_BLOCKS
+
     bb = encoder.backbone
     net, tb = getattr(bb, "net", None), getattr(bb, "TOKEN_BLOCK", None)
     if net is None or tb is None or not hasattr(net, "blocks"):
         f = encoder.backbone_features(x)
-        return [f.tokens], (int(f.grid[0]), int(f.grid[1]))
+        return [f.tokens], (int(f.grid[0]), int(f.grid[1])), None
     h = (x - encoder._mean) / encoder._std
     h = net.bn1(net.conv_stem(h.contiguous(memory_format=torch.channels_last)))
     maps = []
+    last = max(tb + 1, max(HEAD_BLOCKS) if head is not None else 0)
     for i, blk in enumerate(net.blocks):
         h = blk(h)
         maps.append(h)
-        if i >= tb + 1:
+        if i >= last:
             break
     grid = (int(maps[tb].shape[2]), int(maps[tb].shape[3]))
     levels = [maps[tb]]
     if len(maps) > tb + 1:
         levels.append(F.interpolate(maps[tb + 1], size=grid, mode="bilinear", align_corners=False))
-    return [m.flatten(2).transpose(1, 2).contiguous() for m in levels], grid
+    desc = head([maps[i] for i in HEAD_BLOCKS], grid) if head is not None else None
+    return [m.flatten(2).transpose(1, 2).contiguous() for m in levels], grid, desc
 
 
 def photo_edge_view(photo_image: Image.Image) -> Image.Image:
@@ -126,19 +136,39 @@ def _sample_shrunk(tokens: torch.Tensor, grid: tuple[int, int], factor: float) -
 
 @torch.inference_mode()
 def encode_pair_features(encoder, sketch_image: Image.Image, photo_image: Image.Image,
-                         edge_view: bool = True, sketch_scales: Optional[Sequence[float]] = None) -> PairFeatures:
+                         edge_view: bool = True, sketch_scales: Optional[Sequence[float]] = None,
+                         head="auto") -> PairFeatures:
     """Token levels of the sketch (also shrunk by each of `sketch_scales` < 1, default
-    SKETCH_SCALES), the photo and (edge_view) the photo's edge map, in one backbone batch."""
+    SKETCH_SCALES), the photo and (edge_view) the photo's edge map, in one backbone batch;
+    with a correspondence head ("auto": the shipped one when it was trained on this
+    encoder, `models.correspondence_head.head_for`; None: none) its descriptors too."""
+    if isinstance(head, str) and head == "auto":
+        from sbir_core.models.correspondence_head import head_for
+
+        head = head_for(encoder)
     scales = [float(f) for f in (SKETCH_SCALES if sketch_scales is None else sketch_scales) if f < 1]
     edge = photo_edge_view(photo_image) if edge_view else None
     imgs = [sketch_image, photo_image] + ([edge] if edge is not None else [])
     imgs += [shrink_sketch(sketch_image, f) for f in scales]
-    levels, grid = _token_levels(encoder, torch.stack([encoder.to_tensor(im) for im in imgs]))
+    levels, grid, desc = _token_levels(encoder, torch.stack([encoder.to_tensor(im) for im in imgs]), head)
     n0 = 3 if edge is not None else 2
     scaled = {f: [_sample_shrunk(lv[n0 + i], grid, f) for lv in levels] for i, f in enumerate(scales)}
+    hs = {} if desc is None else {f: F.normalize(_sample_shrunk(desc[n0 + i], grid, f), dim=-1)
+                                  for i, f in enumerate(scales)}
     return PairFeatures(sketch=[lv[0] for lv in levels], photo=[lv[1] for lv in levels],
                         photo_edges=[lv[2] for lv in levels] if edge is not None else None, grid=grid,
-                        edge_image=edge, sketch_scaled=scaled)
+                        edge_image=edge, sketch_scaled=scaled,
+                        head_sketch=None if desc is None else desc[0], head_photo=None if desc is None else desc[1],
+                        head_scaled=hs)
+
+
+WHITE_LEVEL = 235  # a pixel whose every channel is at least this is white paper / padding
+
+
+def object_mask(image: Image.Image) -> np.ndarray:
+    """(H, W) bool: the picture's non-white pixels. On clip-art (a drawing on white) this
+    is the object; on a photo nearly every pixel."""
+    return (np.asarray(image.convert("RGB")) < WHITE_LEVEL).any(-1)
 
 
 def content_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 `fit_map(embeddings, labels)` runs openTSNE once (at gallery build time) and keeps
 what placing new points needs: the map coordinates and the reference embeddings.
-`EmbeddingMap.place(queries)` then positions a query sketch in the existing map
-with openTSNE's own `TSNEEmbedding.transform` (the reference points stay fixed), so
-the map never has to be recomputed per search.
+A query with results is placed by them (`place_by_results`: where most of its best
+results sit together), so its star lands with what the search found; without
+results, `place(queries)` positions it with openTSNE's own `TSNEEmbedding.transform`
+(the reference points stay fixed). Either way the map is never recomputed per search.
 
 Storage (`save(dir)`): `embedding_map.npz` (coords, the reference data t-SNE saw:
 normalised embeddings, or above 2000 points their 50-d PCA projection plus the PCA
@@ -15,20 +16,21 @@ map is for). Timings on the shared 2-core CPU: ~1-2 s to fit 400 points, ~1.5 mi
 for 10k; placing a query ~0.1 s (400) / ~0.5 s (10k).
 
 Rendering (`render`, PIL only) is in two layers: a base layer (the gallery as small
-thumbnails at their map positions, or dots; class names at the class medians), built
-once per size and cached on the map, thumbnails decoded once per row; and per render,
-on a copy of it, the title, the query star, the results' frames and rank numbers: a
-few ms per query for a 400-image gallery (~0.2 s the first time, decoding included).
+thumbnails at their map positions, or dots), built once per size and cached on the
+map, thumbnails decoded once per row; and per render, on a copy of it, the title, the
+results' frames, the class names (none under the query's star or caption), the star and
+rank numbers (`marks()` says where each goes): a few ms per query for a 400-image
+gallery (~0.2 s the first time, decoding included).
 
 Typical use::
 
     m = fit_map(gallery_embeddings, gallery_labels)        # build time
     m.save(gallery_dir)
     m = EmbeddingMap.load(gallery_dir)                       # search time
-    q = m.place(query_embedding[None])                       # (1, 2)
-    img = m.render(query_xy=q[0], highlight=top_k_indices,   # PIL image: the gallery as
+    q = m.place_by_results(top_k_indices)                    # (2,); m.place(emb[None])[0] without
+    img = m.render(query_xy=q, highlight=top_k_indices,      # PIL image: the gallery as
                    thumbnails=image_paths)                   # thumbnails, class names, query
-    data = m.to_plot_data(query_xy=q[0], highlight=top_k_indices)  # JSON for the app
+    data = m.to_plot_data(query_xy=q, highlight=top_k_indices)  # JSON for the app
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sbir_core.explain.map_drawing import (BACKGROUND, HIGHLIGHT, INK, MAX_RANK_NUMBERS, MAX_STRETCH, MapLayout, PALETTE, RENDER_CACHE_ENTRIES, RESULT_ZOOM, THUMB_KEEP, ThumbnailSource, UNLABELLED, badge_spot, canvas_size, caption_spot, choose_thumbnails, draw_caption, fit, map_font, overlap, paste_badge, paste_dot, paste_ring, paste_star, place_labels, small_image, spread)
+from sbir_core.explain.map_drawing import (BACKGROUND, HIGHLIGHT, INK, LABEL_PX, MAX_RANK_NUMBERS, MAX_STRETCH, MapLayout, MapMarks, PALETTE, RENDER_CACHE_ENTRIES, RESULT_MAX_MOVE, RESULT_ZOOM, THUMB_KEEP, ThumbnailSource, UNLABELLED, badge_spot, canvas_size, caption_spot, choose_thumbnails, draw_caption, fit, map_font, overlap, paste_badge, paste_dot, paste_ring, paste_star, small_image, spread)
+from sbir_core.explain.map_labels import clear_labels, draw_labels, place_labels
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ MIN_TSNE_POINTS = 8
 # Above this many points, t-SNE runs on a PCA_DIMS-d PCA projection of the embeddings.
 PCA_ABOVE_POINTS = 2000
 PCA_DIMS = 50
+# A query's star joins the largest group among its STAR_RESULTS best results that sit
+# together (within one result's STAR_NEIGHBOURS nearest map points): `place_by_results`.
+STAR_RESULTS = 10
+STAR_NEIGHBOURS = 5
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -184,6 +191,28 @@ class EmbeddingMap:
         w /= w.sum(1, keepdims=True)
         return (w @ self.coords).astype(np.float32)
 
+    def place_by_results(self, rows: Sequence[int]) -> np.ndarray:
+        """(2,) where a query goes, given its results (gallery rows, best first, as the
+        search ranked them): among its STAR_RESULTS best, the largest group that sits
+        together (the results among one result's STAR_NEIGHBOURS nearest map points; ties
+        to the better-ranked group), at their rank-weighted mean.
+
+        The search, not the map, decides what a query matches (calibration and diffusion
+        rank pictures that raw embeddings put apart, and a drawing is not a picture), so
+        the star lands with what the page shows as its results (issue 31)."""
+        top = np.asarray([int(r) for r in rows][:STAR_RESULTS], dtype=int)
+        if not len(top):
+            raise ValueError("placing by results needs at least one result")
+        if top.min() < 0 or top.max() >= len(self):
+            raise IndexError(f"result rows must lie in [0, {len(self)})")
+        d = np.linalg.norm(self.coords[top][:, None] - self.coords[None], axis=2)  # (k, N)
+        near = np.argsort(d, axis=1, kind="stable")[:, :STAR_NEIGHBOURS]
+        member = (top[None, :, None] == near[:, None, :]).any(2)  # member[i, j]: result j by result i
+        w = 1.0 / (1.0 + np.arange(len(top)))
+        best = max(range(len(top)), key=lambda i: (int(member[i].sum()), float(member[i] @ w), -i))
+        g = member[best]
+        return ((w[g, None] * self.coords[top[g]]).sum(0) / w[g].sum()).astype(np.float32)
+
     # ---- persistence
     def save(self, directory: Union[str, Path]) -> Path:
         """Write `embedding_map.npz` + `embedding_map.json` into `directory` (atomically)."""
@@ -291,7 +320,7 @@ class EmbeddingMap:
         scale = (float(sx), float(sy))
         lay = MapLayout(size=(W, H), plot=plot, scale=scale, centre=((lo + hi) / 2).astype(np.float64),
                         thumb_px=px, dot_r=dot_r, unit=u, title_px=title_px, title_h=title_h,
-                        label_px=max(12, round(13 * u)))
+                        label_px=max(12, round(LABEL_PX * u)))
         pix = lay.to_pixels(self.coords) if len(self) else np.zeros((0, 2))
         if thumbnails and len(self):
             lay.shown, lay.dots = choose_thumbnails(pix, px, (W, H), self.labels)
@@ -329,8 +358,8 @@ class EmbeddingMap:
         return im
 
     def _base(self, size: tuple[int, int], title: Optional[str], thumbs: bool) -> tuple["MapLayout", Image.Image]:
-        """The query-independent layer (thumbnails or dots, class names; room for the
-        title, drawn per render), cached per (size, with title or not, thumbnails or dots)."""
+        """The query-independent layer (thumbnails or dots; room for the title and the
+        class names, drawn per render), cached per (size, with title or not, thumbnails or dots)."""
         key = (size, bool(title), thumbs)
         with self._render_lock:
             hit = self._render_cache.get(key)
@@ -351,18 +380,10 @@ class EmbeddingMap:
                 x0, y0 = int(round(pix[i, 0] - t.width / 2)), int(round(pix[i, 1] - t.height / 2))
                 img.paste(t, (x0, y0))
                 draw.rectangle((x0 - 1, y0 - 1, x0 + t.width, y0 + t.height), outline=colours[i], width=1)
-            self._draw_labels(draw, lay, [lab for lab in lay.labels if lab.shown])
             self._render_cache[key] = (lay, img)
             while len(self._render_cache) > RENDER_CACHE_ENTRIES:
                 self._render_cache.popitem(last=False)
             return lay, img
-
-    @staticmethod
-    def _draw_labels(draw: ImageDraw.ImageDraw, lay: "MapLayout", labels: Sequence[Any]) -> None:
-        font = map_font(lay.label_px)
-        sw = max(2, round(lay.label_px / 5))  # a white outline keeps names readable over pictures
-        for lab in labels:
-            draw.text(lab.xy, lab.text, fill=INK, font=font, anchor="mm", stroke_width=sw, stroke_fill=BACKGROUND)
 
     def _colours(self) -> list[tuple[int, int, int]]:
         if not self.labels:
@@ -371,6 +392,60 @@ class EmbeddingMap:
         pal = PALETTE[::2] if len(classes) <= 10 else PALETTE
         idx = {c: i for i, c in enumerate(classes)}
         return [pal[idx[c] % len(pal)] for c in self.labels]
+
+    def marks(self, query_xy: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
+              size: tuple[int, int] = (640, 640), title: Optional[str] = None,
+              thumbnails: Optional[ThumbnailSource] = None, query_image: Any = None,
+              query_label: str = "your drawing") -> MapMarks:
+        """Where `render` (same arguments) draws the query's marker, its caption, the
+        results and the class names: the drawn picture's geometry, for checking it."""
+        size = canvas_size(size)
+        if thumbnails is not None:
+            with self._render_lock:
+                self._use_thumbnails(thumbnails)
+        thumbs = thumbnails is not None
+        hl = [int(i) for i in (highlight if highlight is not None else [])]
+        for i in hl:
+            if not 0 <= i < len(self):
+                raise IndexError(f"highlight row {i} is outside the map's {len(self)} points")
+        lay = self._base(size, title, thumbs)[0]  # cached with the base layer
+        u, (W, H) = lay.unit, lay.size
+        # The query marker first (drawn last): the results are arranged around it.
+        q = None if query_xy is None else np.asarray(query_xy, dtype=np.float64).reshape(-1, 2)
+        mk = MapMarks(layout=lay, title=title, thumbnails=thumbs, rows=hl, query=np.zeros((0, 2)),
+                      query_r=max(13, round(17 * u)))
+        if q is not None and len(q):
+            qpix = np.clip(lay.to_pixels(q), [lay.plot[0], lay.plot[1]], [lay.plot[2], lay.plot[3]])
+            mk.query = qpix[np.isfinite(qpix).all(1)]
+            if query_image is not None:
+                mk.query_image = fit(small_image(query_image, 160), max(48, round(1.9 * max(lay.thumb_px, 28 * u))))
+                mk.query_r = max(mk.query_image.size) / 2 + max(3, round(3 * u)) + 2
+        r_q = mk.query_r
+        fixed = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in mk.query]
+        pix = lay.to_pixels(self.coords[hl]) if hl else np.zeros((0, 2))
+        mk.places = pix
+        if thumbs and hl:
+            # Results as framed thumbnails, moved apart (and off the query) a little, never
+            # far: pictures that sit together on the map stay together.
+            fw = max(3, round(3 * u))
+            hp = int(round(lay.thumb_px * RESULT_ZOOM))
+            mk.tiles = [fit(self._small_thumb(r), hp) for r in hl]
+            half = hp / 2 + fw + 1
+            mk.centres = spread(pix, half, fixed, (half, lay.title_h + half, W - half, H - half),
+                                max_move=RESULT_MAX_MOVE * half)
+            for c, t in zip(mk.centres, mk.tiles):
+                x0, y0 = int(round(c[0] - t.width / 2)), int(round(c[1] - t.height / 2))
+                mk.boxes.append((x0 - fw, y0 - fw, x0 + t.width + fw, y0 + t.height + fw))
+        elif hl:
+            rr = lay.dot_r + max(3.0, 3 * u)
+            mk.centres = pix
+            mk.boxes = [(p[0] - rr, p[1] - rr, p[0] + rr, p[1] + rr) for p in pix]
+        if len(mk.query) and query_label:
+            mk.caption = caption_spot(mk.query[0], r_q, lay, mk.boxes + fixed[1:], query_label)
+        # No class name under the marker or its caption, none on another class's result.
+        mk.labels = clear_labels(lay.labels, lay, fixed + ([mk.caption[2]] if mk.caption else []), mk.boxes,
+                                 [self.labels[r] for r in hl] if self.labels else ())
+        return mk
 
     def render(self, query_xy: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
                size: tuple[int, int] = (640, 640), title: Optional[str] = None,
@@ -381,86 +456,57 @@ class EmbeddingMap:
         `thumbnails` (one image per gallery row: a sequence of PIL images / file paths, or
         a callable row -> image or path) lays the gallery out as small pictures; without
         it, points are dots coloured by class. Class names sit at their classes' median
-        positions (overlapping names are nudged or left out). `highlight` (the top-k rows,
-        best first) get a coloured frame (ring for dots), ranks 1-5 a number; the query
-        is a star captioned `query_label`, or `query_image` (the drawing itself) framed.
+        positions (overlapping names are nudged or left out; none under the query's
+        marker or caption). `highlight` (the top-k rows, best first) get a coloured frame
+        (ring for dots), ranks 1-5 a number; the query is a star captioned `query_label`,
+        or `query_image` (the drawing itself) framed. `marks()` says where each goes.
 
         Thumbnails are decoded once per map and row (only those that end up visible), and
         the query-independent layer is cached per size, so a new query costs a
         copy plus a few pastes (a few ms). Rows must keep the same images for the life of
         the map object (`clear_render_cache()` otherwise).
         """
-        size = canvas_size(size)
-        if thumbnails is not None:
-            with self._render_lock:
-                self._use_thumbnails(thumbnails)
-        thumbs = thumbnails is not None
-        hl = [int(i) for i in (highlight if highlight is not None else [])]
-        for i in hl:
-            if not 0 <= i < len(self):
-                raise IndexError(f"highlight row {i} is outside the map's {len(self)} points")
-        lay, base = self._base(size, title, thumbs)
+        return self.draw(self.marks(query_xy, highlight, size, title, thumbnails, query_image, query_label))
+
+    def draw(self, mk: MapMarks) -> Image.Image:
+        """The picture of `marks()`'s answer (what `render` returns)."""
+        lay, title = mk.layout, mk.title
+        _, base = self._base(lay.size, title, mk.thumbnails)
         img = base.copy()
         draw = ImageDraw.Draw(img)
-        u = lay.unit
-        W, H = lay.size
+        u, (W, H) = lay.unit, lay.size
         if title:
             tpx = lay.title_px
             while tpx > 9 and map_font(tpx, bold=False).getlength(title) > W - 8:
                 tpx -= 1  # a long title shrinks to fit the width
             draw.text((W / 2, lay.title_h / 2), title, fill=INK, font=map_font(tpx, bold=False), anchor="mm")
-        # The query marker first (drawn last): the results are arranged around it.
-        q = None if query_xy is None else np.asarray(query_xy, dtype=np.float64).reshape(-1, 2)
-        qpix = np.zeros((0, 2))
-        qimg, r_q = None, max(13, round(17 * u))
-        if q is not None and len(q):
-            qpix = np.clip(lay.to_pixels(q), [lay.plot[0], lay.plot[1]], [lay.plot[2], lay.plot[3]])
-            qpix = qpix[np.isfinite(qpix).all(1)]
-            if query_image is not None:
-                qimg = fit(small_image(query_image, 160), max(48, round(1.9 * max(lay.thumb_px, 28 * u))))
-                r_q = max(qimg.size) / 2 + max(3, round(3 * u)) + 2
-        fixed = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in qpix]
-        pix = lay.to_pixels(self.coords[hl]) if hl else np.zeros((0, 2))
-        boxes: list[tuple[float, float, float, float]] = []
-        if thumbs and hl:
-            # Results as framed thumbnails, moved apart (and off the query) just enough
-            # not to hide each other; a line leads from each moved one to its place.
+        if mk.tiles:
             fw = max(3, round(3 * u))
-            hp = int(round(lay.thumb_px * RESULT_ZOOM))
-            tiles = [fit(self._small_thumb(r), hp) for r in hl]
-            half = hp / 2 + fw + 1
-            cen = spread(pix, half, fixed, (half, lay.title_h + half, W - half, H - half))
             lw = max(2, round(2 * u))
-            for p0, p1 in zip(pix, cen):
-                if np.abs(p1 - p0).max() > half * 0.5:
+            for p0, p1, b in zip(mk.places, mk.centres, mk.boxes):
+                if np.abs(p1 - p0).max() > (b[2] - b[0]) / 4:  # a line from a moved result to its place
                     draw.line((tuple(p0), tuple(p1)), fill=HIGHLIGHT, width=lw)
                     paste_dot(img, p0, max(2.5, 3 * u), HIGHLIGHT)
-            for rank in range(len(hl) - 1, -1, -1):  # best on top
-                t = tiles[rank]
-                x0, y0 = int(round(cen[rank, 0] - t.width / 2)), int(round(cen[rank, 1] - t.height / 2))
-                draw.rectangle((x0 - fw - 1, y0 - fw - 1, x0 + t.width + fw, y0 + t.height + fw), fill=BACKGROUND)
-                draw.rectangle((x0 - fw, y0 - fw, x0 + t.width + fw - 1, y0 + t.height + fw - 1), fill=HIGHLIGHT)
-                img.paste(t, (x0, y0))
-                boxes.append((x0 - fw, y0 - fw, x0 + t.width + fw, y0 + t.height + fw))
-            boxes.reverse()
-            # Class names stay readable: those a result tile landed on are drawn again on top.
-            self._draw_labels(draw, lay, [lab for lab in lay.labels if lab.shown
-                                          and any(overlap(lab.box, b) for b in boxes)])
-        elif hl:
+            for rank in range(len(mk.tiles) - 1, -1, -1):  # best on top
+                t, (x0, y0, x1, y1) = mk.tiles[rank], mk.boxes[rank]
+                draw.rectangle((x0 - 1, y0 - 1, x1, y1), fill=BACKGROUND)
+                draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=HIGHLIGHT)
+                img.paste(t, (int(x0 + fw), int(y0 + fw)))
+        else:
             rr = lay.dot_r + max(3.0, 3 * u)
-            for rank in range(len(hl) - 1, -1, -1):
-                paste_ring(img, pix[rank], rr, max(2.0, 2 * u), HIGHLIGHT)
-            boxes = [(p[0] - rr, p[1] - rr, p[0] + rr, p[1] + rr) for p in pix]
-        caption = None
-        if len(qpix) and query_label:
-            caption = caption_spot(qpix[0], r_q, lay, boxes + fixed[1:], query_label)
-        taken = list(fixed) + ([caption[2]] if caption else [])
+            for rank in range(len(mk.centres) - 1, -1, -1):
+                paste_ring(img, mk.centres[rank], rr, max(2.0, 2 * u), HIGHLIGHT)
+        draw_labels(img, mk.labels, lay.label_px)  # over the pictures, readable in their white outline
+        r_q = mk.query_r
+        taken = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in mk.query]
+        taken += [mk.caption[2]] if mk.caption else []
         # Rank numbers 1-5 next to their result: at a corner of the frame if one is free
         # (covering no other result if possible), else a little further out with a line to
         # it; never over the query, its caption or another number.
         bd = max(15, round(16 * u))
+        boxes = mk.boxes
         for rank, box in enumerate(boxes[:MAX_RANK_NUMBERS]):
-            others = [o for k, o in enumerate(boxes) if k != rank]
+            others = [o for k, o in enumerate(boxes) if k != rank] + [lab.box for lab in mk.labels]
             spot = badge_spot(box, bd, (0, lay.title_h, W, H), taken, others)
             if spot is None:
                 continue
@@ -471,7 +517,13 @@ class EmbeddingMap:
             paste_badge(img, ((spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2), bd, str(rank + 1))
             taken.append(spot)
         draw = ImageDraw.Draw(img)
-        for p in qpix:
+        if mk.caption is not None and len(mk.query):  # a caption set apart: a line to its star
+            (cx, cy), b = mk.query[0], mk.caption[2]
+            ex, ey = min(max(cx, b[0]), b[2]), min(max(cy, b[1]), b[3])
+            if np.hypot(ex - cx, ey - cy) > mk.query_r + 8:
+                draw.line(((cx, cy), (ex, ey)), fill=INK, width=max(1, round(1.5 * u)))
+        qimg = mk.query_image
+        for p in mk.query:
             if qimg is not None:
                 x0, y0 = int(round(p[0] - qimg.width / 2)), int(round(p[1] - qimg.height / 2))
                 fw = max(3, round(3 * u))
@@ -482,8 +534,8 @@ class EmbeddingMap:
                 paste_star(img, (x0 - fw, y0 - fw), max(9, round(10 * u)))
             else:
                 paste_star(img, p, r_q)
-        if caption is not None:
-            draw_caption(img, caption, lay)
+        if mk.caption is not None:
+            draw_caption(img, mk.caption, lay)
         return img
 
 

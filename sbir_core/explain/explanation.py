@@ -69,7 +69,7 @@ class Explanation:
     assignment: np.ndarray  # (Ns,) int: best photo cell per inked sketch cell, -1 for blank cells
     relation_score: Optional[float] = None  # P(same class) from the relation model, if given
     relation_logit: Optional[float] = None
-    token_source: str = "backbone"  # "backbone" or "relation" (relation similarity mixed in)
+    token_source: str = "backbone"  # "backbone", "head" (correspondence head mixed in) or "relation"
     mutual: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per match: mutual NN?
     transform: Optional[dict] = None  # fitted sketch->photo placement (cells), None if none found
     candidates: list = field(default_factory=list)  # every line candidate before the threshold
@@ -188,15 +188,27 @@ class Explanation:
             sx = max(x, W - pad - tw(summary)) if n else (W - tw(summary)) / 2
             draw.text((sx, cy), summary, fill=(40, 40, 40), font=font, anchor="lm")
 
+    def heat_field(self, scale: int = 1) -> np.ndarray:
+        """(H*scale, W*scale) in [0, 1]: the heatmap as drawn: the cell heatmap smoothly
+        enlarged, kept to the picture's non-white pixels (the mask enlarged bilinearly, so
+        its edge is anti-aliased): on clip-art, white paper and padding get no heat."""
+        import cv2
+
+        from sbir_core.explain.appearance import object_mask
+
+        W, H = self.image_size[0] * scale, self.image_size[1] * scale
+        hm = cv2.resize(np.clip(self.heatmap, 0, 1).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC)
+        m = cv2.resize(object_mask(self.photo_image).astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+        return np.clip(hm, 0, 1) * np.clip(m, 0, 1)
+
     def render_heatmap(self, alpha: float = 0.55, scale: int = 2) -> Image.Image:
-        """The photo with a translucent heatmap of the regions the sketch matched
-        (size: W*scale x H*scale)."""
+        """The photo with a translucent heatmap of where the drawing agrees with it
+        (`heat_field`; size: W*scale x H*scale)."""
         import matplotlib
 
         W, H = self.image_size
         photo = self.photo_image.convert("RGB").resize((W * scale, H * scale), Image.Resampling.BICUBIC)
-        hm = Image.fromarray((np.clip(self.heatmap, 0, 1) * 255).astype(np.uint8))
-        hm = np.asarray(hm.resize(photo.size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+        hm = self.heat_field(scale)
         rgb = matplotlib.colormaps["jet"](hm)[..., :3]
         a = (alpha * np.clip(hm * 1.2, 0.15, 1.0))[..., None]
         base = np.asarray(photo, dtype=np.float32) / 255.0

@@ -28,6 +28,10 @@ MAX_COVERED = 0.8  # a thumbnail more covered than this by the ones above it bec
 MAX_RANK_NUMBERS = 5
 MAX_LABELS_TRIED = 400  # only the biggest classes compete for a place (more cannot fit)
 RESULT_ZOOM = 1.25  # the results' thumbnails are drawn this much bigger than the others
+RESULT_MAX_MOVE = 1.0  # a result's tile moves at most this many half-tiles off its place
+# Class names at 640 px wide: the page shows the map about 500 px wide at 1366 x 768
+# (measured in Chromium), so names are at least 12 CSS px there.
+LABEL_PX = 16
 CAPTION_PAD = 4
 MAX_STRETCH = 1.4  # the map fills the canvas, one axis stretched at most this much more than the other
 RENDER_CACHE_ENTRIES = 6  # base layers kept per map (size x title-or-not x thumbnails-or-dots)
@@ -65,6 +69,30 @@ class MapLayout:
         cx, cy = (self.plot[0] + self.plot[2]) / 2, (self.plot[1] + self.plot[3]) / 2
         return np.stack([cx + (xy[:, 0] - self.centre[0]) * self.scale[0],
                          cy - (xy[:, 1] - self.centre[1]) * self.scale[1]], axis=1)
+
+
+@dataclass
+class MapMarks:
+    """What a render draws for one query, in pixels (`EmbeddingMap.marks`)."""
+    layout: MapLayout
+    title: Optional[str]
+    thumbnails: bool  # the gallery as thumbnails (else dots)
+    rows: list[int]  # the results' gallery rows, best first
+    query: np.ndarray  # (0 or 1, 2) the marker's centre
+    query_r: float  # half the marker's size
+    query_image: Optional[Image.Image] = None  # the drawing shown instead of a star
+    places: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # the results' own map positions
+    centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # where their tiles/rings are drawn
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # their frames
+    tiles: list[Image.Image] = field(default_factory=list)
+    caption: Optional[tuple[str, tuple[float, float], tuple[float, float, float, float]]] = None  # text, centre, box
+    labels: list[PlacedLabel] = field(default_factory=list)  # the class names drawn
+
+    def marker_box(self) -> Optional[tuple[float, float, float, float]]:
+        if not len(self.query):
+            return None
+        x, y, r = float(self.query[0][0]), float(self.query[0][1]), self.query_r
+        return (x - r, y - r, x + r, y + r)
 
 
 def canvas_size(size: Any) -> tuple[int, int]:
@@ -159,46 +187,6 @@ def choose_thumbnails(pix: np.ndarray, px: int, size: tuple[int, int],
     return np.asarray(top_first[::-1], dtype=int), np.asarray(dots, dtype=int)
 
 
-def place_labels(centres: dict[str, tuple[float, float]], lay: MapLayout,
-                  labels: Sequence[str]) -> list[PlacedLabel]:
-    """Class names at their medians, biggest classes first; a name that would overlap one
-    already placed is nudged (up, down, sideways), or left out if no spot is free."""
-    font = map_font(lay.label_px)
-    sw = max(2, round(lay.label_px / 5))
-    counts: dict[str, int] = {}
-    for c in labels:
-        counts[c] = counts.get(c, 0) + 1
-    W, H = lay.size
-    placed: list[PlacedLabel] = []
-    boxes: list[tuple[float, float, float, float]] = []
-    for c in sorted(centres, key=lambda c: (-counts.get(c, 0), c))[:MAX_LABELS_TRIED]:
-        ax, ay = lay.to_pixels(np.asarray(centres[c]))[0]
-        text = c.replace("_", " ").strip()
-        if not text:
-            continue
-        l, t, r, b = font.getbbox(text, anchor="mm", stroke_width=sw)
-        w, h = r - l, b - t
-        spot = None
-        for dx, dy in ((0, 0), (0, -0.8 * h), (0, 0.8 * h), (-0.35 * w, 0), (0.35 * w, 0), (0, -1.6 * h),
-                       (0, 1.6 * h), (-0.35 * w, -0.8 * h), (0.35 * w, -0.8 * h), (-0.35 * w, 0.8 * h),
-                       (0.35 * w, 0.8 * h)):
-            x, y = ax + dx, ay + dy
-            # keep the whole name on the canvas (shift it in from the edges)
-            x = min(max(x, -l + 1), W - r - 1)
-            y = min(max(y, lay.title_h - t + 1), H - b - 1)
-            box = (x + l, y + t, x + r, y + b)
-            if not any(overlap(box, o, 1) for o in boxes):
-                spot = (float(x), float(y)), box
-                break
-        if spot is None:
-            placed.append(PlacedLabel(c, text, (float(ax), float(ay)), (float(ax), float(ay)),
-                                      (ax + l, ay + t, ax + r, ay + b), False))
-        else:
-            boxes.append(spot[1])
-            placed.append(PlacedLabel(c, text, (float(ax), float(ay)), spot[0], spot[1], True))
-    return placed
-
-
 def _aa_patch(w: int, h: int, paint: Callable[[ImageDraw.ImageDraw, int], None], ss: int = 4) -> Image.Image:
     """An anti-aliased RGBA patch: `paint(draw, ss)` draws at `ss` x scale, then it is shrunk."""
     big = Image.new("RGBA", (w * ss, h * ss), (0, 0, 0, 0))
@@ -276,12 +264,14 @@ def paste_star(img: Image.Image, centre: Sequence[float], r: float) -> None:
 
 
 def spread(pts: np.ndarray, half: float, fixed: Sequence[Sequence[float]],
-            bounds: Sequence[float], iters: int = 150) -> np.ndarray:
+            bounds: Sequence[float], iters: int = 150, max_move: Optional[float] = None) -> np.ndarray:
     """Centres for squares of half-side `half` at `pts` (best rank first), nudged apart
     until none overlaps another or a `fixed` box (the query marker), inside `bounds`
-    (x0, y0, x1, y1). Of two overlapping squares the later (worse-ranked) one moves
-    more, so the best results stay closest to where they are."""
-    p = np.asarray(pts, dtype=np.float64).reshape(-1, 2).copy()
+    (x0, y0, x1, y1), each at most `max_move` px (per axis) from its place. Of two
+    overlapping squares the later (worse-ranked) one moves more, so the best results stay
+    closest to where they are."""
+    p0 = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    p = p0.copy()
     k = len(p)
     if k == 0:
         return p
@@ -320,8 +310,13 @@ def spread(pts: np.ndarray, half: float, fixed: Sequence[Sequence[float]],
                 np.add.at(delta, (i, a), np.sign(v[np.arange(len(i)), a]) * overq[i, f, a])
         if not delta.any():
             break
-        p += delta
-        np.clip(p, lo, hi, out=p)
+        q = p + delta
+        if max_move is not None:  # results that sit together stay together (issue 31)
+            np.clip(q, p0 - max_move, p0 + max_move, out=q)
+        np.clip(q, lo, hi, out=q)
+        if np.abs(q - p).max() < 0.25:  # held by the bounds: no further to go
+            break
+        p = q
     return p
 
 
@@ -352,15 +347,18 @@ def badge_spot(box: Sequence[float], d: float, canvas: Sequence[float], taken: S
 
 def caption_spot(p: Sequence[float], r: float, lay: MapLayout, avoid: Sequence[Sequence[float]],
                   text: str) -> tuple[str, tuple[float, float], tuple[float, float, float, float]]:
-    """Where the query's caption goes next to its marker: right, left, below or above it,
-    the first that covers no result and no class name (else the one covering least, results
-    weighing 10x), inside the canvas."""
+    """Where the query's caption goes next to its marker: right, left, below, above it, at
+    a corner, or a little further out, the first that covers no result and no class name
+    (else the one covering least, results weighing 10x), inside the canvas."""
     font = map_font(lay.label_px)
     l, t, r_, b = font.getbbox(text, anchor="mm")
     w, h = r_ - l + 2 * CAPTION_PAD, b - t + 2 * CAPTION_PAD
     W, H = lay.size
     best, best_cost = None, None
-    for dx, dy in ((r + 4 + w / 2, 0), (-(r + 4 + w / 2), 0), (0, r + 4 + h / 2), (0, -(r + 4 + h / 2))):
+    ax, ay = r + 4 + w / 2, r + 4 + h / 2
+    # beside, below, above, at the corners, then a little further out
+    spots = [(ax, 0), (-ax, 0), (0, ay), (0, -ay), (ax, ay), (-ax, ay), (ax, -ay), (-ax, -ay)]
+    for dx, dy in spots + [(1.6 * x, 1.6 * y) for x, y in spots]:
         x = min(max(p[0] + dx, w / 2 + 1), W - w / 2 - 1)
         y = min(max(p[1] + dy, lay.title_h + h / 2 + 1), H - h / 2 - 1)
         box = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)

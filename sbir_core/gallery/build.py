@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -48,6 +49,39 @@ class BuildReport:
     index_type: str = "flat"  # the index actually built (ivf falls back to flat when tiny)
     written: bool = True  # False when nothing changed and the gallery was left untouched
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # plain sentences, e.g. classes from camera file names
+
+
+# Class names that are really a camera's or a phone's file naming (image_0001.jpg, IMG_1234.JPG,
+# DSC00012.jpg, PXL_2023...), or what a bare number (0001.png) becomes: not a class a person meant.
+_CAMERA_LABEL = re.compile(
+    r"(?:image|img|imag|dsc|dscn|dscf|dcim|cimg|photo|pic|picture|pxl|mvimg|gopr|dji|sam|wp|p|screenshot|"
+    r"screen_shot|scan|snapshot|file|untitled|download|whatsapp_image|uploaded)(?:[_\-. ]*\d[\w\-. ]*)?")
+NAMING_HINT = ("The class comes from the folder or from the file name before its number: name files like "
+               "cat_1.jpg and dog_1.jpg, or put them in folders like cat/1.jpg and dog/1.jpg, then build again.")
+
+
+def naming_warnings(labels: list[str]) -> list[str]:
+    """Warnings about classes a person did not mean: names a camera gave, pictures with no
+    class, or one class for everything (plain sentences for the build report)."""
+    out = []
+    camera = sorted({lab for lab in labels if lab and _CAMERA_LABEL.fullmatch(lab.lower())})
+    n_camera = sum(1 for lab in labels if lab in camera)
+    n_none = sum(1 for lab in labels if not lab)
+    if n_camera:
+        names = ", ".join(f"“{c}”" for c in camera[:5])
+        out.append(f"{n_camera} {'picture has a numbered name' if n_camera == 1 else 'pictures have numbered names'}"
+                   f" like a camera gives (image_0001.jpg), so {'its' if n_camera == 1 else 'their'} class is just "
+                   f"{names}{' …' if len(camera) > 5 else ''}.")
+    if n_none:
+        out.append(f"{n_none} {'picture is' if n_none == 1 else 'pictures are'} not in a class folder, so "
+                   f"{'it has' if n_none == 1 else 'they have'} no class.")
+    if len(labels) > 1 and len(set(labels)) == 1 and not (n_camera or n_none):
+        out.append(f"All {len(labels)} pictures are in one class, “{labels[0]}”, so every result will have "
+                   "the same name.")
+    if out:
+        out.append(NAMING_HINT)
+    return out
 
 
 @dataclass
@@ -226,6 +260,7 @@ def build_gallery(
         kept_rel = {c.rel for c in kept}
         report.removed = sum(1 for rel in old_rows if rel not in kept_rel)
         report.total = len(kept)
+        report.warnings = naming_warnings([c.label for c in kept])
         if not kept:
             raise GalleryError(
                 f"no readable images in {source} ({len(skipped)} files skipped); nothing to index"

@@ -32,13 +32,14 @@ def checkpoint_spec(encoder: Any) -> str:
     explicit = getattr(encoder, "checkpoint_path", None)
     if explicit:
         return str(Path(explicit).resolve())
-    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, file_digest
+    from sbir_core.models.checkpoint import checkpoint_digest
+    from sbir_core.models.encoders import DEFAULT_CHECKPOINT
 
     try:
         st = DEFAULT_CHECKPOINT.stat()
         key = (str(DEFAULT_CHECKPOINT), st.st_size, st.st_mtime_ns)
         if key not in _DIGESTS:  # hashing is cheap but not free; the file rarely changes
-            _DIGESTS[key] = file_digest(DEFAULT_CHECKPOINT)
+            _DIGESTS[key] = checkpoint_digest(DEFAULT_CHECKPOINT)
         if _DIGESTS[key] == ckpt_id:
             return "default"
     except OSError:

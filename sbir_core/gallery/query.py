@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sbir_core.data.images import load_image
-from sbir_core.data.preprocess import preprocess_sketch
+from sbir_core.data.preprocess import preprocess_sketch, read_sketch
 from sbir_core.errors import InputError
 from sbir_core.gallery.index import _normalize_rows
 
@@ -30,11 +30,17 @@ class SketchQuery:
     tokens: Any  # (T, C) token grid of that view
 
 
-def encode_sketch_query(encoder: Any, sketch: Any, brush: Optional[float] = None) -> SketchQuery:
+def encode_sketch_query(encoder: Any, sketch: Any, brush: Optional[float] = None,
+                        format: Optional[str] = None, batcher: Any = None) -> SketchQuery:
     """A drawing (strokes, image or array) -> embedding, model input and tokens.
     The embedding is exactly `encode_query(encoder, sketch=...)`'s (with the same brush).
-    BlankSketchError when there is no ink."""
-    sk = preprocess_sketch(sketch, encoder.image_size, brush=brush)
+    format: a stroke list's form (`read_sketch`). BlankSketchError when there is no ink.
+    batcher: a `gallery.batching.SketchBatcher` of `encoder`, to share the forward pass with
+    queries arriving at the same time (the app's many visitors)."""
+    sk = preprocess_sketch(read_sketch(sketch, format), encoder.image_size, brush=brush)
+    if batcher is not None:
+        emb, tokens = batcher.encode(encoder.to_tensor(sk))
+        return SketchQuery(emb, sk, tokens)
     out = encoder.encode(encoder.to_tensor(sk)[None], "sketch")
     return SketchQuery(np.ascontiguousarray(out.normalized()[0], dtype=np.float32), sk, out.tokens[0])
 
@@ -45,10 +51,12 @@ def encode_query(
     sketch: Any = None,
     photo: Any = None,
     text: Optional[str] = None,
+    format: Optional[str] = None,
 ) -> np.ndarray:
     """One query -> normalised float32 (D,). Give exactly one of sketch, photo, text.
 
-    sketch: image path, PIL image, array or stroke list (BlankSketchError if no ink);
+    sketch: image path, PIL image, array or stroke list (BlankSketchError if no ink; a stroke
+    list's form is `format`, "points" or "quickdraw", or detected once for the drawing);
     photo: image path, PIL image or array; text: a phrase (needs a text head).
     """
     given = [name for name, v in (("sketch", sketch), ("photo", photo), ("text", text)) if v is not None]
@@ -60,7 +68,7 @@ def encode_query(
         emb = np.asarray(encoder.encode_text([str(text).strip()]).float().cpu().numpy(), dtype=np.float32)
         return _normalize_rows(emb.reshape(1, -1))[0]
     if sketch is not None:
-        img = _query_image(sketch) if isinstance(sketch, (str, os.PathLike)) else sketch
+        img = _query_image(sketch) if isinstance(sketch, (str, os.PathLike)) else read_sketch(sketch, format)
         out = encoder.encode_sketches([img])
     else:
         img = _query_image(photo) if isinstance(photo, (str, os.PathLike)) else photo

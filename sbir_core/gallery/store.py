@@ -3,9 +3,10 @@
 - shipped/operator galleries: folders under a galleries root (`galleries/` of a checkout),
   found by name; a gallery built with another model is re-indexed from its images into
   the cache (the galleries folder itself is never rewritten);
-- visitors' galleries: built from uploads under `$SBIR_HOME/uploaded-galleries`, named
-  `upload:<owner token>/<name>` so that only the visitor holding the token can name
-  them; at most MAX_UPLOADED_GALLERIES on disk and MAX_LOADED_GALLERIES in memory;
+- class galleries (`gallery.sharing`): built from uploads in the page or from a folder with
+  `index --share`, under `$SBIR_HOME/class-galleries`, named `class:<CODE>` so that only
+  people given the code can open them and only the owner token changes them; at most
+  MAX_LOADED_GALLERIES in memory;
 - thumbnails: small JPEGs the app may serve (the only files it serves from disk).
 
 Messages are plain text (GalleryStoreError); the app formats them.
@@ -31,6 +32,8 @@ from sbir_core.errors import InputError
 from sbir_core.gallery.build import build_gallery
 from sbir_core.gallery.identity import check_encoder
 from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError
+from sbir_core.gallery.sharing import (CLASS_PREFIX, NO_SUCH_CODE, ClassGalleries, ShareError, ShareInfo, code_of,
+                                       format_code, gallery_id, valid_owner)
 from sbir_core.paths import SHIPPED_GALLERIES, cache_dir, home
 
 log = logging.getLogger(__name__)
@@ -38,32 +41,14 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 PathLike = Union[str, "os.PathLike[str]"]
 
-
-
-
-# Galleries visitors upload live outside the repository, in the user's data folder.
-
-
-MAX_UPLOADED_GALLERIES = 32  # on disk; the oldest is deleted when a new one would exceed this
-
-
-MAX_LOADED_GALLERIES = 8  # uploaded galleries kept in memory at once (shipped ones always stay)
-
-
-UPLOAD_PREFIX = "upload:"  # gallery ids of uploaded galleries: upload:<session token>/<name>
-
-
+MAX_LOADED_GALLERIES = 8  # class galleries kept in memory at once (shipped ones always stay)
 MAX_UPLOAD_FILES = 2000
-
-
 THUMB_SIZE = 256
-
-
 GALLERY_NAME_RE = re.compile(r"[^a-z0-9_-]+")
 
 
 def _thumb_prefix(gallery_id: str) -> str:
-    return sanitize_gallery_name(gallery_id.replace(UPLOAD_PREFIX, "upload-").replace("/", "_"))
+    return sanitize_gallery_name(gallery_id.replace(":", "-").replace("/", "_"))
 
 
 def sanitize_gallery_name(name: str) -> str:
@@ -72,11 +57,9 @@ def sanitize_gallery_name(name: str) -> str:
     return s[:40]
 
 
-def display_name(gallery_id: str) -> str:
-    """How a gallery is named in the page: uploaded ones by the name their builder chose."""
-    if gallery_id and gallery_id.startswith(UPLOAD_PREFIX):
-        return gallery_id.rsplit("/", 1)[-1] + " (yours)"
-    return gallery_id
+def share_label(info: ShareInfo) -> str:
+    """How a class gallery is named in the page: its builder's name and its code."""
+    return f"{info.name.replace('_', ' ')} (class {format_code(info.code)})"
 
 
 def label_from_filename(filename: str) -> str:
@@ -156,7 +139,8 @@ class GalleryStore:
         self.encoder, self.checkpoint = encoder, checkpoint
         self.root = Path(root).resolve()
         self.cache_dir = Path(cache).resolve() if cache else (cache_dir() / "app").resolve()
-        self.uploads_dir = Path(uploads).resolve() if uploads else (home() / "uploaded-galleries").resolve()
+        self.shared = ClassGalleries(uploads)  # class galleries: built in the page or by `index --share`
+        self.uploads_dir = self.shared.root
         self.thumbs_dir = self.cache_dir / "thumbs"  # the only files the app serves from disk
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_upload_pixels = int(max_upload_pixels)
@@ -164,7 +148,7 @@ class GalleryStore:
         self._lock = threading.RLock()
         self._build_lock = threading.Lock()
         self._galleries: dict[str, LoadedGallery] = {}  # shipped galleries, loaded once
-        self._uploaded: LRUCache = LRUCache(MAX_LOADED_GALLERIES)  # visitors' galleries, bounded
+        self._uploaded: LRUCache = LRUCache(MAX_LOADED_GALLERIES)  # class galleries, bounded
         self._uploaded_lock = threading.Lock()
 
     @property
@@ -196,7 +180,7 @@ class GalleryStore:
         lg = self.get(name, progress=progress)
         kind = "sketches" if lg.modality == "sketch" else "images"
         n_cls = len(set(lg.labels))
-        msg = f"Gallery {display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
+        msg = f"Gallery {self.display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
         return msg + (f" {lg.notice}" if lg.notice else "")
 
     def get(self, name: str, progress: Optional[ProgressFn] = None) -> LoadedGallery:
@@ -204,8 +188,8 @@ class GalleryStore:
         if not name:
             raise GalleryStoreError("No gallery yet: upload some images to build one, or start the app "
                                     "with --gallery PATH/TO/IMAGES.")
-        if name.startswith(UPLOAD_PREFIX):
-            return self._get_uploaded(name, progress)
+        if code_of(name) is not None:
+            return self._get_shared(name)
         lg = self._galleries.get(name)
         if lg is not None:
             return lg
@@ -216,29 +200,58 @@ class GalleryStore:
                 self._galleries[name] = lg
             return lg
 
-    def _get_uploaded(self, gid: str, progress: Optional[ProgressFn]) -> LoadedGallery:
+    def _get_shared(self, gid: str) -> LoadedGallery:
+        """A class gallery by its id `class:<CODE>` (checked by code_of before any path is made)."""
+        code = code_of(gid)
+        d = self.shared.folder(code)
         with self._uploaded_lock:
             lg = self._uploaded.get(gid)
-        if lg is not None:
-            return lg
-        d = self._upload_dir(gid)
-        try:
-            g = Gallery.load(d / "index")
-            check_encoder(g, self.encoder)
-        except GalleryError as exc:
-            raise GalleryStoreError(f"No gallery named “{display_name(gid)}”: build it again by uploading its images.") \
-                from exc
-        lg = self._wrap(gid, d / "index", g)
-        with self._uploaded_lock:
-            self._uploaded[gid] = lg
+        if lg is not None and not (d / "share.json").is_file():  # deleted (e.g. from the command line)
+            self.forget(gid)
+            lg = None
+        if lg is None:
+            try:
+                if self.shared.read(code) is None:
+                    raise GalleryError("no share record")
+                g = Gallery.load(d / "index")
+                check_encoder(g, self.encoder)
+            except StaleGalleryError as exc:  # e.g. `index --share` with another --checkpoint than the app's
+                raise GalleryStoreError("This gallery was built with another model than this app runs; whoever "
+                                        "built it needs to build it again.") from exc
+            except GalleryError as exc:
+                raise GalleryStoreError(NO_SUCH_CODE) from exc
+            lg = self._wrap(gid, d / "index", g)
+            with self._uploaded_lock:
+                self._uploaded[gid] = lg
+        self.shared.touch(code)
         return lg
 
-    def _upload_dir(self, gid: str) -> Path:
-        """upload:<32 hex token>/<clean name> -> its folder under the uploads root."""
-        m = re.fullmatch(re.escape(UPLOAD_PREFIX) + r"([0-9a-f]{32})/([a-z0-9_-]{1,40})", gid or "")
-        if not m:
-            raise GalleryStoreError(f"“{display_name(gid)}” is not a gallery name.")
-        return self.uploads_dir / m.group(1) / m.group(2)
+    def display_name(self, gid: str) -> str:
+        """How the page names a gallery: class galleries by name and code."""
+        code = code_of(gid)
+        info = self.shared.read(code) if code else None
+        return share_label(info) if info else str(gid)
+
+    def _per_gallery_caches(self) -> tuple[Path, Path]:
+        # Thumbnails, and the maps the service keeps beside them (RetrievalService._map_cache_dir).
+        return self.thumbs_dir, self.cache_dir / "maps"
+
+    def _prune_cache(self) -> None:
+        """Thumbnails and maps of class galleries that are gone (removed to make room, or
+        deleted from the command line) go too, so the cache stays bounded."""
+        for folder in self._per_gallery_caches():
+            for t in folder.glob("class-*"):
+                m = re.fullmatch(r"class-([a-z0-9]{10})-[0-9a-f]{10}", t.name)
+                if m and code_of(CLASS_PREFIX + m.group(1).upper()) and self.shared.read(m.group(1).upper()) is None:
+                    shutil.rmtree(t, ignore_errors=True)
+
+    def forget(self, gid: str) -> None:
+        """Drop a class gallery from memory and its thumbnails and maps from the cache."""
+        with self._uploaded_lock:
+            self._uploaded.pop(gid, None)
+        for folder in self._per_gallery_caches():
+            for t in folder.glob(f"{_thumb_prefix(gid)}-*"):
+                shutil.rmtree(t, ignore_errors=True)
 
     def _load_gallery(self, name: str, progress: Optional[ProgressFn]) -> LoadedGallery:
         d = self.gallery_dir(name)
@@ -366,45 +379,100 @@ class GalleryStore:
         return str(out)
 
     def build_from_uploads(self, files: Optional[Iterable[Any]], name: str, owner: str,
-                           progress: Optional[ProgressFn] = None, modality: str = "photo") -> BuildOutcome:
-        """Uploaded image files -> a gallery only its builder can name (`upload:<owner>/<name>`,
-        `owner` being a 32-hex-digit session token). The class of an image is its file
-        name without the number (cat_01.jpg -> cat). Every usable file is kept: identical
-        files are stored once, different files with the same name are renamed; the
-        outcome reports both, and every file that was skipped and why."""
+                           progress: Optional[ProgressFn] = None, modality: str = "photo",
+                           pinned: bool = False) -> BuildOutcome:
+        """Image files -> a class gallery (`class:<CODE>`, see `gallery.sharing`) owned by
+        `owner` (a 32-hex-digit token). The owner's gallery of the same name is rebuilt in
+        place (same code); anyone else's never is. The class of an image is its folder when
+        its name has one (cat/1.jpg -> cat), else its file name without the number
+        (cat_01.jpg -> cat). Every usable file is kept: identical files are stored once,
+        different files with the same name are renamed; the outcome reports both, and every
+        file that was skipped and why. `files`: uploads (Gradio FileData dicts, with
+        `orig_name`), paths, or (path, name to read the class from) pairs."""
         files = [f for f in (files or []) if f is not None]
         clean = sanitize_gallery_name(name)
         if not clean:
             return BuildOutcome(False, "Give the new gallery a name (letters, digits, _ or -).")
-        if not re.fullmatch(r"[0-9a-f]{32}", owner or ""):
+        if not valid_owner(owner):
             return BuildOutcome(False, "This page session has expired; reload the page and upload again.")
         if not files:
             return BuildOutcome(False, "Choose some images to upload first.")
         if len(files) > MAX_UPLOAD_FILES:
             return BuildOutcome(False, f"Too many files ({len(files)}); the limit is {MAX_UPLOAD_FILES}.")
-        gid = f"{UPLOAD_PREFIX}{owner}/{clean}"
-        folder = self._upload_dir(gid)
+        try:
+            info, is_new = self.shared.reserve(clean, owner, pinned=pinned)
+        except ShareError as exc:
+            return BuildOutcome(False, str(exc))
+        gid = gallery_id(info.code)
+        folder = self.shared.folder(info.code)
         src = folder / "images"
-        shutil.rmtree(src, ignore_errors=True)  # a rebuild under the same name starts afresh
+        shutil.rmtree(src, ignore_errors=True)  # a rebuild starts afresh
+        copied, skipped, notes = self._copy_images(files, src, progress)
+        if not copied:
+            if is_new:
+                self.shared.abandon(info.code)
+            return BuildOutcome(False, "None of the uploaded files could be used: "
+                                + "; ".join(f"{n}: {why}" for n, why in skipped[:5]), skipped=skipped)
+        outcome = self._index_folder(src, folder / "index", gid, progress, modality)
+        outcome.skipped = skipped + outcome.skipped
+        if not outcome.ok:
+            if is_new:
+                self.shared.abandon(info.code)
+            return outcome
+        self.forget(gid)  # a rebuild: old thumbnails and map go
+        self._prune_cache()
+        with self._uploaded_lock:
+            self._uploaded[gid] = self._wrap(gid, folder / "index", outcome.gallery)
+        outcome.gallery = None
+        if notes:
+            outcome.message += f"\n\nKept all {copied} distinct file(s): " + "; ".join(notes[:10]) + (
+                " …" if len(notes) > 10 else "")
+        if skipped:
+            outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
+                f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
+        return outcome
+
+    def share_folder(self, folder: PathLike, name: str, owner: str, progress: Optional[ProgressFn] = None,
+                     modality: str = "photo") -> BuildOutcome:
+        """The teacher's `index PHOTO_DIR --share NAME`: every file under the folder, copied
+        and indexed as a class gallery the operator pinned (never removed to make room)."""
+        src = Path(folder).expanduser().resolve()
+        if not src.is_dir():
+            return BuildOutcome(False, f"Not a folder: {src}")
+        files = [(p, p.relative_to(src).as_posix()) for p in sorted(src.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        return self.build_from_uploads(files, name, owner, progress=progress, modality=modality, pinned=True)
+
+    def _copy_images(self, files: list[Any], src: Path, progress: Optional[ProgressFn]
+                     ) -> tuple[int, list[tuple[str, str]], list[str]]:
+        """Copy usable images into `src/<class>/` -> (how many, skipped (name, why), notes)."""
         skipped: list[tuple[str, str]] = []
         notes: list[str] = []
         seen: dict[str, str] = {}  # content hash -> stored relative path
         copied = 0
         for n, f in enumerate(files):
-            path = Path(f["path"] if isinstance(f, dict) else getattr(f, "name", f))
-            orig = Path(f.get("orig_name") or path.name) if isinstance(f, dict) else path
+            if isinstance(f, tuple):
+                path, orig_name = Path(f[0]), str(f[1])
+            elif isinstance(f, dict):
+                path = Path(f["path"])
+                orig_name = str(f.get("orig_name") or path.name)
+            else:
+                path = Path(getattr(f, "name", f))
+                orig_name = path.name
+            orig = Path(orig_name)
             if progress:
                 progress(0.1 * n / len(files), f"Checking {orig.name}")
             try:
                 check_upload(path, self.max_upload_bytes, self.max_upload_pixels)
             except InputError as exc:
-                skipped.append((orig.name, str(exc)))
+                skipped.append((orig_name, str(exc)))
                 continue
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest in seen:
                 notes.append(f"{orig.name} is identical to {seen[digest]} (kept once)")
                 continue
-            label = label_from_filename(orig.name)
+            folder_label = sanitize_gallery_name(orig.parts[0]) if len(orig.parts) > 1 else ""
+            label = folder_label or label_from_filename(orig.name)
             stem = GALLERY_NAME_RE.sub("_", orig.stem.lower()).strip("_") or "image"
             suffix = path.suffix.lower() if path.suffix else ".png"
             dest = src / label / f"{stem}{suffix}"
@@ -418,42 +486,43 @@ class GalleryStore:
             shutil.copyfile(path, dest)
             seen[digest] = f"{label}/{dest.name}"
             copied += 1
-        if not copied:
-            return BuildOutcome(False, "None of the uploaded files could be used: "
-                                + "; ".join(f"{n}: {why}" for n, why in skipped[:5]), skipped=skipped)
-        outcome = self._index_folder(src, folder / "index", gid, progress, modality)
-        outcome.skipped = skipped + outcome.skipped
-        if outcome.ok:
-            with self._uploaded_lock:
-                self._uploaded[gid] = self._wrap(gid, folder / "index", outcome.gallery)
-            outcome.gallery = None
-            self._evict_uploads(keep=folder)
-            if notes:
-                outcome.message += f"\n\nKept all {copied} distinct file(s): " + "; ".join(notes[:10]) + (
-                    " …" if len(notes) > 10 else "")
-            if skipped:
-                outcome.message += f"\n\nSkipped {len(skipped)} upload(s): " + "; ".join(
-                    f"{n} ({why})" for n, why in skipped[:10]) + (" …" if len(skipped) > 10 else "")
-        return outcome
+        return copied, skipped, notes
 
-    def _evict_uploads(self, keep: Path) -> None:
-        """Keep at most MAX_UPLOADED_GALLERIES uploaded galleries on disk (oldest go first)."""
-        homes = sorted((p for p in self.uploads_dir.glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for old in homes[: max(0, len(homes) - MAX_UPLOADED_GALLERIES)]:
-            if old != keep:
-                gid = f"{UPLOAD_PREFIX}{old.parent.name}/{old.name}"
-                with self._uploaded_lock:
-                    self._uploaded.pop(gid, None)
-                shutil.rmtree(old, ignore_errors=True)
-                for t in self.thumbs_dir.glob(f"{_thumb_prefix(gid)}-*"):
-                    shutil.rmtree(t, ignore_errors=True)
+    def delete_shared(self, gid: str, owner: object) -> str:
+        """Delete a class gallery (its owner only) -> its name; GalleryStoreError otherwise."""
+        code = self._code(gid)
+        try:
+            info = self.shared.delete(code, owner)
+        except ShareError as exc:
+            raise GalleryStoreError(str(exc)) from exc
+        self.forget(gid)
+        return info.name
+
+    def rename_shared(self, gid: str, name: str, owner: object) -> str:
+        """Rename a class gallery (its owner only; the code stays) -> its new page label."""
+        try:
+            info = self.shared.rename(self._code(gid), sanitize_gallery_name(name), owner)
+        except ShareError as exc:
+            raise GalleryStoreError(str(exc)) from exc
+        return share_label(info)
+
+    def owned(self, owner: object) -> list[tuple[str, str]]:
+        """The class galleries `owner` built, as (page label, gallery id), oldest first."""
+        return [(share_label(i), gallery_id(i.code)) for i in self.shared.owned(owner)]
+
+    @staticmethod
+    def _code(gid: object) -> str:
+        code = code_of(gid)
+        if code is None:
+            raise GalleryStoreError("Only galleries built with a class code can be changed or deleted.")
+        return code
 
     def _index_folder(self, src: Path, out: Path, name: str, progress: Optional[ProgressFn],
                       modality: str) -> BuildOutcome:
         if modality not in ("photo", "sketch"):
             return BuildOutcome(False, f"A gallery holds photos or sketches, not {modality!r}.")
         if progress:
-            progress(0.1, f"Indexing {display_name(name)}…")
+            progress(0.1, f"Indexing {self.display_name(name)}…")
         try:
             with self._build_lock:
                 g, report = build_gallery(src, out, self.encoder, modality=modality, checkpoint=self.checkpoint,
@@ -462,11 +531,13 @@ class GalleryStore:
             return BuildOutcome(False, f"The gallery could not be built: {exc}")
         skipped = [(Path(p).name, why) for p, why in report.skipped]
         n_cls = len(set(g.labels))
-        msg = (f"Gallery {display_name(name)} is ready: {report.total} "
+        msg = (f"Gallery {self.display_name(name)} is ready: {report.total} "
                f"{'sketches' if modality == 'sketch' else 'images'} in {n_cls} {'class' if n_cls == 1 else 'classes'}"
                f" ({report.seconds:.0f} s).")
         if skipped:
             msg += f" Skipped {len(skipped)} file(s): " + "; ".join(f"{n} ({why})" for n, why in skipped[:10])
+        if report.warnings:
+            msg += "\n\nCheck the class names: " + " ".join(report.warnings)
         out_ = BuildOutcome(True, msg, name, report, skipped)
         out_.gallery = g
         return out_

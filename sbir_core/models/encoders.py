@@ -10,7 +10,6 @@ Backbones are registered by name (`register_backbone`), like timm's model regist
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sbir_core.errors import InputError, SBIRError
-from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path
-from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch
+from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path, stored_checkpoint
+from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch, read_sketch
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +387,12 @@ class SBIREncoder(nn.Module):
             outs.append(self.encode(x, "sketch"))
         return _cat(outs)
 
-    def encode_sketch(self, sketch: SketchInput) -> np.ndarray:
+    def encode_sketch(self, sketch: SketchInput, format: Optional[str] = None) -> np.ndarray:
         """One drawing (stroke list, PIL image or array) -> its L2-normalised (D,) float32
-        embedding, the query `Gallery.search` takes. BlankSketchError if it has no ink."""
-        return self.encode_sketches([sketch]).normalized()[0]
+        embedding, the query `Gallery.search` takes. BlankSketchError if it has no ink.
+        format: a stroke list's form, "points" or "quickdraw" (None: detected once for the
+        whole drawing, `data.strokes.read_strokes`)."""
+        return self.encode_sketches([read_sketch(sketch, format)]).normalized()[0]
 
     def encode_photo(self, photo: Union[Image.Image, np.ndarray]) -> np.ndarray:
         """One photo -> its L2-normalised (D,) float32 embedding."""
@@ -438,14 +439,6 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_CHECKPOINT = checkpoint_path("default")
 
 
-def file_digest(path: Union[str, Path], n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
-
-
 def create_encoder(
     name: Optional[str] = None,
     checkpoint: Union[str, Path, None] = "default",
@@ -457,13 +450,14 @@ def create_encoder(
         None means the checkpoint's backbone, or the default backbone.
     checkpoint: "default" (the shipped model), "none" / None (raw backbone), or a path.
     """
-    from sbir_core.models.checkpoint import load_backbone_state, load_checkpoint  # heads live with their loader
+    # heads live with their loader
+    from sbir_core.models.checkpoint import checkpoint_digest, load_backbone_state, load_checkpoint
 
     head = None
     meta: dict = {}
     ckpt_id = "none"
     if checkpoint is not None and str(checkpoint).lower() != "none":
-        path = DEFAULT_CHECKPOINT if str(checkpoint) == "default" else Path(checkpoint)
+        path = stored_checkpoint(DEFAULT_CHECKPOINT if str(checkpoint) == "default" else checkpoint)
         if not path.is_file():
             hint = (
                 " The shipped default is missing: restore it with `git checkout checkpoints/` "
@@ -476,7 +470,7 @@ def create_encoder(
         if name is not None and name != meta["encoder"]:
             raise InputError(f"checkpoint {path} was trained on {meta['encoder']!r}, not {name!r}")
         name = meta["encoder"]
-        ckpt_id = file_digest(path)
+        ckpt_id = checkpoint_digest(path)
     backbone = create_backbone(name or DEFAULT_ENCODER)
     trained = meta.pop("backbone_state", None)
     prototypes = meta.pop("seen_prototypes", None)

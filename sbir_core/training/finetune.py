@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 SELECT = ("zero-shot", "zero-shot+seen")
 IMAGENET_IMAGES = ("all", "photos")  # what `w_imagenet` applies to: every training image, or the photo side
 SEEN_GALLERY = 2  # of each training class's held-out doodles, coloured as its gallery pictures
-FALSE_NOTICE = 0.1  # at most this share of searches whose class is in the gallery get "not sure"
 FIRST_ROW = ("hit@1", "hit@5", "P@5")  # what a retrieval setting may not cost any validation set
 # How a model is searched before a retrieval choice: the embedding's cosine alone.
 PLAIN_SEARCH = {"edge_weight": 0.0, "diffusion_k": 0, "flip_sketch": False, "seen_calibration": None}
@@ -445,34 +444,6 @@ class Finetuner:
                     torch.cat([self._embed(_to_tensor([edges_as_sketch(x, S) for x in c]), "sketch") for c in chunks])]
         return tuple(F.normalize(t, dim=-1).numpy() for t in out)
 
-    def calibrate_confidence(self, chosen: dict) -> dict:
-        """The top-1 score below which the page says "not sure": held-out-class queries are
-        searched once with their class in the gallery and once with it removed. The notice
-        must rarely wrong a person whose object is there, so the threshold is the score
-        that at most `FALSE_NOTICE` of the present-class queries fall below; the share of
-        absent-class queries it flags is recorded with it."""
-        q, ql, g, gl, e, qf = self.validation_embeddings(edges=True)
-        if chosen["flip_sketch"]:
-            q = q + qf
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-        w = chosen["edge_weight"]
-        g = g * (1 - w) + e * w
-        g /= np.linalg.norm(g, axis=1, keepdims=True)
-        sim = q @ g.T
-        order = sim  # what ranks first; the page shows that result's cosine similarity
-        if chosen.get("seen_calibration"):
-            from sbir_core.gallery.calibration import SeenCalibration
-            cal = SeenCalibration(self.seen_prototypes(), **chosen["seen_calibration"])
-            order = cal.adjust(sim, q, cal.seen_confidence(g))
-        rows = np.arange(len(q))
-        present = sim[rows, order.argmax(1)]
-        absent = sim[rows, np.where(gl[None, :] == ql[:, None], -np.inf, order).argmax(1)]
-        best = float(np.quantile(present, FALSE_NOTICE))
-        return {"threshold": round(float(best), 4),
-                "present_kept": round(float((present >= best).mean()), 3),     # class in gallery: no notice
-                "absent_flagged": round(float((absent < best).mean()), 3),     # class missing: notice shown
-                "n_queries": int(len(q)), "note": "diffusion off; scores as the app shows them"}
-
     @torch.no_grad()
     def fp16_check(self) -> dict:
         """Does storing the weights in fp16 change what users see? Validation with backbone
@@ -649,9 +620,9 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
                              for s, v in by_setting.items()}))
         fp16 = ft.fp16_check()
         log.info("fp16 check: %s", json.dumps(fp16))
-        confidence = ft.calibrate_confidence(chosen)
-        log.info("confidence: %s", json.dumps(confidence))
-        retrieval = {**chosen, "validation": by_setting, "confidence": confidence}
+        # How sure searches are ("sure", "not in this gallery?") is calibrated on the saved
+        # model as the app runs it: `calibrate-confidence` (eval.confidence).
+        retrieval = {**chosen, "validation": by_setting}
     else:
         chosen, fp16 = dict(PLAIN_SEARCH), None
         retrieval = {**chosen, "note": "not chosen (train-only run): choose with finetune --init THIS --steps 0"}

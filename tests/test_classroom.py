@@ -1,0 +1,100 @@
+"""A class at once (issue 32): the launch settings that keep a long lesson bounded and a class
+of searches fast, checked on a served app, and the map's pacing on a fake clock."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+app = pytest.importorskip("sbir_app", reason="the app needs gradio")
+from gradio_client import Client  # noqa: E402
+
+from conftest import running_app  # noqa: E402
+from sbir_app import page, pacing  # noqa: E402
+
+SQUARE = json.dumps([[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]])
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+def test_searches_write_no_file_and_thumbnails_are_served_where_they_lie(app_galleries, raw_encoder, tmp_path,
+                                                                           monkeypatch):
+    """A day of lessons must not fill the disk: a search hands Gradio its thumbnails where they
+    are, so searching writes nothing to Gradio's temporary folder."""
+    gradio_tmp = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_tmp))
+    with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(SQUARE, 4, "default", api_name="/search_strokes")  # thumbnails made once
+        before = _files(gradio_tmp)
+        for k in (3, 5, 7):
+            results, status = client.predict(SQUARE, k, "default", api_name="/search_strokes")
+            assert len(results) == k, status
+            assert all(Path(r["image"]["path"]).parent.parent == service.thumbs_dir for r in results)
+        assert _files(gradio_tmp) == before, "a search copied files into Gradio's temporary folder"
+
+
+def test_launch_bounds_the_lesson_and_lets_searches_meet(app_galleries, raw_encoder, tmp_path, monkeypatch):
+    import gradio as gr
+    from gradio.data_classes import _StaticFiles
+
+    seen: dict = {}
+
+    def spy(self, **kwargs):  # what launch() hands Gradio, without serving
+        seen.update(kwargs, delete_cache=self.delete_cache, max_size=self._queue.max_size,
+                    limits={fn.concurrency_id: fn.concurrency_limit for fn in self.fns.values()})
+
+    monkeypatch.setattr(gr.Blocks, "launch", spy)
+    svc = _service(app_galleries, raw_encoder, tmp_path)
+    page.launch(app.build_demo(svc), svc, port=1, temp_files_age_s=120)
+    assert seen["delete_cache"] == (20, 120)  # uploads this old are deleted, checked 6 times as often
+    assert seen["state_session_capacity"] == page.SESSIONS_KEPT  # visitors' page states: bounded
+    assert seen["max_size"] == page.QUEUE_SIZE
+    assert seen["limits"]["search"] == page.SEARCH_CONCURRENCY > 2  # searches wait together in the batcher
+    assert seen["limits"]["map"] == 1
+    # the thumbnails are tested first when Gradio checks a returned file (12 a search)
+    ours = {Path(p).resolve() for p in (svc.thumbs_dir, app.served_folder(svc))}
+    assert set(_StaticFiles.all_paths[:2]) <= ours | {Path(p).resolve() for p in page._STATIC_PATHS}
+    assert _StaticFiles.all_paths[0] in page._STATIC_PATHS
+
+
+def _service(galleries, encoder, base):
+    from sbir_core.service import RetrievalService
+
+    return RetrievalService(galleries, encoder=encoder, relation=None, cache_dir=base / "cache",
+                            uploads_dir=base / "uploads")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(round(s, 6))
+        self.now += s
+
+
+def test_maps_back_to_back_leave_searches_their_share(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(pacing.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(pacing.time, "sleep", clock.sleep)
+
+    def draw_map(cost: float) -> str:
+        clock.now += cost  # a map that takes `cost` seconds
+        return "map"
+
+    paced = pacing.DutyCycle(share=0.4)(draw_map)
+    assert paced(0.1) == "map" and clock.slept == [0.0]  # the first map: at once
+    paced(0.1)  # asked for right away: waits 0.1 * (1 / 0.4 - 1) = 0.15 s
+    assert clock.slept[-1] == pytest.approx(0.15)
+    clock.now += 1.0  # one visitor, a stroke a second: no wait at all
+    paced(0.05)
+    assert clock.slept[-1] == 0.0
+    with pytest.raises(ValueError):
+        pacing.DutyCycle(share=0)
