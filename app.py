@@ -11,6 +11,7 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are respected (flags win). The page live
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import sys
 from pathlib import Path
@@ -49,8 +50,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def few_malloc_arenas(n: int = 2) -> None:
+    """glibc gives threads that allocate at once arenas of their own (up to 8 per core), and
+    memory freed in one is not reused by the others: with Gradio's worker threads the
+    server's memory kept climbing through a lesson (docs/BENCHMARKS.md section 10). Called
+    before any thread starts; a no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    few_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from sbir_core.data.examples import list_examples
 from sbir_core.data.images import MAX_UPLOAD_BYTES
 from sbir_core.service import DEFAULT_K, MAX_K, RetrievalService
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -219,7 +221,8 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         expl_outputs = [expl, synth, heat, expl_msg]
         fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=SEARCH_CONCURRENCY)
 
-        paced_map = served(DutyCycle(MAP_SHARE)(cb.map_panel))  # a class's maps leave its searches room
+        # A class's maps leave its searches room (paced), and are encoded at WebP's fastest effort.
+        paced_map = ServedImages(served_folder(service), webp_method=0)(DutyCycle(MAP_SHARE)(cb.map_panel))
 
         def then_map(ev):
             # always_last: a map asked for while the previous one is still drawing runs after
@@ -298,19 +301,37 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
 def _keep_sweeping(demo: gr.Blocks, every: float, age: float) -> None:
     """Gradio's own sweep (delete_cache) stops for good the first time an upload arrives
     while it runs: it iterates the live set of uploads ("Set changed size during iteration",
-    Gradio 6.31; tests/test_classroom.py). This one calls the same function and tries again
-    at the next turn, until the app is closed."""
-    from gradio.route_utils import delete_files_created_by_app
+    Gradio 6.31; tests/test_classroom.py). This one does what it does on a copy of the set,
+    every `every` seconds until the app is closed: files the app made (uploads) older than
+    `age` seconds are deleted, files a component keeps (its initial value) never."""
+
+    def sweep_once() -> None:
+        keep = set().union(*(getattr(b, "keep_in_cache", ()) for b in demo.blocks.values()))
+        now = time.time()
+        for files in demo.temp_file_sets:
+            for f in list(files):  # a copy: uploads keep arriving meanwhile
+                if f in keep:
+                    continue
+                try:
+                    if now - os.lstat(f).st_ctime > age:
+                        os.remove(f)
+                        files.discard(f)
+                except FileNotFoundError:
+                    files.discard(f)
 
     def sweep() -> None:
+        launched = False
         while True:
             time.sleep(every)
             if not demo.is_running:
-                return
+                if launched:
+                    return
+                continue  # not served yet
+            launched = True
             try:
-                delete_files_created_by_app(demo, age)
-            except RuntimeError:  # an upload arrived meanwhile: the rest go next turn
-                continue
+                sweep_once()
+            except Exception:  # never let one failed turn end the sweeping
+                log.exception("sweeping Gradio's temporary files failed")
 
     threading.Thread(target=sweep, name="temp-files-sweep", daemon=True).start()
 

@@ -171,7 +171,8 @@ def profile_stroke(service, calls: int = 20, k: int = 12, top: int = 15) -> None
     from sbir_app.page import MAP_SHARE
 
     cb = app_module.Callbacks(service)
-    map_panel = app_module.ServedImages(app_module.served_folder(service))(DutyCycle(MAP_SHARE)(cb.map_panel))
+    map_panel = app_module.ServedImages(app_module.served_folder(service), webp_method=0)(
+        DutyCycle(MAP_SHARE)(cb.map_panel))
     strokes = jittered_strokes(calls + 3, seed=5)
     for st in strokes[:3]:
         map_panel(cb.search_strokes(st, k, None)[2])

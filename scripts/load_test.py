@@ -16,6 +16,16 @@ and searching galleries of its own from uploads. With --server-pid the server's 
 (RSS) is sampled, and --rounds repeats the whole run against the same server, so the
 report shows whether memory levels off.
 
+A class at once (`--classroom N`, issue 32): N students each add a stroke a second to their
+own drawing through `/search_strokes` and ask for the map after each answer, over plain HTTP
+as the page does; p50/p95 from the end of a stroke to results that include it, after one
+student alone (the baseline), and with --server-pid the server's CPU time per search.
+A long lesson (`--soak MINUTES`): the visitors above for MINUTES, the server's RSS and the
+files under each --watch folder (default Gradio's temporary folder) every 30 s:
+
+    python scripts/load_test.py --classroom 30 --duration 30 --server-pid PID
+    python scripts/load_test.py --soak 30 --server-pid PID --watch $GRADIO_TEMP_DIR --watch $SBIR_HOME
+
 Bounded: loopback addresses only, at most --max-requests calls per round, each with a
 timeout, and it stops by itself after --duration seconds. Prints errors and p50/p95
 latency per endpoint; exits 1 if any call failed or any reference answer differed.

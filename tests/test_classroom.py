@@ -3,6 +3,7 @@ of searches fast, checked on a served app, and the map's pacing on a fake clock.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,66 @@ def test_maps_back_to_back_leave_searches_their_share(monkeypatch):
     assert clock.slept[-1] == 0.0
     with pytest.raises(ValueError):
         pacing.DutyCycle(share=0)
+
+
+def test_uploads_are_deleted_even_while_more_arrive(app_galleries, raw_encoder, tmp_path, monkeypatch):
+    """Gradio's own sweep stops for good when an upload lands during it; the app's keeps going,
+    so a long lesson's uploads go once they are `temp_files_age_s` old."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+
+    gradio_tmp = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_tmp))
+    svc = _service(app_galleries, raw_encoder, tmp_path)
+    demo = app.build_demo(svc)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page.launch(demo, svc, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, temp_files_age_s=2)
+    try:
+        stop = time.monotonic() + 8
+        first: list = []
+
+        def upload() -> None:  # a class building galleries: uploads all the time
+            with httpx.Client() as c:
+                while time.monotonic() < stop:
+                    r = c.post(f"http://127.0.0.1:{port}/gradio_api/upload",
+                               files=[("files", (f"b{i}.png", bytes([i]) * 64 + str(time.monotonic()).encode()))
+                                      for i in range(10)])
+                    first.extend(r.json()[:1] if not first else [])
+
+        threads = [threading.Thread(target=upload) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert first and not Path(first[0]).exists(), "an upload older than the age was kept"
+        def age(f: str) -> float:
+            try:
+                return time.time() - Path(f).stat().st_ctime
+            except FileNotFoundError:  # swept meanwhile
+                return 0.0
+
+        uploads = [f for f in _files(gradio_tmp) if Path(f).name.startswith("b")]  # not the page's examples
+        old = [f for f in uploads if age(f) > 2 + 1 + 1]  # the age, a turn, a second to spare
+        assert not old, f"{len(old)} uploads outlived the age while more arrived"
+    finally:
+        demo.close()
+
+
+def test_the_simulated_class_draws_as_the_page_does(app_galleries, raw_encoder, tmp_path):
+    """scripts/load_test.py --classroom: students' strokes reach /search_strokes and the map
+    `.then` over plain HTTP, with the session's state, and every stroke gets results."""
+    from scripts_loader import load_script
+
+    load_test = load_script("load_test")
+    with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
+        search_fn, map_fn, gallery = load_test.page_fns(url)
+        assert map_fn is not None and gallery == "default"
+        out = load_test.classroom_phase(url, students=2, seconds=3, server_pid=os.getpid())
+    assert out["errors"] == 0, out["error_samples"]
+    assert out["stroke -> results"]["n"] >= 4 and out["searches"] >= 4
+    assert out["maps"] >= 1 and out["server_cpu_ms_per_search"] > 0

@@ -15,7 +15,8 @@ from sbir_core.gallery.index import Gallery
 
 DIM = 32
 RULE = C.Rule(tau=0.1, sure_agree=4, sure_margin=0.05, sure_label_mass=0.3, absent_mass=0.2, guess_p=0.5,
-              junk_w=tuple([0.0] * DIM + [10.0, -3.0]))  # unreadable when more than 30% of the picture is ink
+              junk_w=tuple([0.0] * DIM + [10.0, -3.0]),  # unreadable when more than 30% of the picture is ink
+              absent_margin=0.25)
 
 
 def _unit(x):
@@ -77,6 +78,8 @@ def test_each_threshold_decides():
     away = {**ev.__dict__, "agree": 2, "gallery_mass": 0.1, "known": "giraffe", "known_in_gallery": False}
     assert C.decide(RULE, C.Evidence(**away)) == ("absent", "giraffe")
     assert C.decide(RULE, C.Evidence(**{**away, "known_p": 0.4})) == ("absent", None)  # not sure enough to guess
+    # the gallery's own pictures outweigh a posterior that misses a class known only by name
+    assert C.decide(RULE, C.Evidence(**{**away, "margin": 0.3})) == ("closest", "giraffe")
     assert C.decide(RULE, None) == ("closest", None)  # a gallery with no classes: no claim
 
 
@@ -168,6 +171,7 @@ def test_fitted_thresholds_meet_their_targets():
     assert called[~f["present"]].mean() <= E.ABSENT_SURE
     absent = E.fit_absent(f)
     assert absent["notice_present"] <= E.FALSE_ABSENT + 0.01 and absent["notice_absent"] > 0.3
+    assert (f["margin"][~f["present"]] >= absent["absent_margin"]).mean() <= E.ABSENT_MARGIN_KEPT + 0.01
     guess = E.fit_guess(f)
     picked = ~f["present"] & (f["known_p"] >= guess["guess_p"])
     assert f["guess_right"][picked].mean() >= E.GUESS_PRECISION

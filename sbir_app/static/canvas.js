@@ -187,11 +187,14 @@
     const c = w.querySelector('.sbir-close');
     if (c) c.focus({preventScroll: true});
   };
-  S.closeWhy = () => { document.body.classList.remove('sbir-why-open'); };
+  S.closeWhy = () => {  // and the keyboard goes back to the result that opened it
+    document.body.classList.remove('sbir-why-open');
+    if (S.opener && S.opener.isConnected) S.opener.focus({preventScroll: true});
+  };
   document.addEventListener('click', e => {
     const t = e.target;
     if (!t.closest) return;
-    if (t.closest('#results .thumbnail-item')) { S.openWhy(); return; }
+    if (t.closest('#results .thumbnail-item')) { S.opener = t.closest('#results .thumbnail-item'); S.openWhy(); return; }
     const s = t.closest('#sbir-strip button[data-i]');
     if (s) {  // the phone's strip stands for the results grid: click the real result
       const item = document.querySelectorAll('#results .thumbnail-item')[+s.dataset.i];

@@ -17,7 +17,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not app.is_file():
         raise common.CLIError(f"the browser app (app.py) is not next to this installation ({app}); "
                               "run it from a source checkout: python app.py")
-    module = runpy.run_path(str(app), run_name="sbir_app")
+    module = runpy.run_path(str(app), run_name="sbir_app_main")  # not "sbir_app": that is the page package
     return int(module["main"]([a for a in args.app_args if a != "--"]) or 0)
 
 

@@ -12,7 +12,8 @@ searches every pool query, so a query's class is either there (present) or remov
 - sure: of all (agreement, margin, label mass) thresholds whose present queries called sure
   have a right first result at least SURE_PRECISION of the time and whose absent queries
   are called sure at most ABSENT_SURE of the time, the one calling the most present queries sure;
-- absent: the gallery-mass below which at most FALSE_ABSENT of present queries fall;
+- absent: the gallery-mass below which at most FALSE_ABSENT of present queries fall, unless
+  the first class's margin is one that only ABSENT_MARGIN_KEPT of absent queries reach;
 - guess: the lowest posterior at which the best known class outside the gallery is the
   absent query's class at least GUESS_PRECISION of the time;
 - unreadable: a logistic probe on [embedding, ink share] between trainable doodles and
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 SURE_PRECISION = 0.85  # calibration target, above the 0.80 the page promises (a new gallery is harder)
 ABSENT_SURE = 0.05
 FALSE_ABSENT = 0.08
+ABSENT_MARGIN_KEPT = 0.05
 GUESS_PRECISION = 0.8
 JUNK_FALSE = 0.01
 SCRIBBLE_QUANTILE = 0.995
@@ -140,9 +142,14 @@ def fit_sure(f: dict) -> Optional[dict]:
 
 
 def fit_absent(f: dict) -> dict:
+    """The gallery mass below which at most FALSE_ABSENT of present queries fall, and the
+    margin that at most ABSENT_MARGIN_KEPT of absent queries reach (past it, no notice)."""
     t = float(np.quantile(f["gallery_mass"][f["present"]], FALSE_ABSENT))
-    return {"absent_mass": round(t, 4), "notice_present": round(float((f["gallery_mass"][f["present"]] < t).mean()), 3),
-            "notice_absent": round(float((f["gallery_mass"][~f["present"]] < t).mean()), 3)}
+    m = float(np.quantile(f["margin"][~f["present"]], 1 - ABSENT_MARGIN_KEPT))
+    notice = (f["gallery_mass"] < t) & (f["margin"] < m)
+    return {"absent_mass": round(t, 4), "absent_margin": round(m, 4),
+            "notice_present": round(float(notice[f["present"]].mean()), 3),
+            "notice_absent": round(float(notice[~f["present"]].mean()), 3)}
 
 
 def fit_guess(f: dict) -> dict:
@@ -240,6 +247,7 @@ def calibrate(encoder: Any, data_root: Union[str, Path], rounds: int = ROUNDS) -
               "absent": absent, "guess": guess, "unreadable": junk, "strokes": strokes}
     return C.Rule(tau=tau, sure_agree=int(sure["sure_agree"]), sure_margin=sure["sure_margin"],
                   sure_label_mass=sure["sure_label_mass"], absent_mass=absent["absent_mass"],
+                  absent_margin=absent["absent_margin"],
                   guess_p=guess["guess_p"], junk_w=junk_w, scribble_turn=strokes["scribble_turn"],
                   scribble_density=strokes["scribble_density"], stroke_w=tuple(strokes["stroke_w"]),
                   calibration=report)

@@ -18,7 +18,8 @@ does, measured on held-out doodles of training classes:
   ink share that tells scribbles and random lines from doodles (images too).
 
 Levels: "unreadable", else "sure" (agreement, margin and label mass all past their
-thresholds), else "absent" (little posterior on the gallery's classes), else "closest".
+thresholds), else "absent" (little posterior on the gallery's classes, and no class of the
+gallery standing out by its margin), else "closest".
 Every threshold comes from `eval.confidence.calibrate` (training classes only) and is
 stored next to the checkpoint (`<checkpoint>.confidence.json`), read by `rule_for`.
 """
@@ -58,12 +59,16 @@ class Rule:
     sure_agree: int  # first-row results of the first result's class, at least
     sure_margin: float  # class margin, at least
     sure_label_mass: float  # posterior on the first result's class, at least
-    absent_mass: float  # posterior on the gallery's classes below this: "absent"
+    absent_mass: float  # posterior on the gallery's classes below this: "absent" ...
     guess_p: float  # a known class outside the gallery with at least this posterior is the guess
     junk_w: tuple  # linear probe over [embedding, ink share, 1]: > 0 means unreadable
     scribble_turn: float = float("inf")  # strokes turning more than this in all (radians): a scribble
     scribble_density: float = float("inf")  # ... or more than this per drawing-width of line
     stroke_w: tuple = ()  # linear probe over `stroke_features` + 1: > 0 means unreadable (empty: off)
+    # ... unless the first result's class stands out by this margin: the gallery's pictures
+    # outweigh a posterior that misses a class the model only knows by name (a drawn house
+    # in a gallery of houses: its posterior goes to "barn", a class it trained on).
+    absent_margin: float = float("inf")
     calibration: Optional[dict] = None  # what the thresholds gave on the calibration set
 
     def to_json(self) -> dict:
@@ -262,7 +267,7 @@ def decide(rule: Rule, ev: Optional[Evidence], unreadable: bool = False) -> tupl
     guess = ev.known if (not ev.known_in_gallery and ev.known_p >= rule.guess_p) else None
     if ev.agree >= rule.sure_agree and ev.margin >= rule.sure_margin and ev.label_mass >= rule.sure_label_mass:
         return "sure", None
-    if ev.gallery_mass < rule.absent_mass:
+    if ev.gallery_mass < rule.absent_mass and ev.margin < rule.absent_margin:
         return "absent", guess
     return "closest", guess
 
