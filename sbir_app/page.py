@@ -222,7 +222,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=SEARCH_CONCURRENCY)
 
         # A class's maps leave its searches room (paced), and are encoded at WebP's fastest effort.
-        paced_map = ServedImages(served_folder(service), webp_method=0)(DutyCycle(MAP_SHARE)(cb.map_panel))
+        paced_map = ServedImages(served_folder(service), webp_method=0, lossless=False)(DutyCycle(MAP_SHARE)(cb.map_panel))
 
         def then_map(ev):
             # always_last: a map asked for while the previous one is still drawing runs after

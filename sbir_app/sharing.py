@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import ipaddress
 import re
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 import segno

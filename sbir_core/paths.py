@@ -13,6 +13,8 @@ from typing import Union
 
 from sbir_core.errors import InputError
 
+PathLike = Union[str, "os.PathLike[str]"]  # what every path argument in the library accepts
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
@@ -60,13 +62,13 @@ def checkpoint_dirs() -> list[Path]:
     return dirs + list(SHIPPED_CHECKPOINT_DIRS) + [home() / "checkpoints"]
 
 
-def shard_index(path: Union[str, "os.PathLike[str]"]) -> Path:
+def shard_index(path: PathLike) -> Path:
     """The shard index that stands for a checkpoint file: `<path>.index.json`."""
     p = Path(path)
     return p if p.name.endswith(INDEX_SUFFIX) else p.with_name(p.name + INDEX_SUFFIX)
 
 
-def stored_checkpoint(path: Union[str, "os.PathLike[str]"]) -> Path:
+def stored_checkpoint(path: PathLike) -> Path:
     """The file that holds the checkpoint `path` names: the file itself, else its shard index
     (`<path>.index.json`) if that exists, else `path` as given (for the caller's not-found message)."""
     p = Path(path)
@@ -76,7 +78,7 @@ def stored_checkpoint(path: Union[str, "os.PathLike[str]"]) -> Path:
     return index if index.is_file() else p
 
 
-def is_shipped_checkpoint(path: Union[str, "os.PathLike[str]"]) -> bool:
+def is_shipped_checkpoint(path: PathLike) -> bool:
     """Whether writing `path` would replace a shipped checkpoint: anything in the shipped
     folders, or a registry file (or its index or shards) where named checkpoints are found."""
     p = Path(path).expanduser().resolve()

@@ -38,7 +38,7 @@ from sbir_core.gallery.sharing import gallery_id, parse_code
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.relation import relation_for
-from sbir_core.paths import SHIPPED_GALLERIES
+from sbir_core.paths import PathLike, SHIPPED_GALLERIES
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ EXPLANATION_CACHE_ENTRIES = 32
 
 EMPTY_SKETCH_MESSAGE = "Draw something first: the canvas is empty."
 ProgressFn = Callable[[float, str], None]
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class _Cache:

@@ -9,7 +9,7 @@ that of all checkpoints together: how far the recipe family reaches if seeds wer
         --arm names=runs/names_s0/model.safetensors,runs/names_s1/model.safetensors \\
         --arm kd=runs/kd_s0/model.safetensors,runs/kd_s1/model.safetensors [--ensemble] [--json]
 
-A single retrained model lands anywhere in a wide band (BENCHMARKS §5: product zero-shot
+A single retrained model lands anywhere in a wide band (docs/EXPERIMENTS.md: product zero-shot
 hit@5 0.600-0.733 over four seeds of one recipe), so recipes are compared by arm means.
 Features are cached per model (`eval`'s cache), so a second run takes a minute or two.
 """

@@ -2,7 +2,7 @@
 """Checkpoints side by side on what a person sees: every benchmark as search ranks (hit@1 /
 hit@5 / P@5 / mAP@all), the embedding alone's mAP@all on pacs and doodle (issue 8's bars),
 the product benchmark (doodles never trained on, against the default gallery, as the app
-searches) and the page's example sketches. The comparison docs/BENCHMARKS.md §5 makes for a
+searches) and the page's example sketches. The comparison docs/EXPERIMENTS.md makes for a
 retrained model (e.g. one trained on a lent GPU, after `finetune --init X --steps 0`).
 
     python scripts/compare_checkpoints.py --data ../shared/data default runs/chosen.safetensors [--json out.json]

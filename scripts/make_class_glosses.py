@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write one WordNet definition per training class (an experiment, docs/BENCHMARKS.md §5,
+"""Write one WordNet definition per training class (an experiment, docs/EXPERIMENTS.md,
 "Class text with dictionary definitions"):
 
     apt-get download wordnet-base && dpkg -x wordnet-base_*.deb /tmp/wn

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Run a `sbir_core` command or a script with cleaner pseudo-sketches: the photos' edge maps
-drawn as object contours instead of plain Canny edges (an experiment, docs/BENCHMARKS.md §5).
+drawn as object contours instead of plain Canny edges (an experiment, docs/EXPERIMENTS.md).
 
     python scripts/with_contour_edges.py -m sbir_core finetune --data ../shared/data --out contour.safetensors
     python scripts/with_contour_edges.py scripts/compare_checkpoints.py --data ../shared/data ctl.safetensors contour.safetensors

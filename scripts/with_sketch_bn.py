@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Run `sbir_core finetune` with sketch-specific batch-norm statistics (an experiment,
-docs/BENCHMARKS.md §5):
+docs/EXPERIMENTS.md):
 
     python scripts/with_sketch_bn.py --alpha 1 -- --data ../shared/data \
         --init checkpoints/default.safetensors --out sbn.safetensors --steps 400 --warmup 50 \

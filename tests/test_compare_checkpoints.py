@@ -1,4 +1,4 @@
-"""scripts/compare_checkpoints.py: the side-by-side table BENCHMARKS §5 uses for retrains
+"""scripts/compare_checkpoints.py: the side-by-side table docs/EXPERIMENTS.md uses for retrains
 (the measuring itself is bench_product's, bench_examples' and `eval`'s, tested with them)."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -23,8 +23,8 @@ from PIL import Image
 from sbir_core.data.preprocess import BlankSketchError
 from sbir_core.data.strokes import StrokeError, read_strokes
 from sbir_core.errors import InputError
+from sbir_core.paths import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 MAX_STROKE_POINTS = 50_000  # a stroke query larger than this is refused (a drawing has a few hundred)

@@ -6,15 +6,13 @@ limits. Both read the header first, so an oversized image is refused before it i
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, ImageOps
 
 from sbir_core.errors import InputError
+from sbir_core.paths import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 # The same limit as uploads in the app: a 100-megapixel file decodes to gigabytes.

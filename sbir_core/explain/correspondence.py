@@ -67,7 +67,6 @@ from sbir_core.models.relation import RelationModel, ink_cells
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 MIN_MATCHES = 8  # match_cells' fill-up when too few mutual matches remain
 MAX_MATCHES = 60
 LINES_PER_PHOTO_CELL = 2  # a drawing shown larger than the object: neighbouring cells share a photo cell

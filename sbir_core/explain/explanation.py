@@ -13,12 +13,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from sbir_core.paths import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 CMAP = "turbo"

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -30,10 +30,10 @@ from sbir_core.gallery.identity import _encoder_name, _normalize_checkpoint_arg,
 from sbir_core.gallery.index import (EMBEDDINGS_FILE, FORMAT_VERSION, GALLERY_FILE, GALLERY_MODALITIES, INDEX_FILE,
                                      FLOAT16_MAX, INDEX_TYPES, TOKENS_FILE, Gallery, GalleryError, _faiss,
                                      _recover, build_index)
+from sbir_core.paths import PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass

@@ -206,17 +206,18 @@ def _simplify(p: np.ndarray, eps: float) -> np.ndarray:
     return np.concatenate([_simplify(p[:i + 1], eps)[:-1], _simplify(p[i:], eps)])
 
 
-def stroke_turning(strokes: Any) -> tuple[float, float]:
-    """(total turning in radians, turning per drawing-width of line) of strokes simplified
-    at 1% of the drawing's width: a scrawl turns far more than any drawing."""
-    pts = [p for p in read_strokes(strokes) if len(p)]
+def _simplified(strokes: Any) -> tuple[list[np.ndarray], float]:
+    """Each stroke's corners (simplified at 1% of the drawing's width) and that width."""
+    pts = [np.asarray(p, np.float64) for p in read_strokes(strokes) if len(p)]
     if not pts:
-        return 0.0, 0.0
-    allp = np.concatenate(pts)
-    ext = float(np.ptp(allp, 0).max()) or 1.0
+        return [], 1.0
+    ext = float(np.ptp(np.concatenate(pts), 0).max()) or 1.0
+    return [_simplify(p, 0.01 * ext) for p in pts], ext
+
+
+def _turning(simple: list[np.ndarray], ext: float) -> tuple[float, float]:
     turn = length = 0.0
-    for p in pts:
-        q = _simplify(np.asarray(p, np.float64), 0.01 * ext)
+    for q in simple:
         seg = np.diff(q, axis=0)
         seg = seg[np.hypot(seg[:, 0], seg[:, 1]) > 0]
         length += float(np.hypot(seg[:, 0], seg[:, 1]).sum()) / ext
@@ -226,30 +227,41 @@ def stroke_turning(strokes: Any) -> tuple[float, float]:
     return turn, turn / max(length, 1e-6)
 
 
+def stroke_turning(strokes: Any) -> tuple[float, float]:
+    """(total turning in radians, turning per drawing-width of line) of strokes simplified
+    at 1% of the drawing's width: a scrawl turns far more than any drawing."""
+    simple, ext = _simplified(strokes)
+    return _turning(simple, ext) if simple else (0.0, 0.0)
+
+
+def _features(simple: list[np.ndarray], ext: float, turn: float, density: float) -> np.ndarray:
+    straight = float(np.mean([len(q) <= 2 for q in simple]))
+    spanning = float(np.mean([np.hypot(*(q[-1] - q[0])) / ext > 0.5 for q in simple]))
+    return np.array([np.log1p(len(simple)), straight, spanning, straight * spanning, np.log1p(turn),
+                     np.log1p(density)], np.float32)
+
+
 def stroke_features(strokes: Any) -> np.ndarray:
     """What the stroke probe reads: log stroke count, the share of strokes that are one
     straight segment, of those spanning half the drawing, their product, log turning and
     log turning per width (strokes simplified at 1% of the drawing's width)."""
-    pts = [np.asarray(p, np.float64) for p in read_strokes(strokes) if len(p)]
-    if not pts:
+    simple, ext = _simplified(strokes)
+    if not simple:
         return np.zeros(6, np.float32)
-    allp = np.concatenate(pts)
-    ext = float(np.ptp(allp, 0).max()) or 1.0
-    simple = [_simplify(p, 0.01 * ext) for p in pts]
-    straight = float(np.mean([len(q) <= 2 for q in simple]))
-    spanning = float(np.mean([np.hypot(*(q[-1] - q[0])) / ext > 0.5 for q in simple]))
-    turn, density = stroke_turning(strokes)
-    return np.array([np.log1p(len(pts)), straight, spanning, straight * spanning, np.log1p(turn),
-                     np.log1p(density)], np.float32)
+    return _features(simple, ext, *_turning(simple, ext))
 
 
 def strokes_unreadable(rule: Rule, strokes: Any) -> bool:
-    """A scrawl (turning past any doodle's) or random lines (the stroke probe)."""
-    turn, density = stroke_turning(strokes)
+    """A scrawl (turning past any doodle's) or random lines (the stroke probe). Runs on
+    every stroke a class draws, so the strokes are simplified once."""
+    simple, ext = _simplified(strokes)
+    if not simple:
+        return False
+    turn, density = _turning(simple, ext)
     if turn > rule.scribble_turn or density > rule.scribble_density:
         return True
     w = np.asarray(rule.stroke_w, dtype=np.float32)
-    return bool(len(w)) and float(np.dot(w[:-1], stroke_features(strokes)) + w[-1]) > 0
+    return bool(len(w)) and float(np.dot(w[:-1], _features(simple, ext, turn, density)) + w[-1]) > 0
 
 
 def junk_score(rule: Rule, embedding: np.ndarray, ink: float) -> float:

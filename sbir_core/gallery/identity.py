@@ -4,17 +4,16 @@ probe embedding (the encoder's embedding of a fixed synthetic picture) checks th
 weights themselves."""
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from sbir_core.gallery.index import Gallery, StaleGalleryError
+from sbir_core.paths import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _encoder_name(encoder: Any) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 from sbir_core.errors import InputError, SBIRError
 from sbir_core.gallery.calibration import PROTOTYPES_FILE, SeenCalibration
 from sbir_core.gallery.diffusion import diffuse_gallery, expand_queries
+from sbir_core.paths import PathLike
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ PLAIN_HEAD = 5
 # (calibration, diffusion); exact ("flat") galleries rank every picture.
 SHORTLIST = 256
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class GalleryError(SBIRError):

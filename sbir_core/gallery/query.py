@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -19,8 +19,8 @@ from sbir_core.data.images import load_image
 from sbir_core.data.preprocess import preprocess_sketch, read_sketch
 from sbir_core.errors import InputError
 from sbir_core.gallery.index import _normalize_rows
+from sbir_core.paths import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass

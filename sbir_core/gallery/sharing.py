@@ -30,12 +30,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from sbir_core.errors import InputError
-from sbir_core.paths import home
+from sbir_core.paths import PathLike, home
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"  # no 0 O 1 I L U: nothing to confuse aloud
 CODE_LENGTH = 10  # 30**10 ~ 6e14 codes (49 bits): unguessable, still quick to type

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional
 
 from cachetools import LRUCache
 from PIL import Image
@@ -34,12 +34,11 @@ from sbir_core.gallery.identity import check_encoder
 from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError
 from sbir_core.gallery.sharing import (CLASS_PREFIX, NO_SUCH_CODE, ClassGalleries, ShareError, ShareInfo, code_of,
                                        format_code, gallery_id, valid_owner)
-from sbir_core.paths import SHIPPED_GALLERIES, cache_dir, home
+from sbir_core.paths import PathLike, SHIPPED_GALLERIES, cache_dir
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
-PathLike = Union[str, "os.PathLike[str]"]
 
 MAX_LOADED_GALLERIES = 8  # class galleries kept in memory at once (shipped ones always stay)
 MAX_UPLOAD_FILES = 2000
