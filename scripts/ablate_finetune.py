@@ -29,7 +29,8 @@ from bench_product import run_encoder  # noqa: E402
 from sbir_core.models.checkpoint import save_checkpoint  # noqa: E402
 from sbir_core.paths import cache_dir  # noqa: E402
 from sbir_core.models.encoders import create_encoder  # noqa: E402
-from sbir_core.training.finetune import FinetuneConfig, Finetuner  # noqa: E402
+from sbir_core.training.config import FinetuneConfig  # noqa: E402
+from sbir_core.training.finetune import Finetuner  # noqa: E402
 from sbir_core.training.finetune_data import prepare_data, run_heldout_classes, training_text_features  # noqa: E402
 
 VARIANTS = {

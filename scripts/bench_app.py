@@ -134,7 +134,7 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
 def bench_browser(url: str, strokes: int = 20, timeout_ms: float = 60_000) -> dict:
     from screenshots import browser_page, draw_stroke, example_strokes, settle, wait_for_new_results
 
-    lat, missed = [], 0
+    lat, missed, clicks = [], 0, []
     names = ["house", "cat", "bicycle", "car", "fish", "cup", "tree", "guitar"]
     done = 0
     for name in names:
@@ -152,10 +152,23 @@ def bench_browser(url: str, strokes: int = 20, timeout_ms: float = 60_000) -> di
                 else:
                     lat.append(ms)
                 settle(page, quiet_ms=300)
+            clicks.append(click_to_explanation_ms(page, timeout_ms))  # then a click on the first result
     res = {"strokes": done, "no_new_results": missed}
     if lat:
         res.update(summary(lat))
+    res["click_to_explanation"] = summary(clicks)
     return res
+
+
+def click_to_explanation_ms(page, timeout_ms: float = 60_000) -> float:
+    """A click on the first result -> its explanation picture loaded on screen (ms)."""
+    t0 = time.perf_counter()
+    page.locator("#results img").first.click()
+    page.wait_for_function("() => { const i = document.querySelector('#explanation img');"
+                           " return i && i.complete && i.naturalWidth > 0; }", timeout=timeout_ms)
+    ms = (time.perf_counter() - t0) * 1000
+    page.keyboard.press("Escape")  # close the panel, as a person would before drawing on
+    return ms
 
 
 def profile_stroke(service, calls: int = 20, k: int = 12, top: int = 15) -> None:
@@ -268,6 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"(n={br['n']} of {br['strokes']} strokes; {br['no_new_results']} without new results)")
         else:
             print(f"stroke -> results: no measurement ({br})")
+        ce = br["click_to_explanation"]
+        print(f"click -> explanation p50 {ce['p50_ms']:7.1f} ms  p95 {ce['p95_ms']:7.1f} ms  (n={ce['n']})")
     out["loadavg_after"] = os.getloadavg()[0]
     print(f"load average after: {out['loadavg_after']:.2f}")
     if args.json:

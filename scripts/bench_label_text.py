@@ -23,7 +23,7 @@ from bench_product import GALLERY, KEYS, product_queries
 from sbir_core.data.datasets import image_folder
 from sbir_core.eval.metrics import retrieval_report
 from sbir_core.models.encoders import create_encoder
-from sbir_core.training.finetune import FinetuneConfig
+from sbir_core.training.config import FinetuneConfig
 
 TEXT_TEMPERATURE = FinetuneConfig().temperature
 

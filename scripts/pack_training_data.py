@@ -32,7 +32,7 @@ from PIL import Image
 
 from sbir_core.data.datasets import training_items
 from sbir_core.models.encoders import LITE_PACKAGES
-from sbir_core.training.finetune import FinetuneConfig
+from sbir_core.training.config import FinetuneConfig
 from sbir_core.training.finetune_data import save_text_features
 
 REPO = Path(__file__).resolve().parents[1]

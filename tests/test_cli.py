@@ -104,8 +104,6 @@ def test_finetune_flags_reach_the_training_config(tmp_path, monkeypatch) -> None
     ("gallery/index", "GALLERY_MODALITIES", "GALLERY_MODALITIES"),
     ("training/train", "LOSSES", "TRAIN_LOSSES"),
     ("models/relation", "DEFAULT_TOPK", "RELATION_TOPK"),
-    ("training/finetune", "SELECT", "FINETUNE_SELECT"),
-    ("training/finetune", "IMAGENET_IMAGES", "IMAGENET_IMAGES"),
     ("models/text", "CLASS_TEXTS", "CLASS_TEXTS"),
 ])
 def test_mirrored_constants_match_the_library(module: str, name: str, mirror: str) -> None:

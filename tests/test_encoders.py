@@ -98,3 +98,18 @@ def test_openclip_local_checkpoint_path_loads_its_weights(tmp_path):
         assert torch.equal(x, y)
     with pytest.raises(FileNotFoundError):
         create_encoder(f"openclip:sbir-tiny-vit:{tmp_path}/missing.pt", checkpoint="none")
+
+
+def test_fused_batch_norm_gives_the_same_features_and_embedding():
+    """The service folds batch norm into the convolutions (a cheaper forward pass); what the
+    model returns must not change. Uses the shipped checkpoint, as the app does."""
+    plain, fused = create_encoder(), create_encoder()
+    assert fused.backbone.fuse_for_inference() and fused.backbone.fuse_for_inference()  # twice: no-op
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.backbone.modules())
+    x = torch.rand(3, 3, fused.image_size, fused.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain.encode(x, "sketch"), fused.encode(x, "sketch")
+        fa, fb = plain.backbone.features(x), fused.backbone.features(x)
+    assert np.abs(a.normalized() - b.normalized()).max() < 1e-5
+    assert torch.allclose(fa.tokens, fb.tokens, atol=1e-4) and torch.allclose(fa.pooled, fb.pooled, atol=1e-4)

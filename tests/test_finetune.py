@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from shared_data import SHARED, needs_shared
-from sbir_core.training.finetune import FinetuneConfig, Finetuner, retrieval_summary
+from sbir_core.training.config import FinetuneConfig
+from sbir_core.training.finetune import Finetuner, retrieval_summary
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.training.losses import imagenet_kept, relations_kept, semantic_targets
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes

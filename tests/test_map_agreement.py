@@ -57,6 +57,7 @@ def test_the_house_star_lands_with_its_results(shipped) -> None:
                    for b in (lab.box for lab in mk.labels))
 
 
+@pytest.mark.browser
 def test_class_names_are_at_least_12_css_px_on_a_1366_screen(app_galleries, raw_encoder, tmp_path) -> None:
     """The page at 1366 x 768 in Chromium: the map picture's shown width times the class
     names' font size over the picture's width is >= 12 CSS px."""

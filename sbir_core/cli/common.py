@@ -11,10 +11,11 @@ GALLERY_MODALITIES = ("photo", "sketch")  # index.GALLERY_MODALITIES
 TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder", "cls", "pair",
                 "xclass")  # train.LOSSES
 RELATION_TOPK = 50  # relation.DEFAULT_TOPK
-FINETUNE_SELECT = ("zero-shot", "zero-shot+seen")  # finetune.SELECT
-IMAGENET_IMAGES = ("all", "photos")  # finetune.IMAGENET_IMAGES
 CLASS_TEXTS = ("names", "glosses")  # models.text.CLASS_TEXTS
 LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders.LITE_PACKAGES
+# The fine-tuning settings' module imports nothing heavy, so its constants need no copies.
+from sbir_core.training.config import IMAGENET_IMAGES, SELECT as FINETUNE_SELECT  # noqa: E402,F401
+
 
 class CLIError(Exception):
     """An error the command line reports as one clear line, without a traceback."""

@@ -74,7 +74,8 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from sbir_core.training.finetune import FinetuneConfig, finetune
+    from sbir_core.training.config import FinetuneConfig
+    from sbir_core.training.finetune import finetune
 
     out = _out(args.out, args.force)  # before data preparation, which takes minutes
     cfg = FinetuneConfig()

@@ -69,6 +69,11 @@ class Backbone(nn.Module):
         """Backbones with a text tower (CLIP) embed text themselves; others return None."""
         return None
 
+    def fuse_for_inference(self) -> bool:
+        """Make inference cheaper where the backbone knows how (same outputs to float
+        rounding); afterwards it can no longer be trained. False: nothing to do."""
+        return False
+
 
 # ----------------------------------------------------------------------------- registry
 _BACKBONES: dict[str, Callable[[str], Backbone]] = {}
@@ -177,6 +182,38 @@ class EfficientNetLiteBackbone(Backbone):
     def train(self, mode: bool = True) -> "EfficientNetLiteBackbone":
         # Frozen: batch-norm statistics must never update.
         return super().train(False)
+
+    # (convolution, the batch norm after it) in timm's EfficientNet blocks
+    _CONV_BN = {"InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+                "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2"))}
+
+    def fuse_for_inference(self) -> bool:
+        """Fold every frozen batch norm into the convolution before it: a quarter to a third
+        less CPU per forward pass (docs/BENCHMARKS.md §10), embeddings equal to ~1e-6. The
+        statistics are frozen in every use of this backbone, so only training is lost."""
+        if getattr(self, "_fused", False):
+            return True
+        n = self.net
+        pairs = [(n, "conv_stem", "bn1"), (n, "conv_head", "bn2")]
+        for stage in n.blocks:
+            for blk in stage:
+                kind = type(blk).__name__
+                if kind not in self._CONV_BN:
+                    raise NotImplementedError(f"cannot fuse a {kind} block")
+                pairs += [(blk, c, b) for c, b in self._CONV_BN[kind]]
+        with torch.no_grad():
+            for mod, c, b in pairs:
+                conv, bn = getattr(mod, c), getattr(mod, b)
+                scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+                bias = bn.bias - bn.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
+                setattr(mod, b, nn.Sequential(bn.drop, bn.act))  # what BatchNormAct2d does after normalising
+        n.to(memory_format=torch.channels_last)
+        self._fused = True
+        return True
 
     def features(self, x: torch.Tensor) -> BackboneFeatures:
         n = self.net

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -23,9 +23,8 @@ from sbir_core.errors import InputError
 from sbir_core.eval.product import product_classes
 from sbir_core.models.checkpoint import read_metadata
 from sbir_core.models.text import CLASS_TEXTS, PROMPTS, class_text_features
+from sbir_core.training.config import FinetuneConfig
 
-if TYPE_CHECKING:  # the config lives with the training loop, which imports this module
-    from sbir_core.training.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
