@@ -30,7 +30,7 @@ SEARCH_CONCURRENCY = 16
 QUEUE_SIZE = 256  # events waiting at once: per pupil a search and a map running and one of each waiting
 SESSIONS_KEPT = 500  # visitors' page states kept in memory (the oldest go first): a school day of classes
 TEMP_FILES_AGE_S = 3600  # Gradio's temporary files (uploads) older than 1 h go, checked every 10 min
-MAP_SHARE = 0.4  # maps drawn back to back take at most this share of the time (sbir_app.pacing)
+MAP_SHARE = 0.15  # maps drawn back to back take at most this share of the time (sbir_app.pacing): a class of 30 gets results in 0.36 s, its maps ~8 s behind (docs/BENCHMARKS.md §10)
 _STATIC_PATHS: set[Path] = set()
 
 TITLE = "Sketch Search"
@@ -222,7 +222,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         fast = dict(show_progress="minimal", concurrency_id="search", concurrency_limit=SEARCH_CONCURRENCY)
 
         # A class's maps leave its searches room (paced), and are encoded at WebP's fastest effort.
-        paced_map = ServedImages(served_folder(service), webp_method=0, lossless=False)(DutyCycle(MAP_SHARE)(cb.map_panel))
+        paced_map = ServedImages(served_folder(service), lossless=False)(DutyCycle(MAP_SHARE)(cb.map_panel))
 
         def then_map(ev):
             # always_last: a map asked for while the previous one is still drawing runs after
