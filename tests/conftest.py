@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import threading
 
 import pytest
 import torch
@@ -51,6 +52,54 @@ def make_shape_image(kind: str, seed: int, size: int = 96):
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype("uint8"))
 
 
+def write_shapes(src, seed_step: int = 100):
+    """APP_SHAPES x 3 shape pictures under src/<kind>/ (a folder gallery); returns src."""
+    for kind in APP_SHAPES:
+        (src / kind).mkdir(parents=True)
+        for i in range(3):
+            make_shape_image(kind, seed=seed_step * APP_SHAPES.index(kind) + i).save(src / kind / f"{kind}_{i}.png")
+    return src
+
+
+def at_once(fn, items: list, timeout: float = 120.0) -> list:
+    """fn(item) for every item, each in its own thread, released together; the first error raised."""
+    out: list = [None] * len(items)
+    gate = threading.Barrier(len(items))
+
+    def work(i: int) -> None:
+        gate.wait()
+        try:
+            out[i] = fn(items[i])
+        except BaseException as exc:  # handed back to the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
+
+
+@contextlib.contextmanager
+def serve(service):
+    """The page over `service` on a free loopback port; yields its URL."""
+    import sbir_app as app
+
+    demo = app.build_demo(service)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
 @pytest.fixture(scope="session")
 def app_galleries(tmp_path_factory, raw_encoder):
     """A galleries root holding one built gallery, `default` (12 shape images, raw
@@ -58,11 +107,7 @@ def app_galleries(tmp_path_factory, raw_encoder):
     from sbir_core.gallery.build import build_gallery
 
     base = tmp_path_factory.mktemp("app")
-    src = base / "shapes"
-    for kind in APP_SHAPES:
-        (src / kind).mkdir(parents=True)
-        for i in range(3):
-            make_shape_image(kind, seed=100 * APP_SHAPES.index(kind) + i).save(src / kind / f"{kind}_{i}.png")
+    src = write_shapes(base / "shapes")
     root = base / "galleries"
     build_gallery(src, root / "default", raw_encoder, checkpoint="none", progress=False)
     return root
@@ -81,7 +126,6 @@ def app_service(app_galleries, raw_encoder, tmp_path_factory):
 @contextlib.contextmanager
 def running_app(galleries, encoder, base, warm_up: bool = False):
     """Serve app.py over a copy of `galleries` on a free loopback port; yields (url, service)."""
-    import sbir_app as app
     from sbir_core.service import RetrievalService
 
     root = base / "galleries"
@@ -90,12 +134,18 @@ def running_app(galleries, encoder, base, warm_up: bool = False):
                                uploads_dir=base / "user")
     if warm_up:
         service.warm_up()
-    demo = app.build_demo(service)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/", service
-    finally:
-        demo.close()
+    with serve(service) as url:
+        yield url, service
+
+
+def open_page(browser, url: str, width: int, height: int, touch: bool = False, timeout_ms: int = 120_000):
+    """A new visitor (browser context) on the page, once its canvas and panels are there."""
+    ctx = browser.new_context(viewport={"width": width, "height": height}, has_touch=touch)
+    pg = ctx.new_page()
+    pg.set_default_timeout(timeout_ms)
+    pg.goto(url)
+    pg.wait_for_selector("#sketch canvas")
+    for sel in ("#strokes textarea", "#results", "#tsne img"):
+        pg.wait_for_selector(sel, state="attached")
+    pg.wait_for_function("() => window.sbirSketch && window.sbirSketch.w > 0")
+    return pg

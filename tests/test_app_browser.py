@@ -21,7 +21,7 @@ pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 
-from conftest import running_app  # noqa: E402
+from conftest import open_page, running_app  # noqa: E402
 from sbir_core.paths import checkpoint_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,15 +337,9 @@ def test_the_map_places_the_drawing_among_named_classes(page, server):
 def touch_page(url, page):
     """A tablet-sized page with touch input (real touch events through the DevTools protocol),
     in its own browser context (another visitor) of the same browser."""
-    ctx = page.context.browser.new_context(viewport={"width": 768, "height": 1000}, has_touch=True)
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(url)
-    pg.wait_for_selector("#sketch canvas")
-    for sel in ("#strokes textarea", "#results", "#tsne img"):
-        pg.wait_for_selector(sel, state="attached")
+    pg = open_page(page.context.browser, url, 768, 1000, touch=True, timeout_ms=TIMEOUT_MS)
     yield pg
-    ctx.close()
+    pg.context.close()
 
 
 def _touch_stroke(page, points):

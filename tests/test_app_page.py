@@ -19,7 +19,7 @@ if not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 pytest.importorskip("sbir_app", reason="the app needs gradio")
 
-from conftest import running_app  # noqa: E402
+from conftest import open_page, running_app  # noqa: E402
 
 pytestmark = pytest.mark.browser
 TIMEOUT_MS = 120_000
@@ -40,18 +40,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
-
-
-def open_page(browser, url, width, height, touch=False):
-    ctx = browser.new_context(viewport={"width": width, "height": height}, has_touch=touch)
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(url)
-    pg.wait_for_selector("#sketch canvas")
-    for sel in ("#strokes textarea", "#results", "#tsne img"):
-        pg.wait_for_selector(sel, state="attached")
-    pg.wait_for_function("() => window.sbirSketch && window.sbirSketch.w > 0")
-    return pg
 
 
 def pointer_stroke(page, points, kind="mouse", pointer_id=7):

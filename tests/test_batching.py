@@ -2,12 +2,12 @@
 one forward pass, and each gets exactly what encoding it alone gives."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import at_once
 from sbir_core.data.examples import list_examples
 from sbir_core.gallery.batching import SketchBatcher
 from sbir_core.gallery.query import encode_sketch_query
@@ -21,32 +21,12 @@ def shipped_encoder():
     return create_encoder()
 
 
-def _at_once(fn, args: list) -> list:
-    """fn(arg) for every arg, each in its own thread, released together."""
-    out: list = [None] * len(args)
-    gate = threading.Barrier(len(args))
-
-    def work(i: int) -> None:
-        gate.wait()
-        try:
-            out[i] = fn(args[i])
-        except BaseException as exc:  # handed back to the test
-            out[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(args))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
-
-
 def test_concurrent_drawings_share_passes_and_equal_unbatched(shipped_encoder):
     drawings = [e.render(size=200, line_width=3) for e in list_examples()[:6]]
     alone = [encode_sketch_query(shipped_encoder, d) for d in drawings]
     # A window long enough that the six threads' drawings meet in the worker's queue.
     batcher = SketchBatcher(shipped_encoder, max_batch=6, window_s=0.5)
-    together = _at_once(lambda d: encode_sketch_query(shipped_encoder, d, batcher=batcher), drawings)
+    together = at_once(lambda d: encode_sketch_query(shipped_encoder, d, batcher=batcher), drawings)
     assert batcher.rows == 6 and batcher.batches < 6, "no two drawings shared a pass"
     for a, b in zip(alone, together):
         assert not isinstance(b, BaseException), b
@@ -85,7 +65,7 @@ def test_the_service_answers_concurrent_searches_as_sequential_ones(shipped_enco
     strokes = [[list(map(list, s)) for s in e.strokes] for e in list_examples()[:8]]
     alone = [svc.search_sketch(s, 5).hits for s in strokes]
     svc._queries = type(svc._queries)(1)  # no answers from the cache: every search encodes
-    together = _at_once(lambda s: svc.search_sketch(s, 5).hits, strokes)
+    together = at_once(lambda s: svc.search_sketch(s, 5).hits, strokes)
     for a, b in zip(alone, together):
         assert [h.index for h in b] == [h.index for h in a]
         np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)

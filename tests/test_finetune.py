@@ -16,6 +16,8 @@ from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.training.losses import imagenet_kept, relations_kept, semantic_targets
 from sbir_core.training.finetune_data import TrainData, heldout_classes, run_heldout_classes
 
+pytestmark = pytest.mark.slow  # trains small models end to end
+
 torch.set_num_threads(1)
 SHAPES = ("circle", "square", "triangle", "cross")
 

@@ -15,6 +15,8 @@ from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
 from sbir_core.eval.evaluate import evaluate
 from sbir_core.eval.metrics import paired_difference
 
+pytestmark = pytest.mark.slow  # benchmarks the shipped model on the shared data
+
 torch.set_num_threads(1)
 
 

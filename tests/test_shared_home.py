@@ -3,50 +3,22 @@ two services, each with its own locks and caches as two processes have, build, i
 read the same galleries and cache folders at the same moment without spoiling them."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import APP_SHAPES, make_shape_image
+from conftest import APP_SHAPES, at_once, write_shapes
 from sbir_core.gallery.sharing import new_owner_token
 from sbir_core.service import RetrievalService
 
 SQUARE = [[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]]
 
 
-def _at_once(fn, items: list) -> list:
-    """fn(item) for every item, each in its own thread, released together; errors returned."""
-    out: list = [None] * len(items)
-    gate = threading.Barrier(len(items))
-
-    def work(i: int) -> None:
-        gate.wait()
-        try:
-            out[i] = fn(items[i])
-        except BaseException as exc:  # handed back to the test
-            out[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(items))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
-
-
 @pytest.fixture()
 def two_services(tmp_path, monkeypatch, raw_encoder):
     monkeypatch.setenv("SBIR_HOME", str(tmp_path / "home"))  # caches and class galleries: shared
-    src = tmp_path / "photos"
-    for kind in APP_SHAPES:
-        (src / kind).mkdir(parents=True)
-        for i in range(3):
-            make_shape_image(kind, seed=10 * APP_SHAPES.index(kind) + i).save(src / kind / f"{kind}_{i}.png")
+    src = write_shapes(tmp_path / "photos", seed_step=10)
     root = tmp_path / "galleries"
     root.mkdir()
     services = [RetrievalService(root, gallery=None, encoder=raw_encoder, relation=None) for _ in range(2)]
@@ -64,17 +36,17 @@ def _thumbs_whole(folder: Path) -> int:
     return n
 
 
-def test_two_processes_index_and_read_one_gallery_at_once(two_services):
+def test_two_processes_index_and_read_one_galleryat_once(two_services):
     (a, b), src, _ = two_services
     # Two processes started with the same --gallery index it into the same folder at once.
-    outs = _at_once(lambda s: s.build_gallery_from_folder(src, "shapes"), [a, b])
+    outs = at_once(lambda s: s.build_gallery_from_folder(src, "shapes"), [a, b])
     assert all(o.ok for o in outs), [o.message for o in outs]
     # Both search it and write its thumbnails into the one cache at the same moment.
-    hits = _at_once(lambda s: s.search_sketch(SQUARE, 6, gallery="shapes").hits, [a, b])
+    hits = at_once(lambda s: s.search_sketch(SQUARE, 6, gallery="shapes").hits, [a, b])
     assert hits[0] and [(h.index, h.label) for h in hits[0]] == [(h.index, h.label) for h in hits[1]]
     n = len(a.gallery("shapes"))
     # (Thumbnail folders are named by each build's time: two builds, two folders, never mixed.)
-    thumbs = _at_once(lambda s: [s.thumbnail(s.gallery("shapes"), i) for i in range(n)], [a, b])
+    thumbs = at_once(lambda s: [s.thumbnail(s.gallery("shapes"), i) for i in range(n)], [a, b])
     assert all(len(set(t)) == n == 4 * 3 for t in thumbs)
     assert _thumbs_whole(a.thumbs_dir) >= n
     # A third process started later finds the gallery as the first two left it.
@@ -89,7 +61,7 @@ def test_a_class_gallery_built_in_one_process_opens_in_the_other(two_services):
     files = {s: [str(p) for kind in kinds for p in sorted((src / kind).glob("*.png"))]
              for s, kinds in ((a, APP_SHAPES[:2]), (b, APP_SHAPES[2:]))}
     owners = {a: new_owner_token(), b: new_owner_token()}
-    outs = _at_once(lambda s: s.build_gallery_from_uploads(files[s], "ours", owners[s]), [a, b])
+    outs = at_once(lambda s: s.build_gallery_from_uploads(files[s], "ours", owners[s]), [a, b])
     assert all(o.ok for o in outs), [o.message for o in outs]
     assert outs[0].name != outs[1].name  # two galleries, one each
     for built, other, kinds in ((outs[0], b, APP_SHAPES[:2]), (outs[1], a, APP_SHAPES[2:])):

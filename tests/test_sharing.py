@@ -10,14 +10,13 @@ import json
 import math
 import os
 import re
-import socket
 from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_shape_image
+from conftest import make_shape_image, serve
 from sbir_core.gallery import sharing
 from sbir_core.gallery.build import naming_warnings
 from sbir_core.gallery.sharing import CODE_ALPHABET, CODE_LENGTH, ClassGalleries, ShareError, parse_code
@@ -182,15 +181,8 @@ def serving(galleries: Path, encoder, base: Path):
 
     service = RetrievalService(galleries, encoder=encoder, relation=None, cache_dir=base / "cache",
                                uploads_dir=base / "home" / "class-galleries")
-    demo = app.build_demo(service)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app.launch(demo, service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve(service) as url:
+        yield url
 
 
 def _strokes() -> str:
