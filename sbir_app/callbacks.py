@@ -18,7 +18,6 @@ from sbir_app.sharing import share_panel
 from sbir_core.gallery.sharing import code_of, new_owner_token, valid_owner
 from sbir_core.service import (
     DEFAULT_K,
-    EMPTY_SKETCH_MESSAGE,
     Query,
     RetrievalService,
     SearchOutcome,
@@ -101,7 +100,7 @@ def status_markdown(out: SearchOutcome, drew: bool = False) -> str:
     from the service's sentence, which goes under "Details". `drew`: the canvas holds lines,
     so an empty-drawing answer means the lines were too small or too few to read."""
     if not out.ok:
-        if out.message == EMPTY_SKETCH_MESSAGE:
+        if out.problem == "blank":
             return "✏️ " + (UNREADABLE if drew else _md(out.message))
         return _md(out.message)
     if not out.hits:
@@ -221,13 +220,16 @@ class Callbacks:
         value = evt.value if isinstance(evt.value, dict) else {}
         image = value.get("image")
         path = image.get("path") or image.get("url") if isinstance(image, dict) else image
-        if query is not None and path:
-            row = self.service.row_of_thumbnail(query.gallery, str(path), value.get("caption"))
+        caption = value.get("caption")
+        # the result the grid showed with that caption (captions come from the query's hits)
+        shown = next((h for h in query.hits if h.caption == caption), None) if query is not None and caption else None
+        if query is not None and path and (shown is not None or not caption):
+            row = self.service.row_of_thumbnail(query.gallery, str(path), shown.label if shown else None)
         ex = self.service.explain(query, int(rank or 0), gallery_row=row)
         return ex.correspondences, ex.synthesis, ex.heatmap, explanation_markdown(ex, _kind(query))
 
-    def tsne(self, query: Optional[Query], gallery: Optional[str] = None):
-        m = self.service.tsne_for(query) if query is not None else self.service.tsne(gallery=gallery or None)
+    def map_image(self, query: Optional[Query], gallery: Optional[str] = None):
+        m = self.service.map_image_for(query) if query is not None else self.service.map_image(gallery=gallery or None)
         return m.image if m.ok else None
 
     def map_panel(self, query: Optional[Query]):
@@ -235,7 +237,7 @@ class Callbacks:
         kind = query.kind if query is not None else "sketch"
         what = {"sketch": "your drawing", "photo": "your photo", "text": "your word"}.get(kind, "your query")
         seen = query.model_input if query is not None else None
-        return self.tsne(query), f"### Where does {what} land?", gr.update(value=seen, visible=seen is not None)
+        return self.map_image(query), f"### Where does {what} land?", gr.update(value=seen, visible=seen is not None)
 
     def clear_explanation(self):
         return None, None, None, NO_EXPLANATION
@@ -250,7 +252,7 @@ class Callbacks:
         except Exception:  # anything unexpected: a message, not a crash
             log.exception("selecting gallery %s failed", name)
             return "⚠️ That gallery could not be opened.", [], None, None
-        return msg, [], None, self.tsne(None, name)
+        return msg, [], None, self.map_image(None, name)
 
     def build_gallery(self, files: Any, name: Any, sketches: bool, owner: Any, mine: Optional[list],
                       progress: gr.Progress = gr.Progress(track_tqdm=True)):
@@ -299,26 +301,26 @@ class Callbacks:
         if code_of(gallery) is None:
             return ""
         owned = any(g == gallery for _, g in self.service.owned_galleries(owner))
-        return share_panel(gallery, self.service.display_name(gallery), owned, request)
+        return share_panel(gallery, self.service.class_gallery_name(gallery) or str(gallery), owned, request)
 
     def load_page(self, current: Any, owner: Any, mine: Optional[list], request: Optional[gr.Request] = None):
         """Page load: this browser's own class galleries in the list, and the gallery of a
         link's ?class=CODE chosen. -> dropdown, session galleries, message, status, map."""
         code = (request.query_params.get("class") if request is not None else None) or ""
         mine = [g for g in (mine or []) if isinstance(g, str)]
-        status, tsne, msg = gr.update(), gr.update(), ""
+        status, map_image, msg = gr.update(), gr.update(), ""
         if code:
             try:
                 current, status = self.service.open_class_gallery(code)
                 mine = _add(mine, current)
-                tsne = self.tsne(None, current)
+                map_image = self.map_image(None, current)
             except InputError as exc:
                 msg = status = f"⚠️ {_md(str(exc))}"
         choices = self.gallery_choices(mine, owner)
         values = [v for _, v in choices]
         value = current if current in values else (self.service.default_gallery if self.service.default_gallery
                                                    in values else (values[0] if values else None))
-        return gr.update(choices=choices, value=value), mine, msg, status, tsne
+        return gr.update(choices=choices, value=value), mine, msg, status, map_image
 
     def gallery_classes(self, name: Optional[str]) -> str:
         """What the gallery contains, as compact chips (so a class can be found with the

@@ -179,9 +179,10 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
             with gr.Column(scale=5, elem_id="map-col"):
                 map_heading = gr.Markdown("### Where does your drawing land?", elem_id="map-heading")
                 # Download and fullscreen only: "share" posts to Hugging Face, which a class cannot use.
-                tsne = gr.Image(value=cb.tsne(None), label="Map of the gallery: alike pictures sit together (★ = you)",
-                                elem_id="tsne", type="pil", interactive=False, height=520,
-                                buttons=["download", "fullscreen"])
+                map_image = gr.Image(value=cb.map_image(None),
+                                     label="Map of the gallery: alike pictures sit together (★ = you)",
+                                     elem_id="map", type="pil", interactive=False, height=520,
+                                     buttons=["download", "fullscreen"])
 
         with gr.Accordion("Class galleries: open one with a code, or build your own", open=False, elem_id="build"):
             with gr.Row(equal_height=True):
@@ -227,7 +228,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         def then_map(ev):
             # always_last: a map asked for while the previous one is still drawing runs after
             # it (the default, "once", would drop it and leave the map of an older query).
-            ev.then(paced_map, [query_state], [tsne, map_heading, model_view], show_progress="hidden",
+            ev.then(paced_map, [query_state], [map_image, map_heading, model_view], show_progress="hidden",
                     trigger_mode="always_last", concurrency_id="map", concurrency_limit=1,
                     api_visibility="private")
 
@@ -267,7 +268,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         clear_trigger.click(None, None, expl_outputs, js=f"() => [null, null, null, {json.dumps(NO_EXPLANATION)}]",
                             api_visibility="private", show_progress="hidden")
 
-        gallery_dd.input(served(cb.choose_gallery), [gallery_dd], [status, results, query_state, tsne],
+        gallery_dd.input(served(cb.choose_gallery), [gallery_dd], [status, results, query_state, map_image],
                          api_name="select_gallery", concurrency_id="build", concurrency_limit=1).then(
             cb.clear_explanation, None, expl_outputs, api_visibility="private")
         gallery_dd.change(cb.gallery_classes, [gallery_dd], [classes], api_visibility="private",
@@ -277,10 +278,11 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         build_btn.click(cb.build_gallery, [files, new_name, is_sketch, owner_state, mine_state],
                         [build_msg, gallery_dd, files, owner_state, mine_state], preprocess=False,
                         api_name="build_gallery", concurrency_id="build", concurrency_limit=1).then(
-            served(cb.choose_gallery), [gallery_dd], [status, results, query_state, tsne], api_visibility="private")
+            served(cb.choose_gallery), [gallery_dd], [status, results, query_state, map_image],
+            api_visibility="private")
         # Class galleries: a code typed or in the link (?class=CODE), and the owner's changes.
-        choose = dict(fn=served(cb.choose_gallery), inputs=[gallery_dd], outputs=[status, results, query_state, tsne],
-                      api_visibility="private")
+        choose = dict(fn=served(cb.choose_gallery), inputs=[gallery_dd],
+                      outputs=[status, results, query_state, map_image], api_visibility="private")
         code_btn.click(cb.open_class, [code_box, mine_state, owner_state], [open_msg, gallery_dd, mine_state],
                        api_name="open_class").then(**choose)
         code_box.submit(cb.open_class, [code_box, mine_state, owner_state], [open_msg, gallery_dd, mine_state],
@@ -292,7 +294,7 @@ def build_demo(service: RetrievalService) -> gr.Blocks:
         gallery_dd.change(cb.share_panel, [gallery_dd, owner_state], [share_html], api_visibility="private",
                           show_progress="hidden")
         demo.load(served(cb.load_page), [gallery_dd, owner_state, mine_state],
-                  [gallery_dd, mine_state, open_msg, status, tsne], api_visibility="private")
+                  [gallery_dd, mine_state, open_msg, status, map_image], api_visibility="private")
 
     demo.callbacks = cb  # for tests and scripts
     return demo

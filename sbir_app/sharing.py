@@ -62,7 +62,7 @@ def qr_data_uri(text: str) -> str:
     return segno.make(text, error="m").svg_data_uri(scale=8, border=2)
 
 
-def share_panel(gallery: Any, label: str, owned: bool, request: Any = None) -> str:
+def share_panel(gallery: Any, name: str, owned: bool, request: Any = None) -> str:
     """HTML for the chosen gallery: for a class gallery, its code, link and QR; else nothing."""
     code = code_of(gallery)
     if code is None:
@@ -73,7 +73,6 @@ def share_panel(gallery: Any, label: str, owned: bool, request: Any = None) -> s
             "then share the link above.</p>" if loopback else "")
     whose = ("You built this gallery: only this browser can rename or delete it." if owned
              else "Anyone with this code can search this gallery.")
-    name = label.rsplit(" (class ", 1)[0]
     return (f"<div class='share'><div class='share-text'><p>Class code for <b>{html.escape(name)}</b>:</p>"
             f"<p class='code' aria-label='class code'>{format_code(code)}</p>"
             f"<p>Or open <a href='{html.escape(link)}' target='_blank'>{html.escape(link)}</a></p>"

@@ -16,7 +16,6 @@ from sbir_core.errors import InputError
 PathLike = Union[str, "os.PathLike[str]"]  # what every path argument in the library accepts
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RECIPES_DIR = PACKAGE_DIR / "recipes"
 MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
 EXAMPLES_DIR = PACKAGE_DIR / "examples"
 

@@ -7,10 +7,11 @@ choice lives in the visitor's session, never here), bounded caches of query enco
 and explanations, and turns every failure a user can cause into a plain message:
 
     canvas / photo / text -> data.drawing -> gallery.query (encoder) -> gallery.index
-        -> results (Hit) -> explain.correspondence / explain.embedding_map
+        -> results (SearchResult) -> explain.correspondence / explain.embedding_map
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -34,7 +35,8 @@ from sbir_core.gallery.batching import SketchBatcher
 from sbir_core.gallery.identity import checkpoint_spec
 from sbir_core.gallery.index import PLAIN_HEAD
 from sbir_core.gallery.query import encode_query, encode_sketch_query, search_reranked
-from sbir_core.gallery.sharing import gallery_id, parse_code
+from sbir_core.gallery.results import SearchResult
+from sbir_core.gallery.sharing import code_of, gallery_id, parse_code
 from sbir_core.gallery.store import BuildOutcome, GalleryStore, LoadedGallery
 from sbir_core.models.encoders import create_encoder
 from sbir_core.models.relation import relation_for
@@ -48,6 +50,9 @@ QUERY_CACHE_ENTRIES = 256
 EXPLANATION_CACHE_ENTRIES = 32
 
 EMPTY_SKETCH_MESSAGE = "Draw something first: the canvas is empty."
+SORRY = {"sketch": "Sorry, that drawing could not be searched. Try drawing it again.",
+         "text": "Sorry, that text could not be searched. Try another word.",
+         "photo": "Sorry, that photo could not be searched. Try another picture."}
 ProgressFn = Callable[[float, str], None]
 
 
@@ -69,37 +74,13 @@ class _Cache:
 
 # ----------------------------------------------------------------------------- results
 @dataclass
-class Hit:
-    """One search result."""
-
-    rank: int  # 0-based position in the result list
-    index: int  # row in the gallery
-    path: str  # the gallery image
-    thumb: str  # a small copy for the results grid (may be `path` itself)
-    score: float  # cosine similarity (or re-ranked score)
-    label: str
-
-    @property
-    def name(self) -> str:
-        """The class in words (what the page calls the picture)."""
-        return self.label.replace("_", " ") if self.label else "(no class)"
-
-    @property
-    def caption(self) -> str:
-        # Its place in the list and its class: a caption never disagrees with the order
-        # (calibration and diffusion can put a lower similarity first; the explanation's
-        # details give the number).
-        return f"{self.rank + 1}. {self.name}"
-
-
-@dataclass
 class Query:
     """What was searched for; kept (e.g. in the page's state) to explain results later."""
 
     kind: str  # "sketch", "photo" or "text"
     embedding: np.ndarray  # (D,) float32, L2-normalised
     gallery: str  # gallery name the hits come from
-    hits: list[Hit] = field(default_factory=list)
+    hits: list[SearchResult] = field(default_factory=list)
     image: Any = None  # the drawing as given / the photo as the encoder saw it (for explanations)
     text: Optional[str] = None
     key: str = ""  # cache key of the input
@@ -114,7 +95,7 @@ class Query:
 class SearchOutcome:
     ok: bool
     message: str
-    hits: list[Hit] = field(default_factory=list)
+    hits: list[SearchResult] = field(default_factory=list)
     query: Optional[Query] = None
     seconds: float = 0.0
     # How sure the search is, for the page to word (filled by the confidence rule):
@@ -123,6 +104,9 @@ class SearchOutcome:
     # a dot); "" when not assessed.
     level: str = ""
     guess: Optional[str] = None  # a class the model can stand behind when the gallery lacks it
+    # Why it failed (ok False), for the page to word: "blank" (nothing readable drawn),
+    # "input" (the caller's input; `message` says what to change), "error" (a bug, logged).
+    problem: str = ""
 
     @property
     def unsure(self) -> bool:
@@ -141,7 +125,7 @@ class ExplanationImages:
     correspondences: Optional[Image.Image] = None
     synthesis: Optional[Image.Image] = None
     heatmap: Optional[Image.Image] = None
-    hit: Optional[Hit] = None
+    hit: Optional[SearchResult] = None
 
 
 @dataclass
@@ -273,6 +257,12 @@ class RetrievalService:
     def display_name(self, gallery: str) -> str:
         return self.store.display_name(gallery)
 
+    def class_gallery_name(self, gallery: str) -> Optional[str]:
+        """The name a class gallery's builder gave it (without its code); None for other galleries."""
+        code = code_of(gallery)
+        info = self.store.shared.read(code) if code else None
+        return info.name.replace("_", " ") if info else None
+
     # ------------------------------------------------------------------ model
     def _load_encoder(self, encoder: Any, checkpoint: Any) -> tuple[Any, str]:
         if encoder is not None:
@@ -340,10 +330,9 @@ class RetrievalService:
                     self.explain(out.query, 0)
 
     # ------------------------------------------------------------------ searching
-    def _hits(self, lg: LoadedGallery, results: Sequence[Any]) -> list[Hit]:
-        """Gallery search results -> the page's hits (with thumbnails)."""
-        return [Hit(rank=r, index=h.index, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index),
-                    score=h.score, label=h.label) for r, h in enumerate(results)]
+    def _hits(self, lg: LoadedGallery, results: Sequence[SearchResult]) -> list[SearchResult]:
+        """Gallery search results with their thumbnails (what the page shows)."""
+        return [dataclasses.replace(h, path=lg.paths[h.index], thumb=self.thumbnail(lg, h.index)) for h in results]
 
     def search_sketch(self, canvas_value: Any, k: int = DEFAULT_K, gallery: Optional[str] = None,
                       rerank: bool = False, brush: Optional[float] = None) -> SearchOutcome:
@@ -368,14 +357,8 @@ class RetrievalService:
                 hits = self._hits(lg, search_reranked(lg.gallery, self.relation, cached, clamp_k(k)))
             else:
                 hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
-        except BlankSketchError:
-            return SearchOutcome(False, EMPTY_SKETCH_MESSAGE, seconds=time.perf_counter() - t0)
-        except InputError as exc:
-            return SearchOutcome(False, str(exc), seconds=time.perf_counter() - t0)
-        except Exception:  # never let one bad drawing take the page down
-            log.exception("sketch search failed")
-            return SearchOutcome(False, "Sorry, that drawing could not be searched. Try drawing it again.",
-                                 seconds=time.perf_counter() - t0)
+        except Exception as exc:  # never let one bad drawing take the page down
+            return self._failure(exc, "sketch", t0)
         mode = "sketch → sketch" if lg.modality == "sketch" else "sketch → photo"
         q = Query(kind="sketch", embedding=emb, gallery=lg.name, hits=hits, image=compact_sketch(img), key=key,
                   model_input=sk)
@@ -384,7 +367,19 @@ class RetrievalService:
         msg = self._summary(hits, mode, dt, rerank=use_rerank)
         return SearchOutcome(True, msg, hits, q, dt, level=level, guess=guess)
 
-    def _confidence(self, lg: LoadedGallery, emb: np.ndarray, hits: Sequence[Hit], **query: Any
+    @staticmethod
+    def _failure(exc: Exception, kind: str, t0: float) -> SearchOutcome:
+        """A failed search as the page words it: the caller's mistake in its own sentence, a
+        bug as a plain "sorry" (logged with its traceback)."""
+        seconds = time.perf_counter() - t0
+        if isinstance(exc, BlankSketchError):
+            return SearchOutcome(False, EMPTY_SKETCH_MESSAGE, seconds=seconds, problem="blank")
+        if isinstance(exc, InputError):
+            return SearchOutcome(False, str(exc), seconds=seconds, problem="input")
+        log.error("%s search failed", kind, exc_info=exc)
+        return SearchOutcome(False, SORRY[kind], seconds=seconds, problem="error")
+
+    def _confidence(self, lg: LoadedGallery, emb: np.ndarray, hits: Sequence[SearchResult], **query: Any
                     ) -> tuple[str, Optional[str]]:
         """(level, guess) by the checkpoint's calibrated rule (`gallery.confidence`); ("", None)
         when it has none. It reads the first row, so a search for fewer results looks further."""
@@ -404,12 +399,12 @@ class RetrievalService:
         t0 = time.perf_counter()
         text = (text or "").strip()
         if not text:
-            return SearchOutcome(False, "Type a word first, e.g. “cat” or “bicycle”.")
+            return SearchOutcome(False, "Type a word first, e.g. “cat” or “bicycle”.", problem="input")
         if len(text) > 200:
-            return SearchOutcome(False, "That text is too long: a few words are enough.")
+            return SearchOutcome(False, "That text is too long: a few words are enough.", problem="input")
         if not self.has_text:
             return SearchOutcome(False, "Text search needs the trained model (checkpoints/default.safetensors), "
-                                        "which is not loaded; drawing and photo search still work.")
+                                        "which is not loaded; drawing and photo search still work.", problem="input")
         try:
             lg = self.gallery(gallery)
             key = "text:" + text.lower()
@@ -418,11 +413,8 @@ class RetrievalService:
                 emb = encode_query(self.encoder, text=text)
                 self._queries.put(key, emb)
             hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
-        except InputError as exc:
-            return SearchOutcome(False, str(exc))
-        except Exception:
-            log.exception("text search failed")
-            return SearchOutcome(False, "Sorry, that text could not be searched. Try another word.")
+        except Exception as exc:
+            return self._failure(exc, "text", t0)
         dt = time.perf_counter() - t0
         q = Query(kind="text", embedding=emb, gallery=lg.name, hits=hits, text=text, key=key)
         level, guess = self._confidence(lg, emb, hits, kind="text", text=text)
@@ -433,7 +425,7 @@ class RetrievalService:
         """A photo (PIL image or array; decode uploads with `open_upload`) as the query."""
         t0 = time.perf_counter()
         if image is None or (isinstance(image, str) and not image):
-            return SearchOutcome(False, "Upload a photo first.")
+            return SearchOutcome(False, "Upload a photo first.", problem="input")
         try:
             if isinstance(image, (str, os.PathLike, dict, bytes)):
                 raise InputError("A photo must be sent as an upload or as image data, not as a file name.")
@@ -457,11 +449,8 @@ class RetrievalService:
                 self._queries.put(key, cached)
             emb, shown = cached
             hits = self._hits(lg, lg.gallery.search(emb, clamp_k(k)))
-        except InputError as exc:
-            return SearchOutcome(False, str(exc))
-        except Exception:
-            log.exception("photo search failed")
-            return SearchOutcome(False, "Sorry, that photo could not be searched. Try another picture.")
+        except Exception as exc:
+            return self._failure(exc, "photo", t0)
         dt = time.perf_counter() - t0
         q = Query(kind="photo", embedding=emb, gallery=lg.name, hits=hits, image=shown, key=key, model_input=shown)
         level, guess = self._confidence(lg, emb, hits, kind="photo")
@@ -469,7 +458,7 @@ class RetrievalService:
                              level=level, guess=guess)
 
     @staticmethod
-    def _summary(hits: Sequence[Hit], mode: str, seconds: float, rerank: bool = False) -> str:
+    def _summary(hits: Sequence[SearchResult], mode: str, seconds: float, rerank: bool = False) -> str:
         if not hits:
             return f"No results ({mode})."
         top = hits[0].label.replace("_", " ") if hits[0].label else "?"
@@ -526,7 +515,7 @@ class RetrievalService:
         self._explanations.put(key, out)
         return out
 
-    def _order_note(self, query: Query, hit: Hit) -> str:
+    def _order_note(self, query: Query, hit: SearchResult) -> str:
         """Why a result sits above one with a higher similarity, when it does: seen-class
         calibration orders every result, gallery diffusion those after the first row."""
         if not any(h.score > hit.score for h in query.hits if h.rank > hit.rank):
@@ -546,7 +535,7 @@ class RetrievalService:
             return ""
         return "A result with a higher similarity comes later: " + "; ".join(notes) + ". "
 
-    def _hit_for_row(self, query: Query, row: int) -> Optional[Hit]:
+    def _hit_for_row(self, query: Query, row: int) -> Optional[SearchResult]:
         for h in query.hits:
             if h.index == row:
                 return h
@@ -558,13 +547,13 @@ class RetrievalService:
             return None
         score = float(lg.gallery.raw_embeddings[row] @ query.embedding)
         rank = lg.gallery.rank_of(query.embedding, row)
-        return Hit(rank=rank, index=row, path=lg.paths[row], thumb=self.thumbnail(lg, row), score=score,
-                   label=lg.labels[row])
+        return SearchResult(rank=rank, index=row, path=lg.paths[row], score=score, label=lg.labels[row],
+                            thumb=self.thumbnail(lg, row))
 
-    def row_of_thumbnail(self, gallery: Optional[str], path: str, caption: Optional[str] = None) -> Optional[int]:
+    def row_of_thumbnail(self, gallery: Optional[str], path: str, label: Optional[str] = None) -> Optional[int]:
         """The gallery row a results-grid image shows (thumbnails are named <row>.jpg);
-        None when it cannot be told. When a caption is given, it must be that row's class
-        (`Hit.caption`: "<place>. <class>"; only the class is compared, the place can move)."""
+        None when it cannot be told. When `label` is given (the class the page showed with
+        the image), it must be that row's class."""
         stem = Path(str(path)).stem
         if not stem.isdigit():
             return None
@@ -575,10 +564,8 @@ class RetrievalService:
         row = int(stem)
         if not 0 <= row < len(lg):
             return None
-        if caption:
-            name = lg.labels[row].replace("_", " ") if lg.labels[row] else "(no class)"
-            if caption.split(". ", 1)[-1] != name:
-                return None
+        if label is not None and lg.labels[row] != label:
+            return None
         return row
 
     # ------------------------------------------------------------------ t-SNE map
@@ -592,7 +579,7 @@ class RetrievalService:
                     lg.emap = gallery_map(lg.gallery, cache=self._map_cache_dir(lg), search=(lg.directory,))
         return lg.emap
 
-    def tsne(self, query_embedding: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
+    def map_image(self, query_embedding: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
              gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
              query_label: str = "your drawing") -> MapImage:
         """The gallery's t-SNE map (thumbnails, class names) with the query placed in it
@@ -619,12 +606,12 @@ class RetrievalService:
             log.exception("t-SNE map failed")
             return MapImage(False, "The map could not be drawn.")
 
-    def tsne_for(self, query: Optional[Query], size: tuple[int, int] = (640, 560)) -> MapImage:
+    def map_image_for(self, query: Optional[Query], size: tuple[int, int] = (640, 560)) -> MapImage:
         if query is None:
-            return self.tsne(None, None, size=size)
+            return self.map_image(None, None, size=size)
         label = {"sketch": "your drawing", "photo": "your photo", "text": f"“{(query.text or '')[:24]}”"}.get(
             query.kind, "your query")
-        return self.tsne(query.embedding, query.highlight, gallery=query.gallery, size=size, query_label=label)
+        return self.map_image(query.embedding, query.highlight, gallery=query.gallery, size=size, query_label=label)
 
     # ------------------------------------------------------------------ building galleries
 

@@ -34,10 +34,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -52,7 +48,6 @@ def summary(xs: list[float]) -> dict:
 
 def jittered_canvases(n: int, seed: int = 0, size: int = 384) -> list[dict]:
     import numpy as np
-    from PIL import Image
 
     from sbir_core.data.examples import list_examples
 
@@ -60,12 +55,7 @@ def jittered_canvases(n: int, seed: int = 0, size: int = 384) -> list[dict]:
     ex = list_examples()
     out = []
     for i in range(n):
-        e = ex[i % len(ex)]
-        side = int(size * rng.uniform(0.55, 0.9))
-        img = e.render(size=side, line_width=rng.uniform(4, 8), margin=0.05)
-        canvas = Image.new("RGB", (size, size), "white")
-        canvas.paste(img, (rng.randint(0, size - side), rng.randint(0, size - side)))
-        arr = np.asarray(canvas)
+        arr = np.asarray(ex[i % len(ex)].jittered_canvas(rng, size))
         out.append({"background": np.full_like(arr, 255), "layers": [arr], "composite": arr})
     return out
 
@@ -132,6 +122,7 @@ def bench_callback(service, n: int = 40, k: int = 12, warmup: int = 5) -> dict:
 
 
 def bench_browser(url: str, strokes: int = 20, timeout_ms: float = 60_000) -> dict:
+    # scripts/screenshots.py: running this file puts scripts/ on the path
     from screenshots import browser_page, draw_stroke, example_strokes, settle, wait_for_new_results
 
     lat, missed, clicks = [], 0, []

@@ -1,27 +1,27 @@
 """Product benchmark: doodles the model never trained on, searched against the shipped
 default gallery exactly as the app searches it.
 
-Queries (QuickDraw strokes from ../shared/data):
+Queries (QuickDraw strokes from the shared data, `--data` or $SBIR_DATA):
 - zero-shot: every doodle of the gallery classes reserved by the `pacs`/`doodle` splits
   (no training run may use these classes on any side);
 - seen: the held-out doodles (the last 5 of each class, `data.HELDOUT_DOODLES`) of the
   other gallery classes; training never sees them.
 
 Gallery: galleries/default/images (399 clip-art pictures, 68 classes), embedded with the
-encoder under test and searched with `Gallery` (the class the app and `search` use):
-as the app searches (the checkpoint's gallery diffusion and seen-class calibration),
+encoder under test and searched with `Gallery` (the class the app and `search` use;
+the runner is `sbir_core.eval.product.product_benchmark`): as the app searches (the checkpoint's gallery diffusion and seen-class calibration),
 without diffusion, and by the embedding alone (neither).
 
-    python scripts/bench_product.py --data ../shared/data --json
-    python scripts/bench_product.py --data ../shared/data --checkpoint none   # raw backbone
-    python scripts/bench_product.py --data ../shared/data --map --json      # the map (issue 31)
+    python scripts/bench_product.py --json
+    python scripts/bench_product.py --checkpoint none   # raw backbone
+    python scripts/bench_product.py --map --json      # the map (issue 31)
 
 `--map` measures instead whether the map agrees with the results: the share of queries
 whose 5 nearest map points include at least 3 of their top-10 results, as the app ranks
 them (bar: 0.80), over the page's 11 examples (as the page sends their strokes) and the
 doodles above, each searched and mapped through `RetrievalService` as the page does; the
 star placed as the app places it (by its results) and, for comparison, by its embedding
-(openTSNE's transform, the placement before issue 31). It also times `tsne_for` (the map
+(openTSNE's transform, the placement before issue 31). It also times `map_image_for` (the map
 drawn after every stroke; median over the examples, provisional on a busy CPU).
 """
 from __future__ import annotations
@@ -33,51 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-
-ROOT = Path(__file__).resolve().parent.parent
-
-from sbir_core.data.datasets import image_folder  # noqa: E402
-from sbir_core.eval.product import DEFAULT_GALLERY, product_queries  # noqa: E402
-from sbir_core.models.encoders import create_encoder  # noqa: E402
-from sbir_core.gallery.calibration import SeenCalibration  # noqa: E402
-from sbir_core.gallery.index import Gallery  # noqa: E402
-from sbir_core.eval.metrics import retrieval_report  # noqa: E402
-
-GALLERY = DEFAULT_GALLERY
-KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
-# (name, gallery diffusion, seen-class calibration), each as the checkpoint prescribes
-RANKINGS = (("as the app searches", True, True), ("no diffusion", False, True), ("embedding alone", False, False))
+from sbir_core.data.datasets import DATA_HELP, data_root
+from sbir_core.eval.product import KEYS, RANKINGS, product_benchmark, product_queries
+from sbir_core.models.encoders import create_encoder
 
 
 def run(data: Path, checkpoint: str) -> dict:
-    return run_encoder(create_encoder(checkpoint=checkpoint), data)
-
-
-def run_encoder(enc, data: Path, per_query: bool = False) -> dict:
-    """The benchmark for a loaded encoder; `per_query` keeps each query's figures under
-    row[ranking]["per_query"] (numpy arrays, for paired comparisons)."""
-    photos = image_folder(GALLERY)
-    t0 = time.perf_counter()
-    g = enc.encode_photos([it.load() for it in photos]).normalized()
-    g_labels = [it.label for it in photos]
-    cal = SeenCalibration.from_encoder(enc)
-    result = {"encoder": enc.encoder_id, "gallery": {"images": len(photos), "classes": len(set(g_labels))},
-              "diffusion_k": enc.diffusion_k, "seen_calibration": cal.setting if cal else None}
-    for group, items in product_queries(data).items():
-        q = enc.encode_sketches([it.load() for it in items]).normalized()
-        ql = [it.label for it in items]
-        row = {"n_queries": len(items), "classes": sorted(set(ql))}
-        for name, k, c in RANKINGS:
-            gal = Gallery.from_embeddings(g, labels=g_labels, diffusion_k=enc.diffusion_k if k else 0,
-                                          calibration=cal if c else None)
-            rep = retrieval_report(gal.score_all(q), ql, g_labels, per_query=per_query)
-            row[name] = {key: round(rep[key], 4) for key in KEYS}
-            if per_query:
-                row[name]["per_query"] = {key: rep["per_query"][key] for key in KEYS}
-            row[name]["per_class_hit@5"] = {c: round(v["hit@5"], 3) for c, v in rep["per_class"].items()}
-        result[group] = row
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    return product_benchmark(create_encoder(checkpoint=checkpoint), data)
 
 
 MAP_TOP, MAP_NEAR, MAP_NEED = 10, 5, 3  # top-10 results, 5 nearest map points, at least 3 shared
@@ -89,7 +51,7 @@ def _agrees(coords: np.ndarray, xy: np.ndarray, top: list[int]) -> bool:
 
 
 def run_map(data: Path, checkpoint: str) -> dict:
-    """The map-agreement figures (issue 31) and the time of `tsne_for`."""
+    """The map-agreement figures (issue 31) and the time of `map_image_for`."""
     import tempfile
 
     from sbir_core.data.drawing import read_stroke_json, stroke_brush
@@ -117,7 +79,7 @@ def run_map(data: Path, checkpoint: str) -> dict:
                 if not out.ok:
                     raise RuntimeError(f"{group} query {name} failed: {out.message}")
                 top = [h.index for h in out.hits]
-                plot = svc.tsne_for(out.query).plot_data
+                plot = svc.map_image_for(out.query).plot_data
                 coords = np.array([[p["x"], p["y"]] for p in plot["points"]])
                 assert np.allclose(coords, m.coords), "the app's map is not the one measured"
                 app.append(_agrees(coords, [plot["query"]["x"], plot["query"]["y"]], top))
@@ -131,36 +93,36 @@ def run_map(data: Path, checkpoint: str) -> dict:
         result["all"] = {"n_queries": len(every["app"]),
                          "by its results (the app)": round(float(np.mean(every["app"])), 3),
                          "by its embedding (before)": round(float(np.mean(every["embedding"])), 3)}
-        marks = [getattr(svc.tsne_for(out.query), "marks", None) for _, out in groups["examples"]]
+        marks = [getattr(svc.map_image_for(out.query), "marks", None) for _, out in groups["examples"]]
         if all(mk is not None for mk in marks):  # how far the first 5 results' tiles are drawn from the star
             result["examples_top5_tiles_from_star_px"] = {
                 name: round(float(np.median(np.linalg.norm(mk.centres[:5] - mk.query[0], axis=1))))
                 for (name, _), mk in zip(groups["examples"], marks)}
         ms = []
         for _, out in groups["examples"]:
-            svc.tsne_for(out.query)  # the first draws the base layer and decodes thumbnails
+            svc.map_image_for(out.query)  # the first draws the base layer and decodes thumbnails
             t = time.perf_counter()
             for _ in range(5):
-                svc.tsne_for(out.query)
+                svc.map_image_for(out.query)
             ms.append(1000 * (time.perf_counter() - t) / 5)
-        result["tsne_for_ms_median"] = round(float(np.median(ms)), 1)
+        result["map_image_for_ms_median"] = round(float(np.median(ms)), 1)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", help=DATA_HELP)
     ap.add_argument("--checkpoint", default="default", help="'default', 'none' (raw backbone) or a path")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--map", action="store_true", help="whether the map agrees with the results (issue 31)")
     args = ap.parse_args()
-    r = (run_map if args.map else run)(Path(args.data), args.checkpoint)
+    r = (run_map if args.map else run)(data_root(args.data), args.checkpoint)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
     if args.map:
-        print(f"{r['encoder']}: {r['rule']} (bar {r['bar']}); tsne_for {r['tsne_for_ms_median']} ms")
+        print(f"{r['encoder']}: {r['rule']} (bar {r['bar']}); map_image_for {r['map_image_for_ms_median']} ms")
         for group in ("examples", "zero-shot", "seen", "all"):
             g = r[group]
             print(f"{group:<10} n={g['n_queries']:<4} by its results (the app) {g['by its results (the app)']:.3f}  "

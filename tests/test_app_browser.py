@@ -54,7 +54,7 @@ def page(url):
         pg.goto(url)
         pg.wait_for_selector("#sketch canvas")
         # the light canvas can appear before the rest of the page has rendered: wait for it all
-        for sel in ("#strokes textarea", "#results", "#tsne img", "#examples img"):
+        for sel in ("#strokes textarea", "#results", "#map img", "#examples img"):
             pg.wait_for_selector(sel, state="attached")
         pg.external_requests = external
         yield pg
@@ -70,10 +70,10 @@ def _stroke(page, points):
 
 
 def test_page_has_the_stable_ids(page):
-    for sel in ("#sketch", "#results", "#search-button", "#explanation", "#tsne"):
+    for sel in ("#sketch", "#results", "#search-button", "#explanation", "#map"):
         assert page.locator(sel).count() == 1, sel
     assert "Sketch Search" in page.title() or page.locator("h1").first.inner_text().startswith("Sketch Search")
-    assert page.locator("#tsne img").count() == 1  # the gallery map is there before any search
+    assert page.locator("#map img").count() == 1  # the gallery map is there before any search
 
 
 def test_draw_see_results_click_see_explanation(page):
@@ -250,7 +250,7 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
     page.wait_for_function("(t) => !document.querySelector('#explanation img')"
                            " && document.querySelector('#explanation-text').innerText.includes(t)",
                            arg=app.NO_EXPLANATION, timeout=TIMEOUT_MS)
-    plain_map = service.tsne().image
+    plain_map = service.map_image().image
     fast = service.search_sketch
     running = []
 
@@ -274,7 +274,7 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
         page.wait_for_timeout(3000)
         page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')"
                                " && document.querySelectorAll('#results img').length === 0", timeout=TIMEOUT_MS)
-        _wait_for_picture(page, "#tsne img", plain_map, timeout_s=30)
+        _wait_for_picture(page, "#map img", plain_map, timeout_s=30)
         assert _ink(page) == 0, how
     # an example clicked while a stroke's search runs: the example's results stay
     n, t0 = len(running), time.time()
@@ -291,7 +291,7 @@ def test_clear_while_a_search_is_running_leaves_the_page_empty(page, server, mon
 
 
 def test_the_map_places_the_drawing_among_named_classes(page, server):
-    """The map (#tsne) names every class of the gallery; after a drawing it is a newly
+    """The map (#map) names every class of the gallery; after a drawing it is a newly
     rendered, loaded, non-blank picture: the service's map for that very drawing."""
     import numpy as np
 
@@ -302,14 +302,14 @@ def test_the_map_places_the_drawing_among_named_classes(page, server):
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Draw something')",
                            timeout=TIMEOUT_MS)
     # With nothing drawn: the gallery's map, every class name placed on it and drawn
-    before = _wait_for_picture(page, "#tsne img", service.tsne().image)
+    before = _wait_for_picture(page, "#map img", service.map_image().image)
     h, w, _ = before.shape
     emap = service.gallery().emap
     assert emap is not None
     placed = [lab for lab in emap.layout((w, h), title="map", thumbnails=True).labels if lab.shown]
     assert sorted(lab.name for lab in placed) == sorted(APP_SHAPES)
     assert sorted(_names_drawn(before, placed)) == sorted(APP_SHAPES)
-    before_src = page.locator("#tsne img").get_attribute("src")
+    before_src = page.locator("#map img").get_attribute("src")
 
     box = page.locator("#sketch canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -317,14 +317,14 @@ def test_the_map_places_the_drawing_among_named_classes(page, server):
     _stroke(page, [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)])
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Details')",
                            timeout=TIMEOUT_MS)
-    page.wait_for_function("(b) => { const i = document.querySelector('#tsne img');"
+    page.wait_for_function("(b) => { const i = document.querySelector('#map img');"
                            " return i && i.src !== b && i.complete && i.naturalWidth > 0; }",
                            arg=before_src, timeout=TIMEOUT_MS)
-    assert page.locator("#tsne img").is_visible()
+    assert page.locator("#map img").is_visible()
     strokes = page.evaluate("() => document.querySelector('#strokes textarea').value")
     _items, _msg, query = app.Callbacks(service).search_strokes(strokes)
-    served = service.tsne_for(query, size=(w, h))
-    shown = _wait_for_picture(page, "#tsne img", served.image)
+    served = service.map_image_for(query, size=(w, h))
+    shown = _wait_for_picture(page, "#map img", served.image)
     # a rendered picture, not a blank or broken one, and not the map from before the drawing
     assert (w, h) == (640, 560) and shown.std() > 20 and (shown < 200).any(axis=2).mean() > 0.01
     assert np.abs(shown - before).mean() > 0.05

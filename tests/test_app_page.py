@@ -249,7 +249,7 @@ def test_key_texts_have_enough_contrast(browser, url):
         loaded(pg, "#explanation img")
         pg.keyboard.press("Escape")
         keys = ["#k .min_value", "#k .max_value", "#results [data-testid='block-label']",
-                "#tsne [data-testid='block-label']", "#status p", "#results .caption-label", "#sketch .sbir-label",
+                "#map [data-testid='block-label']", "#status p", "#results .caption-label", "#sketch .sbir-label",
                 "#sketch .sbir-tools button", "#classes summary", "#title p"]
         measured = {k: pg.evaluate(CONTRAST_JS, k) for k in keys}
         assert all(measured[k] for k in keys), measured  # every key text was found
@@ -288,7 +288,7 @@ def test_plain_words_names_for_screen_readers_and_no_share_button(browser, url):
         pg.locator("#explanation-text summary").click()
         assert "similarity" in pg.locator("#explanation-text").inner_text()
         # the map offers no Share (it cannot work here); download and fullscreen stay
-        labels = pg.evaluate("() => [...document.querySelectorAll('#tsne button')]"
+        labels = pg.evaluate("() => [...document.querySelectorAll('#map button')]"
                              ".map(b => (b.getAttribute('aria-label') || b.title || '').toLowerCase())")
         assert not [x for x in labels if "share" in x], labels
     finally:

@@ -11,13 +11,14 @@ import pytest
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
 
 from sbir_app.callbacks import UNREADABLE, Callbacks, explanation_markdown, status_markdown  # noqa: E402
-from sbir_core.service import EMPTY_SKETCH_MESSAGE, ExplanationImages, Hit, SearchOutcome  # noqa: E402
+from sbir_core.gallery.results import SearchResult  # noqa: E402
+from sbir_core.service import EMPTY_SKETCH_MESSAGE, ExplanationImages, SearchOutcome  # noqa: E402
 
 BANNED = re.compile(r"token|t-sne|embedding|patch", re.I)
 
 
 def _hits(*labels):
-    return [Hit(rank=i, index=i, path=f"/g/{i}.jpg", thumb=f"/t/{i}.jpg", score=0.5 - 0.01 * i, label=lab)
+    return [SearchResult(rank=i, index=i, path=f"/g/{i}.jpg", thumb=f"/t/{i}.jpg", score=0.5 - 0.01 * i, label=lab)
             for i, lab in enumerate(labels)]
 
 
@@ -55,7 +56,7 @@ def test_absent_without_a_guess_and_no_results():
 
 
 def test_an_empty_answer_for_a_canvas_with_lines_never_says_it_is_empty():
-    out = SearchOutcome(False, EMPTY_SKETCH_MESSAGE)
+    out = SearchOutcome(False, EMPTY_SKETCH_MESSAGE, problem="blank")
     assert "empty" in status_markdown(out) and "empty" not in status_markdown(out, drew=True)
     assert UNREADABLE in status_markdown(out, drew=True)
 
@@ -83,11 +84,11 @@ def test_explanation_in_plain_words_with_details():
 def test_captions_follow_the_order_and_name_the_class(cb, app_service):
     items, _msg, query = cb.search_strokes('[[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]]', 6, "default")
     assert [c for _t, c in items] == [f"{i + 1}. {h.label}" for i, h in enumerate(query.hits)]
-    # a clicked thumbnail is found by its row; the caption must name that row's class
-    thumb, caption = items[2]
-    row = app_service.row_of_thumbnail("default", thumb, caption)
+    # a clicked thumbnail is found by its row; the class shown with it must be that row's
+    thumb, _caption = items[2]
+    row = app_service.row_of_thumbnail("default", thumb, query.hits[2].label)
     assert row == query.hits[2].index
-    assert app_service.row_of_thumbnail("default", thumb, "3. unicorn") is None
+    assert app_service.row_of_thumbnail("default", thumb, "unicorn") is None
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from sbir_core.gallery.query import encode_sketch_query
 
 
 @pytest.fixture(scope="module")
-def shipped_encoder():
-    """The shipped checkpoint (flip averaging on: each drawing is two rows of the batch)."""
-    from sbir_core.models.encoders import create_encoder
-
-    return create_encoder()
+def shipped_encoder(shipped_service):
+    """The shipped checkpoint as the app loads it (flip averaging on: each drawing is two rows
+    of the batch); conftest's session service holds it."""
+    return shipped_service.encoder
 
 
 def test_concurrent_drawings_share_passes_and_equal_unbatched(shipped_encoder):
@@ -44,6 +43,28 @@ def test_a_lone_query_does_not_wait_for_a_batch(shipped_encoder):
     q = encode_sketch_query(shipped_encoder, d, batcher=batcher)
     np.testing.assert_allclose(q.embedding, encode_sketch_query(shipped_encoder, d).embedding, atol=1e-5)
     assert (batcher.batches, batcher.rows) == (1, 1)
+
+
+def test_a_caller_with_its_answer_sees_its_pass_counted(shipped_encoder, monkeypatch):
+    """The counters (read by tests and benchmarks as soon as the callers return) include a
+    pass before any of its callers is answered, however late the worker thread runs on."""
+    import concurrent.futures
+    import time
+
+    from sbir_core.gallery import batching
+
+    class SlowToReturn(concurrent.futures.Future):  # the worker is descheduled after each answer
+        def set_result(self, result):
+            super().set_result(result)
+            time.sleep(0.2)
+
+    monkeypatch.setattr(batching, "Future", SlowToReturn)
+    batcher = SketchBatcher(shipped_encoder)
+    x = torch.ones(3, 64, 64)
+    batcher.encode(x)
+    assert (batcher.batches, batcher.rows) == (1, 1)
+    batcher.encode(x)
+    assert (batcher.batches, batcher.rows) == (2, 2)
 
 
 def test_a_failed_pass_fails_its_callers_and_the_worker_goes_on(shipped_encoder):

@@ -1,12 +1,12 @@
-"""scripts/bench_seeds.py: arm means and ensembles of several seeds' embeddings."""
+"""experiments/bench_seeds.py: arm means and ensembles of several seeds' embeddings."""
 import argparse
 
 import numpy as np
 import pytest
 
-from scripts_loader import load_script
+from scripts_loader import load_experiment
 
-bench = load_script("bench_seeds")
+bench = load_experiment("bench_seeds")
 
 
 def _embedded(q: np.ndarray, g: np.ndarray) -> dict:

@@ -1,16 +1,18 @@
 """Seen-class calibration (gallery.calibration): the ranking rule, galleries that carry it,
 checkpoints that prescribe it. Generated data only; the shipped model's own check is in
 test_shipped_model.py."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from sbir_core.gallery import build as B
+from sbir_core.gallery import ann
 from sbir_core.gallery import index as I
 from sbir_core.gallery.calibration import PROTOTYPES_FILE, SeenCalibration
 from sbir_core.gallery.index import Gallery, GalleryError
 from sbir_core.eval.metrics import retrieval_report
+from sbir_core.models.settings import RetrievalSettings, SeenCalibrationSetting
 from tests.test_index import CountingEncoder, make_source
 
 
@@ -108,20 +110,20 @@ class Calibrating(CountingEncoder):
     def __init__(self, inner, protos):
         super().__init__(inner)
         self.seen_prototypes = protos
-        self.meta = {"retrieval": {"seen_calibration": {"tau": 0.1, "beta": 0.5}}}
+        self.retrieval = RetrievalSettings(seen_calibration=SeenCalibrationSetting(tau=0.1, beta=0.5))
 
 
 def test_a_gallery_stores_the_calibration_its_encoder_prescribes(tmp_path, raw_encoder):
     src = make_source(tmp_path / "photos")
     protos = _unit(np.random.default_rng(1).normal(size=(5, raw_encoder.embed_dim)))
-    built, _ = B.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), progress=False)
+    built, _ = I.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), progress=False)
     assert built.calibration is not None
     loaded = Gallery.load(tmp_path / "g")
     assert loaded.calibration.setting == {"tau": 0.1, "beta": 0.5}
     np.testing.assert_allclose(loaded.calibration.prototypes, protos, atol=1e-6)
     q = loaded.raw_embeddings[:3]
     assert np.array_equal(loaded.knn(q, 5)[1], built.knn(q, 5)[1])
-    plain, _ = B.build_gallery(src, tmp_path / "p", CountingEncoder(raw_encoder), progress=False)
+    plain, _ = I.build_gallery(src, tmp_path / "p", CountingEncoder(raw_encoder), progress=False)
     assert plain.calibration is None and not (tmp_path / "p" / PROTOTYPES_FILE).exists()
     # a damaged gallery says so instead of searching another way
     (tmp_path / "g" / PROTOTYPES_FILE).unlink()
@@ -151,7 +153,7 @@ def test_a_checkpoint_carries_its_prototypes_to_the_encoder(tmp_path):
     cal = SeenCalibration.from_encoder(enc)
     assert cal is not None and cal.setting == {"tau": 0.07, "beta": 1.0}
     # without the setting (or with beta 0) there is nothing to apply
-    enc.meta["retrieval"]["seen_calibration"] = None
+    enc.retrieval = dataclasses.replace(enc.retrieval, seen_calibration=None)
     assert SeenCalibration.from_encoder(enc) is None
 
 
@@ -232,14 +234,14 @@ def test_the_index_column_follows_the_temperature_not_the_strength():
 def test_a_gallery_with_an_index_from_before_the_seen_column_still_loads(tmp_path, raw_encoder):
     src = make_source(tmp_path / "photos")
     protos = _unit(np.random.default_rng(1).normal(size=(5, raw_encoder.embed_dim)))
-    built, _ = B.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",
+    built, _ = I.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",
                                progress=False)
     d = raw_encoder.embed_dim
     assert built.index.d == d + 2
     # an index as earlier versions wrote it: d columns, no seen column
-    plain = I._faiss().IndexHNSWFlat(d, I.HNSW_M, I._faiss().METRIC_INNER_PRODUCT)
+    plain = ann.faiss_module().IndexHNSWFlat(d, ann.HNSW_M, ann.faiss_module().METRIC_INNER_PRODUCT)
     plain.add(built.raw_embeddings)
-    I._faiss().write_index(plain, str(tmp_path / "g" / I.INDEX_FILE))
+    ann.faiss_module().write_index(plain, str(tmp_path / "g" / I.INDEX_FILE))
     meta = json.loads((tmp_path / "g" / I.GALLERY_FILE).read_text())
     meta.pop("index_seen_tau")
     (tmp_path / "g" / I.GALLERY_FILE).write_text(json.dumps(meta))
@@ -247,6 +249,6 @@ def test_a_gallery_with_an_index_from_before_the_seen_column_still_loads(tmp_pat
     assert loaded.index.d == d + 2 and loaded.index_remade and loaded.index.hnsw.efSearch == 17
     assert np.array_equal(loaded.knn(built.raw_embeddings, 3)[1], built.knn(built.raw_embeddings, 3)[1])
     # indexing the unchanged folder again writes the new index instead of keeping the old one
-    _, report = B.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",
+    _, report = I.build_gallery(src, tmp_path / "g", Calibrating(raw_encoder, protos), index_type="hnsw",
                                 progress=False)
     assert report.written and not Gallery.load(tmp_path / "g").index_remade

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from scripts_loader import load_script
+from scripts_loader import load_experiment
 from shared_data import SHARED, needs_shared
 from sbir_core.data.datasets import assert_texts_allowed, training_items
 from sbir_core.errors import InputError
@@ -37,7 +37,7 @@ def test_definitions_pick_the_visible_sense():
 @needs_shared
 def test_definitions_name_no_excluded_class_and_cover_only_training_classes():
     """The protocol: no unseen class's name reaches training text through a definition."""
-    make = load_script("make_class_glosses")
+    make = load_experiment("make_class_glosses")
     banned = make.banned_pattern(SHARED)
     glosses = json.loads(CLASS_GLOSSES_FILE.read_text())["glosses"]
     assert not [(c, g) for c, g in glosses.items() if banned.search(g.lower())]
@@ -51,7 +51,7 @@ def test_definitions_name_no_excluded_class_and_cover_only_training_classes():
 
 def test_the_glosses_script_picks_the_first_visible_sense(tmp_path):
     """The script on a two-sense WordNet in its own file format (offsets are byte positions)."""
-    make = load_script("make_class_glosses")
+    make = load_experiment("make_class_glosses")
     senses = ["{:08d} 18 n 01 beluga 0 000 | a very large person",  # lexicographer file 18, person: not visible
               '{:08d} 05 n 01 beluga 0 000 | a small white toothed whale; "an example"']
     data, offsets = "  1 a licence line\n", []

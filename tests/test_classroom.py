@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
-from gradio_client import Client  # noqa: E402
-
-from conftest import running_app  # noqa: E402
+from conftest import api_client, running_app  # noqa: E402
 from sbir_app import page, pacing  # noqa: E402
 
 SQUARE = json.dumps([[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]])
@@ -21,21 +19,29 @@ def _files(folder: Path) -> set[str]:
     return {str(p) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
 
 
-def test_searches_write_no_file_and_thumbnails_are_served_where_they_lie(app_galleries, raw_encoder, tmp_path,
-                                                                           monkeypatch):
+@pytest.fixture(scope="module")
+def served(app_galleries, raw_encoder, tmp_path_factory):
+    """One page served for the tests that only search it, with Gradio's temporary folder
+    where they can watch it: (url, service, that folder)."""
+    base = tmp_path_factory.mktemp("classroom")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(base / "gradio"))
+        with running_app(app_galleries, raw_encoder, base / "home") as (url, service):
+            yield url, service, base / "gradio"
+
+
+def test_searches_write_no_file_and_thumbnails_are_served_where_they_lie(served):
     """A day of lessons must not fill the disk: a search hands Gradio its thumbnails where they
     are, so searching writes nothing to Gradio's temporary folder."""
-    gradio_tmp = tmp_path / "gradio"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_tmp))
-    with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
-        client = Client(url, verbose=False, download_files=False)
-        client.predict(SQUARE, 4, "default", api_name="/search_strokes")  # thumbnails made once
-        before = _files(gradio_tmp)
-        for k in (3, 5, 7):
-            results, status = client.predict(SQUARE, k, "default", api_name="/search_strokes")
-            assert len(results) == k, status
-            assert all(Path(r["image"]["path"]).parent.parent == service.thumbs_dir for r in results)
-        assert _files(gradio_tmp) == before, "a search copied files into Gradio's temporary folder"
+    url, service, gradio_tmp = served
+    client = api_client(url, download_files=False)
+    client.predict(SQUARE, 4, "default", api_name="/search_strokes")  # thumbnails made once
+    before = _files(gradio_tmp)
+    for k in (3, 5, 7):
+        results, status = client.predict(SQUARE, k, "default", api_name="/search_strokes")
+        assert len(results) == k, status
+        assert all(Path(r["image"]["path"]).parent.parent == service.thumbs_dir for r in results)
+    assert _files(gradio_tmp) == before, "a search copied files into Gradio's temporary folder"
 
 
 def test_launch_bounds_the_lesson_and_lets_searches_meet(app_galleries, raw_encoder, tmp_path, monkeypatch):
@@ -101,6 +107,7 @@ def test_maps_back_to_back_leave_searches_their_share(monkeypatch):
         pacing.DutyCycle(share=0)
 
 
+@pytest.mark.slow
 def test_uploads_are_deleted_even_while_more_arrive(app_galleries, raw_encoder, tmp_path, monkeypatch):
     """Gradio's own sweep stops for good when an upload lands during it; the app's keeps going,
     so a long lesson's uploads go once they are `temp_files_age_s` old."""
@@ -117,9 +124,10 @@ def test_uploads_are_deleted_even_while_more_arrive(app_galleries, raw_encoder, 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    page.launch(demo, svc, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, temp_files_age_s=2)
+    age = 1  # seconds; swept every second
+    page.launch(demo, svc, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, temp_files_age_s=age)
     try:
-        stop = time.monotonic() + 8
+        stop = time.monotonic() + 3 * age + 1  # several sweeps, each while uploads arrive
         first: list = []
 
         def upload() -> None:  # a class building galleries: uploads all the time
@@ -136,29 +144,31 @@ def test_uploads_are_deleted_even_while_more_arrive(app_galleries, raw_encoder, 
         for t in threads:
             t.join()
         assert first and not Path(first[0]).exists(), "an upload older than the age was kept"
-        def age(f: str) -> float:
+
+        def age_of(f: str) -> float:
             try:
                 return time.time() - Path(f).stat().st_ctime
             except FileNotFoundError:  # swept meanwhile
                 return 0.0
 
         uploads = [f for f in _files(gradio_tmp) if Path(f).name.startswith("b")]  # not the page's examples
-        old = [f for f in uploads if age(f) > 2 + 1 + 1]  # the age, a turn, a second to spare
+        old = [f for f in uploads if age_of(f) > age + 1 + 1]  # the age, a turn, a second to spare
         assert not old, f"{len(old)} uploads outlived the age while more arrived"
     finally:
         demo.close()
 
 
-def test_the_simulated_class_draws_as_the_page_does(app_galleries, raw_encoder, tmp_path):
+def test_the_simulated_class_draws_as_the_page_does(served):
     """scripts/load_test.py --classroom: students' strokes reach /search_strokes and the map
     `.then` over plain HTTP, with the session's state, and every stroke gets results."""
     from scripts_loader import load_script
 
     load_test = load_script("load_test")
-    with running_app(app_galleries, raw_encoder, tmp_path / "home") as (url, service):
-        search_fn, map_fn, gallery = load_test.page_fns(url)
-        assert map_fn is not None and gallery == "default"
-        out = load_test.classroom_phase(url, students=2, seconds=3, server_pid=os.getpid())
+    url = served[0]
+    search_fn, map_fn, gallery = load_test.page_fns(url)
+    assert map_fn is not None and gallery == "default"
+    # each student's first stroke comes within a second of the start: 4 strokes at least
+    out = load_test.classroom_phase(url, students=4, seconds=1.5, server_pid=os.getpid())
     assert out["errors"] == 0, out["error_samples"]
     assert out["stroke -> results"]["n"] >= 4 and out["searches"] >= 4
     assert out["maps"] >= 1 and out["server_cpu_ms_per_search"] > 0

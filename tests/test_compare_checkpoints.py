@@ -1,5 +1,5 @@
 """scripts/compare_checkpoints.py: the side-by-side table docs/EXPERIMENTS.md uses for retrains
-(the measuring itself is bench_product's, bench_examples' and `eval`'s, tested with them)."""
+(the measuring itself is `eval.product`'s and `eval`'s, tested with them)."""
 from __future__ import annotations
 
 import json
@@ -48,7 +48,7 @@ def test_differences_are_paired_query_by_query_against_the_first_checkpoint(comp
 def test_bad_arguments_are_refused_before_a_model_loads(compare, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         compare.main(["--data", str(tmp_path), "default"])
-    assert exc.value.code == 2 and "no splits.json" in capsys.readouterr().err
+    assert exc.value.code == 2 and "splits.json not found" in capsys.readouterr().err
     (tmp_path / "splits.json").write_text(json.dumps({}))
     with pytest.raises(SystemExit) as exc:
         compare.main(["--data", str(tmp_path), "default", str(tmp_path / "absent.safetensors")])

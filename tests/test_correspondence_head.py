@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    from scripts_loader import load_script
+    from scripts_loader import load_experiment
 
-    return load_script("bench_correspondence")
+    return load_experiment("bench_correspondence")
 
 
 # ----------------------------------------------------------------------------- the head
@@ -195,17 +195,15 @@ def shipped_encoder():
     return create_encoder()
 
 
-def test_house_example_explanation_finds_the_parts_on_the_object(tmp_path) -> None:
+def test_house_example_explanation_finds_the_parts_on_the_object(shipped_service) -> None:
     """The page's house example, searched as the app searches the default gallery, its
     first house explained as a click explains it: many lines, their ends on the house,
     the heat on the house (thresholds: measured values with margin, docs/BENCHMARKS.md §8)."""
     from sbir_core.data.examples import get_example
-    from sbir_core.service import RetrievalService
 
     if not (ROOT / "checkpoints" / "correspondence.safetensors").is_file():
         pytest.skip("no shipped correspondence head")
-    svc = RetrievalService(ROOT / "galleries", gallery="default", checkpoint="default", relation=None,
-                           cache_dir=tmp_path / "cache", uploads_dir=tmp_path / "user")
+    svc = shipped_service
     out = svc.search_sketch([list(map(list, s)) for s in get_example("house").strokes], 12, gallery="default")
     hit = next(h for h in out.hits[:5] if h.label == "house")
     ex = E.explain_pair(svc.encoder, out.query.image, hit.path, relation=svc.relation, query_kind=out.query.kind)

@@ -103,3 +103,30 @@ def test_packed_training_data_selects_what_the_full_data_does(tiny_root, tmp_pat
     assert len(summary["skipped"]) == 1 and "broken.jpg" in summary["skipped"][0]
     assert (out / "splits.json").read_text() == (tiny_root / "splits.json").read_text()
     assert not (out / "pacs").exists()  # benchmark data stays behind
+
+
+def test_the_data_root_is_found_in_one_order_and_its_absence_said_plainly(tmp_path, monkeypatch, capsys):
+    """--data, then $SBIR_DATA, then ../shared/data; none: one error naming all three."""
+    from sbir_core.cli import main
+    from sbir_core.data import datasets
+    from sbir_core.errors import InputError
+
+    arg, env, beside = (tmp_path / n for n in ("arg", "env", "beside"))
+    for d in (arg, env, beside):
+        d.mkdir()
+        (d / "splits.json").write_text("{}")
+    monkeypatch.setattr(datasets, "_DEFAULT_ROOTS", (beside,))
+    monkeypatch.delenv("SBIR_DATA", raising=False)
+    assert datasets.data_root() == beside
+    monkeypatch.setenv("SBIR_DATA", str(env))
+    assert datasets.data_root() == env
+    assert datasets.data_root(str(arg)) == arg
+    with pytest.raises(InputError, match=r"--data = .*empty.*: pass --data DIR, set \$SBIR_DATA"):
+        datasets.data_root(tmp_path / "empty")  # a --data that is wrong is an error, not a fallback
+    monkeypatch.setenv("SBIR_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match=r"\$SBIR_DATA = .*nowhere"):
+        datasets.data_root()
+    # the command line reports it as one line, before any model loads
+    assert main(["confidence-queries", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no shared data folder") and "\n" not in err and "../shared/data" in err

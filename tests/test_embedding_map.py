@@ -283,10 +283,10 @@ def test_query_and_results_change_the_map_only_near_them(thumbs) -> None:
         m.render(highlight=[len(m)], size=size)
 
 
-def test_cached_render_is_fast_and_decodes_each_thumbnail_once(tmp_path) -> None:
-    """400 points, 400 small JPEGs: the map of a new query (or none) is < 300 ms."""
-    import time
-
+def test_cached_render_draws_the_base_layer_once_and_decodes_each_thumbnail_once(tmp_path, monkeypatch) -> None:
+    """400 points, 400 small JPEGs: the map of a new query (or none) reuses the base layer of
+    its size, so each thumbnail is decoded once and the layer laid out once. How long a map
+    takes: `map_image_for_ms_median` from `scripts/bench_product.py --map` (docs/BENCHMARKS.md)."""
     rng = np.random.default_rng(0)
     n, classes = 400, 68
     labels = [f"class{i % classes}" for i in range(n)]
@@ -304,21 +304,19 @@ def test_cached_render_is_fast_and_decodes_each_thumbnail_once(tmp_path) -> None
         calls.append(row)
         return paths[row]
 
+    laid_out = []
+    real_layout = m.layout
+    monkeypatch.setattr(m, "layout", lambda *a, **k: laid_out.append(a) or real_layout(*a, **k))
     size, title = (640, 560), "a gallery"
     m.render(size=size, title=title, thumbnails=thumb)  # first: decodes, builds the base layer
-    m.render(query_xy=coords[0], highlight=list(range(5)), size=size, title=title, thumbnails=thumb)
-    with_q, without_q = [], []
+    assert len(laid_out) == 1 and calls
     for k in range(10):
         q = coords[rng.integers(n)] + rng.normal(size=2)
         top = [int(r) for r in np.argsort(np.linalg.norm(coords - q, axis=1))[:5]]
-        t0 = time.perf_counter()
         img = m.render(query_xy=q, highlight=top, size=size, title=title, thumbnails=thumb)
-        with_q.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        m.render(size=size, title=title, thumbnails=thumb)
-        without_q.append(time.perf_counter() - t0)
         assert img.size == size
-    assert np.median(with_q) < 0.3 and np.median(without_q) < 0.3, (with_q, without_q)
+        m.render(size=size, title=title, thumbnails=thumb)
+    assert len(laid_out) == 1, "a new query's map laid out the base layer again"
     assert len(calls) == len(set(calls)) <= n  # every thumbnail decoded at most once
     # the cache of base layers is bounded
     for w in range(300, 300 + 10 * 20, 20):

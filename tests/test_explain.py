@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from sbir_core.explain import correspondence as E
 from sbir_core.models import relation as R
-from sbir_core.training import relation as RT
+from sbir_core.training import relation_training as RT
 from sbir_core.explain import explanation as EXP
 from sbir_core.data.preprocess import preprocess_sketch
 
@@ -356,10 +356,10 @@ def test_feature_cache_is_per_item_and_ignores_the_data_root_spelling(tmp_path, 
 
 # ----------------------------------------------------------------------------- correspondence benchmark
 def _bench():
-    """scripts/bench_correspondence.py as a module (its ground-truth helpers)."""
-    from scripts_loader import load_script
+    """experiments/bench_correspondence.py as a module (its ground-truth helpers)."""
+    from scripts_loader import load_experiment
 
-    return load_script("bench_correspondence")
+    return load_experiment("bench_correspondence")
 
 
 def test_benchmark_ground_truth_identity_and_known_maps() -> None:

@@ -241,7 +241,7 @@ def test_ema_is_validated_and_kept_while_training_follows_the_raw_weights(tiny):
         assert torch.allclose(kept[k], expect[k], atol=1e-6), k
     trained = [k for k in names if not torch.allclose(dict(plain.model.named_parameters())[k], expect[k], atol=1e-6)]
     assert trained, "the kept weights must be the average, not the last step's"
-    with pytest.raises(ValueError, match="EMA decay"):
+    with pytest.raises(ValueError, match="ema takes a decay"):  # refused by the config, before any training
         Finetuner(_cfg(size, ema=1.5), td, text, held)
 
 
@@ -347,7 +347,7 @@ def test_zero_shot_selection_ignores_the_seen_doodles(tiny):
     val = Finetuner(cfg, with_seen, text, heldout_classes(td, cfg.val_fraction, cfg.seed)).validate()
     assert not any(k.startswith("seen_") for k in val)
     assert val["score"] == pytest.approx(0.5 * (val["hit@5"] + val["mAP@all"]))
-    with pytest.raises(ValueError, match="select is one of"):
+    with pytest.raises(ValueError, match="select takes one of"):
         Finetuner(_cfg(size, select="benchmark"), with_seen, text, heldout_classes(td, 0.25, 0)).validate()
 
 
@@ -393,7 +393,7 @@ def test_retrieval_choice_keeps_the_first_row_and_decides_by_what_follows(tiny):
     nq = len(ft.validation_embeddings()[0])
     n = {"zero-shot": nq, "zero-shot-alone": nq} | ({"seen": len(ft._seen_split()[0])} if "seen_hit@5" in plain else {})
     kept = [r for r in undiffused if _first_row_kept(r, plain, n)]
-    winner = _row(rows, chosen, 0)
+    winner = _row(rows, chosen.as_dict(), 0)
     assert winner in kept
     # one-standard-error rule: within one SE of the best mean hit@5, nothing cheaper exists
     best = max(r["hit@5"] for r in kept)
@@ -407,7 +407,7 @@ def test_retrieval_choice_keeps_the_first_row_and_decides_by_what_follows(tiny):
             base = _row(rows, r, 0)
             assert (r["hit@5"], r["P@5"]) == (base["hit@5"], base["P@5"])
     ks = [r for r in rows.values() if _row(rows, r, 0) is winner]
-    assert chosen["diffusion_k"] == min((r for r in ks if round(r["P@10"], 3) == max(round(x["P@10"], 3) for x in ks)),
+    assert chosen.diffusion_k == min((r for r in ks if round(r["P@10"], 3) == max(round(x["P@10"], 3) for x in ks)),
                                         key=lambda r: r["diffusion_k"])["diffusion_k"]
 
 
@@ -442,7 +442,7 @@ def test_a_continued_model_keeps_how_its_start_was_made(tiny, tmp_path):
 
 
 def test_ablation_variants_each_remove_one_part_of_the_recipe() -> None:
-    """scripts/ablate_finetune.py: every variant zeroes one real FinetuneConfig field that the
+    """experiments/ablate_finetune.py: every variant zeroes one real FinetuneConfig field that the
     shipped recipe uses, so a renamed field cannot silently turn a row into the full recipe."""
     import dataclasses
 
@@ -456,13 +456,13 @@ def test_ablation_variants_each_remove_one_part_of_the_recipe() -> None:
 
 
 def _script(name: str):
-    from scripts_loader import load_script
+    from scripts_loader import load_experiment
 
-    return load_script(name)
+    return load_experiment(name)
 
 
 def test_a_soup_is_the_mean_of_its_ingredients(tmp_path) -> None:
-    """scripts/make_soup.py: float tensors averaged, integer ones (batch-norm counters) kept,
+    """experiments/make_soup.py: float tensors averaged, integer ones (batch-norm counters) kept,
     the ingredients named; checkpoints of another architecture refused."""
     from sbir_core.models.checkpoint import read_tensors, write_tensors
 
@@ -491,7 +491,7 @@ def _gallery_named(td: TrainData, tmp_path: Path) -> tuple[TrainData, Path]:
 
 def test_selection_classes_are_drawn_outside_the_default_gallery(tiny, tmp_path):
     """Every gallery class is trained on (a held-out gallery class, fish, was the example the
-    shipped v2 model missed); --heldout-anywhere draws as the v2 runs did."""
+    shipped v2 model missed); --no-heldout-outside-gallery draws as the v2 runs did."""
     td, _, size = tiny
     named, root = _gallery_named(td, tmp_path)
     drawn = [set(np.asarray(named.classes)[run_heldout_classes(named, _cfg(size, seed=s), root)]) for s in range(12)]
@@ -577,7 +577,7 @@ def test_retrieval_choice_also_weighs_the_clip_art_gallery(tiny):
 @needs_shared
 def test_real_selection_classes_avoid_the_gallery_and_the_old_draw_is_reproducible():
     """On the real data: a fresh run holds out 6 classes, none of the default gallery's;
-    --heldout-anywhere draws exactly the shipped model's held-out classes (its lineage's)."""
+    --no-heldout-outside-gallery draws exactly the shipped model's held-out classes (its lineage's)."""
     from sbir_core.data.datasets import training_items
     from sbir_core.eval.product import product_classes
     from sbir_core.models.checkpoint import read_metadata
@@ -626,7 +626,7 @@ def test_checkpoints_store_no_classifier_and_refuse_backbones_that_do_not_fit(ti
 
 
 def test_sketch_batch_norm_statistics_apply_to_the_sketch_path_only(tiny, monkeypatch):
-    """scripts/with_sketch_bn.py (an experiment): sketches normalise with their own statistics,
+    """experiments/with_sketch_bn.py: sketches normalise with their own statistics,
     photos keep ImageNet's, and a training step still runs backward (the statistics are
     swapped by reference: swapping them in place broke autograd)."""
     from sbir_core.training import finetune as F

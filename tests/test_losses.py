@@ -1,8 +1,8 @@
-"""The loss terms both trainers use (training.losses), on hand-made embeddings."""
+"""The loss terms fine-tuning uses (training.losses), on hand-made embeddings."""
 import torch
 import torch.nn.functional as F
 
-from sbir_core.training.losses import cross_modal_triplets, instance_pairs, supcon
+from sbir_core.training.losses import cross_modal_triplets, instance_pairs
 
 
 def _two_classes() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,10 +27,3 @@ def test_instance_pairs_reward_each_photo_finding_its_own_edge_map() -> None:
     own = instance_pairs(photos, photos + 0.01 * torch.randn(8, 16, generator=g), temperature=0.07)
     shuffled = instance_pairs(photos, photos[torch.roll(torch.arange(8), 1)], temperature=0.07)
     assert own.item() < 0.01 < 5.0 < shuffled.item()
-
-
-def test_supcon_counts_every_same_class_item_as_a_positive() -> None:
-    x, y = _two_classes()
-    right, wrong = supcon(x, x, y, y, 0.1), supcon(x, x, y, 1 - y, 0.1)
-    assert right.item() < wrong.item()
-    assert supcon(x, x, y, torch.full_like(y, 5), 0.1).item() == 0.0  # no positive anywhere

@@ -8,20 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbir_core.paths import SHIPPED_GALLERIES, checkpoint_path
 
 CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
-    if not checkpoint_path("default").is_file() or not (SHIPPED_GALLERIES / "default").is_dir():
-        pytest.skip("the shipped checkpoint or default gallery is missing")
-    from sbir_core.service import RetrievalService
-
-    base = tmp_path_factory.mktemp("map_shipped")
-    return RetrievalService(SHIPPED_GALLERIES, gallery="default", checkpoint="default", relation=None,
-                            cache_dir=base / "cache", uploads_dir=base / "user")
+def shipped(shipped_service):
+    return shipped_service  # conftest: the app's service over the shipped model and gallery
 
 
 def _example_query(service, name: str):
@@ -40,7 +33,7 @@ def test_the_house_star_lands_with_its_results(shipped) -> None:
     query = _example_query(shipped, "house")
     top10 = [h.index for h in query.hits[:10]]
     assert [h.label for h in query.hits[:3]] == ["house"] * 3  # the search itself is right
-    shown = shipped.tsne_for(query)
+    shown = shipped.map_image_for(query)
     assert shown.ok and shown.image.size == (640, 560)
     coords = np.array([[p["x"], p["y"]] for p in shown.plot_data["points"]])
     star = np.array([shown.plot_data["query"]["x"], shown.plot_data["query"]["y"]])
@@ -73,14 +66,14 @@ def test_class_names_are_at_least_12_css_px_on_a_1366_screen(app_galleries, raw_
             page = browser.new_page(viewport={"width": 1366, "height": 768}, device_scale_factor=1)
             page.set_default_timeout(120_000)
             page.goto(url)
-            page.wait_for_function("() => { const i = document.querySelector('#tsne img');"
+            page.wait_for_function("() => { const i = document.querySelector('#map img');"
                                    " return i && i.complete && i.naturalWidth > 0 && i.clientWidth > 0; }")
-            nat_w, shown_w = page.evaluate("""() => { const i = document.querySelector('#tsne img');
+            nat_w, shown_w = page.evaluate("""() => { const i = document.querySelector('#map img');
                 const s = Math.min(i.clientWidth / i.naturalWidth, i.clientHeight / i.naturalHeight);
                 return [i.naturalWidth, i.naturalWidth * s]; }""")  # object-fit: contain
         finally:
             browser.close()
-        shown_map = service.tsne()
+        shown_map = service.map_image()
         assert shown_map.image.width == nat_w
         css_px = shown_map.marks.layout.label_px * shown_w / nat_w
         assert css_px >= 12, f"class names {css_px:.1f} CSS px tall (map shown {shown_w:.0f} px wide)"

@@ -1,6 +1,6 @@
 """The GPU path end to end, on generated data: a packed data root travels to a machine that has
 torch but neither the MiniLM weights nor faiss (a lent GPU machine gets only the working
-tree), `finetune --train-only` trains there, and `finetune --init ... --steps 0` here chooses
+tree), `finetune --no-choose-settings` trains there, and `finetune --init ... --steps 0` here chooses
 how the model searches. CUDA itself is not exercised (the same loop runs with --device cpu)."""
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_crop_to_ink_with_margin_and_square():
     assert (ys.max() - ys.min()) < (xs.max() - xs.min())  # aspect ratio kept
 
 
-@pytest.mark.slow  # encodes many renders
+@pytest.mark.slow  # one 3000 px drawing through line thickening: 20-50 s on the 2-core CPU
 def test_thin_lines_stay_readable_after_large_downscale():
     img = canvas(size=(3000, 3000), box=(100, 100, 2900, 2900), width=3)
     out = preprocess_sketch(img)
@@ -94,11 +94,11 @@ def test_photo_padding_keeps_aspect_and_edges_draw_no_frame():
 
 
 def test_contour_pseudo_sketches_keep_the_outline_and_drop_texture():
-    """scripts/with_contour_edges.py (an experiment): the object's outline stays where
+    """experiments/with_contour_edges.py: the object's outline stays where
     Canny draws it; short texture fragments inside it, which Canny also draws, go."""
-    from scripts_loader import load_script
+    from scripts_loader import load_experiment
 
-    contour_edges = load_script("with_contour_edges").contour_edges
+    contour_edges = load_experiment("with_contour_edges").contour_edges
     rng = np.random.default_rng(0)
     photo = Image.new("RGB", (300, 300), (200, 200, 200))
     d = ImageDraw.Draw(photo)

@@ -131,3 +131,65 @@ def test_the_shipped_model_is_stored_in_shards_with_the_default_gallerys_id():
     assert "sbir" in header and any(k.startswith("backbone.") for k in tensors)
     gallery = json.loads((ROOT / "galleries" / "default" / "index" / "gallery.json").read_text())
     assert gallery["encoder_id"].endswith("@" + checkpoint_digest(path))  # the shipped index stays valid
+
+
+# ----------------------------------------------------------------------------- the front door
+MAX_SCRIPTS = 12  # tools a user or maintainer runs; measurements and tried ideas go to experiments/
+CODE_DIRS = ("scripts", "experiments", "sbir_core", "sbir_app")
+DOCS = ("README.md", "docs", "scripts/README.md", "experiments/README.md")
+NAMED_PATH = re.compile(r"(?<![\w:/.-])((?:scripts|experiments)/[\w.-]+\.(?:py|sh|md))")
+OLD_COMMIT = re.compile(r"\bcommit [0-9a-f]{7,40}\b")
+
+
+def _code_files() -> list[Path]:
+    files = [ROOT / "app.py"] + [p for d in CODE_DIRS for p in sorted((ROOT / d).rglob("*")) if p.suffix in (".py", ".sh")]
+    return [p for p in files if "__pycache__" not in p.parts]
+
+
+def _doc_files() -> list[Path]:
+    return [p for d in DOCS for p in ([ROOT / d] if (ROOT / d).is_file() else sorted((ROOT / d).glob("*.md")))]
+
+
+def test_scripts_are_a_short_list_each_named_in_their_readme():
+    tools = sorted(p.name for p in (ROOT / "scripts").iterdir() if p.is_file() and p.name != "README.md")
+    assert len(tools) <= MAX_SCRIPTS, f"scripts/ holds {len(tools)} tools (at most {MAX_SCRIPTS}): {tools}"
+    readme = (ROOT / "scripts" / "README.md").read_text(encoding="utf-8")
+    assert not [t for t in tools if t not in readme], "every script needs its line in scripts/README.md"
+
+
+def test_every_experiment_says_what_it_found_and_which_section_it_backs():
+    import ast
+
+    readme = (ROOT / "experiments" / "README.md").read_text(encoding="utf-8")
+    for p in sorted((ROOT / "experiments").glob("*.py")):
+        assert p.name in readme, f"{p.name} needs its line in experiments/README.md"
+        if p.stem == "sweep":  # the helper the sweeps share
+            continue
+        doc = ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or ""
+        assert "\nFinding: " in doc and "\nBacks: docs/" in doc, f"{p.name}: its docstring needs Finding: and Backs:"
+
+
+def test_no_code_edits_the_import_path():
+    """Scripts and experiments import the installed package (`pip install -e .`); a script
+    that needs a sibling runs from its own folder, which Python puts on the path itself."""
+    edits = [f"{p.relative_to(ROOT)}:{i}" for p in _code_files()
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "sys.path" in line]
+    assert not edits, f"sys.path edited at {edits}"
+
+
+def test_the_data_root_is_decided_in_one_place():
+    """--data, $SBIR_DATA, ../shared/data: only sbir_core.data.datasets.data_root spells the default."""
+    spelled = [str(p.relative_to(ROOT)) for p in _code_files() if p.name != "datasets.py"
+               and re.search(r"""["']shared["']\s*/\s*["']data["']|parents\[\d\]\s*/\s*["']shared""", p.read_text(encoding="utf-8"))]
+    assert not spelled, f"find the shared data with data_root(), not by hand: {spelled}"
+
+
+def test_every_script_and_experiment_the_docs_name_exists():
+    """In README, docs/, the two folders' READMEs and every docstring or comment of the code."""
+    missing = set()
+    for doc in _doc_files() + _code_files():
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            if OLD_COMMIT.search(line):  # a command as it ran at an older commit
+                continue
+            missing |= {f"{doc.relative_to(ROOT)}: {m}" for m in NAMED_PATH.findall(line) if not (ROOT / m).is_file()}
+    assert not missing, sorted(missing)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_shape_image, serve
+from conftest import api_client, make_shape_image, serve
 from sbir_core.gallery import sharing
 from sbir_core.gallery.build import naming_warnings
 from sbir_core.gallery.sharing import CODE_ALPHABET, CODE_LENGTH, ClassGalleries, ShareError, parse_code
@@ -99,7 +99,7 @@ def test_a_gallery_removed_to_make_room_leaves_nothing_behind(app_galleries, raw
     pics = _pictures(tmp_path / "a", ["star_1.png", "circle_1.png", "star_2.png", "circle_2.png"])
     first = svc.build_gallery_from_uploads([str(p) for p in pics], "a", OWNER)
     assert svc.search_sketch([[(10, 10), (90, 90)]], 1, gallery=first.name).ok  # makes its thumbnail
-    assert svc.tsne(gallery=first.name).ok  # and its map
+    assert svc.map_image(gallery=first.name).ok  # and its map
     caches = (svc.thumbs_dir, svc.thumbs_dir.parent / "maps")
     thumbs = lambda: [t for d in caches for t in d.iterdir() if t.name.startswith("class-")]  # noqa: E731
     assert len(thumbs()) == 2
@@ -171,7 +171,7 @@ def test_build_report_warns_in_the_page_and_the_command_line(app_galleries, raw_
 # ----------------------------------------------------------------------------- over HTTP, across a restart
 gradio_client = pytest.importorskip("gradio_client")
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -228,7 +228,7 @@ def test_teacher_gallery_survives_a_restart_and_only_its_owner_changes_it(app_ga
     assert main(["search", "--gallery", "class:../../etc", "--text", "x", "--checkpoint", "none"]) == 2
     files = [handle_file(str(p)) for p in _pictures(tmp_path / "page", ["star_1.png", "star_2.png", "circle_1.png"])]
     with serving(galleries, raw_encoder, tmp_path) as url:
-        teacher = Client(url, verbose=False)
+        teacher = api_client(url)
         msg, dropdown, box, owner = teacher.predict(files, "Our shapes", False, None, api_name="/build_gallery")
         gid = _value(dropdown)
         assert "ready" in msg and re.fullmatch(r"class:[0-9A-Z]{10}", gid) and re.fullmatch(r"[0-9a-f]{32}", owner)
@@ -236,7 +236,7 @@ def test_teacher_gallery_survives_a_restart_and_only_its_owner_changes_it(app_ga
 
     # The server restarts (a new service and page on the same $SBIR_HOME).
     with serving(galleries, raw_encoder, tmp_path) as url:
-        student = Client(url, verbose=False)
+        student = api_client(url)
         msg, dropdown = student.predict(f"{code[:5].lower()}-{code[5:].lower()}", None, api_name="/open_class")
         assert _value(dropdown) == gid and "3 images" in msg, msg
         results, status = student.predict(_strokes(), 3, gid, api_name="/search_strokes")
@@ -266,10 +266,10 @@ def test_teacher_gallery_survives_a_restart_and_only_its_owner_changes_it(app_ga
             assert "Traceback" not in msg and "Error" not in msg
         # A client that never had the code cannot search the gallery by its id.
         with pytest.raises(Exception):
-            Client(url, verbose=False).predict(_strokes(), 3, gid, api_name="/search_strokes")
+            api_client(url).predict(_strokes(), 3, gid, api_name="/search_strokes")
 
         # The teacher, from the same browser (the same owner token), deletes it.
-        teacher = Client(url, verbose=False)
+        teacher = api_client(url)
         teacher.predict(code, owner, api_name="/open_class")
         msg, _ = teacher.predict(gid, "triangles", owner, api_name="/rename_gallery")
         assert "triangles" in msg
@@ -277,7 +277,7 @@ def test_teacher_gallery_survives_a_restart_and_only_its_owner_changes_it(app_ga
         assert "deleted" in msg and _value(dropdown) == "default"
         results, status = student.predict(_strokes(), 3, gid, api_name="/search_strokes")
         assert results == [] and "No gallery has that class code" in status
-        msg, _ = Client(url, verbose=False).predict(code, None, api_name="/open_class")
+        msg, _ = api_client(url).predict(code, None, api_name="/open_class")
         assert "No gallery has that class code" in msg
     # The command line deletes its gallery with its token, not without.
     assert main(["gallery", "delete", cli_code, "--owner", "0" * 32]) == 2
@@ -298,8 +298,9 @@ def test_link_from_the_address_the_browser_used(app_service):
     link, loopback = class_link("ABCDE23456", evil)
     assert "<" not in link and loopback  # an odd Host header is never echoed into the page
     local = SimpleNamespace(headers={"host": "127.0.0.1:7860"}, url=SimpleNamespace(scheme="http"))
-    html = share_panel("class:ABCDE23456", "animals (class ABCDE-23456)", True, local)
+    html = share_panel("class:ABCDE23456", "animals", True, local)
     assert "ABCDE-23456" in html and "data:image/svg+xml" in html and "--host 0.0.0.0" in html
+    assert "<b>animals</b>" in html  # the builder's name, as the service gives it
     assert share_panel("default", "default", False, local) == ""
 
 
@@ -313,13 +314,13 @@ def test_page_load_with_a_class_link_chooses_the_gallery(app_galleries, raw_enco
     cb = app.Callbacks(svc)
     code = out.name.split(":")[1]
     req = SimpleNamespace(query_params={"class": code}, headers={"host": "10.1.1.1:7860"})
-    dd, mine, msg, status, tsne = cb.load_page("default", None, [], req)
-    assert dd["value"] == out.name and mine == [out.name] and "2 images" in status and tsne is not None
+    dd, mine, msg, status, map_image = cb.load_page("default", None, [], req)
+    assert dd["value"] == out.name and mine == [out.name] and "2 images" in status and map_image is not None
     # The owner's browser lists its galleries after a reload, with no link; a stranger's does not.
     dd, *_ = cb.load_page("default", OWNER, [], SimpleNamespace(query_params={}, headers={}))
     assert (f"shapes (class {code[:5]}-{code[5:]})", out.name) in dd["choices"] and dd["value"] == "default"
     dd, *_ = cb.load_page("default", "b" * 32, [], SimpleNamespace(query_params={}, headers={}))
     assert [v for _, v in dd["choices"]] == ["default"]
-    dd, mine, msg, status, tsne = cb.load_page("default", None, [], SimpleNamespace(query_params={"class": "nope"},
+    dd, mine, msg, status, map_image = cb.load_page("default", None, [], SimpleNamespace(query_params={"class": "nope"},
                                                                                       headers={}))
     assert dd["value"] == "default" and mine == [] and msg.startswith("⚠️") and "class code" in msg

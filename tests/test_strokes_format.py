@@ -13,7 +13,7 @@ from sbir_core.data.drawing import load_stroke_file, parse_strokes, read_stroke_
 from sbir_core.data.examples import get_example
 from sbir_core.data.preprocess import render_strokes
 from sbir_core.data.strokes import StrokeError, read_strokes
-from sbir_core.paths import EXAMPLES_DIR, checkpoint_path
+from sbir_core.paths import EXAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 # A drawing whose strokes all have two points, as point lists: a "V" and a bar.
@@ -103,15 +103,7 @@ def test_example_files_go_through_the_reader():
 
 
 # ----------------------------------------------------------------------------- shipped model
-@pytest.fixture(scope="module")
-def shipped_service(tmp_path_factory):
-    if not checkpoint_path("default").is_file() or not (ROOT / "galleries" / "default").is_dir():
-        pytest.skip("no shipped checkpoint or default gallery")
-    from sbir_core.service import RetrievalService
-
-    base = tmp_path_factory.mktemp("strokes")
-    return RetrievalService(ROOT / "galleries", gallery="default", checkpoint="default", relation=None,
-                            cache_dir=base / "cache", uploads_dir=base / "user")
+# shipped_service: conftest (the app's service over the shipped model and gallery)
 
 
 @pytest.mark.parametrize("name", ["guitar", "tree"])

@@ -1,7 +1,7 @@
 """`python -m sbir_core`: the command line, one subcommand per capability.
 
 This package owns the whole command line, one module per group of subcommands (search:
-index and search; evaluate; training; explain: explain and tsne; galleries; serve), each
+index and search; evaluate; training; explain: explain and map; galleries; serve), each
 with its arguments (`add`), handlers (read the arguments, call the library, print) and
 printing; `common` holds what they share. Here: the parser and how failures are reported.
 The library modules hold no argparse code and print nothing.

@@ -6,15 +6,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 # Copies of library constants, so that building the parser imports no heavy module.
-INDEX_TYPES = ("flat", "hnsw", "ivf")  # index.INDEX_TYPES
-GALLERY_MODALITIES = ("photo", "sketch")  # index.GALLERY_MODALITIES
-TRAIN_LOSSES = ("text", "center", "recon", "disc", "latent", "triplet", "decoder", "cls", "pair",
-                "xclass")  # train.LOSSES
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # ann.REQUESTABLE
+GALLERY_MODALITIES = ("photo", "sketch")  # format.GALLERY_MODALITIES
 RELATION_TOPK = 50  # relation.DEFAULT_TOPK
 CLASS_TEXTS = ("names", "glosses")  # models.text.CLASS_TEXTS
 LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")  # encoders.LITE_PACKAGES
-# The fine-tuning settings' module imports nothing heavy, so its constants need no copies.
-from sbir_core.training.config import IMAGENET_IMAGES, SELECT as FINETUNE_SELECT  # noqa: E402,F401
 
 
 class CLIError(Exception):
@@ -90,6 +86,11 @@ def open_gallery(arg: str, encoder_name: Optional[str], checkpoint: Optional[str
                    "(see `gallery list`)")
 
 
-def require_splits(data: str) -> None:
-    if not (Path(data) / "splits.json").is_file():
-        raise CLIError(f"--data {data}: no splits.json there; pass the shared data folder")
+DATA_HELP = "the shared data folder holding splits.json (default: $SBIR_DATA, else ../shared/data)"  # datasets.DATA_HELP
+
+
+def data_folder(arg: Optional[str]) -> Path:
+    """--data, else $SBIR_DATA, else ../shared/data (`datasets.data_root`, the one place that decides)."""
+    from sbir_core.data.datasets import data_root
+
+    return data_root(arg)

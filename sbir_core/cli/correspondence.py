@@ -11,7 +11,7 @@ from sbir_core.cli.training import _out  # the one guard against overwriting a s
 
 def _cmd_train_correspondence(args: argparse.Namespace) -> int:
     out = _out(args.out, args.force)  # before the pool is encoded, which takes minutes
-    common.require_splits(args.data)
+    args.data = common.data_folder(args.data)
     from pathlib import Path
 
     import torch
@@ -30,7 +30,7 @@ def _cmd_train_correspondence(args: argparse.Namespace) -> int:
 def add(sub: Any) -> None:
     p = sub.add_parser("train-correspondence",
                        help="train the dense correspondence head (explanation lines; frozen encoder, resumable)")
-    p.add_argument("--data", required=True, help="the shared data folder (splits.json, caltech101/, quickdraw/)")
+    p.add_argument("--data", help=common.DATA_HELP)
     p.add_argument("--out", required=True,
                    help="where to write the head (.safetensors; the shipped checkpoints/correspondence.safetensors "
                         "only with --force)")

@@ -36,8 +36,7 @@ def format_eval_report(r: dict) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     # Check what was asked for before loading a model: a wrong --data or --split fails at once.
     if args.split:
-        if not args.data:
-            raise common.CLIError("--split needs --data (the shared data folder, e.g. ../shared/data)")
+        args.data = common.data_folder(args.data)
         from sbir_core.data.datasets import get_split, load_splits
 
         get_split(load_splits(args.data), args.split)
@@ -104,7 +103,7 @@ def _eval_confidence(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    common.require_splits(args.data)
+    args.data = common.data_folder(args.data)
     from sbir_core.eval.confidence import calibrate
     from sbir_core.gallery.confidence import save_rule
     from sbir_core.models.encoders import create_encoder
@@ -119,7 +118,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_queries(args: argparse.Namespace) -> int:
-    common.require_splits(args.data)
+    args.data = common.data_folder(args.data)
     from sbir_core.eval.confidence import write_query_folders
     from sbir_core.models.encoders import create_encoder
 
@@ -131,7 +130,7 @@ def _cmd_queries(args: argparse.Namespace) -> int:
 
 def add(sub: Any) -> None:
     p = sub.add_parser("eval", help="mAP@all, P@100/200, hit@1/5, P@5/10 on a split or on folders")
-    p.add_argument("--data", help="shared data folder holding splits.json")
+    p.add_argument("--data", help=common.DATA_HELP + "; with --split")
     p.add_argument("--split", help="benchmark split name, e.g. pacs or doodle")
     p.add_argument("--queries", help="folder of class subfolders (images) or of .ndjson files")
     p.add_argument("--gallery", help="folder of class subfolders of photos")
@@ -155,12 +154,12 @@ def add(sub: Any) -> None:
 
     c = sub.add_parser("calibrate-confidence",
                        help="choose the confidence rule's thresholds on training classes; saved next to the checkpoint")
-    c.add_argument("--data", required=True, help="shared data folder holding splits.json")
+    c.add_argument("--data", help=common.DATA_HELP)
     c.add_argument("--checkpoint", default="default", help="'default' or a path")
     c.set_defaults(func=_cmd_calibrate)
 
     e = sub.add_parser("confidence-queries",
                        help="write the folders `eval --absent-queries` measures (held-out doodles; not in the repo)")
-    e.add_argument("--data", required=True, help="shared data folder holding splits.json")
+    e.add_argument("--data", help=common.DATA_HELP)
     e.add_argument("--out", required=True, help="where to write present/, absent/ and absent-unseen/ (e.g. /tmp/conf)")
     e.set_defaults(func=_cmd_queries)

@@ -1,4 +1,4 @@
-"""`explain` (why a drawing matched a picture) and `tsne` (the gallery's map)."""
+"""`explain` (why a drawing matched a picture) and `map` (the gallery's map)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tsne(args: argparse.Namespace) -> int:
+def _cmd_map(args: argparse.Namespace) -> int:
     from sbir_core.data.drawing import load_stroke_file
     from sbir_core.explain.embedding_map import gallery_map
     from sbir_core.gallery.query import encode_query
@@ -78,7 +78,7 @@ def add(sub: Any) -> None:
                    help="relation model: auto = checkpoints/relation.safetensors if present (default)")
     p.set_defaults(func=_cmd_explain)
 
-    t = sub.add_parser("tsne", help="draw a gallery's t-SNE map (optionally with a sketch placed in it)")
+    t = sub.add_parser("map", help="draw a gallery's t-SNE map (optionally with a sketch placed in it)")
     t.add_argument("--gallery", required=True, metavar="DIR|NAME", help="gallery folder or name")
     t.add_argument("--galleries", default=None, metavar="DIR", help="also look for named galleries here")
     t.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
@@ -89,4 +89,4 @@ def add(sub: Any) -> None:
     t.add_argument("--line", type=int, default=0, help="--strokes .ndjson: which drawing (0-based)")
     t.add_argument("--out", required=True, help="output PNG")
     t.add_argument("--k", type=int, default=10, help="results to highlight with --sketch")
-    t.set_defaults(func=_cmd_tsne)
+    t.set_defaults(func=_cmd_map)

@@ -28,7 +28,7 @@ def format_build_report(report: Any) -> str:
 
 
 def format_results_table(results: Sequence[Any]) -> str:
-    """`index.SearchResult`s as the table `search` prints."""
+    """`SearchResult`s (gallery.results) as the table `search` prints."""
     if not results:
         return "(no results)"
     rows = [(str(r + 1), f"{res.score:.4f}", res.label or "-", res.path) for r, res in enumerate(results)]
@@ -40,22 +40,37 @@ def format_results_table(results: Sequence[Any]) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from sbir_core.gallery.build import build_gallery
+    from sbir_core.data.manifest import is_manifest
+    from sbir_core.gallery.index import build_gallery
 
     source = Path(args.photo_dir)
-    if not source.is_dir():
-        raise common.CLIError(f"not a folder: {source}")
+    if not source.is_dir() and not is_manifest(source):
+        raise common.CLIError(f"not a folder or a manifest (.csv or .parquet with path and label columns): {source}")
     if args.share is None and args.out is None:
         raise common.CLIError("say where the gallery goes: --out GALLERY_DIR, or --share NAME for a class gallery")
+    if args.share is not None and (args.engine != "local" or not source.is_dir()):
+        raise common.CLIError("--share builds a class gallery from a folder with the local engine")
+    if args.engine == "ray":
+        from sbir_core.gallery.embed_ray import require_ray
+
+        require_ray()  # before the encoder loads: say at once how to install it
     encoder = common.load_encoder(args.encoder, args.checkpoint)
     if args.share is not None:
         return _share(args, source, encoder)
-    gallery, report = build_gallery(
-        source, args.out, encoder, modality=args.modality, index_type=args.index_type,
-        store_tokens=not args.no_tokens, batch_size=args.batch_size, progress=not args.quiet,
-        checkpoint=args.checkpoint,
-    )
+    settings = dict(modality=args.modality, index_type=args.index_type, store_tokens=not args.no_tokens,
+                    batch_size=args.batch_size, progress=not args.quiet, checkpoint=args.checkpoint)
+    if args.engine == "ray":
+        from sbir_core.gallery.embed_ray import build_gallery_ray
+
+        gallery, report, engine = build_gallery_ray(
+            source, args.out, encoder, shards=args.shards, workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker, address=args.address, **settings)
+    else:
+        gallery, report = build_gallery(source, args.out, encoder, **settings)
     print(format_build_report(report))
+    if args.engine == "ray":
+        print(f"  ray: {engine.embedded} shards embedded by {engine.workers or 0} workers, {engine.reused} already done"
+              + (f" (kept in {engine.shards})" if args.shards else ""))
     print("  " + format_search_settings(gallery))
     return 0
 
@@ -157,11 +172,13 @@ def _confidence(args: argparse.Namespace, encoder: Any, gallery: Any, results: S
 def add(sub: Any) -> None:
     p = sub.add_parser(
         "index", help="embed a folder of images into a searchable gallery (incremental)",
-        description="Embed every image under PHOTO_DIR (class = first-level subfolder) into GALLERY_DIR, "
+        description="Embed every image under PHOTO_DIR (class = first-level subfolder), or listed in a manifest "
+                    "(a .csv or .parquet with path and label columns), into GALLERY_DIR, "
                     "or (--share NAME) into a class gallery the app opens by a class code. "
                     "Re-running only encodes new and changed files.",
     )
-    p.add_argument("photo_dir", metavar="PHOTO_DIR")
+    p.add_argument("photo_dir", metavar="PHOTO_DIR", help="a folder of images, or a manifest: a .csv or .parquet "
+                   "with path and label columns (relative paths from the manifest's folder)")
     p.add_argument("--out", default=None, metavar="GALLERY_DIR", help="gallery folder to create or update")
     p.add_argument("--share", default=None, metavar="NAME",
                    help="instead of --out: a class gallery called NAME, opened in the app by the class code printed "
@@ -173,12 +190,25 @@ def add(sub: Any) -> None:
                    help="backbone (default: the checkpoint's, else efficientnet-lite0)")
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
                    help="trained heads: the shipped default, none (raw backbone) or a file (default: default)")
-    p.add_argument("--index-type", choices=common.INDEX_TYPES, default="flat",
-                   help="flat = exact (default); hnsw / ivf = approximate, for large galleries")
+    p.add_argument("--index-type", choices=common.INDEX_TYPES, default="auto",
+                   help="auto (default) = by size: exact flat up to 50k pictures, hnsw to 250k, ivfpq beyond "
+                        "(compressed, shortlist re-scored exactly); or name one")
     p.add_argument("--modality", choices=common.GALLERY_MODALITIES, default="photo", help="what the images are")
     p.add_argument("--no-tokens", action="store_true", help="do not store token grids (no explanations)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local = encode in this process (default); ray = Ray Data actors writing Parquet shards "
+                        "(pip install 'sbir-core[scale]'), here or on a cluster")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="ray: the cluster to join (auto, or HEAD:6379 after `ray start --head`); default a local Ray")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="ray: encoder actors (default one per CPU, one thread each, or one per GPU share)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="ray: GPUs per actor (0 = CPU; 1 = one GPU each)")
+    p.add_argument("--shards", default=None, metavar="DIR",
+                   help="ray: keep the Parquet shards here (a rerun skips finished ones; on a cluster a folder "
+                        "every node shares); default GALLERY_DIR.shards, removed after the build")
     p.set_defaults(func=_cmd_index)
 
     s = sub.add_parser(
@@ -210,5 +240,5 @@ def add(sub: Any) -> None:
     s.add_argument("--checkpoint", default=None, metavar="default|none|PATH",
                    help="override the gallery's checkpoint (must match it)")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates per query (recall vs speed)")
-    s.add_argument("--nprobe", type=int, default=None, help="ivf: lists probed per query (recall vs speed)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists probed per query (recall vs speed)")
     s.set_defaults(func=_cmd_search)

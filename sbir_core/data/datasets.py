@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -127,6 +128,32 @@ def folder_items(root: Union[str, Path], modality: str) -> list[Item]:
 
 
 # ----------------------------------------------------------------------------- splits
+DATA_ENV = "SBIR_DATA"
+DATA_HELP = "the shared data folder holding splits.json (default: $SBIR_DATA, else ../shared/data)"
+# ../shared/data beside this checkout (absolute, as the scripts always named it, so cached
+# features keyed by item paths stay valid), then beside the working folder.
+_DEFAULT_ROOTS = (Path(__file__).resolve().parents[2].parent / "shared" / "data", Path("..") / "shared" / "data")
+
+
+def data_root(arg: Union[str, Path, None] = None) -> Path:
+    """The shared data folder (the one holding splits.json), found in one place for every
+    command, script and test: `arg` (a --data argument), else $SBIR_DATA, else ../shared/data
+    beside the checkout or the working folder. Raises InputError naming all three if none holds it."""
+    env = os.environ.get(DATA_ENV)
+    if arg:
+        tried = [("--data", Path(arg))]
+    elif env:
+        tried = [(f"${DATA_ENV}", Path(env))]
+    else:
+        tried = [("../shared/data", p) for p in _DEFAULT_ROOTS]
+    for _, path in tried:
+        if (path / SPLITS_FILE).is_file():
+            return path
+    where = ", ".join(f"{how} = {path}" for how, path in tried)
+    raise InputError(f"no shared data folder ({SPLITS_FILE} not found at {where}): pass --data DIR, "
+                     f"set ${DATA_ENV}, or put the data at ../shared/data beside the checkout")
+
+
 def load_splits(data_root: Union[str, Path]) -> dict:
     path = Path(data_root) / SPLITS_FILE
     if not path.is_file():

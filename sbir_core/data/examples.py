@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,16 @@ class ExampleSketch:
         ox = (width - cw * s) / 2
         oy = (height - ch * s) / 2
         return [[(ox + x * s, oy + y * s) for x, y in stroke] for stroke in self.strokes]
+
+    def jittered_canvas(self, rng: random.Random, size: int = 384) -> Image.Image:
+        """The drawing as a user might draw it on a size x size canvas: at a random scale,
+        place and line width, black on white (load tests and benchmarks: no two alike, so
+        no search hits the query cache)."""
+        side = int(size * rng.uniform(0.55, 0.9))
+        img = self.render(size=side, line_width=rng.uniform(4, 8), margin=0.05)
+        canvas = Image.new("RGB", (size, size), "white")
+        canvas.paste(img, (rng.randint(0, size - side), rng.randint(0, size - side)))
+        return canvas
 
 
 def _load(path: Path) -> ExampleSketch:

@@ -100,7 +100,7 @@ def _searches(encoder: Any, pool: dict, rounds: int, seed: int = 0) -> list[dict
         chosen = set(rng.choice(classes, min(GALLERY_CLASSES, len(classes) - 1), replace=False).tolist())
         keep = np.array([c in chosen for c in pool["gl"]])
         g, gl = pool["g"][keep], pool["gl"][keep].tolist()
-        gal = Gallery.from_embeddings(g, labels=gl, diffusion_k=encoder.diffusion_k, calibration=cal)
+        gal = Gallery.from_embeddings(g, labels=gl, diffusion_k=encoder.retrieval.diffusion_k, calibration=cal)
         _, idx = gal.knn(pool["q"], C.TOP)
         out.append({"g": g, "gl": gl, "ranked": [[gl[j] for j in row] for row in idx],
                     "present": np.array([c in chosen for c in pool["ql"]])})

@@ -34,7 +34,7 @@ def embed_items(
         f = extract_features(encoder, items, "sketch", cache_dir=cache_dir, desc="queries")
         with torch.inference_mode():
             emb = encoder.embed_sketch(torch.from_numpy(f["pooled"]).float(), torch.from_numpy(f["raw"]).float())
-            if encoder.flip_sketches:
+            if encoder.retrieval.flip_sketch:
                 m = extract_features(encoder, items, "sketch_flip", cache_dir=cache_dir, desc="mirrored queries")
                 mirror = encoder.embed_sketch(torch.from_numpy(m["pooled"]).float(), torch.from_numpy(m["raw"]).float())
                 emb = F.normalize(emb.float(), dim=-1) + F.normalize(mirror.float(), dim=-1)
@@ -96,7 +96,7 @@ def evaluate(
         log.warning("dropping %d queries and %d gallery items that failed to load", (~qok).sum(), (~gok).sum())
     ql = [it.label for it, k in zip(queries, qok) if k]
     gl = [it.label for it, k in zip(gallery, gok) if k]
-    k = encoder.diffusion_k if diffusion else 0
+    k = encoder.retrieval.diffusion_k if diffusion else 0
     cal = SeenCalibration.from_encoder(encoder) if calibration else None
     # The same Gallery class the app and `search` use, so eval measures what ships.
     scores = Gallery.from_embeddings(g[gok], labels=gl, diffusion_k=k, calibration=cal).score_all(q[qok])

@@ -48,7 +48,7 @@ R = number of relevant items in the whole gallery):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -323,29 +323,19 @@ def per_query_metrics(
     return out
 
 
-def map_all(
-    scores: np.ndarray,
-    query_labels: Sequence[Any] | np.ndarray,
-    gallery_labels: Sequence[Any] | np.ndarray,
-    *,
-    interpolated: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> float:
+# The single-number metrics: the mean over queries of one `per_query_metrics` column.
+Labels = Union[Sequence[Any], np.ndarray]
+
+
+def map_all(scores: np.ndarray, query_labels: Labels, gallery_labels: Labels, *, interpolated: bool = False,
+            chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
     """mAP@all: mean over queries of AP over the whole ranked gallery (no-relevant queries count as 0)."""
-    m = per_query_metrics(scores, query_labels, gallery_labels,
-                          interpolated=interpolated, chunk_size=chunk_size)
+    m = per_query_metrics(scores, query_labels, gallery_labels, interpolated=interpolated, chunk_size=chunk_size)
     return float(m["AP@all"].mean())
 
 
-def map_at_k(
-    scores: np.ndarray,
-    query_labels: Sequence[Any] | np.ndarray,
-    gallery_labels: Sequence[Any] | np.ndarray,
-    k: int,
-    *,
-    interpolated: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> float:
+def map_at_k(scores: np.ndarray, query_labels: Labels, gallery_labels: Labels, k: int, *,
+             interpolated: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
     """mAP@k, SAKE / ZSE-SBIR convention: mean of sum_{i<=k} P(i) rel_i / min(R, k).
 
     R counts relevant items in the whole gallery, so misses in the top k lower
@@ -353,23 +343,16 @@ def map_at_k(
     uses G, which makes mAP@k equal mAP@all.
     """
     k = _check_k(k)
-    m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=(k,),
-                          interpolated=interpolated, chunk_size=chunk_size)
+    m = per_query_metrics(scores, query_labels, gallery_labels, map_ks=(k,), interpolated=interpolated,
+                          chunk_size=chunk_size)
     return float(m[f"AP@{k}"].mean())
 
 
-def precision_at_k(
-    scores: np.ndarray,
-    query_labels: Sequence[Any] | np.ndarray,
-    gallery_labels: Sequence[Any] | np.ndarray,
-    k: int,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> float:
+def precision_at_k(scores: np.ndarray, query_labels: Labels, gallery_labels: Labels, k: int, *,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
     """Mean P@k = relevant items in the top k / k; k > G uses G (so P@k = R / G)."""
     k = _check_k(k)
-    m = per_query_metrics(scores, query_labels, gallery_labels, precision_ks=(k,),
-                          chunk_size=chunk_size)
+    m = per_query_metrics(scores, query_labels, gallery_labels, precision_ks=(k,), chunk_size=chunk_size)
     return float(m[f"P@{k}"].mean())
 
 

@@ -21,7 +21,7 @@ mixed in (HEAD_WEIGHT): the retrieval tokens say what a cell shows, the head whe
 With a relation model its cross-attended similarity is mixed in (RELATION_WEIGHT). Only
 inked sketch cells take part: a blank cell draws no line and gets no patch.
 
-Matching (measured by `scripts/bench_correspondence.py`: photos' own edge maps and doodles'
+Matching (measured by `experiments/bench_correspondence.py`: photos' own edge maps and doodles'
 colour fills moved by a known random affine map, so every line can be checked, and real
 searches of the default gallery):
 1. place the drawing on the photo (`fit_placement`): a similarity map (scale, rotation,
@@ -73,7 +73,7 @@ LINES_PER_PHOTO_CELL = 2  # a drawing shown larger than the object: neighbouring
 # Line strength (appearance only: how many standard deviations a cell's match stands
 # above that cell's similarity to every photo cell) below which no line is drawn.
 # Calibrated on training classes only, with the shipped correspondence head:
-# `python scripts/bench_correspondence.py --data ../shared/data --calibrate --n 60` (the
+# `python experiments/bench_correspondence.py --calibrate --n 60` (the
 # head's 36 selection classes, which it never trained on: 171 photo / edge-map, zoomed and
 # doodle / fill pairs), the threshold that maximises right - 4 x wrong drawn lines (a line is
 # drawn where lines of its strength are right at least 4 times in 5). Without the head (3.24

@@ -68,10 +68,11 @@ class SketchBatcher:
             try:
                 out = self.encoder.encode(torch.stack([x for x, _ in batch]), "sketch")
                 emb = out.normalized()
+                # counted before any caller is answered: a caller may read them the moment it returns
+                self.batches, self.rows = self.batches + 1, self.rows + len(batch)
                 for i, (_, fut) in enumerate(batch):
                     # clone: a cached query keeps its own row, not the whole batch's tokens
                     fut.set_result((np.ascontiguousarray(emb[i]), out.tokens[i].clone()))
-                self.batches, self.rows = self.batches + 1, self.rows + len(batch)
             except BaseException as exc:  # every caller of this pass gets the error, the worker goes on
                 for _, fut in batch:
                     if not fut.done():

@@ -7,29 +7,29 @@ renames), so an interrupted build leaves the previous gallery as it was.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from sbir_core.errors import InputError
 from sbir_core.data.datasets import image_folder
-from sbir_core.data.images import load_image
+from sbir_core.data.manifest import is_manifest, read_manifest
 from sbir_core.gallery.calibration import PROTOTYPES_FILE, SeenCalibration
+from sbir_core.gallery.encode import encode_all
 from sbir_core.gallery.identity import _encoder_name, _normalize_checkpoint_arg, checkpoint_spec, encoder_probe
-from sbir_core.gallery.index import (EMBEDDINGS_FILE, FORMAT_VERSION, GALLERY_FILE, GALLERY_MODALITIES, INDEX_FILE,
-                                     FLOAT16_MAX, INDEX_TYPES, TOKENS_FILE, Gallery, GalleryError, _faiss,
-                                     _recover, build_index)
+from sbir_core.gallery.ann import REQUESTABLE, build_index, choose_index_type, faiss_module
+from sbir_core.gallery.format import (EMBEDDINGS_FILE, FORMAT_VERSION, GALLERY_FILE, GALLERY_MODALITIES, INDEX_FILE,
+                                      SEEN_FILE, TOKENS_FILE, GalleryError, StoredGallery, read_gallery, recover,
+                                      write_items)
 from sbir_core.paths import PathLike
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,43 @@ def _scan(source: Path, out: Path, modality: str) -> tuple[list[_Candidate], lis
     return candidates, skipped
 
 
+def _from_manifest(manifest: Path) -> tuple[Path, list[_Candidate], list[tuple[str, str]]]:
+    """A manifest's pictures -> (their deepest common folder, which item paths are relative
+    to, candidates sorted by that path, skipped rows: missing files and repeated paths)."""
+    rows = read_manifest(manifest)
+    skipped: list[tuple[str, str]] = []
+    found: dict[Path, tuple[str, os.stat_result]] = {}
+    for p, label in rows:
+        if p in found:
+            skipped.append((str(p), "listed twice in the manifest (the first row is kept)"))
+            continue
+        try:
+            st = p.stat()
+        except OSError as exc:
+            skipped.append((str(p), f"cannot read: {exc.strerror or exc}"))
+            continue
+        if not p.is_file():
+            skipped.append((str(p), "not a file"))
+            continue
+        found[p] = (label, st)
+    root = Path(os.path.commonpath([str(p.parent) for p in found])) if found else manifest.resolve().parent
+    candidates = [_Candidate(p.relative_to(root).as_posix(), p, label, st.st_size, st.st_mtime_ns)
+                  for p, (label, st) in found.items()]
+    candidates.sort(key=lambda c: c.rel)
+    return root, candidates, skipped
+
+
+def gather(source: Path, out: Path, modality: str) -> tuple[Path, list[_Candidate], list[tuple[str, str]]]:
+    """What to index: a folder (class = first-level subfolder) or a manifest (.csv or .parquet
+    with path and label columns) -> (the folder item paths are relative to, candidates sorted
+    by that path, skipped files). Both engines start here."""
+    if source.is_dir():
+        return (source, *_scan(source, out, modality))
+    if is_manifest(source):
+        return _from_manifest(source)
+    raise FileNotFoundError(f"not a folder or a manifest (.csv or .parquet with path and label columns): {source}")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Make `tmp` the gallery at `out`. Two renames, rolled back if the second fails;
     a crash between them is repaired by `_recover` on the next load or build."""
@@ -160,7 +197,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _previous_gallery(out: Path, encoder_id: str, modality: str, store_tokens: bool) -> tuple[Optional[Gallery], Optional[str]]:
+def _previous_gallery(out: Path, encoder_id: str, modality: str,
+                      store_tokens: bool) -> tuple[Optional[StoredGallery], Optional[str]]:
     """The gallery already at `out` if its vectors can be reused, else (None, why not)."""
     if not out.exists():
         return None, None
@@ -172,7 +210,7 @@ def _previous_gallery(out: Path, encoder_id: str, modality: str, store_tokens: b
             raise GalleryError(f"{out} is not empty and holds no gallery; refusing to overwrite it (choose another --out)")
         return None, None
     try:
-        old = Gallery.load(out)
+        old = read_gallery(out, mmap_embeddings=True)  # the rows reused are copied, not the whole file
     except GalleryError as exc:
         return None, f"the existing gallery is unreadable ({exc})"
     if old.encoder_id != encoder_id:
@@ -184,54 +222,52 @@ def _previous_gallery(out: Path, encoder_id: str, modality: str, store_tokens: b
     return old, None
 
 
-def _encode_batch(encoder: Any, modality: str, images: list) -> Any:
-    if modality == "photo":
-        return encoder.encode_photos(images, batch_size=len(images))
-    return encoder.encode_sketches(images, batch_size=len(images))
-
-
-def build_gallery(
+def write_gallery(
     source_dir: PathLike,
     out_dir: PathLike,
     encoder: Any,
     *,
     modality: str = "photo",
-    index_type: str = "flat",
+    index_type: str = "auto",
     store_tokens: bool = True,
     batch_size: int = 16,
     progress: bool = True,
     checkpoint: Optional[PathLike] = None,
     index_params: Optional[Mapping[str, Any]] = None,
-) -> tuple[Gallery, BuildReport]:
-    """Index the images under `source_dir` into the gallery folder `out_dir`.
+    embed: Optional[Callable[..., Any]] = None,
+) -> BuildReport:
+    """Index the images under `source_dir` (a folder, or a manifest: see `gather`) into the
+    gallery folder `out_dir`.
 
     Re-running updates the gallery: only new and changed files are encoded.
     `checkpoint` is what the encoder was created with ("default", "none" or a path);
     it is recorded so `search` can recreate the encoder (inferred when not given).
+    `embed`: the engine that encodes the new files, called as `gallery.encode.encode_all`
+    (the default: in this process) is; `gallery.embed_ray.RayEngine` embeds on Ray.
     """
     t0 = time.perf_counter()
     if modality not in GALLERY_MODALITIES:
         raise InputError(f"gallery modality must be one of {', '.join(GALLERY_MODALITIES)}, not {modality!r}")
-    if index_type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
+    if index_type not in REQUESTABLE:
+        raise InputError(f"unknown index type {index_type!r}; choose from {', '.join(REQUESTABLE)}")
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
     source = Path(source_dir).resolve()
     out = Path(out_dir).resolve()
-    if not source.is_dir():
-        raise FileNotFoundError(f"not a folder: {source}")
+    if not source.is_dir() and not is_manifest(source):
+        raise FileNotFoundError(f"not a folder or a manifest (.csv or .parquet): {source}")
     encoder_id = str(encoder.encoder_id)
     ckpt = _normalize_checkpoint_arg(checkpoint) or checkpoint_spec(encoder)
     report = BuildReport(out_dir=str(out))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out)
+    recover(out)
     old, reason = _previous_gallery(out, encoder_id, modality, store_tokens)
     if reason:
         log.warning("re-encoding everything: %s", reason)
         report.rebuilt_reason = reason
 
-    candidates, skipped = _scan(source, out, modality)
+    source, candidates, skipped = gather(source, out, modality)
     old_rows: dict[str, int] = {}
     if old is not None:
         old_rows = {it["path"]: r for r, it in enumerate(old.items)}
@@ -248,7 +284,7 @@ def build_gallery(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        new_rows, new_emb, grid, token_shape = _encode_all(
+        new_rows, new_emb, grid, token_shape = (embed or encode_all)(
             encoder, modality, to_encode, tmp, store_tokens, batch_size, progress, skipped)
         kept = sorted([c for c in candidates if c.rel in reuse or c.rel in new_rows], key=lambda c: c.rel)
         report.skipped = skipped
@@ -270,14 +306,18 @@ def build_gallery(
             if old.tokens is not None:
                 token_shape = tuple(old.tokens.shape[1:])
 
+        calibration = SeenCalibration.from_encoder(encoder)
         unchanged = (
             old is not None and not new_rows and report.removed == 0
-            and old.meta.get("requested_index_type") == index_type
+            and (old.meta.get("requested_index_type") == index_type
+                 or (index_type == "auto" and old.index_type == choose_index_type(len(kept))))
             and old.meta.get("has_tokens") == store_tokens
             and old.meta.get("source_dir") == str(source)
             and old.meta.get("checkpoint") == ckpt
             and not index_params
-            and not old.index_remade
+            # an index whose seen column was made for another calibration temperature is remade
+            and (old.index_type == "flat" or not calibration
+                 or old.meta.get("index_seen_tau") == calibration.tau)
         )
         if unchanged:
             # Nothing to do: leave the folder (and its possibly large token file) alone.
@@ -285,30 +325,31 @@ def build_gallery(
             report.written = False
             report.index_type = old.index_type
             report.seconds = time.perf_counter() - t0
-            return old, report
+            return report
 
         # Assemble rows in the final (sorted) order from the old gallery and the new encodings.
         n = len(kept)
         src_old = np.array([reuse.get(c.rel, -1) for c in kept], dtype=np.int64)
         src_new = np.array([new_rows.get(c.rel, -1) for c in kept], dtype=np.int64)
         is_old = src_old >= 0
-        d = old.raw_embeddings.shape[1] if old is not None else new_emb.shape[1]
+        d = old.embeddings.shape[1] if old is not None else new_emb.shape[1]
         emb = np.empty((n, d), dtype=np.float32)
         if is_old.any():
-            emb[is_old] = old.raw_embeddings[src_old[is_old]]  # as encoded, not diffused
+            emb[is_old] = old.embeddings[src_old[is_old]]  # as encoded, not diffused
         if (~is_old).any():
             emb[~is_old] = new_emb[src_new[~is_old]]
         np.save(tmp / EMBEDDINGS_FILE, emb)
-        calibration = SeenCalibration.from_encoder(encoder)
         if calibration is not None:
             np.save(tmp / PROTOTYPES_FILE, calibration.prototypes)
         if store_tokens:
             _assemble_tokens(tmp, n, token_shape, old, src_old, src_new, is_old)
 
-        index, kind, params = build_index(emb, index_type, **dict(index_params or {}),
-                                          seen=calibration.seen_confidence(emb) if calibration is not None else None)
+        seen = calibration.seen_confidence(emb) if calibration is not None else None
+        index, kind, params = build_index(emb, index_type, **dict(index_params or {}), seen=seen)
         if index is not None:
-            _faiss().write_index(index, str(tmp / INDEX_FILE))
+            faiss_module().write_index(index, str(tmp / INDEX_FILE))
+            if seen is not None:
+                np.save(tmp / SEEN_FILE, seen)  # so that searches need not compute it per shortlist
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -328,19 +369,15 @@ def build_gallery(
             "grid": list(grid) if grid else None,
             "has_tokens": bool(store_tokens),
             # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
-            "diffusion_k": int(getattr(encoder, "diffusion_k", 0)),
+            "diffusion_k": encoder.retrieval.diffusion_k,
             # Seen-class calibration likewise (None = off; prototypes in PROTOTYPES_FILE).
             "seen_calibration": calibration.setting if calibration is not None else None,
             # The temperature of the index's seen column (gallery.index.build_index).
             "index_seen_tau": calibration.tau if calibration is not None and index is not None else None,
             # The encoder's fingerprint by content (see check_encoder).
             "probe": [round(float(v), 6) for v in encoder_probe(encoder, modality)],
-            "items": [c.record() for c in kept],
         }
-        with open(tmp / GALLERY_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the data
+        write_items(tmp, meta, [c.record() for c in kept])  # gallery.json (+ items.arrow when many)
         del old  # release the previous gallery's memory maps before its folder moves
         _swap_into_place(tmp, out)
     except BaseException:
@@ -348,87 +385,14 @@ def build_gallery(
         raise
     report.index_type = kind
     report.seconds = time.perf_counter() - t0
-    gallery = Gallery(emb, meta, index=index, root=out, calibration=calibration,
-                      tokens=np.load(out / TOKENS_FILE, mmap_mode="r") if store_tokens else None)
-    return gallery, report
-
-
-def _encode_all(
-    encoder: Any,
-    modality: str,
-    todo: list[_Candidate],
-    tmp: Path,
-    store_tokens: bool,
-    batch_size: int,
-    progress: bool,
-    skipped: list[tuple[str, str]],
-) -> tuple[dict[str, int], Optional[np.ndarray], Optional[tuple[int, int]], Optional[tuple[int, int]]]:
-    """Encode `todo` -> (rel -> row in the new arrays, embeddings, grid, (T, C)).
-
-    Tokens are streamed to a scratch file instead of kept in memory: at 196 x 112
-    float16 values per image they outgrow RAM long before the embeddings do.
-    """
-    from tqdm import tqdm
-
-    rows: dict[str, int] = {}
-    embs: list[np.ndarray] = []
-    grid: Optional[tuple[int, int]] = None
-    token_shape: Optional[tuple[int, int]] = None
-    scratch = open(tmp / "tokens.partial", "wb") if store_tokens else None
-
-    def emit(batch: list[_Candidate], output: Any) -> None:
-        nonlocal grid, token_shape
-        embs.append(output.normalized())
-        grid = tuple(int(v) for v in output.grid)
-        if scratch is not None:
-            t = output.tokens.float().cpu().numpy()
-            token_shape = (int(t.shape[1]), int(t.shape[2]))
-            np.clip(t, -FLOAT16_MAX, FLOAT16_MAX, out=t)  # float16 overflow would store inf
-            scratch.write(np.ascontiguousarray(t.astype(np.float16)).tobytes())
-        for c in batch:
-            rows[c.rel] = len(rows)
-
-    def flush(batch: list[_Candidate], images: list) -> None:
-        if not batch:
-            return
-        try:
-            output = _encode_batch(encoder, modality, images)
-        except (ValueError, OSError) as exc:  # e.g. a blank sketch: find it, keep the rest
-            if len(batch) == 1:
-                skipped.append((str(batch[0].path), f"cannot encode: {exc}"))
-            else:
-                for c, img in zip(batch, images):
-                    flush([c], [img])
-            return
-        emit(batch, output)
-
-    try:
-        batch: list[_Candidate] = []
-        images: list = []
-        for c in tqdm(todo, desc="encoding", unit="img", disable=not progress or not todo, file=sys.stderr):
-            try:
-                img = load_image(c.path)
-            except Exception as exc:  # corrupt, truncated, not really an image, too large...
-                skipped.append((str(c.path), f"unreadable image: {exc}"))
-                continue
-            batch.append(c)
-            images.append(img)
-            if len(batch) >= batch_size:
-                flush(batch, images)
-                batch, images = [], []
-        flush(batch, images)
-    finally:
-        if scratch is not None:
-            scratch.close()
-    emb = np.concatenate(embs) if embs else None
-    return rows, emb, grid, token_shape
+    return report
 
 
 def _assemble_tokens(
     tmp: Path,
     n: int,
     token_shape: Optional[tuple[int, int]],
-    old: Optional[Gallery],
+    old: Optional[StoredGallery],
     src_old: np.ndarray,
     src_new: np.ndarray,
     is_old: np.ndarray,

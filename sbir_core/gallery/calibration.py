@@ -52,10 +52,10 @@ class SeenCalibration:
         """The calibration the encoder's checkpoint prescribes, or None (off, or a checkpoint
         made before it existed)."""
         protos = getattr(encoder, "seen_prototypes", None)
-        setting = (getattr(encoder, "meta", None) or {}).get("retrieval", {}).get("seen_calibration") or {}
-        if protos is None or not float(setting.get("beta", 0)):
+        setting = encoder.retrieval.seen_calibration
+        if protos is None or setting is None:
             return None
-        return cls(np.asarray(protos, dtype=np.float32), float(setting["tau"]), float(setting["beta"]))
+        return cls(np.asarray(protos, dtype=np.float32), float(setting.tau), float(setting.beta))
 
     @property
     def setting(self) -> dict:
@@ -63,10 +63,12 @@ class SeenCalibration:
 
     def seen_confidence(self, x: np.ndarray) -> np.ndarray:
         """(N, D) unit vectors -> (N,) max softmax probability over the training classes."""
-        logits = np.asarray(x, dtype=np.float32) @ self.prototypes.T / self.tau
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return (1.0 / e.sum(axis=1)).astype(np.float32)  # the max's own term is exp(0) = 1
+        out = np.empty(len(x), np.float32)
+        for s in range(0, len(x), 65_536):  # in chunks: (N, classes) logits of a big gallery would not fit
+            logits = np.asarray(x[s:s + 65_536], dtype=np.float32) @ self.prototypes.T / self.tau
+            logits -= logits.max(axis=1, keepdims=True)
+            out[s:s + 65_536] = 1.0 / np.exp(logits).sum(axis=1)  # the max's own term is exp(0) = 1
+        return out
 
     def query_weight(self, queries: np.ndarray) -> np.ndarray:
         """(Q, D) -> (Q,) how much each query discounts seen pictures: beta * (1 - s(q))."""

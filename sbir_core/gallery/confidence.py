@@ -336,6 +336,12 @@ def gallery_vocabulary(encoder: Any, labels: Sequence[str]) -> Optional[Vocabula
     return v
 
 
+# Up to this many pictures every one is scored for the evidence (O(N) a search); beyond, the
+# best SHORTLIST results stand in (a class absent from them scores below all of them anyway).
+EVERY_PICTURE_MAX = 50_000
+EVERY_PICTURE_SHORTLIST = 256
+
+
 def assess(rule: Optional[Rule], encoder: Any, gallery: Any, query: np.ndarray, ranked_labels: Sequence[str], *,
            kind: str = "sketch", drawing: Any = None, brush: Optional[float] = None, model_input: Any = None,
            text: Optional[str] = None) -> tuple[str, Optional[str]]:
@@ -349,10 +355,16 @@ def assess(rule: Optional[Rule], encoder: Any, gallery: Any, query: np.ndarray, 
             is_dot(drawing, brush) or (isinstance(drawing, (list, tuple)) and strokes_unreadable(rule, drawing))
             or (model_input is not None and junk_score(rule, query, ink_share(model_input)) > 0)):
         return "unreadable", None
-    vocab = gallery_vocabulary(encoder, gallery.labels)
+    if len(gallery) <= EVERY_PICTURE_MAX:
+        labels, emb, row_labels = gallery.labels, gallery.raw_embeddings, gallery.labels
+    else:  # a big gallery: its distinct classes, and each class's best among the query's shortlist
+        _, rows = gallery.knn(np.asarray(query)[None], EVERY_PICTURE_SHORTLIST)
+        labels, emb = gallery.items.distinct("label"), gallery.raw_embeddings[rows[0]]
+        row_labels = [gallery.labels[r] for r in rows[0]]
+    vocab = gallery_vocabulary(encoder, labels)
     if vocab is None or not len(ranked_labels):
         return decide(rule, None)
-    ev = evidence(query, ranked_labels, class_scores(query, gallery.raw_embeddings, gallery.labels), vocab, rule.tau)
+    ev = evidence(query, ranked_labels, class_scores(query, emb, row_labels), vocab, rule.tau)
     level, guess = decide(rule, ev)
     if kind == "text" and text:
         key = class_key(text)

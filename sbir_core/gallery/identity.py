@@ -11,7 +11,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sbir_core.gallery.index import Gallery, StaleGalleryError
+from sbir_core.gallery.backend import GalleryBackend
+from sbir_core.gallery.format import StaleGalleryError
 from sbir_core.paths import PathLike
 
 
@@ -55,13 +56,13 @@ def _normalize_checkpoint_arg(checkpoint: Optional[PathLike]) -> Optional[str]:
     return str(Path(s).resolve())  # galleries outlive the shell's working directory
 
 
-def rebuild_command(gallery: Gallery, encoder_name: str, checkpoint: str) -> str:
+def rebuild_command(gallery: GalleryBackend, encoder_name: str, checkpoint: str) -> str:
     src = gallery.source_dir or "PHOTO_DIR"
     out = str(gallery.root) if gallery.root else "GALLERY_DIR"
     parts = ["python", "-m", "sbir_core", "index", src, "--out", out, "--encoder", encoder_name,
              "--checkpoint", checkpoint]
     kind = gallery.meta.get("requested_index_type", gallery.index_type)
-    if kind != "flat":
+    if kind not in ("flat", "auto"):  # auto: the default; flat: what it picks for a small folder
         parts += ["--index-type", kind]
     if gallery.modality != "photo":
         parts += ["--modality", gallery.modality]
@@ -92,7 +93,7 @@ def encoder_probe(encoder: Any, modality: str = "photo") -> np.ndarray:
     return cache[modality]
 
 
-def check_encoder(gallery: Gallery, encoder: Any, *, checkpoint: Optional[str] = None) -> None:
+def check_encoder(gallery: GalleryBackend, encoder: Any, *, checkpoint: Optional[str] = None) -> None:
     """Raise StaleGalleryError unless `encoder` is the one the gallery was built with.
 
     Embeddings from two encoders live in different spaces: searching across them

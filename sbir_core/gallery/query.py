@@ -89,7 +89,7 @@ def search_reranked(gallery: Any, relation: Any, query: SketchQuery, k: int = 10
     """The top k of a sketch search, re-ranked by the relation network (ZSE-SBIR): the
     embedding's top max(k, DEFAULT_TOPK) candidates are re-scored from their token grids
     (the gallery must store tokens) and the first k returned as `SearchResult`s."""
-    from sbir_core.gallery.index import SearchResult
+    from sbir_core.gallery.results import SearchResult
     from sbir_core.models.relation import DEFAULT_TOPK, ink_cells, rerank
 
     if gallery.tokens is None:
@@ -105,5 +105,5 @@ def search_reranked(gallery: Any, relation: Any, query: SketchQuery, k: int = 10
     ink = ink_cells(query.model_input, gallery.grid).reshape(-1)
     scores = rerank(relation, query.tokens, ink, toks, np.array([c.score for c in cands]))
     best = np.argsort(-scores, kind="stable")[:k]
-    return [SearchResult(index=int(idx[j]), path=cands[j].path, score=float(scores[j]), label=cands[j].label)
-            for j in best]
+    return [SearchResult(rank=r, index=int(idx[j]), path=cands[j].path, score=float(scores[j]), label=cands[j].label)
+            for r, j in enumerate(best)]

@@ -22,16 +22,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from cachetools import LRUCache
 from PIL import Image
 
 from sbir_core.data.images import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_upload, load_image
 from sbir_core.errors import InputError
-from sbir_core.gallery.build import build_gallery
 from sbir_core.gallery.identity import check_encoder
-from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError
+from sbir_core.gallery.index import GALLERY_FILE, Gallery, GalleryError, StaleGalleryError, build_gallery
 from sbir_core.gallery.sharing import (CLASS_PREFIX, NO_SUCH_CODE, ClassGalleries, ShareError, ShareInfo, code_of,
                                        format_code, gallery_id, valid_owner)
 from sbir_core.paths import PathLike, SHIPPED_GALLERIES, cache_dir
@@ -75,7 +74,7 @@ class LoadedGallery:
     name: str
     directory: Path
     gallery: Any  # index.Gallery
-    paths: list[str]  # image paths that exist on this machine
+    paths: Sequence[str]  # image paths that exist on this machine (read on demand in big galleries)
     thumbs_dir: Path
     notice: str = ""  # shown in the page (e.g. "rebuilt with the current model")
     emap: Any = None  # EmbeddingMap, fitted lazily
@@ -86,11 +85,31 @@ class LoadedGallery:
         return self.gallery.modality
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> Sequence[str]:
         return self.gallery.labels
+
+    @property
+    def classes(self) -> list[str]:
+        """The distinct labels, sorted (counted in Arrow for a big gallery, not row by row)."""
+        return self.gallery.items.distinct("label")
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+
+class _ItemPaths(Sequence):
+    """Item paths under another folder, made when asked (no million-entry list at open)."""
+
+    def __init__(self, folder: Path, items: Any) -> None:
+        self._folder, self._items = folder, items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return str(self._folder / self._items.value(int(i), "path"))
 
 
 def list_gallery_names(root: PathLike) -> list[str]:
@@ -178,7 +197,7 @@ class GalleryStore:
         """
         lg = self.get(name, progress=progress)
         kind = "sketches" if lg.modality == "sketch" else "images"
-        n_cls = len(set(lg.labels))
+        n_cls = len(lg.classes)
         msg = f"Gallery {self.display_name(lg.name)}: {len(lg)} {kind}, {n_cls} {'class' if n_cls == 1 else 'classes'}."
         return msg + (f" {lg.notice}" if lg.notice else "")
 
@@ -334,18 +353,18 @@ class GalleryStore:
     def _wrap(self, name: str, d: Path, g: Any, notice: str = "") -> LoadedGallery:
         # Item paths are stored relative to the source folder; if the gallery was built
         # elsewhere (another checkout), fall back to the images next to it.
-        paths = list(g.paths)
-        if paths and not Path(paths[0]).is_file() and (d / "images").is_dir():
-            alt = [str(d / "images" / it["path"]) for it in g.items]
-            if Path(alt[0]).is_file():
-                paths = alt
+        paths = g.paths
+        if len(paths) and not Path(paths[0]).is_file() and (d / "images").is_dir():
+            images = d / "images"
+            if (images / g.items.value(0, "path")).is_file():
+                paths = _ItemPaths(images, g.items)
         sig = hashlib.sha1(f"{d}|{g.encoder_id}|{g.meta.get('updated')}|{len(g)}".encode()).hexdigest()[:10]
         thumbs = self.thumbs_dir / f"{_thumb_prefix(name)}-{sig}"
         return LoadedGallery(name=name, directory=d, gallery=g, paths=paths, thumbs_dir=thumbs, notice=notice)
 
     def info(self, name: Optional[str] = None) -> dict[str, Any]:
         lg = self.get(name)
-        return {"name": lg.name, "count": len(lg), "modality": lg.modality, "classes": sorted(set(lg.labels)),
+        return {"name": lg.name, "count": len(lg), "modality": lg.modality, "classes": lg.classes,
                 "encoder": lg.gallery.encoder_id, "directory": str(lg.directory)}
 
     def thumbnail(self, lg: LoadedGallery, row: int) -> str:
@@ -529,7 +548,7 @@ class GalleryStore:
         except (GalleryError, FileNotFoundError, ValueError, OSError) as exc:
             return BuildOutcome(False, f"The gallery could not be built: {exc}")
         skipped = [(Path(p).name, why) for p, why in report.skipped]
-        n_cls = len(set(g.labels))
+        n_cls = len(g.items.distinct("label"))
         msg = (f"Gallery {self.display_name(name)} is ready: {report.total} "
                f"{'sketches' if modality == 'sketch' else 'images'} in {n_cls} {'class' if n_cls == 1 else 'classes'}"
                f" ({report.seconds:.0f} s).")

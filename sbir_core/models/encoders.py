@@ -10,6 +10,7 @@ Backbones are registered by name (`register_backbone`), like timm's model regist
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 
 from sbir_core.errors import InputError, SBIRError
 from sbir_core.paths import MODEL_CONFIGS_DIR, checkpoint_path, stored_checkpoint
+from sbir_core.models.settings import RetrievalSettings
 from sbir_core.data.preprocess import SketchInput, edges_as_sketch, preprocess_photo, preprocess_sketch, read_sketch
 
 log = logging.getLogger(__name__)
@@ -322,15 +324,31 @@ class SBIREncoder(nn.Module):
         return f"{self.backbone.name}@{self.checkpoint_id}"
 
     @property
-    def diffusion_k(self) -> int:
-        """Gallery diffusion neighbours the checkpoint was validated with (0 = off)."""
-        return int(self.meta.get("retrieval", {}).get("diffusion_k", 0))
+    def retrieval(self) -> RetrievalSettings:
+        """How this checkpoint searches (edge maps, diffusion, mirrored sketches, seen-class
+        calibration), as validated on held-out classes: the one reader of meta["retrieval"]
+        (parsed on each read, so the metadata stays the one copy). A bad or unknown setting
+        raises InputError; `create_encoder` reads it once so a bad checkpoint fails at load."""
+        settings = RetrievalSettings.from_meta(self.meta.get("retrieval"))
+        head_w = float(getattr(self.head, "photo_edge_weight", 0.0) or 0.0)
+        if "edge_weight" not in (self.meta.get("retrieval") or {}):
+            return dataclasses.replace(settings, edge_weight=head_w)  # the head's config says it
+        if abs(settings.edge_weight - head_w) > 1e-9:
+            raise InputError(f"checkpoint {self.checkpoint_id} disagrees with itself: retrieval edge_weight "
+                             f"{settings.edge_weight} but its head's photo_edge_weight {head_w}")
+        return settings
 
-    @property
-    def flip_sketches(self) -> bool:
-        """Average each sketch's embedding with its mirror image's (test-time augmentation
-        the checkpoint was validated with)."""
-        return bool(self.meta.get("retrieval", {}).get("flip_sketch", False))
+    @retrieval.setter
+    def retrieval(self, settings: RetrievalSettings) -> None:
+        """Search differently (benchmarks of other settings); the head's edge weight follows."""
+        if not isinstance(settings, RetrievalSettings):
+            raise TypeError(f"retrieval must be RetrievalSettings, not {type(settings).__name__}")
+        if settings.edge_weight and self.head is None:
+            raise InputError("a raw backbone has no sketch head to embed photos' edge maps with")
+        if self.head is not None and hasattr(self.head, "photo_edge_weight"):
+            self.head.photo_edge_weight = settings.edge_weight
+            self.head.config["photo_edge_weight"] = settings.edge_weight
+        self.meta["retrieval"] = settings.merged_into(self.meta.get("retrieval"))
 
     @property
     def embed_dim(self) -> int:
@@ -338,7 +356,7 @@ class SBIREncoder(nn.Module):
 
     @property
     def photo_uses_edges(self) -> bool:
-        return bool(getattr(self.head, "photo_edge_weight", 0.0))
+        return bool(self.retrieval.edge_weight)
 
     # ---- preprocessing: PIL in, normalised tensor out
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
@@ -373,7 +391,7 @@ class SBIREncoder(nn.Module):
         if self.photo_uses_edges:
             if edge_pooled is None:
                 raise ValueError("this checkpoint fuses photo edge maps: pass their features")
-            w = float(self.head.photo_edge_weight)
+            w = self.retrieval.edge_weight
             e = self.head(edge_pooled, "sketch")
             emb = F.normalize(emb, dim=-1) * (1 - w) + F.normalize(e, dim=-1) * w
         return emb
@@ -387,7 +405,10 @@ class SBIREncoder(nn.Module):
         their edge maps (needed when the checkpoint fuses them)."""
         if modality not in ("photo", "sketch"):
             raise ValueError(f"image modality must be 'photo' or 'sketch', not {modality!r}")
-        if modality == "sketch" and self.flip_sketches:
+        # Inputs are prepared on the CPU; an encoder placed on a GPU (`index --gpus-per-worker`) takes them there.
+        x = x.to(self._mean.device)
+        edges = edges.to(self._mean.device) if edges is not None else None
+        if modality == "sketch" and self.retrieval.flip_sketch:
             # Sketch and mirror image in one batch: one pass over a batch of 2B costs less than
             # two passes over B (a single query is what the page waits for).
             both = self.backbone_features(torch.cat([x, x.flip(-1)]))
@@ -498,7 +519,7 @@ def create_encoder(
         if not path.is_file():
             hint = (
                 " The shipped default is missing: restore it with `git checkout checkpoints/` "
-                "or train one with `python -m sbir_core train` (see README)."
+                "or train one with `python -m sbir_core finetune` (see docs/TRAINING.md)."
                 if str(checkpoint) == "default"
                 else ""
             )
@@ -517,4 +538,5 @@ def create_encoder(
         backbone.weights_id = ckpt_id  # feature caches must not mix these with ImageNet features
     enc = SBIREncoder(backbone, head=head, checkpoint_id=ckpt_id, meta=meta).to(device)
     enc.seen_prototypes = prototypes.numpy() if prototypes is not None else None
+    enc.retrieval  # noqa: B018 -- a checkpoint with bad retrieval settings fails here, not mid-search
     return enc

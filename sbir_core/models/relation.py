@@ -1,4 +1,13 @@
-"""Cross-attention + relation network (ZSE-SBIR style) for re-ranking and explanations.
+"""ZSE-SBIR relation re-ranking: an optional cross-attention + relation network that
+re-scores a sketch search's first candidates (and the one module that holds it).
+
+Optional: search, the map and explanations work without it. It needs
+- a relation checkpoint (`checkpoints/relation.safetensors`, or one trained with
+  `python -m sbir_core train-relation`, `sbir_core.training.relation_training`) made for the
+  encoder in use: the same token grid and embedding (`relation_for` returns None otherwise);
+- a photo gallery built with token grids (`index` without `--no-tokens`), since candidates
+  are re-scored from their stored tokens (`gallery.query.search_reranked`);
+- a sketch query (its token grid and ink cells). The app offers it only when all three hold.
 
 ZSE-SBIR (Lin et al., CVPR 2023) explains a sketch-photo match through token
 correspondences: both images become token grids, a cross-attention layer lets each
@@ -17,7 +26,7 @@ Pieces:
   quantile pooling of its row/column maxima, MLP -> one logit.
 - `rerank(...)` / `rerank_gallery(...)`: mix the relation score into the embedding
   score of the top-K candidates only (K ~ 50, never the whole gallery).
-Training and benchmarking live in `sbir_core.training.relation`.
+Training and benchmarking live in `sbir_core.training.relation_training`.
 """
 from __future__ import annotations
 
@@ -326,7 +335,7 @@ def load_relation(path: Union[str, Path, None] = None) -> RelationModel:
     if not path.is_file():
         raise FileNotFoundError(
             f"relation model not found: {path}. Train one with "
-            "`python -m sbir_core train-relation --data ../shared/data` "
+            "`python -m sbir_core train-relation` "
             "(or pass --checkpoint / path=... to an existing relation.safetensors)."
         )
     meta = read_relation_metadata(path)

@@ -18,7 +18,7 @@ from sbir_core.errors import InputError
 
 PROMPTS = ("a photo of a {}", "a drawing of a {}", "a sketch of a {}", "{}")
 # What a class's text is made of: its name in PROMPTS, or that and a dictionary definition
-# ("NAME: DEFINITION", from CLASS_GLOSSES_FILE, written by scripts/make_class_glosses.py).
+# ("NAME: DEFINITION", from CLASS_GLOSSES_FILE, written by experiments/make_class_glosses.py).
 CLASS_TEXTS = ("names", "glosses")
 CLASS_GLOSSES_FILE = Path(__file__).with_name("class_glosses.json")
 

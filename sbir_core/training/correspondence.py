@@ -13,7 +13,7 @@ never a held-out doodle); a seeded tenth of those classes is kept apart to selec
 checkpoint. The backbone stays frozen, so each pair's backbone maps are computed once
 (a pool, saved next to the resume file) and the head trains for epochs over them.
 
-    nice python -m sbir_core train-correspondence --data ../shared/data --pairs 2400 --epochs 2 \
+    nice python -m sbir_core train-correspondence --pairs 2400 --epochs 2 \
         --state /tmp/corr_state.pt --out checkpoints/correspondence.safetensors --force
 
 The shipped head: that command (about 20 min to encode the pool, then about 5 min an epoch

@@ -1,7 +1,7 @@
 """`finetune`: train the backbone and the heads end to end (encoder v2).
 
-Same honest protocol and losses as `train` (which fits heads on frozen features),
-but the image encoder itself learns what sketches and photos share:
+The image encoder itself (not only heads on frozen features) learns what sketches and
+photos share:
 
 - sketches: QuickDraw doodle strokes, re-rendered with augmentation every step;
 - photos: Caltech photos (random crop, flip) and their edge maps as pseudo-sketches;
@@ -42,7 +42,8 @@ from sbir_core.eval.metrics import map_all
 from sbir_core.models.checkpoint import as_stored, load_backbone_state, save_checkpoint
 from sbir_core.models.encoders import EfficientNetLiteBackbone
 from sbir_core.models.heads import SBIRHead
-from sbir_core.training.config import IMAGENET_IMAGES, SELECT, FinetuneConfig
+from sbir_core.models.settings import PLAIN_SEARCH, RetrievalSettings
+from sbir_core.training.config import FinetuneConfig
 from sbir_core.training.losses import (cross_modal_triplets, imagenet_kept, instance_pairs, relations_kept,
                                       semantic_targets)
 from sbir_core.training.finetune_data import (StepBatches, TrainData, _to_tensor, prepare_data, run_heldout_classes,
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 
 SEEN_GALLERY = 2  # of each training class's held-out doodles, coloured as its gallery pictures
 FIRST_ROW = ("hit@1", "hit@5", "P@5")  # what a retrieval setting may not cost any validation set
-# How a model is searched before a retrieval choice: the embedding's cosine alone.
-PLAIN_SEARCH = {"edge_weight": 0.0, "diffusion_k": 0, "flip_sketch": False, "seen_calibration": None}
 # Seen-class calibration settings tried (gallery.calibration): temperatures x strengths.
 CALIBRATION_GRID = ((0.07, 0.1, 0.15, 0.2), (0.25, 0.5, 0.75, 1.0, 1.5, 2.0))
 
@@ -88,9 +87,7 @@ class FinetuneModel(nn.Module):
 
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, td: TrainData, text: torch.Tensor, held: np.ndarray) -> None:
-        if cfg.imagenet_images not in IMAGENET_IMAGES:
-            raise ValueError(f"imagenet_images is one of {IMAGENET_IMAGES}, not {cfg.imagenet_images!r}")
-        self.cfg, self.td, self.held = cfg, td, held
+        self.cfg, self.td, self.held = cfg, td, held  # cfg checked its own values (FinetuneConfig)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
@@ -272,8 +269,6 @@ class Finetuner:
         q, ql, g, gl = self.validation_embeddings()
         val = retrieval_summary(q @ g.T, ql, gl)
         val["score"] = 0.5 * (val["hit@5"] + val["mAP@all"])
-        if self.cfg.select not in SELECT:
-            raise ValueError(f"select is one of {SELECT}, not {self.cfg.select!r}")
         qs, qsl, gs, gsl = self._seen_split() if self.cfg.select == "zero-shot+seen" else ([], None, None, None)
         if len(qs):
             eq, eg = self._seen_embeddings()
@@ -291,7 +286,7 @@ class Finetuner:
 
     def choose_retrieval(self, edge_weights: tuple = (0.0, 0.25, 0.5, 0.75),
                          diffusion: tuple = (0, 3, 5, 10, 20),
-                         calibration: tuple = CALIBRATION_GRID) -> tuple[dict, dict]:
+                         calibration: tuple = CALIBRATION_GRID) -> tuple[RetrievalSettings, dict]:
         """How galleries are searched, chosen by what a person sees (hit@5, then P@5, then
         P@10: the first row, then the next) on held-out training data; mAP@all is reported
         but never decides:
@@ -365,7 +360,8 @@ class Finetuner:
             scores[label(r)] = r
             if (round(r["P@10"], 3), -k) > (round(best["P@10"], 3), -best["diffusion_k"]):
                 best = r
-        return {k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch", "seen_calibration")}, scores
+        return RetrievalSettings.from_meta({k: best[k] for k in ("edge_weight", "diffusion_k", "flip_sketch",
+                                                                 "seen_calibration")}), scores
 
     @torch.no_grad()
     def _seen_embeddings(self, views: bool = False) -> tuple:
@@ -562,13 +558,14 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, cache: Optional[Pa
         log.info("fp16 check: %s", json.dumps(fp16))
         # How sure searches are ("sure", "not in this gallery?") is calibrated on the saved
         # model as the app runs it: `calibrate-confidence` (eval.confidence).
-        retrieval = {**chosen, "validation": by_setting}
+        retrieval = chosen.merged_into({"validation": by_setting})
     else:
-        chosen, fp16 = dict(PLAIN_SEARCH), None
-        retrieval = {**chosen, "note": "not chosen (train-only run): choose with finetune --init THIS --steps 0"}
-        log.info("train-only: searched plainly until a run with --init and --steps 0 chooses how")
-    ft.model.head.photo_edge_weight = chosen["edge_weight"]
-    ft.model.head.config["photo_edge_weight"] = chosen["edge_weight"]
+        chosen, fp16 = PLAIN_SEARCH, None  # the embedding's cosine alone
+        retrieval = chosen.merged_into(
+            {"note": "not chosen (--no-choose-settings run): choose with finetune --init THIS --steps 0"})
+        log.info("--no-choose-settings: searched plainly until a run with --init and --steps 0 chooses how")
+    ft.model.head.photo_edge_weight = chosen.edge_weight
+    ft.model.head.config["photo_edge_weight"] = chosen.edge_weight
     meta = {
         "encoder": cfg.encoder,
         "image_size": cfg.image_size,

@@ -1,6 +1,5 @@
-"""The training losses of both trainers (`train`: heads on frozen features; `finetune`: end
-to end), beside their plain cross-entropies: ZSCMR's cross-modal triplets, the photo <->
-own edge map instance term, class-level contrast, soft text targets (semantic label
+"""The training losses of `finetune`, beside its plain cross-entropies: ZSCMR's cross-modal
+triplets, the photo <-> own edge map instance term, soft text targets (semantic label
 smoothing) and two ways of keeping what the ImageNet backbone knew (SAKE): its
 photo-to-photo relations, or its class predictions."""
 from __future__ import annotations
@@ -34,17 +33,6 @@ def instance_pairs(photos: torch.Tensor, edges: torch.Tensor, temperature: float
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def supcon(a: torch.Tensor, b: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, t: float) -> torch.Tensor:
-    """Class-level contrastive a->b: every same-class b is a positive."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / t
-    pos = (la[:, None] == lb[None, :]).float()
-    has = pos.sum(1) > 0
-    if not has.any():
-        return a.sum() * 0
-    logp = logits.log_softmax(1)
-    return -((logp * pos).sum(1)[has] / pos.sum(1)[has]).mean()
 
 
 def semantic_targets(text: torch.Tensor, smoothing: float, temperature: float) -> Optional[torch.Tensor]:
