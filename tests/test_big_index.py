@@ -72,16 +72,14 @@ def test_ivfpq_shortlist_is_rescored_with_exact_vectors(data, ivfpq) -> None:
 
 def test_auto_picks_the_index_by_size(data, monkeypatch) -> None:
     assert ann.choose_index_type(399) == "flat"
-    assert ann.choose_index_type(ann.AUTO_FLAT_MAX + 1) == "hnsw"
-    assert ann.choose_index_type(ann.AUTO_HNSW_MAX + 1) == "ivfpq"
+    assert ann.choose_index_type(ann.AUTO_FLAT_MAX) == "flat"
+    assert ann.choose_index_type(ann.AUTO_FLAT_MAX + 1) == "ivfpq"
     assert ann.choose_index_type(10 ** 9, "flat") == "flat"  # an explicit choice wins
     with pytest.raises(Exception, match="unknown index type"):
         ann.choose_index_type(10, "annoy")
     x, _, _ = data
     monkeypatch.setattr(ann, "AUTO_FLAT_MAX", 500)
-    monkeypatch.setattr(ann, "AUTO_HNSW_MAX", 1500)
     assert Gallery.from_embeddings(x[:400], index_type="auto").index_type == "flat"
-    assert Gallery.from_embeddings(x[:1000], index_type="auto").index_type == "hnsw"
     g = Gallery.from_embeddings(x[:2000], index_type="auto", pq_m=4)  # few codes: only the choice is tested
     assert g.index_type == "ivfpq" and g.meta["requested_index_type"] == "auto"
 

@@ -191,8 +191,8 @@ def add(sub: Any) -> None:
     p.add_argument("--checkpoint", default="default", metavar="default|none|PATH",
                    help="trained heads: the shipped default, none (raw backbone) or a file (default: default)")
     p.add_argument("--index-type", choices=common.INDEX_TYPES, default="auto",
-                   help="auto (default) = by size: exact flat up to 50k pictures, hnsw to 250k, ivfpq beyond "
-                        "(compressed, shortlist re-scored exactly); or name one")
+                   help="auto (default) = by size: exact flat up to 50k pictures, ivfpq beyond (compressed, "
+                        "shortlist re-scored exactly); or name one (hnsw: faster, less exact when calibrated)")
     p.add_argument("--modality", choices=common.GALLERY_MODALITIES, default="photo", help="what the images are")
     p.add_argument("--no-tokens", action="store_true", help="do not store token grids (no explanations)")
     p.add_argument("--batch-size", type=int, default=16)
