@@ -118,7 +118,10 @@ def main() -> None:
         tmp = Path(tmp)
         manifest = tmp / "photos.csv"
         manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in photos))
+        t = time.perf_counter()
         inputs = None if args.check else model_inputs(encoder, photos)
+        if inputs:  # decoding and preprocessing alone, in this one thread: what a GPU node must feed
+            out["decode_ms_per_photo"] = round((time.perf_counter() - t) / n * 1000, 2)
         ceilings = [ceiling(encoder, inputs, args.batch_size)] if inputs else []
         t = time.perf_counter()
         local, report = build_gallery(manifest, tmp / "local", encoder, batch_size=args.batch_size, progress=False,
