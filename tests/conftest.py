@@ -17,7 +17,9 @@ def raw_encoder():
     """The raw EfficientNet-Lite0 backbone (no checkpoint), loaded once per session."""
     from sbir_core.models.encoders import create_encoder
 
-    return create_encoder(checkpoint="none")
+    enc = create_encoder(checkpoint="none")
+    enc.backbone.fuse_for_inference()  # as the app serves it (RetrievalService): a cheaper forward pass
+    return enc
 
 
 @pytest.fixture(scope="session")

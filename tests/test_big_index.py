@@ -41,7 +41,8 @@ def data():
 @pytest.fixture(scope="module")
 def ivfpq(data):
     x, _, cal = data
-    return Gallery.from_embeddings(x, index_type="ivfpq", calibration=cal, diffusion_k=3)
+    # 8 codes of 8 dimensions (the default is one per 4): half the PQ training, same code path
+    return Gallery.from_embeddings(x, index_type="ivfpq", calibration=cal, diffusion_k=3, pq_m=8)
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
