@@ -580,8 +580,8 @@ class RetrievalService:
         return lg.emap
 
     def map_image(self, query_embedding: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
-             gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
-             query_label: str = "your drawing") -> MapImage:
+                  gallery: Optional[str] = None, size: tuple[int, int] = (640, 560),
+                  query_label: str = "your drawing") -> MapImage:
         """The gallery's t-SNE map (thumbnails, class names) with the query placed in it
         (a star) and `highlight` (the top-k rows, best first) framed. With results, the
         star goes where most of its best results sit together (`place_by_results`), so it

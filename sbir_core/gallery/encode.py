@@ -51,7 +51,9 @@ def encode_batches(
     Both engines encode through here (the Ray engine's actors too), so they see the same
     pixels. A file that cannot be decoded or encoded is added to `skipped` and left out.
     One thread decodes and preprocesses the next batch while torch (which releases the
-    GIL) encodes this one: decoding no longer adds to the encoder's time.
+    GIL) encodes this one. On a machine with cores to spare that hides decoding; on 2 cores
+    the thread competes with torch's own (docs/BENCHMARKS.md I33a: 0.73-0.77 of the encoder's
+    speed alone).
     """
     import torch  # here: importing the gallery writer stays light
     from tqdm import tqdm
