@@ -29,9 +29,9 @@ INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 REQUESTABLE = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # what a build may ask for
 # `auto` by size (scripts/bench_index.py on 2 cores, docs/BENCHMARKS.md I33b): exact search
 # stays under ~10 ms to 50k pictures; past that IVF-PQ + exact re-scoring. HNSW is never
-# chosen: on clustered vectors ranked with seen-class calibration its shortlist misses
-# (recall@10 0.81 at 100k against IVF-PQ's 1.00, same build time and query time), and it
-# holds every vector again in memory. It stays available by name.
+# chosen: on clustered vectors ranked as the app ranks (calibration, diffusion) its shortlist
+# misses (recall@10 0.50-0.61 at 100k against IVF-PQ's 1.00, I33b), and it holds every
+# vector again in memory. It stays available by name.
 AUTO_FLAT_MAX = 50_000
 
 HNSW_M = 32
