@@ -128,7 +128,7 @@ def explanation_markdown(ex: Any, kind: str = "sketch") -> str:
     if not ex.ok or ex.hit is None:
         return _md(ex.message)
     what = "your photo" if kind == "photo" else "your drawing"
-    return (f"Result {ex.hit.rank + 1}: **{_md(ex.hit.name)}**. Each line joins a part of {what} to a part of "
+    return (f"{ex.hit.heading}: **{_md(ex.hit.name)}**. Each line joins a part of {what} to a part of "
             f"this picture that looks the same. Below: {what} built from pieces of this picture, and the "
             f"places in it that agree with {what}." + _details(ex.message))
 

@@ -491,7 +491,6 @@ class RetrievalService:
             if not 0 <= i < len(query.hits):
                 return ExplanationImages(False, f"There is no result number {i + 1}.")
             hit = query.hits[i]
-        i = hit.rank
         # The message's order note depends on the results after this one, so on k too.
         key = (query.key, query.gallery, hit.index, self.relation is not None, len(query.hits))
         cached = self._explanations.get(key)
@@ -501,7 +500,7 @@ class RetrievalService:
             ex = explain_pair(self.encoder, query.image, hit.path, relation=self.relation, query_kind=query.kind)
             label = hit.label.replace("_", " ") or "this image"
             score = f", relation score {ex.relation_score:.2f}" if ex.relation_score is not None else ""
-            msg = (f"Result {i + 1}: {label} (similarity {hit.score:.2f}{score}). "
+            msg = (f"{hit.heading}: {label} (similarity {hit.score:.2f}{score}). "
                    + self._order_note(query, hit)
                    + f"Lines join the parts of your {'drawing' if query.kind == 'sketch' else 'photo outline'} "
                    f"to the parts of the image that look most alike.")
@@ -547,8 +546,9 @@ class RetrievalService:
             return None
         score = float(lg.gallery.raw_embeddings[row] @ query.embedding)
         rank = lg.gallery.rank_of(query.embedding, row)
-        return SearchResult(rank=rank, index=row, path=lg.paths[row], score=score, label=lg.labels[row],
-                            thumb=self.thumbnail(lg, row))
+        past = rank is None  # a big gallery ranks its shortlist only
+        return SearchResult(rank=lg.gallery.shortlist if past else rank, index=row, path=lg.paths[row], score=score,
+                            label=lg.labels[row], thumb=self.thumbnail(lg, row), past_shortlist=past)
 
     def row_of_thumbnail(self, gallery: Optional[str], path: str, label: Optional[str] = None) -> Optional[int]:
         """The gallery row a results-grid image shows (thumbnails are named <row>.jpg);
@@ -594,7 +594,10 @@ class RetrievalService:
             if query_embedding is not None:
                 xy = m.place_by_results(hl) if hl else m.place(
                     np.asarray(query_embedding, dtype=np.float32).reshape(1, -1))[0]
-            title = f"{lg.name}: {len(lg)} {'drawings' if lg.modality == 'sketch' else 'pictures'}" + (
+            what = 'drawings' if lg.modality == 'sketch' else 'pictures'
+            # A big gallery's map shows a sample of it, and says so.
+            title = (f"{lg.name}: {len(m):,} of its {len(lg):,} {what}" if m.sampled else
+                     f"{lg.name}: {len(lg)} {what}") + (
                 (" · ★ sits with its best matches (pink frames)" if hl else " · ★ = you") if xy is not None else "")
             # Thumbnails are decoded once per map (it caches them and the base layer).
             marks = m.marks(query_xy=xy, highlight=hl, size=size, title=title, query_label=query_label,

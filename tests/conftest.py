@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import socket
 import threading
@@ -10,6 +11,23 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+# What is imported to run the tests (torch, gradio, sbir_core: ~1M objects) lives to the end,
+# yet each full garbage collection walked all of it again: ~15 while the test files are
+# imported, ~2 s of a quick run, and more during the tests. Importing makes next to no garbage,
+# so the collector waits until the tests are collected, then leaves all of that out (frozen).
+gc.disable()
+
+
+def pytest_collection_finish(session) -> None:
+    gc.enable()
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_unconfigure(config) -> None:
+    gc.freeze()  # the interpreter's collections at exit: everything created since (~1.5 s)
 
 
 @pytest.fixture(scope="session")
@@ -110,10 +128,15 @@ CLIENT_TIMEOUT_S = 120
 
 
 def api_client(url: str, **kwargs):
-    """A gradio_client Client for a served page, with CLIENT_TIMEOUT_S per request."""
+    """A gradio_client Client for a served page, with CLIENT_TIMEOUT_S per request.
+
+    ssl_verify=False: the pages are plain http on loopback, so no certificate is ever checked,
+    but with it on httpx loads the CA bundle for every request gradio_client makes (~30 ms each,
+    ~100 calls in the quick subset)."""
     from gradio_client import Client
 
-    return Client(url, verbose=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S}, **kwargs)
+    assert url.startswith("http://127.0.0.1:"), url  # never a remote or TLS page without checks
+    return Client(url, verbose=False, ssl_verify=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S}, **kwargs)
 
 
 @contextlib.contextmanager
@@ -153,6 +176,20 @@ def app_service(app_galleries, raw_encoder, tmp_path_factory):
     return RetrievalService(app_galleries, gallery="default", encoder=raw_encoder, relation=None,
                             cache_dir=tmp_path_factory.mktemp("app_cache"),
                             uploads_dir=tmp_path_factory.mktemp("app_uploads"))
+
+
+@pytest.fixture(scope="session")
+def live_app(app_galleries, raw_encoder, tmp_path_factory):
+    """One page served for the session (test_app_api.py, test_classroom.py), with Gradio's
+    temporary folder where tests can watch it: (url, service, that folder). Starting a page
+    costs ~1 s, so the tests that only call it share one; each gradio_client is its own
+    visitor (own session state and class galleries), which is what they check. A test that
+    needs other settings or a restart serves its own (running_app, serve)."""
+    base = tmp_path_factory.mktemp("live_app")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(base / "gradio"))
+        with running_app(app_galleries, raw_encoder, base / "home") as (url, service):
+            yield url, service, base / "gradio"
 
 
 @contextlib.contextmanager

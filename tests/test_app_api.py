@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(app_galleries, raw_encoder, tmp_path_factory):
-    base = tmp_path_factory.mktemp("api")
-    with running_app(app_galleries, raw_encoder, base) as (url, service):
-        yield url, service, base
+def server(live_app):
+    """(url, service, Gradio's temporary folder): conftest's page, shared with test_classroom."""
+    return live_app
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +239,7 @@ def test_only_thumbnails_are_served_from_disk(server):
     import urllib.error
     import urllib.request
 
-    url, service, base = server
+    url, service, _ = server
     meta = service.gallery("default").directory / "gallery.json"
     for path in (meta, ROOT / "app.py", checkpoint_path("default"), *(ROOT / "checkpoints").glob("*.safetensors")):
         try:

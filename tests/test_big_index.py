@@ -41,8 +41,10 @@ def data():
 @pytest.fixture(scope="module")
 def ivfpq(data):
     x, _, cal = data
-    # 8 codes of 8 dimensions (the default is one per 4): half the PQ training, same code path
-    return Gallery.from_embeddings(x, index_type="ivfpq", calibration=cal, diffusion_k=3, pq_m=8)
+    # 4 codes of 16+ dimensions (the default is one per 4): the same code path at a tenth of the
+    # PQ training (1.5 s -> 0.2 s), and coarser codes leave more to the exact re-scoring the
+    # recall test checks (measured overlap with exact search: 1.0, as with 8 codes)
+    return Gallery.from_embeddings(x, index_type="ivfpq", calibration=cal, diffusion_k=3, pq_m=4)
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:

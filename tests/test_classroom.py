@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 app = pytest.importorskip("sbir_app", reason="the app needs gradio")
-from conftest import api_client, running_app  # noqa: E402
+from conftest import api_client  # noqa: E402
 from sbir_app import page, pacing  # noqa: E402
 
 SQUARE = json.dumps([[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]])
@@ -20,14 +20,10 @@ def _files(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def served(app_galleries, raw_encoder, tmp_path_factory):
-    """One page served for the tests that only search it, with Gradio's temporary folder
+def served(live_app):
+    """conftest's page for the tests that only search it, with Gradio's temporary folder
     where they can watch it: (url, service, that folder)."""
-    base = tmp_path_factory.mktemp("classroom")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(base / "gradio"))
-        with running_app(app_galleries, raw_encoder, base / "home") as (url, service):
-            yield url, service, base / "gradio"
+    return live_app
 
 
 def test_searches_write_no_file_and_thumbnails_are_served_where_they_lie(served):

@@ -84,6 +84,30 @@ def test_import_sbir_core_does_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_big_jpegs_in_a_photo_gallery_decode_at_a_reduced_scale(tmp_path, raw_encoder):
+    from PIL import Image
+
+    from sbir_core.data.images import load_image
+
+    src = write_shapes(tmp_path / "shapes")
+    folder = tmp_path / "photos" / "circle"
+    folder.mkdir(parents=True)
+    shape = Image.open(src / "circle" / "circle_0.png").convert("RGB")
+    shape.resize((2400, 1800), Image.Resampling.BICUBIC).save(folder / "big.jpg", quality=90)
+    shape.resize((300, 200), Image.Resampling.BICUBIC).save(folder / "small.jpg", quality=90)
+    size = raw_encoder.image_size
+    assert load_image(folder / "big.jpg").size == (2400, 1800)
+    reduced = load_image(folder / "big.jpg", at_least=size)
+    assert min(reduced.size) >= size and reduced.size[0] <= 2400 // 4  # 1/4 or 1/8, never below the encoder's size
+    small = load_image(folder / "small.jpg", at_least=size)
+    assert small.size == (300, 200) and small.tobytes() == load_image(folder / "small.jpg").tobytes()
+    g, _ = build_gallery(tmp_path / "photos", tmp_path / "g", raw_encoder, checkpoint="none", progress=False)
+    row = g.paths.index(str(folder / "big.jpg"))
+    full, drafted = (raw_encoder.encode_photo(im) for im in (load_image(folder / "big.jpg"), reduced))
+    np.testing.assert_allclose(g.raw_embeddings[row], drafted, atol=1e-5)  # the engine decoded it reduced
+    assert float(full @ drafted) > 0.99  # and it is the same picture to the encoder
+
+
 # ----------------------------------------------------------------------------- the Ray engine
 @pytest.fixture(scope="module")
 def local_ray():

@@ -15,7 +15,6 @@ SLOW = {
     "test_packed_training.py": "trains runs with the device script",
     "test_model_quality.py": "benchmarks the shipped model on the shared data",
     "test_install.py::test_wheel_installs_find_the_shipped_checkpoint": "pip-installs the project several times",
-    "test_preprocess.py::test_thin_lines_stay_readable_after_large_downscale": "one 3000 px drawing, 20-50 s",
     "test_embed_engines.py::test_ray_engine_matches_the_default_engine": "starts a local Ray cluster",
     "test_embed_engines.py::test_ray_engine_resumes_from_its_shards": "starts a local Ray cluster",
     "test_classroom.py::test_uploads_are_deleted_even_while_more_arrive": "waits out real sweep ages (4 s of wall time)",

@@ -66,7 +66,6 @@ def test_crop_to_ink_with_margin_and_square():
     assert (ys.max() - ys.min()) < (xs.max() - xs.min())  # aspect ratio kept
 
 
-@pytest.mark.slow  # one 3000 px drawing through line thickening: 20-50 s on the 2-core CPU
 def test_thin_lines_stay_readable_after_large_downscale():
     img = canvas(size=(3000, 3000), box=(100, 100, 2900, 2900), width=3)
     out = preprocess_sketch(img)
@@ -114,3 +113,35 @@ def test_contour_pseudo_sketches_keep_the_outline_and_drop_texture():
     outline[30:45, 60:165] = True  # a band across the top side
     assert canny[inside].sum() > 50 and contour[inside].sum() < canny[inside].sum() / 10
     assert contour[outline].sum() > 0.8 * canny[outline].sum() > 0
+
+
+def test_model_inputs_are_the_preprocessed_pixels_over_255(raw_encoder):
+    """The encoder's transforms give exactly the 8-bit pixels / 255 as float32, whatever the
+    photo's mode (the gallery engines and the queries must see the same numbers)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (90, 140, 3), dtype=np.uint8))
+    for img in (rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P")):
+        expected = np.asarray(preprocess_photo(img, raw_encoder.image_size).convert("RGB"), np.float32) / 255.0
+        x = raw_encoder.photo_transform(img)
+        assert x.dtype.is_floating_point and tuple(x.shape) == (3, raw_encoder.image_size, raw_encoder.image_size)
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), expected)
+
+
+def test_line_thickening_is_pils_max_filter(monkeypatch):
+    """The dilation before a large downscale gives what PIL's MaxFilter gave (OpenCV's is
+    separable: a 3000 px scan took 19 s with PIL's)."""
+    import cv2
+    from PIL import ImageFilter
+
+    img = canvas(size=(900, 700), box=(60, 40, 850, 660), width=2)
+    fast = preprocess_sketch(img, size=160)
+
+    kernels = []
+
+    def pil_max(a, kernel):
+        kernels.append(kernel.shape[0])
+        return np.asarray(Image.fromarray(a).filter(ImageFilter.MaxFilter(kernel.shape[0])))
+
+    monkeypatch.setattr(cv2, "dilate", pil_max)
+    assert np.array_equal(np.asarray(fast), np.asarray(preprocess_sketch(img, size=160)))
+    assert kernels and kernels[0] >= 5  # the lines were thickened

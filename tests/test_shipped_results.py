@@ -30,16 +30,10 @@ def top10(service) -> dict[str, list[dict]]:
     return dict(sorted(out.items()))
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    from sbir_core.service import RetrievalService
-
-    base = tmp_path_factory.mktemp("shipped_results")
-    return RetrievalService(ROOT / "galleries", gallery="default", checkpoint="default", relation=None,
-                            cache_dir=base / "cache", uploads_dir=base / "user")
-
-
-def test_the_examples_top_10_are_as_recorded(service):
+def test_the_examples_top_10_are_as_recorded(shipped_service):
+    """shipped_service (conftest): the app's service over ROOT/galleries, loaded once a session."""
+    service = shipped_service
+    assert service.store.root.resolve() == (ROOT / "galleries").resolve()
     want = json.loads(GOLDEN.read_text(encoding="utf-8"))["results"]
     got = top10(service)
     assert sorted(got) == sorted(want) == sorted(e.name for e in list_examples())

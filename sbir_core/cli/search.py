@@ -55,6 +55,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
         require_ray()  # before the encoder loads: say at once how to install it
     encoder = common.load_encoder(args.encoder, args.checkpoint)
+    encoder.backbone.fuse_for_inference()  # this encoder only embeds: a third less CPU a picture, as the app
     if args.share is not None:
         return _share(args, source, encoder)
     settings = dict(modality=args.modality, index_type=args.index_type, store_tokens=not args.no_tokens,

@@ -7,9 +7,14 @@ results sit together), so its star lands with what the search found; without
 results, `place(queries)` positions it with openTSNE's own `TSNEEmbedding.transform`
 (the reference points stay fixed). Either way the map is never recomputed per search.
 
+A gallery above `MAP_MAX_POINTS` pictures is mapped on a class-stratified sample
+(`map_sample`); the map knows each point's gallery row, and places result rows outside
+the sample by their embeddings, so highlights and `place_by_results` take any row.
+
 Storage (`save(dir)`): `embedding_map.npz` (coords, the reference data t-SNE saw:
 normalised embeddings, or above 2000 points their 50-d PCA projection plus the PCA
-mean/components) and `embedding_map.json` (labels, parameters). No pickle: loading
+mean/components; a sample's gallery rows) and `embedding_map.json` (labels, parameters;
+a sample's gallery size). No pickle: loading
 is two file reads; the openTSNE objects `place` needs are rebuilt on the fly
 (exact brute-force kNN against the reference, fast for the ~10k points a gallery
 map is for). Timings on the shared 2-core CPU: ~1-2 s to fit 400 points, ~1.5 min
@@ -19,8 +24,8 @@ Rendering (`render`, PIL only) is in two layers: a base layer (the gallery as sm
 thumbnails at their map positions, or dots), built once per size and cached on the
 map, thumbnails decoded once per row; and per render, on a copy of it, the title, the
 results' frames, the class names (none under the query's star or caption), the star and
-rank numbers (`marks()` says where each goes): a few ms per query for a 400-image
-gallery (~0.2 s the first time, decoding included).
+rank numbers (`marks()` says where each goes; `map_overlay` draws them): a few ms per
+query for a 400-image gallery (~0.2 s the first time, decoding included).
 
 Typical use::
 
@@ -45,8 +50,10 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sbir_core.explain.map_drawing import (BACKGROUND, HIGHLIGHT, INK, LABEL_PX, MAX_RANK_NUMBERS, MAX_STRETCH, MapLayout, MapMarks, PALETTE, RENDER_CACHE_ENTRIES, RESULT_MAX_MOVE, RESULT_ZOOM, THUMB_KEEP, ThumbnailSource, UNLABELLED, badge_spot, canvas_size, caption_spot, choose_thumbnails, draw_caption, fit, map_font, overlap, paste_badge, paste_dot, paste_ring, paste_star, small_image, spread)
-from sbir_core.explain.map_labels import clear_labels, draw_labels, place_labels
+from sbir_core.explain.map_drawing import (BACKGROUND, LABEL_PX, MAX_STRETCH, MapLayout, MapMarks, PALETTE, RENDER_CACHE_ENTRIES, RESULT_MAX_MOVE, RESULT_ZOOM, THUMB_KEEP, ThumbnailSource, UNLABELLED, canvas_size, caption_spot, choose_thumbnails, fit, paste_dot, small_image, spread)
+from sbir_core.explain.map_labels import clear_labels, place_labels
+from sbir_core.explain.map_overlay import draw_marks
+from sbir_core.explain.map_sample import MAP_MAX_POINTS, fits, read_rows, sample_of
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +106,14 @@ class EmbeddingMap:
         perplexity: float = 30.0,
         seed: int = 0,
         projection: Optional[tuple[np.ndarray, np.ndarray]] = None,
+        rows: Optional[np.ndarray] = None,
+        gallery_size: Optional[int] = None,
     ) -> None:
         """coords (N, 2); reference (N, d): the data t-SNE saw (normalised embeddings,
-        or their PCA projection when `projection` = (mean (D,), components (d, D)))."""
+        or their PCA projection when `projection` = (mean (D,), components (d, D))).
+        A map of a sample of a big gallery (`map_sample`) has each point's gallery row
+        (`rows`, ascending) and the gallery's size; else point i is row i. Methods take
+        gallery rows; rows outside the sample are placed by their embeddings (`attach`)."""
         self.coords = np.asarray(coords, dtype=np.float32)
         self.projection = None if projection is None else (np.asarray(projection[0], np.float32),
                                                             np.asarray(projection[1], np.float32))
@@ -113,6 +125,12 @@ class EmbeddingMap:
             raise ValueError(f"{len(self.labels)} labels for {len(self.coords)} points")
         self.perplexity = float(perplexity)
         self.seed = int(seed)
+        self.rows = np.arange(len(self.coords), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        self.gallery_size = len(self.coords) if gallery_size is None else int(gallery_size)
+        if len(self.rows) != len(self.coords) or np.any(np.diff(self.rows) <= 0) or (
+                len(self.rows) and not 0 <= self.rows[0] <= self.rows[-1] < self.gallery_size):
+            raise ValueError(f"map rows must be {len(self.coords)} ascending rows of a {self.gallery_size}-row gallery")
+        self._source: Optional[tuple[Any, Any]] = None  # (rows -> embeddings, row -> label), from `attach`
         self._affinities = None  # openTSNE affinities against the reference, built on first place()
         # render(): decoded thumbnails (row -> small RGB image) and base layers, built on demand
         self._render_lock = threading.RLock()
@@ -122,6 +140,39 @@ class EmbeddingMap:
 
     def __len__(self) -> int:
         return len(self.coords)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the map shows only a sample of its gallery's pictures."""
+        return self.gallery_size != len(self.coords)
+
+    def attach(self, embeddings_of: Any, label_of: Any) -> None:
+        """How to read rows outside the sample: `embeddings_of(rows)` -> (k, D), `label_of(row)`."""
+        self._source = (embeddings_of, label_of)
+
+    def points_of(self, rows: Sequence[int]) -> np.ndarray:
+        """(k,) the map point of each gallery row, -1 for rows outside the sample."""
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(r) and (r.min() < 0 or r.max() >= self.gallery_size):
+            raise IndexError(f"rows must lie in [0, {self.gallery_size})")
+        if not self.sampled:
+            return r
+        at = np.minimum(np.searchsorted(self.rows, r), len(self.rows) - 1)  # a sampled map has points
+        return np.where(self.rows[at] == r, at, -1)
+
+    def _resolve(self, rows: Sequence[int]) -> tuple[np.ndarray, Optional[list[str]]]:
+        """((k, 2) map positions, classes or None) of gallery rows; rows off the map by neighbours."""
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        pts = self.points_of(r)
+        xy, out = self.coords[np.maximum(pts, 0)], pts < 0
+        if out.any():
+            if self._source is None:
+                raise IndexError(f"row {int(r[out][0])} is not on this sampled map (no gallery attached)")
+            xy[out] = self._place_by_neighbours(self._prepare(self._source[0](r[out])))
+        if self.labels is None:
+            return xy, None
+        labels = [self.labels[p] if p >= 0 else str(self._source[1](int(row)) or "") for p, row in zip(pts, r)]
+        return xy, labels
 
     @property
     def dim(self) -> int:
@@ -203,15 +254,19 @@ class EmbeddingMap:
         top = np.asarray([int(r) for r in rows][:STAR_RESULTS], dtype=int)
         if not len(top):
             raise ValueError("placing by results needs at least one result")
-        if top.min() < 0 or top.max() >= len(self):
-            raise IndexError(f"result rows must lie in [0, {len(self)})")
-        d = np.linalg.norm(self.coords[top][:, None] - self.coords[None], axis=2)  # (k, N)
-        near = np.argsort(d, axis=1, kind="stable")[:, :STAR_NEIGHBOURS]
+        if top.min() < 0 or top.max() >= self.gallery_size:
+            raise IndexError(f"result rows must lie in [0, {self.gallery_size})")
+        at, _ = self._resolve(top)
+        # Results outside a sampled map join its points where they were placed.
+        out = self.points_of(top) < 0
+        pts, ids = np.concatenate([self.coords, at[out]]), np.concatenate([self.rows, top[out]])
+        d = np.linalg.norm(at[:, None] - pts[None], axis=2)  # (k, N)
+        near = ids[np.argsort(d, axis=1, kind="stable")[:, :STAR_NEIGHBOURS]]
         member = (top[None, :, None] == near[:, None, :]).any(2)  # member[i, j]: result j by result i
         w = 1.0 / (1.0 + np.arange(len(top)))
         best = max(range(len(top)), key=lambda i: (int(member[i].sum()), float(member[i] @ w), -i))
         g = member[best]
-        return ((w[g, None] * self.coords[top[g]]).sum(0) / w[g].sum()).astype(np.float32)
+        return ((w[g, None] * at[g]).sum(0) / w[g].sum()).astype(np.float32)
 
     # ---- persistence
     def save(self, directory: Union[str, Path]) -> Path:
@@ -222,11 +277,15 @@ class EmbeddingMap:
         arrays = {"coords": self.coords, "reference": self.reference.astype(np.float32)}
         if self.projection is not None:
             arrays.update(pca_mean=self.projection[0], pca_components=self.projection[1])
+        if self.sampled:  # a whole gallery's map stays the files it always was
+            arrays.update(rows=self.rows)
         np.savez(tmp, **arrays)
         os.replace(tmp, d / MAP_NPZ)
         meta = {"format_version": FORMAT_VERSION, "n": len(self), "dim": self.dim,
                 "perplexity": self.perplexity, "seed": self.seed, "metric": self.metric,
                 "labels": self.labels}
+        if self.sampled:
+            meta["gallery_size"] = self.gallery_size
         tmpj = d / (MAP_JSON + ".tmp")
         tmpj.write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmpj, d / MAP_JSON)
@@ -250,17 +309,28 @@ class EmbeddingMap:
         with np.load(d / MAP_NPZ) as z:
             coords, reference = z["coords"], z["reference"]
             projection = (z["pca_mean"], z["pca_components"]) if "pca_components" in z.files else None
+            rows = z["rows"] if "rows" in z.files else None
         return cls(coords, reference, labels=meta.get("labels"), perplexity=meta["perplexity"], seed=meta["seed"],
-                   projection=projection)
+                   projection=projection, rows=rows, gallery_size=meta.get("gallery_size"))
 
     # ---- output for the app
     def to_plot_data(self, query_xy: Optional[np.ndarray] = None,
                      highlight: Optional[Sequence[int]] = None) -> dict[str, Any]:
-        """JSON-able dict: {'points': [{x, y, label, index}], 'query': {x, y} | None,
-        'highlight': [indices], 'classes': [sorted labels], 'bounds': [xmin, xmax, ymin, ymax]}."""
+        """JSON-able dict: {'points': [{x, y, label, index (gallery row)}], 'query': {x, y} | None,
+        'highlight': [rows], 'classes': [sorted labels], 'bounds': [xmin, xmax, ymin, ymax]};
+        a sampled map adds 'pictures' (the gallery's size) and 'placed' (highlighted rows
+        outside the sample, as points)."""
         labels = self.labels or [""] * len(self)
-        pts = [{"x": float(x), "y": float(y), "label": lab, "index": i}
-               for i, ((x, y), lab) in enumerate(zip(self.coords.tolist(), labels))]
+        pts = [{"x": float(x), "y": float(y), "label": lab, "index": int(i)}
+               for i, (x, y), lab in zip(self.rows.tolist(), self.coords.tolist(), labels)]
+        hl = [int(i) for i in (highlight if highlight is not None else [])]
+        placed = []
+        if self.sampled and hl:
+            out = [r for r, p in zip(hl, self.points_of(hl)) if p < 0]
+            if out:
+                xy, labs = self._resolve(out)
+                placed = [{"x": float(x), "y": float(y), "label": lab, "index": r}
+                          for r, (x, y), lab in zip(out, xy.tolist(), labs or [""] * len(out))]
         query = None
         if query_xy is not None:
             qa = np.asarray(query_xy, dtype=np.float64).reshape(-1, 2)
@@ -271,9 +341,10 @@ class EmbeddingMap:
         return {
             "points": pts,
             "query": query,
-            "highlight": [int(i) for i in (highlight if highlight is not None else [])],
+            "highlight": hl,
             "classes": sorted(set(self.labels)) if self.labels else [],
             "bounds": [float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])],
+            **({"pictures": self.gallery_size, "placed": placed} if self.sampled else {}),
         }
 
     # ---- the picture
@@ -354,7 +425,8 @@ class EmbeddingMap:
             except Exception as exc:  # a missing/corrupt file: a grey tile, the map still draws
                 log.warning("no thumbnail for map row %d: %s", row, exc)
                 im = Image.new("RGB", (THUMB_KEEP, THUMB_KEEP), (200, 200, 200))
-            self._thumb_small[row] = im
+            if not self.sampled or self.points_of([row])[0] >= 0:  # kept for the map's own rows only: bounded
+                self._thumb_small[row] = im
         return im
 
     def _base(self, size: tuple[int, int], title: Optional[str], thumbs: bool) -> tuple["MapLayout", Image.Image]:
@@ -376,7 +448,7 @@ class EmbeddingMap:
                 paste_dot(img, pix[i], lay.dot_r, colours[i])
             px = lay.thumb_px
             for i in lay.shown:  # bottom to top
-                t = fit(self._small_thumb(int(i)), px)
+                t = fit(self._small_thumb(int(self.rows[i])), px)
                 x0, y0 = int(round(pix[i, 0] - t.width / 2)), int(round(pix[i, 1] - t.height / 2))
                 img.paste(t, (x0, y0))
                 draw.rectangle((x0 - 1, y0 - 1, x0 + t.width, y0 + t.height), outline=colours[i], width=1)
@@ -406,8 +478,9 @@ class EmbeddingMap:
         thumbs = thumbnails is not None
         hl = [int(i) for i in (highlight if highlight is not None else [])]
         for i in hl:
-            if not 0 <= i < len(self):
-                raise IndexError(f"highlight row {i} is outside the map's {len(self)} points")
+            if not 0 <= i < self.gallery_size:
+                raise IndexError(f"highlight row {i} is outside the map's {self.gallery_size} rows")
+        at, hl_labels = self._resolve(hl) if hl else (np.zeros((0, 2)), [])
         lay = self._base(size, title, thumbs)[0]  # cached with the base layer
         u, (W, H) = lay.unit, lay.size
         # The query marker first (drawn last): the results are arranged around it.
@@ -422,7 +495,7 @@ class EmbeddingMap:
                 mk.query_r = max(mk.query_image.size) / 2 + max(3, round(3 * u)) + 2
         r_q = mk.query_r
         fixed = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in mk.query]
-        pix = lay.to_pixels(self.coords[hl]) if hl else np.zeros((0, 2))
+        pix = lay.to_pixels(at) if hl else np.zeros((0, 2))
         mk.places = pix
         if thumbs and hl:
             # Results as framed thumbnails, moved apart (and off the query) a little, never
@@ -444,7 +517,7 @@ class EmbeddingMap:
             mk.caption = caption_spot(mk.query[0], r_q, lay, mk.boxes + fixed[1:], query_label)
         # No class name under the marker or its caption, none on another class's result.
         mk.labels = clear_labels(lay.labels, lay, fixed + ([mk.caption[2]] if mk.caption else []), mk.boxes,
-                                 [self.labels[r] for r in hl] if self.labels else ())
+                                 hl_labels if self.labels else ())
         return mk
 
     def render(self, query_xy: Optional[np.ndarray] = None, highlight: Optional[Sequence[int]] = None,
@@ -470,73 +543,8 @@ class EmbeddingMap:
 
     def draw(self, mk: MapMarks) -> Image.Image:
         """The picture of `marks()`'s answer (what `render` returns)."""
-        lay, title = mk.layout, mk.title
-        _, base = self._base(lay.size, title, mk.thumbnails)
-        img = base.copy()
-        draw = ImageDraw.Draw(img)
-        u, (W, H) = lay.unit, lay.size
-        if title:
-            tpx = lay.title_px
-            while tpx > 9 and map_font(tpx, bold=False).getlength(title) > W - 8:
-                tpx -= 1  # a long title shrinks to fit the width
-            draw.text((W / 2, lay.title_h / 2), title, fill=INK, font=map_font(tpx, bold=False), anchor="mm")
-        if mk.tiles:
-            fw = max(3, round(3 * u))
-            lw = max(2, round(2 * u))
-            for p0, p1, b in zip(mk.places, mk.centres, mk.boxes):
-                if np.abs(p1 - p0).max() > (b[2] - b[0]) / 4:  # a line from a moved result to its place
-                    draw.line((tuple(p0), tuple(p1)), fill=HIGHLIGHT, width=lw)
-                    paste_dot(img, p0, max(2.5, 3 * u), HIGHLIGHT)
-            for rank in range(len(mk.tiles) - 1, -1, -1):  # best on top
-                t, (x0, y0, x1, y1) = mk.tiles[rank], mk.boxes[rank]
-                draw.rectangle((x0 - 1, y0 - 1, x1, y1), fill=BACKGROUND)
-                draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=HIGHLIGHT)
-                img.paste(t, (int(x0 + fw), int(y0 + fw)))
-        else:
-            rr = lay.dot_r + max(3.0, 3 * u)
-            for rank in range(len(mk.centres) - 1, -1, -1):
-                paste_ring(img, mk.centres[rank], rr, max(2.0, 2 * u), HIGHLIGHT)
-        draw_labels(img, mk.labels, lay.label_px)  # over the pictures, readable in their white outline
-        r_q = mk.query_r
-        taken = [(p[0] - r_q, p[1] - r_q, p[0] + r_q, p[1] + r_q) for p in mk.query]
-        taken += [mk.caption[2]] if mk.caption else []
-        # Rank numbers 1-5 next to their result: at a corner of the frame if one is free
-        # (covering no other result if possible), else a little further out with a line to
-        # it; never over the query, its caption or another number.
-        bd = max(15, round(16 * u))
-        boxes = mk.boxes
-        for rank, box in enumerate(boxes[:MAX_RANK_NUMBERS]):
-            others = [o for k, o in enumerate(boxes) if k != rank] + [lab.box for lab in mk.labels]
-            spot = badge_spot(box, bd, (0, lay.title_h, W, H), taken, others)
-            if spot is None:
-                continue
-            if not overlap(spot, box, 1):
-                cx, cy = (spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2
-                ex, ey = min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])
-                draw.line(((cx, cy), (ex, ey)), fill=HIGHLIGHT, width=max(1, round(1.5 * u)))
-            paste_badge(img, ((spot[0] + spot[2]) / 2, (spot[1] + spot[3]) / 2), bd, str(rank + 1))
-            taken.append(spot)
-        draw = ImageDraw.Draw(img)
-        if mk.caption is not None and len(mk.query):  # a caption set apart: a line to its star
-            (cx, cy), b = mk.query[0], mk.caption[2]
-            ex, ey = min(max(cx, b[0]), b[2]), min(max(cy, b[1]), b[3])
-            if np.hypot(ex - cx, ey - cy) > mk.query_r + 8:
-                draw.line(((cx, cy), (ex, ey)), fill=INK, width=max(1, round(1.5 * u)))
-        qimg = mk.query_image
-        for p in mk.query:
-            if qimg is not None:
-                x0, y0 = int(round(p[0] - qimg.width / 2)), int(round(p[1] - qimg.height / 2))
-                fw = max(3, round(3 * u))
-                draw.rectangle((x0 - fw - 2, y0 - fw - 2, x0 + qimg.width + fw + 1, y0 + qimg.height + fw + 1),
-                               fill=BACKGROUND)
-                draw.rectangle((x0 - fw, y0 - fw, x0 + qimg.width + fw - 1, y0 + qimg.height + fw - 1), fill=INK)
-                img.paste(qimg, (x0, y0))
-                paste_star(img, (x0 - fw, y0 - fw), max(9, round(10 * u)))
-            else:
-                paste_star(img, p, r_q)
-        if mk.caption is not None:
-            draw_caption(img, mk.caption, lay)
-        return img
+        _, base = self._base(mk.layout.size, mk.title, mk.thumbnails)
+        return draw_marks(base, mk)
 
 
 def fit_map(embeddings: np.ndarray, labels: Optional[Sequence[str]] = None, seed: int = 0,
@@ -595,35 +603,43 @@ def _pca2(x: np.ndarray) -> np.ndarray:
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))).astype(np.float32)
 
 
-def _fits(m: "EmbeddingMap", gallery: Any) -> bool:
-    n = min(5, len(m))
-    return (len(m) == len(gallery) and m.dim == gallery.raw_embeddings.shape[1]
-            and np.allclose(m.reference[:n], gallery.raw_embeddings[:n], atol=1e-4))
-
-
 def gallery_map(gallery: Any, cache: Optional[Union[str, Path]] = None,
-                search: Sequence[Union[str, Path]] = ()) -> "EmbeddingMap":
+                search: Sequence[Union[str, Path]] = (), max_points: int = MAP_MAX_POINTS) -> "EmbeddingMap":
     """The one map pipeline (app and command line): a gallery's t-SNE map, read from the
     gallery folder, `search` or `cache` when one there was fitted on these embeddings,
     else fitted once (on the raw, undiffused embeddings) and saved to `cache`, or to
-    the gallery folder when no cache is given."""
+    the gallery folder when no cache is given. Above `max_points` pictures it is fitted
+    on a class-stratified sample of them (`map_sample`); rows outside it are placed by
+    their embeddings, read from the gallery one row at a time."""
     places = [p for p in (gallery.root, *search, cache) if p is not None]
+    m = None
     for d in places:
         if EmbeddingMap.exists(d):
             try:
-                m = EmbeddingMap.load(d)
+                found = EmbeddingMap.load(d)
             except (ValueError, OSError) as exc:
                 log.warning("ignoring the map in %s: %s", d, exc)
                 continue
-            if _fits(m, gallery):
-                return m
-    log.info("fitting the t-SNE map of %s (%d points)", gallery.root or "a gallery", len(gallery))
-    labels = gallery.labels
-    m = fit_map(gallery.raw_embeddings, labels if any(labels) else None)
-    target = cache if cache is not None else gallery.root
-    if target is not None:
-        try:
-            m.save(target)
-        except OSError as exc:
-            log.warning("could not save the map in %s: %s", target, exc)
+            if fits(found, gallery, max_points):
+                m = found
+                break
+    if m is None:
+        m = _fit_gallery(gallery, max_points)
+        target = cache if cache is not None else gallery.root
+        if target is not None:
+            try:
+                m.save(target)
+            except OSError as exc:
+                log.warning("could not save the map in %s: %s", target, exc)
+    m.attach(lambda rows: read_rows(gallery, rows), lambda row: gallery.labels[row])
     return m
+
+
+def _fit_gallery(gallery: Any, max_points: int) -> "EmbeddingMap":
+    log.info("fitting the t-SNE map of %s (%d pictures, at most %d points)", gallery.root, len(gallery), max_points)
+    if len(gallery) <= max_points:  # the whole gallery, as maps always were
+        return fit_map(gallery.raw_embeddings, gallery.labels if any(gallery.labels) else None)
+    rows, emb, labels = sample_of(gallery, max_points)
+    f = fit_map(emb, labels)
+    return EmbeddingMap(f.coords, f.reference, f.labels, perplexity=f.perplexity, seed=f.seed,
+                        projection=f.projection, rows=rows, gallery_size=len(gallery))

@@ -97,7 +97,7 @@ class _ShardActor:
     """A Ray Data actor: loads the encoder once, then embeds whole shards (one row = one shard)."""
 
     def __init__(self, encoder_name: str, checkpoint: str, encoder_id: str, device: str, threads: int,
-                 modality: str, store_tokens: bool, batch_size: int, folder: str) -> None:
+                 fused: bool, modality: str, store_tokens: bool, batch_size: int, folder: str) -> None:
         import torch
 
         from sbir_core.models.encoders import create_encoder
@@ -106,6 +106,8 @@ class _ShardActor:
         self.encoder = create_encoder(encoder_name, checkpoint=checkpoint, device=device)
         if str(self.encoder.encoder_id) != encoder_id:  # e.g. a checkpoint file that changed meanwhile
             raise RuntimeError(f"a Ray worker loaded {self.encoder.encoder_id}, not {encoder_id}")
+        if fused:  # as the driver's encoder: both engines then give the same embeddings
+            self.encoder.backbone.fuse_for_inference()
         self.args = (modality, store_tokens, batch_size)
         self.folder = Path(folder)
 
@@ -186,8 +188,8 @@ class RayEngine:
                 fn_constructor_kwargs=dict(
                     encoder_name=_encoder_name(encoder), checkpoint=self.checkpoint,
                     encoder_id=str(encoder.encoder_id), device="cuda" if self.gpus_per_worker else "cpu",
-                    threads=cpus, modality=modality, store_tokens=store_tokens, batch_size=batch_size,
-                    folder=str(self.shards)))
+                    threads=cpus, fused=encoder.backbone.fused, modality=modality, store_tokens=store_tokens,
+                    batch_size=batch_size, folder=str(self.shards)))
             done = ds.take_all()
         finally:
             if started:

@@ -17,25 +17,22 @@ from sbir_core.data.images import load_image
 from sbir_core.gallery.format import FLOAT16_MAX
 
 
-def _model_inputs(encoder: Any, modality: str, batch: list[Any]) -> list[tuple[Any, Any, Any, Optional[str]]]:
-    """Decode and preprocess a batch -> (candidate, input, edge map or None, why it failed or None),
-    with the encoder's own transforms (what `encode_photos` / `encode_sketches` apply)."""
-    out = []
-    for c in batch:
-        try:
-            img = load_image(c.path)
-        except Exception as exc:  # corrupt, truncated, not really an image, too large...
-            out.append((c, None, None, f"unreadable image: {exc}"))
-            continue
-        try:
-            if modality == "photo":
-                out.append((c, encoder.photo_transform(img),
-                            encoder.edge_transform(img) if encoder.photo_uses_edges else None, None))
-            else:
-                out.append((c, encoder.sketch_transform(img), None, None))
-        except (ValueError, OSError) as exc:  # e.g. a blank sketch
-            out.append((c, None, None, f"cannot encode: {exc}"))
-    return out
+def _model_input(encoder: Any, modality: str, c: Any) -> tuple[Any, Any, Any, Optional[str]]:
+    """Decode and preprocess one picture -> (candidate, input, edge map or None, why it failed
+    or None), with the encoder's own transforms (what `encode_photos` / `encode_sketches` apply)."""
+    try:
+        # A photo is resized whole to the encoder's size, so a big JPEG may decode at a
+        # reduced scale; a sketch is cropped to its lines first, and keeps every pixel.
+        img = load_image(c.path, at_least=encoder.image_size if modality == "photo" else None)
+    except Exception as exc:  # corrupt, truncated, not really an image, too large...
+        return c, None, None, f"unreadable image: {exc}"
+    try:
+        if modality == "photo":
+            return (c, encoder.photo_transform(img),
+                    encoder.edge_transform(img) if encoder.photo_uses_edges else None, None)
+        return c, encoder.sketch_transform(img), None, None
+    except (ValueError, OSError) as exc:  # e.g. a blank sketch
+        return c, None, None, f"cannot encode: {exc}"
 
 
 def encode_batches(
@@ -45,18 +42,23 @@ def encode_batches(
     batch_size: int,
     skipped: list[tuple[str, str]],
     progress: bool = False,
+    overlap: Optional[bool] = None,
 ) -> Iterator[tuple[list[Any], Any]]:
     """Decode and encode `todo` -> (a batch's candidates, their EncoderOutput), in order.
 
     Both engines encode through here (the Ray engine's actors too), so they see the same
     pixels. A file that cannot be decoded or encoded is added to `skipped` and left out.
-    One thread decodes and preprocesses the next batch while torch (which releases the
-    GIL) encodes this one. On a machine with cores to spare that hides decoding; on 2 cores
-    the thread competes with torch's own (docs/BENCHMARKS.md I33a: 0.73-0.77 of the encoder's
-    speed alone).
+    `overlap` (default: when the encoder is not on the CPU) decodes the next batch in a
+    thread while this one encodes: a GPU computes while the CPU decodes. On a CPU the two
+    take turns in this thread, since torch's threads want every core: on 2 cores a decoding
+    thread beside them, or two, made the loop slower (docs/BENCHMARKS.md I33a).
     """
     import torch  # here: importing the gallery writer stays light
     from tqdm import tqdm
+
+    if overlap is None:
+        weight = next(encoder.parameters(), None)
+        overlap = weight is not None and weight.device.type != "cpu"
 
     def encoded(rows: list[tuple]) -> Iterator[tuple[list[Any], Any]]:
         try:
@@ -72,15 +74,21 @@ def encode_batches(
             return
         yield [r[0] for r in rows], output
 
+    def decode(batch: list[Any]) -> list[tuple]:
+        return [_model_input(encoder, modality, c) for c in batch]
+
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool, \
             tqdm(total=len(todo), desc="encoding", unit="img", disable=not progress or not todo,
                  file=sys.stderr) as bar:
-        ahead = pool.submit(_model_inputs, encoder, modality, batches[0]) if batches else None
+        ahead = pool.submit(decode, batches[0]) if overlap and batches else None
         for k in range(len(batches)):
-            rows = ahead.result()
-            if k + 1 < len(batches):
-                ahead = pool.submit(_model_inputs, encoder, modality, batches[k + 1])
+            if overlap:
+                rows = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(decode, batches[k + 1])
+            else:
+                rows = decode(batches[k])
             skipped += [(str(r[0].path), r[3]) for r in rows if r[3] is not None]
             rows = [r for r in rows if r[3] is None]
             if rows:

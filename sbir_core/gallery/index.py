@@ -434,10 +434,20 @@ class Gallery(MetaFields):
         cal = self.calibration
         return lambda scores: cal.adjust(scores, q, seen)  # the one rule, gallery.calibration
 
-    def rank_of(self, query: np.ndarray, row: int) -> int:
-        """0-based position of gallery row `row` in this gallery's ranking for one query."""
-        s = self.score_all(query)[0]
-        return int((s > s[row]).sum() + (s[:row] == s[row]).sum())
+    def rank_of(self, query: np.ndarray, row: int) -> Optional[int]:
+        """0-based position of gallery row `row` in this gallery's ranking for one query.
+
+        Exact for galleries without an index or of at most CHUNK pictures (every picture is
+        scored). A bigger indexed gallery ranks only its shortlist, as `knn` does, so a
+        click never reads every row: None means "not among the first `shortlist` results"."""
+        if self.index is None or len(self) <= CHUNK:
+            s = self.score_all(query)[0]
+            return int((s > s[row]).sum() + (s[:row] == s[row]).sum())
+        q = self._check_queries(query, 1)
+        rows = self._candidates(q, self._query_weights(q), min(len(self), self.shortlist))[0]
+        rows = rows[rows >= 0]
+        at = np.flatnonzero(rows[_top_k(self._scores(q, rows), len(rows), rows)[0]] == int(row))
+        return int(at[0]) if len(at) else None
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)

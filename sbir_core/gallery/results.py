@@ -14,6 +14,12 @@ class SearchResult:
     score: float  # cosine similarity (inner product of normalised vectors), or the re-ranked score
     label: str
     thumb: Optional[str] = None  # a small copy for a results grid (the service fills it; None: use `path`)
+    past_shortlist: bool = False  # a big gallery ranks only its first `rank` results, and this is not one
+
+    @property
+    def heading(self) -> str:
+        """How an explanation names it: "Result 3", or where a big gallery stops counting."""
+        return f"Not in the first {self.rank} results" if self.past_shortlist else f"Result {self.rank + 1}"
 
     @property
     def name(self) -> str:
