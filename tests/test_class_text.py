@@ -1,4 +1,5 @@
 """Class text: names in prompts, or names and WordNet definitions (`finetune --class-text`)."""
+import copy
 import json
 
 import pytest
@@ -65,14 +66,10 @@ def test_the_glosses_script_picks_the_first_visible_sense(tmp_path):
     assert make.gloss_for("narwhal", index, data_file) is None
 
 
-def test_text_queries_are_embedded_as_the_checkpoint_embedded_its_class_text():
+def test_text_queries_are_embedded_as_the_checkpoint_embedded_its_class_text(shipped_service):
     """A model trained with definitions searches typed words with them; one trained on names
     with the prompt ensemble alone (the shipped model)."""
-    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
-
-    if not DEFAULT_CHECKPOINT.is_file():
-        pytest.skip("no shipped checkpoint")
-    enc = create_encoder(checkpoint="default")
+    enc = copy.copy(shipped_service.encoder)  # its own `meta` below; the weights are shared, unchanged
     assert enc.class_text == "names"
     words = ["tiger", "a red bicycle", "the eiffel tower"]
     with torch.inference_mode():

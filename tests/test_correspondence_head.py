@@ -187,12 +187,8 @@ def test_line_ends_and_heat_on_the_object() -> None:
 
 # ----------------------------------------------------------------------------- the shipped model
 @pytest.fixture(scope="module")
-def shipped_encoder():
-    from sbir_core.models.encoders import DEFAULT_CHECKPOINT, create_encoder
-
-    if not DEFAULT_CHECKPOINT.is_file():
-        pytest.skip("no shipped checkpoint")
-    return create_encoder()
+def shipped_encoder(shipped_service):
+    return shipped_service.encoder  # the shipped model as the app serves it (loaded once a session)
 
 
 def test_house_example_explanation_finds_the_parts_on_the_object(shipped_service) -> None:
