@@ -6,7 +6,8 @@ Builds a synthetic IVF-PQ gallery of N clustered unit vectors (N/500 clusters, e
 class), saves it, and in a fresh process opens it memory-mapped as the app does, then
 times: fitting the map (a class-stratified sample of `MAP_MAX_POINTS` rows), drawing it
 with a result inside and one outside the sample, and `rank_of` for a row in the shortlist
-and one far from the query; with the process's RSS after each step.
+and one far from the query; with the process's RSS after each step. Last, the gallery
+diffusion a build adds at the shipped k = 3 (every picture's neighbours through the index).
 
     nice -n 10 python experiments/bench_big_map.py --size 1M
 
@@ -72,6 +73,11 @@ def child(folder: Path) -> dict:
         out[f"rank_of_{name}_ms"] = round((time.perf_counter() - t) * 1000, 1)
         out[f"rank_of_{name}"] = r
     out["rss_end_mb"] = round(rss_mb(), 1)
+    # Last (it holds a second N x D array): what `index` adds to a build for gallery diffusion
+    # at the shipped k, N index searches in chunks, never N x N.
+    t = time.perf_counter()
+    g.set_diffusion(3)
+    out.update(diffusion_k3_build_s=round(time.perf_counter() - t, 1), rss_after_diffusion_mb=round(rss_mb(), 1))
     return out
 
 
