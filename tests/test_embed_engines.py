@@ -160,3 +160,24 @@ def test_ray_engine_resumes_from_its_shards(tmp_path, raw_encoder, local_ray):
     assert [n for n in after if after[n] != before[n]] == [files[1].name]  # only that one re-embedded
     np.testing.assert_allclose(g2.raw_embeddings, g1.raw_embeddings, atol=1e-6)
     assert _items(tmp_path / "g2") == _items(tmp_path / "g1")
+
+
+def test_index_without_diffusion_ranks_by_similarity_alone(tmp_path, shipped_service, monkeypatch, capsys):
+    """`index --no-diffusion`: the shipped checkpoint prescribes gallery diffusion (k = 3);
+    a collection too big for that build step can do without it."""
+    from sbir_core import cli
+    from sbir_core.cli import main
+
+    enc = shipped_service.encoder
+    assert enc.retrieval.diffusion_k == 3
+    src = write_shapes(tmp_path / "shapes")
+    monkeypatch.setattr(cli.common, "load_encoder", lambda name, checkpoint: enc)
+    assert main(["index", str(src), "--out", str(tmp_path / "plain"), "--no-diffusion", "--quiet"]) == 0
+    assert "searched with no diffusion" in capsys.readouterr().out  # what `index` says it built
+    assert main(["index", str(src), "--out", str(tmp_path / "diffused"), "--quiet"]) == 0
+    assert "gallery diffusion k=3" in capsys.readouterr().out
+    plain, diffused = Gallery.load(tmp_path / "plain"), Gallery.load(tmp_path / "diffused")
+    assert (plain.diffusion_k, diffused.diffusion_k) == (0, 3)
+    np.testing.assert_array_equal(plain.raw_embeddings, diffused.raw_embeddings)  # the same pictures, as encoded
+    q = diffused.raw_embeddings[0]
+    assert not np.allclose(plain.score_all(q), diffused.score_all(q))  # ranked another way

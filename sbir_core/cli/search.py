@@ -59,7 +59,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.share is not None:
         return _share(args, source, encoder)
     settings = dict(modality=args.modality, index_type=args.index_type, store_tokens=not args.no_tokens,
-                    batch_size=args.batch_size, progress=not args.quiet, checkpoint=args.checkpoint)
+                    diffusion=not args.no_diffusion, batch_size=args.batch_size, progress=not args.quiet,
+                    checkpoint=args.checkpoint)
     if args.engine == "ray":
         from sbir_core.gallery.embed_ray import build_gallery_ray
 
@@ -196,6 +197,9 @@ def add(sub: Any) -> None:
                         "shortlist re-scored exactly); or name one (hnsw: faster, less exact when calibrated)")
     p.add_argument("--modality", choices=common.GALLERY_MODALITIES, default="photo", help="what the images are")
     p.add_argument("--no-tokens", action="store_true", help="do not store token grids (no explanations)")
+    p.add_argument("--no-diffusion", action="store_true",
+                   help="no gallery diffusion, whatever the checkpoint prescribes: results rank by similarity "
+                        "alone; skips a build step that takes most of an hour at 1M pictures on 2 cores")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--engine", choices=("local", "ray"), default="local",

@@ -235,6 +235,7 @@ def write_gallery(
     checkpoint: Optional[PathLike] = None,
     index_params: Optional[Mapping[str, Any]] = None,
     embed: Optional[Callable[..., Any]] = None,
+    diffusion: bool = True,
 ) -> BuildReport:
     """Index the images under `source_dir` (a folder, or a manifest: see `gather`) into the
     gallery folder `out_dir`.
@@ -244,6 +245,9 @@ def write_gallery(
     it is recorded so `search` can recreate the encoder (inferred when not given).
     `embed`: the engine that encodes the new files, called as `gallery.encode.encode_all`
     (the default: in this process) is; `gallery.embed_ray.RayEngine` embeds on Ray.
+    `diffusion=False`: no gallery diffusion, whatever the checkpoint prescribes. Results then
+    rank by similarity and calibration alone; a gallery of a million skips a build step of
+    most of an hour on 2 cores (docs/SCALING.md).
     """
     t0 = time.perf_counter()
     if modality not in GALLERY_MODALITIES:
@@ -369,7 +373,7 @@ def write_gallery(
             "grid": list(grid) if grid else None,
             "has_tokens": bool(store_tokens),
             # Gallery diffusion as the encoder's checkpoint prescribes (0 = off).
-            "diffusion_k": encoder.retrieval.diffusion_k,
+            "diffusion_k": encoder.retrieval.diffusion_k if diffusion else 0,
             # Seen-class calibration likewise (None = off; prototypes in PROTOTYPES_FILE).
             "seen_calibration": calibration.setting if calibration is not None else None,
             # The temperature of the index's seen column (gallery.index.build_index).
