@@ -181,3 +181,21 @@ def test_index_without_diffusion_ranks_by_similarity_alone(tmp_path, shipped_ser
     np.testing.assert_array_equal(plain.raw_embeddings, diffused.raw_embeddings)  # the same pictures, as encoded
     q = diffused.raw_embeddings[0]
     assert not np.allclose(plain.score_all(q), diffused.score_all(q))  # ranked another way
+
+
+def test_decoding_in_turns_or_overlapped_gives_the_same_batches(tmp_path, raw_encoder):
+    """A CPU encoder takes turns, a GPU one decodes the next batch in a thread: same output."""
+    from sbir_core.gallery.build import _Candidate
+    from sbir_core.gallery.encode import encode_batches
+
+    src = write_shapes(tmp_path / "shapes")
+    (src / "star" / "broken.png").write_bytes(b"not a picture")
+    todo = [_Candidate(p.name, p, p.parent.name, 0, 0) for p in sorted(src.rglob("*.png"))]
+    runs = {}
+    for overlap in (False, True):
+        skipped: list = []
+        out = list(encode_batches(raw_encoder, "photo", todo, 5, skipped, overlap=overlap))
+        runs[overlap] = ([c.path for b, _ in out for c in b], np.concatenate([o.normalized() for _, o in out]), skipped)
+    assert runs[False][0] == runs[True][0] and len(runs[False][0]) == 12
+    np.testing.assert_array_equal(runs[False][1], runs[True][1])
+    assert runs[False][2] == runs[True][2] and len(runs[True][2]) == 1

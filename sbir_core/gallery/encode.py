@@ -78,7 +78,8 @@ def encode_batches(
         return [_model_input(encoder, modality, c) for c in batch]
 
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool, \
+    # A decoding thread only where it overlaps with the encoder (see above).
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") if overlap else contextlib.nullcontext() as pool, \
             tqdm(total=len(todo), desc="encoding", unit="img", disable=not progress or not todo,
                  file=sys.stderr) as bar:
         ahead = pool.submit(decode, batches[0]) if overlap and batches else None
