@@ -183,19 +183,29 @@ def test_index_without_diffusion_ranks_by_similarity_alone(tmp_path, shipped_ser
     assert not np.allclose(plain.score_all(q), diffused.score_all(q))  # ranked another way
 
 
-def test_decoding_in_turns_or_overlapped_gives_the_same_batches(tmp_path, raw_encoder):
-    """A CPU encoder takes turns, a GPU one decodes the next batch in a thread: same output."""
+def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
+    """In turns, in two streams (a CPU) or overlapped (a GPU): the same pictures in the same
+    order, the same embeddings (streams encode on fewer threads each: float sums may differ
+    in the last bits), the same file skipped; the caller's torch threads are left as they were."""
+    import torch
+
     from sbir_core.gallery.build import _Candidate
     from sbir_core.gallery.encode import encode_batches
 
     src = write_shapes(tmp_path / "shapes")
     (src / "star" / "broken.png").write_bytes(b"not a picture")
     todo = [_Candidate(p.name, p, p.parent.name, 0, 0) for p in sorted(src.rglob("*.png"))]
+    threads = torch.get_num_threads()
     runs = {}
-    for overlap in (False, True):
+    for way in ("turns", "streams", "overlap"):
         skipped: list = []
-        out = list(encode_batches(raw_encoder, "photo", todo, 5, skipped, overlap=overlap))
-        runs[overlap] = ([c.path for b, _ in out for c in b], np.concatenate([o.normalized() for _, o in out]), skipped)
-    assert runs[False][0] == runs[True][0] and len(runs[False][0]) == 12
-    np.testing.assert_array_equal(runs[False][1], runs[True][1])
-    assert runs[False][2] == runs[True][2] and len(runs[True][2]) == 1
+        out = list(encode_batches(raw_encoder, "photo", todo, 5, skipped, way=way))
+        runs[way] = ([c.path for b, _ in out for c in b], np.concatenate([o.normalized() for _, o in out]), skipped)
+    assert torch.get_num_threads() == threads
+    assert len(runs["turns"][0]) == 12 and len(runs["turns"][2]) == 1
+    for way in ("streams", "overlap"):
+        assert runs[way][0] == runs["turns"][0] and runs[way][2] == runs["turns"][2]
+    np.testing.assert_array_equal(runs["overlap"][1], runs["turns"][1])
+    np.testing.assert_allclose(runs["streams"][1], runs["turns"][1], atol=1e-5)
+    with pytest.raises(ValueError, match="way must be"):
+        list(encode_batches(raw_encoder, "photo", todo, 5, [], way="fast"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,6 +36,21 @@ def _model_input(encoder: Any, modality: str, c: Any) -> tuple[Any, Any, Any, Op
         return c, None, None, f"cannot encode: {exc}"
 
 
+WAYS = ("turns", "streams", "overlap")
+
+
+def default_way(encoder: Any) -> str:
+    """How `encode_batches` runs for this encoder: "overlap" on a GPU (a thread decodes the
+    next batch while the GPU computes), "streams" on a CPU with 2 or more torch threads,
+    "turns" on one thread (see `encode_batches`)."""
+    import torch
+
+    weight = next(encoder.parameters(), None)
+    if weight is not None and weight.device.type != "cpu":
+        return "overlap"
+    return "streams" if torch.get_num_threads() >= 2 else "turns"
+
+
 def encode_batches(
     encoder: Any,
     modality: str,
@@ -42,59 +58,79 @@ def encode_batches(
     batch_size: int,
     skipped: list[tuple[str, str]],
     progress: bool = False,
-    overlap: Optional[bool] = None,
+    way: Optional[str] = None,
 ) -> Iterator[tuple[list[Any], Any]]:
     """Decode and encode `todo` -> (a batch's candidates, their EncoderOutput), in order.
 
     Both engines encode through here (the Ray engine's actors too), so they see the same
     pixels. A file that cannot be decoded or encoded is added to `skipped` and left out.
-    `overlap` (default: when the encoder is not on the CPU) decodes the next batch in a
-    thread while this one encodes: a GPU computes while the CPU decodes. On a CPU the two
-    take turns in this thread, since torch's threads want every core: on 2 cores a decoding
-    thread beside them, or two, made the loop slower (docs/BENCHMARKS.md I33a).
+
+    `way` (default: `default_way`):
+      turns    decode a batch, then encode it, in this thread;
+      streams  two threads, each with half of torch's threads, each decoding and encoding
+               whole batches: while one decodes, the other encodes. On a CPU decoding needs
+               the same cores as torch; a decoding thread beside torch's stalls them
+               (every thread of a parallel op waits for the slowest), a second stream does
+               not. On 2 cores, 2,000 photos alternated: 0.84 of the encoder's ceiling
+               against 0.66 in turns, and steadier (docs/BENCHMARKS.md I33a, "Two streams");
+      overlap  a thread decodes the next batch while this one encodes: for a GPU.
     """
     import torch  # here: importing the gallery writer stays light
     from tqdm import tqdm
 
-    if overlap is None:
-        weight = next(encoder.parameters(), None)
-        overlap = weight is not None and weight.device.type != "cpu"
-
-    def encoded(rows: list[tuple]) -> Iterator[tuple[list[Any], Any]]:
-        try:
-            x = torch.stack([r[1] for r in rows])
-            edges = torch.stack([r[2] for r in rows]) if rows[0][2] is not None else None
-            output = encoder.encode(x, modality, edges=edges)
-        except (ValueError, OSError) as exc:  # find the file that fails, keep the rest
-            if len(rows) == 1:
-                skipped.append((str(rows[0][0].path), f"cannot encode: {exc}"))
-            else:
-                for r in rows:
-                    yield from encoded([r])
-            return
-        yield [r[0] for r in rows], output
+    way = way or default_way(encoder)
+    if way not in WAYS:
+        raise ValueError(f"way must be one of {WAYS}, not {way!r}")
 
     def decode(batch: list[Any]) -> list[tuple]:
         return [_model_input(encoder, modality, c) for c in batch]
 
+    def encoded(rows: list[tuple]) -> tuple[list[tuple[list[Any], Any]], list[tuple[str, str]]]:
+        """Encode decoded rows -> ([(candidates, output)], [(path, why)] for those that failed)."""
+        failed = [(str(r[0].path), r[3]) for r in rows if r[3] is not None]
+        rows = [r for r in rows if r[3] is None]
+        if not rows:
+            return [], failed
+        try:
+            x = torch.stack([r[1] for r in rows])
+            edges = torch.stack([r[2] for r in rows]) if rows[0][2] is not None else None
+            return [([r[0] for r in rows], encoder.encode(x, modality, edges=edges))], failed
+        except (ValueError, OSError) as exc:  # find the file that fails, keep the rest
+            if len(rows) == 1:
+                return [], failed + [(str(rows[0][0].path), f"cannot encode: {exc}")]
+            done: list[tuple[list[Any], Any]] = []
+            for r in rows:
+                d, f = encoded([r])
+                done += d
+                failed += f
+            return done, failed
+
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    # A decoding thread only where it overlaps with the encoder (see above).
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") if overlap else contextlib.nullcontext() as pool, \
+    threads = torch.get_num_threads()
+    if way == "streams":  # each stream's torch threads are its own (set in its thread)
+        pool = ThreadPoolExecutor(2, thread_name_prefix="encode", initializer=torch.set_num_threads,
+                                  initargs=(max(1, threads // 2),))
+        work = lambda batch: encoded(decode(batch))  # noqa: E731
+    else:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if way == "overlap" else None
+        work = decode
+    # Work submitted ahead, bounded: outputs carry token grids, a million of them would not fit.
+    ahead: deque = deque()
+    depth = 4 if way == "streams" else 2  # streams: a batch queued behind each busy stream
+    with pool or contextlib.nullcontext(), \
             tqdm(total=len(todo), desc="encoding", unit="img", disable=not progress or not todo,
                  file=sys.stderr) as bar:
-        ahead = pool.submit(decode, batches[0]) if overlap and batches else None
-        for k in range(len(batches)):
-            if overlap:
-                rows = ahead.result()
-                if k + 1 < len(batches):
-                    ahead = pool.submit(decode, batches[k + 1])
+        for k, batch in enumerate(batches):
+            if pool is None:
+                done, failed = encoded(decode(batch))
             else:
-                rows = decode(batches[k])
-            skipped += [(str(r[0].path), r[3]) for r in rows if r[3] is not None]
-            rows = [r for r in rows if r[3] is None]
-            if rows:
-                yield from encoded(rows)
-            bar.update(len(batches[k]))
+                while len(ahead) < depth and k + len(ahead) < len(batches):
+                    ahead.append(pool.submit(work, batches[k + len(ahead)]))
+                result = ahead.popleft().result()
+                done, failed = result if way == "streams" else encoded(result)
+            skipped += failed
+            yield from done
+            bar.update(len(batch))
 
 
 def float16_tokens(output: Any) -> np.ndarray:
