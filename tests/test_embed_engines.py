@@ -155,6 +155,7 @@ def test_ray_engine_resumes_from_its_shards(tmp_path, raw_encoder, local_ray):
     files[1].unlink()  # as if the run had stopped before this shard was done
     g2, _, e2 = build_gallery_ray(src, tmp_path / "g2", raw_encoder, **kw)
     assert (e2.embedded, e2.reused) == (1, 2)
+    assert (e1.workers, e2.workers) == (2, 1)  # one actor per CPU, but never more than the shards to embed
     after = {f.name: f.stat().st_mtime_ns for f in shards.glob("*.parquet")}
     assert after.keys() == before.keys()
     assert [n for n in after if after[n] != before[n]] == [files[1].name]  # only that one re-embedded
@@ -209,3 +210,21 @@ def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
     np.testing.assert_allclose(runs["streams"][1], runs["turns"][1], atol=1e-5)
     with pytest.raises(ValueError, match="way must be"):
         list(encode_batches(raw_encoder, "photo", todo, 5, [], way="fast"))
+
+
+def test_the_default_way_fits_the_device_the_threads_and_the_batches(raw_encoder, monkeypatch):
+    import torch
+
+    from sbir_core.gallery.encode import default_way
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_way(raw_encoder, 10) == "streams"
+    assert default_way(raw_encoder, 1) == "turns"  # one batch: all of torch's threads on it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # e.g. a one-CPU Ray actor
+    assert default_way(raw_encoder, 10) == "turns"
+
+    class OffCPU:  # stands for an encoder on a GPU: its weights are not on the CPU
+        def parameters(self):
+            return iter([torch.empty(1, device="meta")])
+
+    assert default_way(OffCPU(), 10) == "overlap"

@@ -181,9 +181,10 @@ class RayEngine:
                 cpus = max(1, min(int(sum(alive)) // self.workers, int(min(alive))))
             rows = [{"name": name, "items": json.dumps([(c.rel, str(c.path), c.label, c.size, c.mtime_ns)
                                                         for c in items])} for name, items in missing]
+            self.workers = min(self.workers, len(rows))  # an actor per shard at most: what the report says
             # One block per shard, so that every actor gets some (Ray would pack small rows together).
             ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                _ShardActor, batch_size=1, compute=ActorPoolStrategy(size=min(self.workers, len(rows))),
+                _ShardActor, batch_size=1, compute=ActorPoolStrategy(size=self.workers),
                 num_cpus=cpus, num_gpus=self.gpus_per_worker or None,
                 fn_constructor_kwargs=dict(
                     encoder_name=_encoder_name(encoder), checkpoint=self.checkpoint,

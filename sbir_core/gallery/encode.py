@@ -39,16 +39,17 @@ def _model_input(encoder: Any, modality: str, c: Any) -> tuple[Any, Any, Any, Op
 WAYS = ("turns", "streams", "overlap")
 
 
-def default_way(encoder: Any) -> str:
+def default_way(encoder: Any, batches: int = 2) -> str:
     """How `encode_batches` runs for this encoder: "overlap" on a GPU (a thread decodes the
-    next batch while the GPU computes), "streams" on a CPU with 2 or more torch threads,
-    "turns" on one thread (see `encode_batches`)."""
+    next batch while the GPU computes), "streams" on a CPU with 2 or more torch threads and
+    2 or more batches (a single batch is encoded fastest on all of torch's threads), "turns"
+    otherwise (see `encode_batches`)."""
     import torch
 
     weight = next(encoder.parameters(), None)
     if weight is not None and weight.device.type != "cpu":
         return "overlap"
-    return "streams" if torch.get_num_threads() >= 2 else "turns"
+    return "streams" if torch.get_num_threads() >= 2 and batches >= 2 else "turns"
 
 
 def encode_batches(
@@ -78,9 +79,6 @@ def encode_batches(
     import torch  # here: importing the gallery writer stays light
     from tqdm import tqdm
 
-    way = way or default_way(encoder)
-    if way not in WAYS:
-        raise ValueError(f"way must be one of {WAYS}, not {way!r}")
 
     def decode(batch: list[Any]) -> list[tuple]:
         return [_model_input(encoder, modality, c) for c in batch]
@@ -106,6 +104,9 @@ def encode_batches(
             return done, failed
 
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    way = way or default_way(encoder, len(batches))
+    if way not in WAYS:
+        raise ValueError(f"way must be one of {WAYS}, not {way!r}")
     threads = torch.get_num_threads()
     if way == "streams":  # each stream's torch threads are its own (set in its thread)
         pool = ThreadPoolExecutor(2, thread_name_prefix="encode", initializer=torch.set_num_threads,
