@@ -3,7 +3,7 @@
 The same N Caltech photos (evenly spaced over the sorted list, given to both engines as a
 CSV manifest of absolute paths; nothing is copied) are embedded three ways:
   ceiling  `encoder.encode` over pre-decoded, preprocessed tensors, batches of --batch-size,
-           the better of one batch at a time and two streams (see `ceiling`); measured
+           the better of one batch at a time and two streams (see `ceilings`); measured
            before and after the engines, the higher counts (a shared machine's load drifts)
   default  `build_gallery` end to end (decode, encode, write the gallery), same batch size
   ray      `build_gallery_ray` end to end on a local Ray (start and stop of Ray included), or
@@ -34,7 +34,7 @@ from sbir_core.data.datasets import data_root
 from sbir_core.data.images import load_image
 from sbir_core.gallery.index import build_gallery
 from sbir_core.gallery.embed_ray import build_gallery_ray
-from sbir_core.gallery.encode import encode_all, encode_batches
+from sbir_core.gallery.encode import encode_all, encode_batches, streams_pool
 from sbir_core.models.encoders import create_encoder
 
 
@@ -56,8 +56,6 @@ def ceilings(encoder, inputs: tuple, batch_size: int) -> dict:
     """img/s of the encoder alone over pre-decoded tensors, the engines' batch size, two
     ways: torch's threads on one batch at a time ("one") and two streams of batches with half
     of them each ("two": the way the default engine encodes on a CPU). The ceiling is the better."""
-    from concurrent.futures import ThreadPoolExecutor
-
     x, edges = inputs
     chunks = [(x[i:i + batch_size], None if edges is None else edges[i:i + batch_size])
               for i in range(0, len(x), batch_size)]
@@ -71,8 +69,7 @@ def ceilings(encoder, inputs: tuple, batch_size: int) -> dict:
     for chunk in chunks:
         run(chunk)
     one = len(x) / (time.perf_counter() - t)
-    with ThreadPoolExecutor(2, initializer=torch.set_num_threads,
-                            initargs=(max(1, torch.get_num_threads() // 2),)) as pool:
+    with streams_pool() as pool:
         list(pool.map(run, chunks[:4]))
         t = time.perf_counter()
         list(pool.map(run, chunks))

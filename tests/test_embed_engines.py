@@ -184,7 +184,8 @@ def test_index_without_diffusion_ranks_by_similarity_alone(tmp_path, shipped_ser
     assert not np.allclose(plain.score_all(q), diffused.score_all(q))  # ranked another way
 
 
-def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
+@pytest.mark.parametrize("model", ["raw", "shipped"])
+def test_every_way_of_encoding_gives_the_same_batches(tmp_path, model, request):
     """In turns, in two streams (a CPU) or overlapped (a GPU): the same pictures in the same
     order, the same embeddings (streams encode on fewer threads each: float sums may differ
     in the last bits), the same file skipped; the caller's torch threads are left as they were."""
@@ -193,6 +194,8 @@ def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
     from sbir_core.gallery.build import _Candidate
     from sbir_core.gallery.encode import encode_batches
 
+    encoder = (request.getfixturevalue("raw_encoder") if model == "raw"
+               else request.getfixturevalue("shipped_service").encoder)  # the shipped checkpoint, as `index` runs it
     src = write_shapes(tmp_path / "shapes")
     (src / "star" / "broken.png").write_bytes(b"not a picture")
     todo = [_Candidate(p.name, p, p.parent.name, 0, 0) for p in sorted(src.rglob("*.png"))]
@@ -200,7 +203,7 @@ def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
     runs = {}
     for way in ("turns", "streams", "overlap"):
         skipped: list = []
-        out = list(encode_batches(raw_encoder, "photo", todo, 5, skipped, way=way))
+        out = list(encode_batches(encoder, "photo", todo, 5, skipped, way=way))
         runs[way] = ([c.path for b, _ in out for c in b], np.concatenate([o.normalized() for _, o in out]), skipped)
     assert torch.get_num_threads() == threads
     assert len(runs["turns"][0]) == 12 and len(runs["turns"][2]) == 1
@@ -209,7 +212,7 @@ def test_every_way_of_encoding_gives_the_same_batches(tmp_path, raw_encoder):
     np.testing.assert_array_equal(runs["overlap"][1], runs["turns"][1])
     np.testing.assert_allclose(runs["streams"][1], runs["turns"][1], atol=1e-5)
     with pytest.raises(ValueError, match="way must be"):
-        list(encode_batches(raw_encoder, "photo", todo, 5, [], way="fast"))
+        list(encode_batches(encoder, "photo", todo, 5, [], way="fast"))
 
 
 def test_the_default_way_fits_the_device_the_threads_and_the_batches(raw_encoder, monkeypatch):

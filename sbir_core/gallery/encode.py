@@ -52,6 +52,15 @@ def default_way(encoder: Any, batches: int = 2) -> str:
     return "streams" if torch.get_num_threads() >= 2 and batches >= 2 else "turns"
 
 
+def streams_pool() -> ThreadPoolExecutor:
+    """The two threads of the "streams" way, each with half of the caller's torch threads
+    (torch's thread count is per thread: the caller's is left as it was)."""
+    import torch
+
+    return ThreadPoolExecutor(2, thread_name_prefix="encode", initializer=torch.set_num_threads,
+                              initargs=(max(1, torch.get_num_threads() // 2),))
+
+
 def encode_batches(
     encoder: Any,
     modality: str,
@@ -78,7 +87,6 @@ def encode_batches(
     """
     import torch  # here: importing the gallery writer stays light
     from tqdm import tqdm
-
 
     def decode(batch: list[Any]) -> list[tuple]:
         return [_model_input(encoder, modality, c) for c in batch]
@@ -107,11 +115,8 @@ def encode_batches(
     way = way or default_way(encoder, len(batches))
     if way not in WAYS:
         raise ValueError(f"way must be one of {WAYS}, not {way!r}")
-    threads = torch.get_num_threads()
-    if way == "streams":  # each stream's torch threads are its own (set in its thread)
-        pool = ThreadPoolExecutor(2, thread_name_prefix="encode", initializer=torch.set_num_threads,
-                                  initargs=(max(1, threads // 2),))
-        work = lambda batch: encoded(decode(batch))  # noqa: E731
+    if way == "streams":
+        pool, work = streams_pool(), lambda batch: encoded(decode(batch))
     else:
         pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if way == "overlap" else None
         work = decode
